@@ -1,0 +1,3 @@
+from iotscan.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""The command line: a thin Typer layer that wires options to the stages.
+
+Each command lives in its own module and registers itself on ``app``; ``main`` turns every
+error into one line on stderr and a documented exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from iotscan import __version__
+from iotscan.console import error
+from iotscan.errors import ExitCode, IotscanError
+
+app = typer.Typer(
+    name="iotscan",
+    help="Network-flow inspector for IoT security: flows, devices and attack verdicts from captures "
+    "or live interfaces.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"iotscan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """iotscan: point it at a capture or an interface."""
+
+
+# Commands register themselves on import.
+from iotscan.cli import analyze as _analyze  # noqa: E402,F401
+
+
+def main() -> None:
+    try:
+        app()
+    except IotscanError as exc:
+        error(exc.message)
+        sys.exit(int(exc.exit_code))
+    except KeyboardInterrupt:
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error of ours. Silence the final flush.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(int(ExitCode.OK))
+    except Exception as exc:  # a bug: still one line, with a way to get the traceback
+        if os.environ.get("IOTSCAN_DEBUG"):
+            raise
+        error(f"internal error: {type(exc).__name__}: {exc} (please report it; IOTSCAN_DEBUG=1 shows a traceback)")
+        sys.exit(int(ExitCode.INTERNAL))

@@ -1,0 +1,1 @@
+"""Signature data shipped with iotscan."""

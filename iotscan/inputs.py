@@ -1,0 +1,176 @@
+"""Finding the captures a user pointed at, recognised by their magic bytes, not their names."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from iotscan.errors import InputError
+
+# Link types NFStream's packet parser understands (pcap LINKTYPE_* values as stored in files).
+SUPPORTED_LINK_TYPES = {0, 1, 9, 12, 14, 50, 101, 104, 113, 127, 228, 229}
+LINK_TYPE_NAMES = {
+    0: "NULL",
+    1: "ETHERNET",
+    9: "PPP",
+    50: "PPP_HDLC",
+    101: "RAW",
+    104: "C_HDLC",
+    105: "IEEE802_11",
+    113: "LINUX_SLL",
+    119: "PRISM",
+    127: "IEEE802_11_RADIOTAP",
+    143: "DOCSIS",
+    147: "USER0",
+    163: "AVS",
+    192: "PPI",
+    195: "IEEE802_15_4",
+    220: "USB_LINUX_MMAPPED",
+    228: "IPV4",
+    229: "IPV6",
+    276: "LINUX_SLL2",
+}
+
+_PCAP_MAGICS = {
+    b"\xd4\xc3\xb2\xa1": "<",  # microsecond, little-endian
+    b"\xa1\xb2\xc3\xd4": ">",
+    b"\x4d\x3c\xb2\xa1": "<",  # nanosecond
+    b"\xa1\xb2\x3c\x4d": ">",
+    b"\x34\xcd\xb2\xa1": "<",  # Kuznetzov's modified pcap
+    b"\xa1\xb2\xcd\x34": ">",
+}
+_PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
+_PCAPNG_IDB, _PCAPNG_PACKET_BLOCKS = 1, {2, 3, 6}
+_MAX_HEADER_SCAN = 1 << 20  # pcapng: look for interface blocks in the first MiB only
+
+
+def link_type_name(link_type: int) -> str:
+    return f"{link_type} ({LINK_TYPE_NAMES.get(link_type, 'unknown')})"
+
+
+@dataclass(frozen=True)
+class CaptureFile:
+    path: Path
+    format: str  # "pcap" or "pcapng"
+    link_types: tuple[int, ...]
+    size: int
+
+    @property
+    def unsupported_link_types(self) -> tuple[int, ...]:
+        return tuple(lt for lt in self.link_types if lt not in SUPPORTED_LINK_TYPES)
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """A path that could not be used; reported, while the other inputs still run."""
+
+    path: str
+    message: str
+
+
+def _capture_format(head: bytes) -> str | None:
+    if head[:4] in _PCAP_MAGICS:
+        return "pcap"
+    if head[:4] == _PCAPNG_SHB:
+        return "pcapng"
+    return None
+
+
+def _pcapng_link_types(f, head: bytes) -> tuple[int, ...]:
+    if len(head) < 12 or head[8:12] not in (b"\x4d\x3c\x2b\x1a", b"\x1a\x2b\x3c\x4d"):
+        raise InputError("not a valid pcapng capture (bad section header)")
+    endian = "<" if head[8:12] == b"\x4d\x3c\x2b\x1a" else ">"
+    link_types: list[int] = []
+    offset = 0
+    f.seek(0)
+    while offset < _MAX_HEADER_SCAN:
+        block = f.read(12)
+        if len(block) < 12:
+            break
+        block_type, block_len = struct.unpack(endian + "II", block[:8])
+        if block_type in _PCAPNG_PACKET_BLOCKS:
+            break
+        if block_type == _PCAPNG_IDB:
+            link_types.append(struct.unpack(endian + "H", block[8:10])[0])
+        if block_len < 12 or block_len % 4:
+            break  # corrupt: libpcap will report it while reading
+        offset += block_len
+        f.seek(offset)
+    return tuple(link_types)
+
+
+def sniff(path: Path) -> CaptureFile:
+    """Identify a capture file by its magic bytes; raise InputError with a one-line reason."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(24)
+            fmt = _capture_format(head)
+            if size == 0:
+                raise InputError("empty file (0 bytes)")
+            if fmt is None:
+                if head[:2] == b"\x1f\x8b":
+                    raise InputError("compressed file (gzip): decompress it first")
+                raise InputError(f"not a pcap or pcapng capture (magic bytes {head[:4].hex() or 'none'})")
+            if fmt == "pcap":
+                if len(head) < 24:
+                    raise InputError("truncated capture: the pcap file header is incomplete")
+                endian = _PCAP_MAGICS[head[:4]]
+                link_types: tuple[int, ...] = (struct.unpack(endian + "I", head[20:24])[0] & 0xFFFF,)
+            else:
+                link_types = _pcapng_link_types(f, head)
+    except IsADirectoryError as exc:
+        raise InputError("is a directory") from exc
+    except FileNotFoundError as exc:
+        raise InputError("no such file") from exc
+    except PermissionError as exc:
+        raise InputError("permission denied") from exc
+    except OSError as exc:
+        raise InputError(exc.strerror or str(exc)) from exc
+    capture = CaptureFile(path=path, format=fmt, link_types=link_types, size=size)
+    if link_types and not (set(link_types) & SUPPORTED_LINK_TYPES):
+        names = ", ".join(link_type_name(lt) for lt in link_types)
+        raise InputError(f"unsupported link type {names}: iotscan reads Ethernet, raw IP, Linux cooked (v1), "
+                         "loopback, PPP and radiotap captures")
+    return capture
+
+
+def _looks_like_capture(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return _capture_format(f.read(4)) is not None
+    except OSError:
+        return False
+
+
+def expand(paths: Iterable[str | os.PathLike[str]]) -> Iterator[CaptureFile | InputProblem]:
+    """Yield each capture named by the paths (directories recursively, sorted), or the problem with it.
+
+    Files named explicitly must be captures; inside directories, files that are not captures are
+    skipped silently (a capture directory often holds logs and notes beside the pcaps).
+    """
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = False
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    child = Path(root) / name
+                    if not _looks_like_capture(child):
+                        continue
+                    found = True
+                    try:
+                        yield sniff(child)
+                    except InputError as exc:
+                        yield InputProblem(str(child), exc.message)
+            if not found:
+                yield InputProblem(str(path), "directory holds no pcap or pcapng captures")
+            continue
+        try:
+            yield sniff(path)
+        except InputError as exc:
+            yield InputProblem(str(path), exc.message)

@@ -1,0 +1,266 @@
+"""The analysis core: inputs -> source -> enrichment and scoring stages -> sink, one pass, streaming.
+
+A stage sees each source begin and end, transforms the stream of (record, flow) pairs lazily, and
+may add records of its own at the end of the run (device records, before the summary).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from nfstream.flow import NFlow
+
+from iotscan.console import Reporter, bytes_read_by, error
+from iotscan.errors import CaptureError, ExitCode, InputError
+from iotscan.inputs import CaptureFile, InputProblem, expand, link_type_name
+from iotscan.records import flow_record, summary_record
+from iotscan.sinks import Sink
+from iotscan.source import ACTIVE, PACKETS, FlowSource, MeterConfig, SourceReport
+
+Event = tuple[dict[str, Any], NFlow]
+
+
+@dataclass
+class SourceInfo:
+    """One capture file or interface as the stages see it."""
+
+    name: str  # as the user wrote it (the "source" field)
+    config: MeterConfig
+    capture: CaptureFile | None = None  # None for a live interface
+
+
+class Stage:
+    """Base class of enrichment and scoring stages; every hook is optional."""
+
+    def begin(self, source: SourceInfo) -> None:
+        pass
+
+    def run(self, events: Iterator[Event]) -> Iterator[Event]:
+        return events
+
+    def end(self, source: SourceInfo) -> None:
+        pass
+
+    def finish(self) -> list[dict[str, Any]]:
+        return []
+
+    def summarize(self, summary: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class RunState:
+    """Counts for the summary record, filled as the run goes."""
+
+    started: float = field(default_factory=time.monotonic)
+    packets: int = 0
+    flows: int = 0
+    attacks: int = 0
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    exit_code: ExitCode = ExitCode.OK
+    interrupted: bool = False
+    fail_hits: int = 0
+
+    def error(self, source: str, message: str, code: ExitCode = ExitCode.USAGE) -> None:
+        self.errors.append({"source": source, "message": message})
+        self.exit_code = max(self.exit_code, code)
+
+    def warn(self, source: str, code: str, message: str) -> None:
+        self.warnings.append({"source": source, "code": code, "message": message})
+
+
+class Analysis:
+    """One run of iotscan over sources, writing records to a sink."""
+
+    def __init__(self, sink: Sink, stages: Sequence[Stage] = (), reporter: Reporter | None = None,
+                 fail_on: str | None = None, emit_flows: bool = True) -> None:
+        self.sink = sink
+        self.stages = list(stages)
+        self.reporter = reporter or Reporter(quiet=True)
+        self.fail_on = fail_on
+        self.emit_flows = emit_flows
+        self.state = RunState()
+        self._current: FlowSource | None = None
+
+    # -- sources ---------------------------------------------------------------------------------
+
+    def run_files(self, paths: Iterable[str | os.PathLike[str]], config: MeterConfig) -> RunState:
+        """Analyse capture files and directories; a bad input is reported and the others still run."""
+        with self.reporter.progress() as progress, _interruptible(self):
+            for item in expand(paths):
+                if self.state.interrupted:
+                    break
+                if isinstance(item, InputProblem):
+                    self._input_error(item.path, item.message)
+                    continue
+                info = SourceInfo(name=str(item.path), config=replace(config, source=str(item.path)),
+                                  capture=item)
+                for lt in item.unsupported_link_types:
+                    self.state.warn(info.name, "link_type",
+                                    f"packets with unsupported link type {link_type_name(lt)} are skipped")
+                progress.track(self._file_poller(info))
+                self.run_source(info)
+                progress.track(None)
+        return self.state
+
+    def run_source(self, info: SourceInfo) -> None:
+        """Meter one source through the stages into the sink."""
+        source = FlowSource(info.config)
+        self._current = source
+        for stage in self.stages:
+            stage.begin(info)
+        status = "ok"
+        try:
+            self._drain(source, info)
+        except InputError as exc:
+            self._input_error(info.name, _strip_source(exc.message, info.name))
+            status = "error"
+        except CaptureError as exc:
+            self.state.error(info.name, _strip_source(exc.message, info.name), exc.exit_code)
+            self.reporter.warn(f"{info.name}: {exc.message}")
+            status = "error"
+        finally:
+            self._current = None
+        report = source.report
+        if status == "ok":
+            status = self._report_warnings(info, report)
+            for stage in self.stages:
+                stage.end(info)
+        self.state.packets += report.packets + report.ignored_packets
+        self.state.inputs.append({"source": info.name, "packets": report.packets + report.ignored_packets,
+                                  "flows": report.flows, "status": status})
+
+    def _drain(self, source: FlowSource, info: SourceInfo) -> None:
+        name = info.name
+        base = os.path.basename(name)
+        events: Iterator[Event] = ((flow_record(f, name, base), f) for f in source)
+        for stage in self.stages:
+            events = stage.run(events)
+        write = self.sink.write
+        fail_family = self.fail_on
+        for record, _flow in events:
+            self.state.flows += 1
+            if record.get("verdict") == "attack":
+                self.state.attacks += 1
+                if fail_family in ("attack", record.get("family")):
+                    self.state.fail_hits += 1
+            if self.emit_flows:
+                write(record)
+
+    def _report_warnings(self, info: SourceInfo, report: SourceReport) -> str:
+        status = "ok"
+        if report.read_error:
+            status = "truncated"
+            self._warn(info.name, "truncated",
+                       f"capture is truncated or damaged after {report.packets + report.ignored_packets:,} "
+                       "packets; flows up to the damage are reported")
+        if report.evicted_flows:
+            self._warn(info.name, "flow_cap",
+                       f"flow table cap of {info.config.max_flows:,} reached: {report.evicted_flows:,} flows "
+                       "were expired early (they may be split in several records)")
+        if report.stopped:
+            status = "interrupted"
+        if report.ignored_packets and not report.packets:
+            self._warn(info.name, "no_ip", f"none of the {report.ignored_packets:,} packets is IP: no flows")
+        return status
+
+    def _warn(self, source: str, code: str, message: str) -> None:
+        self.state.warn(source, code, message)
+        self.reporter.warn(f"{source}: {message}")
+
+    def _input_error(self, source: str, message: str) -> None:
+        self.state.error(source, message, ExitCode.USAGE)
+        error(f"{source}: {message}")
+
+    def _file_poller(self, info: SourceInfo) -> Callable[[], tuple[str, int | None, int, str]]:
+        started = time.monotonic()
+        size = info.capture.size if info.capture else None
+        label = os.path.basename(info.name)
+        if len(label) > 40:
+            label = label[:37] + "..."
+
+        def poll() -> tuple[str, int | None, int, str]:
+            src = self._current
+            if src is None:
+                return label, size, 0, ""
+            elapsed = max(time.monotonic() - started, 1e-6)
+            packets = src.counter(PACKETS)
+            done = bytes_read_by(src.pid, info.name) or 0
+            rates = f"{packets / elapsed:,.0f} pkt/s  {self.state.flows / elapsed:,.0f} flows/s  " \
+                    f"{src.counter(ACTIVE):,} active"
+            return label, size, done, rates
+
+        return poll
+
+    # -- end of run ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ctrl-C: the current source flushes its active flows, no further sources start."""
+        self.state.interrupted = True
+        if self._current is not None:
+            self._current.stop()
+
+    def finish(self) -> dict[str, Any]:
+        """Write the stages' own records and the summary; return the summary."""
+        devices = 0
+        for stage in self.stages:
+            for record in stage.finish():
+                if record.get("event_type") == "device":
+                    devices += 1
+                self.sink.write(record)
+        if self.state.interrupted:
+            self.state.warn("", "interrupted", "interrupted by the user: results are partial")
+        elapsed = time.monotonic() - self.state.started
+        summary = summary_record(
+            packets=self.state.packets, flows=self.state.flows, devices=devices, attacks=self.state.attacks,
+            elapsed_s=round(elapsed, 3), packets_per_s=round(self.state.packets / elapsed, 1) if elapsed else 0.0,
+            warnings=self.state.warnings, errors=self.state.errors, inputs=self.state.inputs)
+        for stage in self.stages:
+            stage.summarize(summary)
+        self.sink.close(summary)
+        return summary
+
+    def exit_code(self) -> ExitCode:
+        if self.state.interrupted:
+            return ExitCode.INTERRUPTED
+        if self.state.exit_code != ExitCode.OK:
+            return self.state.exit_code
+        if self.state.fail_hits:
+            return ExitCode.FINDINGS
+        return ExitCode.OK
+
+
+def _strip_source(message: str, source: str) -> str:
+    prefix = f"{source}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+class _interruptible:
+    """Route SIGINT and SIGTERM to Analysis.stop() so active flows are flushed and a summary written."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        self.analysis = analysis
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.analysis.state.interrupted:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.analysis.stop()
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

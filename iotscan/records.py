@@ -1,0 +1,177 @@
+"""The output contract: the one place that defines iotscan's records and their fields.
+
+Every record is a flat JSON object with an ``event_type``, in the manner of Suricata's EVE and
+Zeek's JSON logs, so that jq, Elastic and Splunk take it as it is. Field names listed here are a
+contract (README, "Output contract"); later stages add fields, never rename these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import socket
+import struct
+from typing import Any
+
+from communityid import CommunityID, FlowTuple
+
+# (name, meaning). Order is the CSV column order and the JSON key order.
+FLOW_FIELDS: tuple[tuple[str, str], ...] = (
+    ("event_type", "always \"flow\""),
+    ("flow_id", "64-bit id, stable for the same capture, unique within a run"),
+    ("community_id", "Community ID v1 (null for ICMP: NFStream does not expose ICMP type and code)"),
+    ("source", "capture file or interface the flow came from"),
+    ("first_seen_ms", "first packet, epoch milliseconds"),
+    ("last_seen_ms", "last packet, epoch milliseconds"),
+    ("duration_ms", "last_seen_ms - first_seen_ms"),
+    ("src_ip", "initiator address"),
+    ("src_port", "initiator port (0 without ports)"),
+    ("src_mac", "initiator MAC as seen in the capture"),
+    ("dst_ip", "responder address"),
+    ("dst_port", "responder port"),
+    ("dst_mac", "responder MAC"),
+    ("protocol", "IANA protocol number"),
+    ("ip_version", "4 or 6"),
+    ("vlan_id", "802.1Q VLAN id, 0 if none"),
+    ("app", "nDPI application, e.g. TLS.Google, MQTT, DNS"),
+    ("app_guessed", "true when nDPI guessed the application from ports"),
+    ("category", "nDPI application category"),
+    ("server_name", "TLS SNI, HTTP host, DNS or mDNS query name"),
+    ("ja4", "JA4 fingerprint of a TLS or QUIC client hello"),
+    ("server_fingerprint", "nDPI's server fingerprint (JA3S for TLS, HASSH for SSH)"),
+    ("client_hash", "nDPI's client fingerprint for other protocols (HASSH for SSH)"),
+    ("dhcp_hostname", "hostname a DHCP client announced"),
+    ("dhcp_fingerprint", "DHCP parameter request list (option 55)"),
+    ("user_agent", "HTTP User-Agent"),
+    ("content_type", "HTTP Content-Type"),
+    ("packets", "packets, both directions"),
+    ("bytes", "bytes on the wire, both directions"),
+    ("src2dst_packets", "packets from initiator"),
+    ("src2dst_bytes", "bytes from initiator"),
+    ("dst2src_packets", "packets from responder"),
+    ("dst2src_bytes", "bytes from responder"),
+)
+FLOW_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in FLOW_FIELDS)
+
+# Fields later stages add to flow records (devices, scoring); listed so CSV writers know them.
+DEVICE_LINK_FIELDS = ("src_device", "dst_device")
+VERDICT_FIELDS = ("verdict", "score", "family", "reasons")
+
+SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
+    ("event_type", "always \"summary\", the last record of every run"),
+    ("packets", "packets read"),
+    ("flows", "flow records written"),
+    ("devices", "device records written"),
+    ("attacks", "flows with verdict attack"),
+    ("elapsed_s", "wall-clock seconds"),
+    ("packets_per_s", "packets / elapsed_s"),
+    ("warnings", "list of {source, code, message}: truncated files, skipped link types, flow cap..."),
+    ("errors", "list of {source, message}: inputs that could not be analysed"),
+    ("inputs", "list of {source, packets, flows, status} per capture or interface"),
+)
+
+_TLS_LIKE = ("TLS", "QUIC", "DTLS", "IMAPS", "POPS", "SMTPS", "FTPS")
+_ICMP = (1, 58)
+_PORT_PROTOCOLS = (6, 17, 132)
+_PORT = struct.Struct("!H")
+_community = CommunityID()
+
+
+def community_id(src_ip: str, dst_ip: str, protocol: int, src_port: int, dst_port: int) -> str | None:
+    """Community ID v1 (seed 0, base64), the hash Zeek and Suricata write.
+
+    The tuple is packed and ordered here and hashed by the communityid package; its own ``calc``
+    re-validates and logs every tuple and costs four times as much per flow.
+    """
+    if protocol in _ICMP:
+        return None  # needs ICMP type and code, which NFStream does not keep
+    try:
+        family = socket.AF_INET6 if ":" in src_ip else socket.AF_INET
+        saddr, daddr = socket.inet_pton(family, src_ip), socket.inet_pton(family, dst_ip)
+    except (OSError, ValueError):
+        return None
+    if protocol in _PORT_PROTOCOLS:
+        if (daddr, dst_port) < (saddr, src_port):
+            saddr, daddr, src_port, dst_port = daddr, saddr, dst_port, src_port
+        tpl = FlowTuple(protocol, saddr, daddr, _PORT.pack(src_port), _PORT.pack(dst_port))
+    else:
+        if daddr < saddr:
+            saddr, daddr = daddr, saddr
+        tpl = FlowTuple(protocol, saddr, daddr)
+    return _community.render(_community.hash(tpl))
+
+
+def flow_id(source_name: str, key: str, first_seen_ms: int) -> int:
+    """A 63-bit id from the capture's name, the flow key and its start: the same flow gets the same id
+    in every run over the same capture (so `iotscan inspect` can find it again)."""
+    digest = hashlib.blake2b(f"{source_name}|{key}|{first_seen_ms}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def flow_record(flow: Any, source: str, source_name: str) -> dict[str, Any]:
+    """Build the contract record of one NFStream flow."""
+    app = flow.application_name or None
+    base_app = app.split(".", 1)[0] if app else ""
+    client_fp = flow.client_fingerprint or None
+    server_name = flow.requested_server_name or None
+    is_dhcp = base_app == "DHCP"
+    src_ip, dst_ip, proto = flow.src_ip, flow.dst_ip, flow.protocol
+    src_port, dst_port = flow.src_port, flow.dst_port
+    cid = community_id(src_ip, dst_ip, proto, src_port, dst_port)
+    first = flow.bidirectional_first_seen_ms
+    key = cid or f"{proto}:{src_ip}:{src_port}-{dst_ip}:{dst_port}"
+    return {
+        "event_type": "flow",
+        "flow_id": flow_id(source_name, f"{key}|{flow.vlan_id}|{getattr(flow, 'tunnel_id', 0)}", first),
+        "community_id": cid,
+        "source": source,
+        "first_seen_ms": first,
+        "last_seen_ms": flow.bidirectional_last_seen_ms,
+        "duration_ms": flow.bidirectional_duration_ms,
+        "src_ip": src_ip,
+        "src_port": src_port,
+        "src_mac": flow.src_mac,
+        "dst_ip": dst_ip,
+        "dst_port": dst_port,
+        "dst_mac": flow.dst_mac,
+        "protocol": proto,
+        "ip_version": flow.ip_version,
+        "vlan_id": flow.vlan_id,
+        "app": app,
+        "app_guessed": bool(flow.application_is_guessed),
+        "category": flow.application_category_name or None,
+        "server_name": None if is_dhcp else server_name,
+        "ja4": client_fp if base_app in _TLS_LIKE else None,
+        "server_fingerprint": flow.server_fingerprint or None,
+        "client_hash": client_fp if not is_dhcp and base_app not in _TLS_LIKE else None,
+        "dhcp_hostname": server_name if is_dhcp else None,
+        "dhcp_fingerprint": client_fp if is_dhcp else None,
+        "user_agent": flow.user_agent or None,
+        "content_type": flow.content_type or None,
+        "packets": flow.bidirectional_packets,
+        "bytes": flow.bidirectional_bytes,
+        "src2dst_packets": flow.src2dst_packets,
+        "src2dst_bytes": flow.src2dst_bytes,
+        "dst2src_packets": flow.dst2src_packets,
+        "dst2src_bytes": flow.dst2src_bytes,
+    }
+
+
+def is_local_address(ip: str) -> bool:
+    """Private, link-local or unique-local: an address of the local network, not the Internet."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
+        return False
+    return addr.is_private or addr.is_link_local
+
+
+def summary_record(**values: Any) -> dict[str, Any]:
+    record = {"event_type": "summary"}
+    for name, _ in SUMMARY_FIELDS[1:]:
+        record[name] = values.get(name)
+    for name, value in values.items():
+        record.setdefault(name, value)
+    return record

@@ -1,0 +1,336 @@
+"""The source stage: NFStream flows from one capture file or one interface, streamed as they expire.
+
+NFStream's own ``NFStreamer`` hangs when its meter process dies, keeps reading a capture in a
+loop-forever state on read errors it does not report, orders its idle scan by flow creation (so
+one long flow delays the expiry of every later one), never expires flows on a quiet interface and
+drops the flows still active when it is interrupted. So iotscan runs its own meter loop, built
+from NFStream's engine, ``NFlow`` and flow-key parts, in one child process:
+
+* flows are sent in small batches over a bounded queue (back-pressure bounds memory);
+* the flow table is kept in last-activity order, so the idle scan is exact;
+* ``max_flows`` caps the table: the least recently active flow is expired early;
+* a read error in a file ends the file with a ``truncated`` report instead of hiding it;
+* on a live interface, read time-outs advance the clock so idle flows still expire;
+* ``stop()`` makes the meter flush every active flow and report, for Ctrl-C and SIGTERM;
+* any exception in the meter (a plugin's too) comes back as an error, and a dead meter
+  is detected by the reader instead of blocking it forever.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from nfstream.engine import activate_capture, create_engine, setup_capture, setup_dissector
+from nfstream.flow import NFlow
+from nfstream.meter import get_flow_key_from_pkt
+from nfstream.plugin import NFPlugin
+from nfstream.utils import NFMode
+
+from iotscan.errors import CaptureError, ExitCode, InputError
+
+_BATCH_FLOWS = 128  # flows per queue message: amortises locking and pickling of field names
+_BATCH_MAX_AGE_S = 0.2  # a live batch waits at most this long
+_QUEUE_BATCHES = 64  # at most 64 * 128 expired flows in flight: the back-pressure bound
+_COUNTER_EVERY = 1024  # packets between updates of the shared counters
+_SCAN_INTERVAL_MS = 10  # idle scan period in capture time, as in NFStream
+_SCAN_BUDGET = 1000  # flows expired per idle scan at most, as in NFStream
+_POLL_S = 0.25  # how often the reader checks that the meter is alive
+
+# Indices into the shared counter array.
+PACKETS, IGNORED, ACTIVE, EVICTED, DROPPED, IFDROPPED = range(6)
+_N_COUNTERS = 6
+
+
+@dataclass(frozen=True)
+class MeterConfig:
+    """Everything the meter needs; the CLI options map onto it one to one."""
+
+    source: str
+    live: bool = False
+    bpf: str | None = None
+    idle_timeout: int = 120  # seconds
+    active_timeout: int = 1800  # seconds
+    max_flows: int = 0  # 0: no cap on the flow table
+    statistics: bool = True
+    splt: int = 0  # early packets whose sizes, directions and gaps are kept
+    n_dissections: int = 20
+    snaplen: int = 1536
+    promisc: bool = True
+    decode_tunnels: bool = True
+    accounting_mode: int = 0
+    plugins: tuple[NFPlugin, ...] = ()
+
+
+@dataclass
+class SourceReport:
+    """What the meter tells at the end of a source."""
+
+    packets: int = 0
+    ignored_packets: int = 0
+    flows: int = 0
+    evicted_flows: int = 0
+    dropped_packets: int = 0
+    read_error: bool = False
+    stopped: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Batcher:
+    """Collects expired flows into batches for the queue."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.batch: list[NFlow] = []
+        self.since = time.monotonic()
+        self.flows = 0
+
+    def put(self, flow: NFlow) -> None:
+        if not self.batch:
+            self.since = time.monotonic()
+        self.batch.append(flow)
+        self.flows += 1
+        if len(self.batch) >= _BATCH_FLOWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch:
+            self.channel.put(self.batch)
+            self.batch = []
+
+    def flush_if_old(self) -> None:
+        if self.batch and time.monotonic() - self.since >= _BATCH_MAX_AGE_S:
+            self.flush()
+
+
+def _meter_main(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> None:
+    """Child process: read packets, meter flows, send batches; never raise, always end with a report."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        report = _meter_loop(cfg, channel, counters, stop)
+        channel.put(("end", report))
+    except _SetupError as exc:
+        channel.put(("error", str(exc)))
+    except BaseException as exc:  # a plugin bug must become an error message, not a hang
+        channel.put(("error", f"flow meter failed: {type(exc).__name__}: {exc}"))
+
+
+class _SetupError(Exception):
+    pass
+
+
+def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> SourceReport:
+    ffi, lib = create_engine()
+    if lib is None:
+        raise _SetupError("NFStream's engine library failed to load")
+    mode = NFMode.INTERFACE if cfg.live else NFMode.SINGLE_FILE
+    error = ffi.new("char[256]")
+    capture = setup_capture(ffi, lib, cfg.source, cfg.snaplen, cfg.promisc, mode, error, os.getpid(), 0)
+    if capture is None or not activate_capture(capture, lib, error, cfg.bpf, mode):
+        raise _SetupError(ffi.string(error).decode("utf-8", errors="replace") or "cannot open capture")
+    dissector = setup_dissector(ffi, lib, cfg.n_dissections)
+    if dissector == ffi.NULL and cfg.n_dissections:
+        raise _SetupError("nDPI failed to initialise")
+
+    udps = cfg.plugins
+    sync = bool(udps)
+    idle_ms, active_ms = cfg.idle_timeout * 1000, cfg.active_timeout * 1000
+    stats, splt, n_dis, acc, tunnels = cfg.statistics, cfg.splt, cfg.n_dissections, cfg.accounting_mode, \
+        cfg.decode_tunnels
+    out = _Batcher(channel)
+    cache: OrderedDict[tuple, NFlow] = OrderedDict()  # oldest activity first
+    report = SourceReport()
+    interface_stats = ffi.new("struct nf_stat *")
+
+    def expire(flow: NFlow) -> None:
+        out.put(flow.expire(udps, sync, n_dis, stats, splt, ffi, lib, dissector))
+
+    def new_flow(packet: Any, key: tuple) -> None:
+        try:
+            flow = NFlow(packet, ffi, lib, udps, sync, acc, n_dis, stats, splt, dissector, tunnels, 0)
+        except OSError:  # out of memory for this flow: skip it, as NFStream does
+            return
+        if flow.expiration_id == -1:  # a plugin expired it on its first packet
+            expire(flow)
+        else:
+            cache[key] = flow
+
+    def scan_idle(tick: int) -> None:
+        for _ in range(_SCAN_BUDGET):
+            if not cache:
+                return
+            key = next(iter(cache))
+            flow = cache[key]
+            if not flow.is_idle(tick, idle_ms):
+                return
+            del cache[key]
+            expire(flow)
+
+    def publish() -> None:
+        counters[PACKETS] = report.packets
+        counters[IGNORED] = report.ignored_packets
+        counters[ACTIVE] = len(cache)
+        counters[EVICTED] = report.evicted_flows
+        if cfg.live:
+            lib.capture_stats(capture, interface_stats, int(mode))
+            counters[DROPPED] = report.dropped_packets = interface_stats.dropped
+            counters[IFDROPPED] = interface_stats.dropped_by_interface
+
+    tick = scan_tick = 0
+    last_publish = time.monotonic()
+    try:
+        while True:
+            packet = ffi.new("struct nf_packet *")
+            ret = lib.capture_next(capture, packet, int(tunnels), 1, 0, int(mode))
+            if ret > 0:
+                if packet.time > tick:
+                    tick = packet.time
+                else:
+                    packet.time = tick  # keep time monotonic, as NFStream does
+                if ret == 1:
+                    report.packets += 1
+                    key = get_flow_key_from_pkt(packet)
+                    flow = cache.get(key)
+                    if flow is None:
+                        new_flow(packet, key)
+                        if cfg.max_flows and len(cache) > cfg.max_flows:
+                            report.evicted_flows += 1
+                            expire(cache.pop(next(iter(cache))))
+                    else:
+                        done = flow.update(packet, idle_ms, active_ms, ffi, lib, udps, sync, acc, n_dis, stats,
+                                           splt, dissector)
+                        if done is None:
+                            cache.move_to_end(key)
+                        else:
+                            del cache[key]
+                            out.put(done)
+                            if done.expiration_id >= 0:  # idle/active cut: this packet opens a new flow
+                                new_flow(packet, key)
+                    if report.packets % _COUNTER_EVERY == 0:
+                        publish()
+                        if stop.is_set():
+                            report.stopped = True
+                            break
+                if tick - scan_tick >= _SCAN_INTERVAL_MS:
+                    scan_tick = tick
+                    scan_idle(tick)
+            elif ret == 0:
+                report.ignored_packets += 1
+            elif ret == -1:
+                if not cfg.live:
+                    report.read_error = True  # libpcap read error: the file is truncated or damaged
+                    break
+                # Live read time-out: the link is quiet. Let the clock move on so idle flows expire.
+                now = int(time.time() * 1000)
+                if now > tick:
+                    tick = now
+                if tick - scan_tick >= _SCAN_INTERVAL_MS:
+                    scan_tick = tick
+                    scan_idle(tick)
+            else:
+                break  # end of file (or the capture was broken off)
+            if cfg.live:
+                out.flush_if_old()
+                if time.monotonic() - last_publish >= 0.5:
+                    last_publish = time.monotonic()
+                    publish()
+                    if stop.is_set():
+                        report.stopped = True
+                        break
+        publish()
+        for key in list(cache):  # flush what is still active: nothing is lost at the end
+            expire(cache.pop(key))
+        out.flush()
+    finally:
+        lib.capture_close(capture)
+        if dissector != ffi.NULL:
+            lib.dissector_cleanup(dissector)
+    report.flows = out.flows
+    counters[ACTIVE] = 0
+    return report
+
+
+class FlowSource:
+    """Iterate over the flows of one capture file or interface, each as soon as the meter expires it.
+
+    After iteration, ``report`` holds the meter's counts. ``stop()`` (from another thread or a
+    signal handler) asks the meter to flush its active flows and finish; iteration then ends
+    normally with ``report.stopped`` set.
+    """
+
+    def __init__(self, config: MeterConfig) -> None:
+        self.config = config
+        self._ctx = mp.get_context("fork")
+        self._counters = self._ctx.Array("q", _N_COUNTERS, lock=False)
+        self._stop = self._ctx.Event()
+        self.report = SourceReport()
+        self.pid: int | None = None
+
+    def counter(self, index: int) -> int:
+        return int(self._counters[index])
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def __iter__(self) -> Iterator[NFlow]:
+        channel = self._ctx.Queue(maxsize=_QUEUE_BATCHES)
+        proc = self._ctx.Process(target=_meter_main, args=(self.config, channel, self._counters, self._stop),
+                                 daemon=True, name="iotscan-meter")
+        proc.start()
+        self.pid = proc.pid
+        try:
+            while True:
+                try:
+                    item = channel.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if proc.is_alive():
+                        continue
+                    try:  # it may have sent its last words just before dying
+                        item = channel.get(timeout=1.0)
+                    except queue.Empty:
+                        raise CaptureError(
+                            f"{self.config.source}: the flow meter process died (exit code {proc.exitcode})"
+                            " before finishing") from None
+                if type(item) is list:
+                    yield from item
+                    continue
+                kind, payload = item
+                if kind == "error":
+                    raise _classify_error(self.config, payload)
+                self.report = payload
+                return
+        finally:
+            if proc.is_alive():
+                self._stop.set()
+                proc.join(timeout=2.0)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(timeout=2.0)
+            channel.cancel_join_thread()
+            channel.close()
+
+
+def _classify_error(cfg: MeterConfig, message: str) -> Exception:
+    """Turn libpcap's and the meter's messages into one-line errors with the documented exit codes."""
+    lowered = message.lower()
+    if "bpf" in lowered or "filter" in lowered:
+        return InputError(f"invalid BPF filter {cfg.bpf!r}: {message}")
+    if cfg.live:
+        if "permission" in lowered or "not permitted" in lowered:
+            return CaptureError(
+                f"{cfg.source}: no permission to capture ({message}). Run as root (sudo), or grant the "
+                "interpreter capture rights: sudo setcap cap_net_raw,cap_net_admin=eip "
+                "$(readlink -f $(which python3))")
+        return CaptureError(f"{cfg.source}: cannot capture: {message}")
+    if "truncated" in lowered or "unknown file format" in lowered or "bad dump file" in lowered:
+        return InputError(f"{cfg.source}: unreadable capture: {message}")
+    return CaptureError(f"{cfg.source}: {message}", ExitCode.CAPTURE)
+

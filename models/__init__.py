@@ -1,0 +1,1 @@
+"""Bundled pretrained models (installed as the iotscan.models package)."""
