@@ -1,0 +1,126 @@
+"""iotscan analyze vs a bare NFStreamer loop, side by side on the same ~1M-packet capture.
+
+    python benchmarks/bench_analyze.py [--runs 3] [--no-scaling]
+
+Runs alternate between the variants (these machines are noisy, so compare medians measured in one
+run, not times across runs). Peak RSS is the peak of the summed RSS of the whole process tree
+(iotscan and NFStream both meter in a child process). The scaling part runs each tool once on the
+capture and on one ten times as long, to show memory follows active flows, not capture length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import OUT, REPO, build  # noqa: E402
+
+PY = sys.executable
+UNIT_COPIES = 13  # 13 copies of the ~78k-packet corpus: about 1M packets
+
+
+def iotscan_cmd(capture: Path, *extra: str) -> list[str]:
+    return [PY, "-m", "iotscan", "analyze", str(capture), "--format", "ndjson", "--output", "/dev/null",
+            "--quiet", *extra]
+
+
+def variants(capture: Path, splt: int) -> dict[str, list[str]]:
+    """The commands compared; stage switches that this iotscan does not have yet are left out."""
+    help_text = subprocess.run([PY, "-m", "iotscan", "analyze", "--help"], capture_output=True, text=True,
+                               cwd=REPO).stdout
+    out = {"bare NFStream": [PY, str(REPO / "benchmarks" / "bare_nfstream.py"), str(capture), "--splt", str(splt)]}
+    off = [flag for flag in ("--no-devices", "--no-score") if flag in help_text]
+    if off:
+        out["iotscan flows only"] = iotscan_cmd(capture, *off)
+    if "--no-score" in help_text and "--no-devices" in help_text:
+        out["iotscan + devices"] = iotscan_cmd(capture, "--no-score")
+    out["iotscan analyze"] = iotscan_cmd(capture)
+    return out
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) summed over the process tree."""
+    started = time.perf_counter()
+    proc = psutil.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [proc, *proc.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed ({proc.returncode}): {proc.stderr.read().decode()[-500:]}")
+    return elapsed, peak
+
+
+def packets_in(capture: Path) -> int:
+    out = subprocess.run(["capinfos", "-T", "-r", "-c", str(capture)], capture_output=True, text=True).stdout
+    return int(out.split("\t")[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-scaling", action="store_true", help="skip the 10x-length memory check")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(REPO))
+    from iotscan.cli.analyze import MAIN_PASS_SPLT
+
+    capture = build(UNIT_COPIES)
+    packets = packets_in(capture)
+    cmds = variants(capture, MAIN_PASS_SPLT)
+    names = list(cmds)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rss: dict[str, list[int]] = {n: [] for n in names}
+    print(f"capture {capture.name}: {packets:,} packets; {args.runs} alternated runs per variant")
+    for run in range(args.runs):
+        order = names[run % len(names):] + names[:run % len(names)]  # rotate who goes first
+        for name in order:
+            elapsed, peak = measure(cmds[name])
+            times[name].append(elapsed)
+            rss[name].append(peak)
+            print(f"  run {run + 1} {name:20s} {elapsed:7.2f} s  {peak / 2**20:7.1f} MiB", flush=True)
+
+    base_t = statistics.median(times["bare NFStream"])
+    base_m = statistics.median(rss["bare NFStream"])
+    results = {"capture": capture.name, "packets": packets, "runs": args.runs, "variants": {}}
+    print(f"\n{'variant':22s} {'median s':>9s} {'packets/s':>11s} {'throughput':>11s} {'peak RSS':>10s} {'RSS':>6s}")
+    for name in names:
+        t, m = statistics.median(times[name]), statistics.median(rss[name])
+        results["variants"][name] = {"median_s": round(t, 3), "packets_per_s": round(packets / t),
+                                     "throughput_vs_bare": round(base_t / t, 3), "peak_rss_mib": round(m / 2**20, 1),
+                                     "rss_vs_bare": round(m / base_m, 3), "times_s": [round(x, 3) for x in times[name]]}
+        print(f"{name:22s} {t:9.2f} {packets / t:11,.0f} {base_t / t:10.2f}x {m / 2**20:8.1f} MiB {m / base_m:5.2f}x")
+
+    if not args.no_scaling:
+        long_capture = build(UNIT_COPIES * 10)
+        print(f"\nscaling: peak RSS on {capture.name} vs {long_capture.name} (10x the same traffic)")
+        results["scaling"] = {}
+        for name in ("bare NFStream", "iotscan analyze"):
+            short_cmd = cmds[name]
+            long_cmd = [long_capture.__str__() if a == str(capture) else a for a in short_cmd]
+            _, m1 = measure(short_cmd)
+            _, m10 = measure(long_cmd)
+            results["scaling"][name] = {"peak_rss_1x_mib": round(m1 / 2**20, 1), "peak_rss_10x_mib": round(m10 / 2**20, 1),
+                                        "ratio_10x_over_1x": round(m10 / m1, 3)}
+            print(f"{name:22s} 1x {m1 / 2**20:7.1f} MiB   10x {m10 / 2**20:7.1f} MiB   ratio {m10 / m1:.2f}")
+
+    OUT.mkdir(exist_ok=True)
+    (OUT / "results-analyze.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults written to {OUT / 'results-analyze.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""`iotscan analyze` end to end on real captures: the output contract, formats, bad input, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import NDPI_PCAPS, REPO, SAMPLES, assert_no_traceback, ndjson, require_shared, run_iotscan
+
+from iotscan.records import FLOW_FIELD_NAMES, SUMMARY_FIELDS, community_id
+
+SAMPLE_FILES = sorted(SAMPLES.glob("*.pcap"))
+
+
+def analyze(*args, code: int = 0) -> tuple[list[dict], subprocess.CompletedProcess]:
+    proc = run_iotscan("analyze", *args, "--format", "ndjson")
+    assert_no_traceback(proc)
+    assert proc.returncode == code, proc.stderr.decode()
+    return ndjson(proc.stdout), proc
+
+
+def split(records: list[dict]) -> tuple[list[dict], dict]:
+    assert records, "no output at all"
+    summary = records[-1]
+    assert summary["event_type"] == "summary", "the summary must be the last record"
+    assert all(r["event_type"] != "summary" for r in records[:-1])
+    return [r for r in records if r["event_type"] == "flow"], summary
+
+
+@pytest.mark.parametrize("sample", SAMPLE_FILES, ids=lambda p: p.name)
+def test_sample_flows_follow_the_contract(sample: Path) -> None:
+    flows, summary = split(analyze(sample)[0])
+    assert flows
+    for flow in flows:
+        assert list(flow)[: len(FLOW_FIELD_NAMES)] == list(FLOW_FIELD_NAMES)
+        assert flow["source"] == str(sample)
+        assert flow["packets"] == flow["src2dst_packets"] + flow["dst2src_packets"] >= 1
+        assert flow["bytes"] == flow["src2dst_bytes"] + flow["dst2src_bytes"]
+        assert flow["last_seen_ms"] - flow["first_seen_ms"] == flow["duration_ms"] >= 0
+        assert 1_000_000_000_000 < flow["first_seen_ms"] < 2_000_000_000_000  # epoch milliseconds
+        if flow["protocol"] in (6, 17):
+            assert flow["community_id"].startswith("1:")
+    assert len({f["flow_id"] for f in flows}) == len(flows), "flow_id must be unique within a run"
+    for name, _ in SUMMARY_FIELDS:
+        assert name in summary
+    assert summary["flows"] == len(flows)
+    assert summary["packets"] >= sum(f["packets"] for f in flows)
+    assert summary["inputs"] == [{"source": str(sample), "packets": summary["packets"], "flows": len(flows),
+                                  "status": "ok"}]
+    assert summary["warnings"] == [] and summary["errors"] == []
+
+
+def test_known_flows_of_the_tplink_sample() -> None:
+    """Values read from the capture with tshark: the DHCP request and the plug's TLS session to its cloud."""
+    flows, _ = split(analyze(SAMPLES / "tplink-hs110-setup.pcap")[0])
+    dhcp = next(f for f in flows if f["src_port"] == 68 and f["dst_port"] == 67)
+    assert dhcp["src_mac"] == "50:c7:bf:00:c7:03"
+    assert dhcp["dhcp_hostname"] == "hs110(eu)" and dhcp["app"] == "DHCP"
+    assert dhcp["dhcp_fingerprint"] == "1,3,6,12,15,28"
+    assert dhcp["packets"] == 3 and dhcp["bytes"] == 1770
+    tls = next(f for f in flows if f["dst_port"] == 50443)
+    assert (tls["src_ip"], tls["src_port"], tls["dst_ip"], tls["protocol"]) == ("10.10.10.20", 34988, "52.49.65.150", 6)
+    # tshark -r samples/tplink-hs110-setup.pcap --enable-protocol communityid -T fields -e communityid
+    assert tls["community_id"] == "1:QubvBLNFNN5jwob4XVZffy9rJqE="
+
+
+def test_community_id_matches_the_specification() -> None:
+    # The Community ID specification's TCP example, both directions.
+    assert community_id("128.232.110.120", "66.35.250.204", 6, 34855, 80) == "1:LQU9qZlK+B5F3KDmev6m5PMibrg="
+    assert community_id("66.35.250.204", "128.232.110.120", 6, 80, 34855) == "1:LQU9qZlK+B5F3KDmev6m5PMibrg="
+
+
+def test_flow_ids_are_stable_across_runs() -> None:
+    first, _ = split(analyze(SAMPLES / "hue-bridge-setup.pcap")[0])
+    second, _ = split(analyze(SAMPLES / "hue-bridge-setup.pcap")[0])
+    assert [f["flow_id"] for f in first] == [f["flow_id"] for f in second]
+
+
+def test_directory_input_and_all_formats(tmp_path: Path) -> None:
+    records, _ = analyze(SAMPLES)
+    flows, summary = split(records)
+    assert {f["source"] for f in flows} == {str(p) for p in SAMPLE_FILES}
+    assert [i["source"] for i in summary["inputs"]] == [str(p) for p in SAMPLE_FILES]
+
+    doc = orjson.loads(run_iotscan("analyze", SAMPLES, "-f", "json", check_code=0).stdout)
+    assert set(doc) == {"flows", "summary"} and len(doc["flows"]) == len(flows)
+    assert doc["flows"][0] == flows[0] and doc["summary"]["flows"] == summary["flows"]
+
+    rows = list(csv.reader(io.StringIO(run_iotscan("analyze", SAMPLES, "-f", "csv", check_code=0).stdout.decode())))
+    assert tuple(rows[0][: len(FLOW_FIELD_NAMES)]) == FLOW_FIELD_NAMES
+    assert len(rows) - 1 == len(flows)
+
+    table = run_iotscan("analyze", SAMPLES / "hue-bridge-setup.pcap", "-f", "table", check_code=0).stdout.decode()
+    assert "Busiest flows" in table and "Summary" in table and "www.ecdinterface.philips.com" in table
+
+    out = tmp_path / "flows.csv"  # the format follows the output file's suffix
+    run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "-o", out, check_code=0)
+    assert out.read_text().startswith("event_type,flow_id,community_id")
+
+
+def test_bpf_filter_and_invalid_bpf() -> None:
+    flows, _ = split(analyze(SAMPLES / "hue-bridge-setup.pcap", "--bpf", "udp port 53")[0])
+    assert flows and all(53 in (f["src_port"], f["dst_port"]) for f in flows)
+    proc = run_iotscan("analyze", SAMPLES / "hue-bridge-setup.pcap", "--bpf", "port nonsense")
+    assert proc.returncode == 2 and b"invalid BPF filter" in proc.stderr
+    assert_no_traceback(proc)
+
+
+def test_flow_cap_expires_early_and_warns() -> None:
+    capped, summary = split(analyze(SAMPLES / "mirai-c2-irc.pcap", "--max-flows", "5")[0])
+    uncapped, full = split(analyze(SAMPLES / "mirai-c2-irc.pcap")[0])
+    assert summary["packets"] == full["packets"]
+    assert sum(f["packets"] for f in capped) == sum(f["packets"] for f in uncapped), "no packet may be lost"
+    assert len(capped) > len(uncapped)
+    assert [w["code"] for w in summary["warnings"]] == ["flow_cap"]
+
+
+def test_fail_on_decides_the_exit_code() -> None:
+    flows, _ = split(analyze(SAMPLES / "tplink-hs110-setup.pcap", "--fail-on", "attack", code=0)[0])
+    assert not any(f.get("verdict") == "attack" for f in flows)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert_no_traceback(proc)
+    lines = [line for line in proc.stderr.decode().splitlines() if line.startswith("iotscan: error:")]
+    assert lines, proc.stderr.decode()
+    for needle in needles:
+        assert any(needle in line for line in lines), (needle, lines)
+
+
+def _pcap_header(link_type: int) -> bytes:
+    return struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, link_type)
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("empty.pcap", b"", "empty file"),
+    ("notes.pcap", b"these are not packets\n" * 10, "not a pcap or pcapng capture"),
+    ("archive.pcap.gz", b"\x1f\x8b\x08\x00" + b"\x00" * 40, "compressed file"),
+    ("header.pcap", _pcap_header(1)[:10], "header is incomplete"),
+    ("sll2.pcap", _pcap_header(276) + struct.pack("<IIII", 0, 0, 4, 4) + b"\x00" * 4, "unsupported link type 276"),
+])
+def test_unusable_file_gives_one_line_and_exit_2(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    before = path.read_bytes()
+    records, proc = analyze(path, code=2)
+    _one_error_line(proc, str(path), message)
+    _, summary = split(records)
+    assert summary["flows"] == 0 and summary["errors"][0]["source"] == str(path)
+    assert path.read_bytes() == before, "inputs are never modified"
+
+
+def test_missing_path_and_empty_directory(tmp_path: Path) -> None:
+    _, proc = analyze(tmp_path / "nope.pcap", code=2)
+    _one_error_line(proc, "nope.pcap: no such file")
+    (tmp_path / "readme.txt").write_text("no captures here")
+    _, proc = analyze(tmp_path, code=2)
+    _one_error_line(proc, "holds no pcap or pcapng captures")
+
+
+def test_one_bad_input_does_not_stop_the_others(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"garbage" * 20)
+    records, proc = analyze(bad, SAMPLES / "tplink-hs110-setup.pcap", code=2)
+    flows, summary = split(records)
+    _one_error_line(proc, "bad.pcap")
+    assert flows and {f["source"] for f in flows} == {str(SAMPLES / "tplink-hs110-setup.pcap")}
+    assert [i["status"] for i in summary["inputs"]] == ["ok"]
+
+
+def test_truncated_capture_yields_flows_before_the_damage(tmp_path: Path) -> None:
+    whole = SAMPLES / "hue-bridge-setup.pcap"
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2 + 7])  # cut inside a packet
+    flows, summary = split(analyze(cut, code=0)[0])
+    full, full_summary = split(analyze(whole)[0])
+    assert 0 < summary["packets"] < full_summary["packets"]
+    assert 0 < len(flows) <= len(full)
+    assert [w["code"] for w in summary["warnings"]] == ["truncated"]
+    assert summary["inputs"][0]["status"] == "truncated"
+
+
+def test_refuses_to_overwrite_an_input(tmp_path: Path) -> None:
+    capture = tmp_path / "c.pcap"
+    capture.write_bytes((SAMPLES / "tplink-hs110-setup.pcap").read_bytes())
+    before = capture.read_bytes()
+    proc = run_iotscan("analyze", capture, "-o", capture)
+    assert proc.returncode == 2
+    _one_error_line(proc, "refusing to overwrite an input")
+    assert capture.read_bytes() == before
+
+
+def test_bad_option_is_a_usage_error() -> None:
+    proc = run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "--format", "xml")
+    assert proc.returncode == 2
+    assert_no_traceback(proc)
+
+
+# -- the nDPI corpus: ~540 real captures of hundreds of protocols, malformed ones included --------------
+
+@pytest.fixture(scope="module")
+def corpus_run() -> tuple[list[dict], subprocess.CompletedProcess]:
+    ndpi = require_shared("pcaps", "ndpi")
+    proc = run_iotscan("analyze", ndpi, "--format", "ndjson", timeout=900)
+    return ndjson(proc.stdout), proc
+
+
+def test_corpus_runs_without_traceback(corpus_run) -> None:
+    records, proc = corpus_run
+    assert_no_traceback(proc)
+    assert proc.returncode in (0, 2), proc.stderr.decode()[-2000:]
+    flows, summary = split(records)
+    captures = sorted(p for p in NDPI_PCAPS.iterdir() if p.is_file() and p.suffix in (".pcap", ".pcapng"))
+    accounted = {i["source"] for i in summary["inputs"]} | {e["source"] for e in summary["errors"]}
+    assert {str(p) for p in captures} <= accounted, "every capture is analysed or reported"
+    assert (proc.returncode == 2) == bool(summary["errors"])
+    for error in summary["errors"]:  # each one is reported as one line on stderr
+        assert f"iotscan: error: {error['source']}: {error['message']}" in proc.stderr.decode()
+    assert len(flows) > 8000 and summary["flows"] == len(flows)
+
+
+def _expected_ndpi_flows(expected: Path) -> dict[tuple, str]:
+    """Flows nDPI itself reports for a capture: {(proto, endpoint pair): master protocol}."""
+    pattern = re.compile(r"^\s+\d+\s+(TCP|UDP)\s+(\S+) <?-> (\S+) .*?\[proto: [\d.]+/([^\]]+)\]")
+    flows = {}
+    for line in expected.read_text(errors="replace").splitlines():
+        m = pattern.match(line)
+        if m:
+            proto, a, b, name = m.groups()
+            flows[(proto, frozenset((a, b)))] = name.split(".")[0]
+    return flows
+
+
+def _endpoint(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def test_corpus_detections_agree_with_ndpi(corpus_run) -> None:
+    """Our flows carry nDPI's own detections: most flows nDPI lists are found with the same protocol.
+    (NFStream bundles an older nDPI than the corpus's expected output, so agreement is high, not total.)"""
+    records, _ = corpus_run
+    ours: dict[tuple, set[str]] = {}
+    for f in records:
+        if f["event_type"] == "flow" and f["protocol"] in (6, 17):
+            key = ("TCP" if f["protocol"] == 6 else "UDP",
+                   frozenset((_endpoint(f["src_ip"], f["src_port"]), _endpoint(f["dst_ip"], f["dst_port"]))))
+            ours.setdefault(key, set()).add((f["app"] or "Unknown").split(".")[0])
+    expected: dict[tuple, str] = {}
+    for out in sorted((NDPI_PCAPS / "expected").glob("*.out")):
+        expected.update(_expected_ndpi_flows(out))
+    found = [key for key in expected if key in ours]
+    same = [key for key in found if expected[key] in ours[key]]
+    assert len(expected) > 5000
+    assert len(found) / len(expected) > 0.9, (len(found), len(expected))
+    assert len(same) / len(found) > 0.8, (len(same), len(found))
+
+
+MALFORMED = ["dhcp-fuzz.pcapng", "fuzz-2006-06-26-2594.pcap", "fuzz-2006-09-29-28586.pcap",
+             "fuzz-2020-02-16-11740.pcap", "fuzz-2021-06-07-c6c72a0a56.pcap", "fuzz-2021-10-13.pcap",
+             "kerberos_fuzz.pcapng", "quic-fuzz-overflow.pcapng", "tls-esni-fuzzed.pcap", "malformed_dns.pcap",
+             "malformed_icmp.pcap", "bad-dns-traffic.pcap", "badpackets.pcap"]
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_malformed_corpus_captures_each_end_cleanly(name: str) -> None:
+    path = require_shared("pcaps", "ndpi", name)
+    records, proc = analyze(path, code=0)
+    split(records)
+
+
+# -- streaming and interruption ------------------------------------------------------------------------
+
+def _spawn(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "iotscan", "analyze", *args, "--format", "ndjson"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_flows_stream_out_before_the_input_ends() -> None:
+    ndpi = require_shared("pcaps", "ndpi")
+    proc = _spawn(str(ndpi))
+    try:
+        first = orjson.loads(proc.stdout.readline())
+        assert first["event_type"] == "flow"
+        assert proc.poll() is None, "the first flow must come out while the analysis is still running"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_ctrl_c_flushes_active_flows_and_writes_the_summary() -> None:
+    ndpi = require_shared("pcaps", "ndpi")
+    proc = _spawn(str(ndpi))
+    first = proc.stdout.readline()  # running
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out = first + proc.stdout.read()  # read() through the same buffer: communicate() would skip its contents
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err.decode()
+    assert b"Traceback" not in err
+    flows, summary = split(ndjson(out))
+    assert any(w["code"] == "interrupted" for w in summary["warnings"])
+    # The capture being read when Ctrl-C came is flushed (status "interrupted", or "ok" if it was
+    # about to end anyway); the ones after it are not started.
+    assert summary["inputs"][-1]["status"] in ("interrupted", "ok")
+    assert len(summary["inputs"]) < len(list(ndpi.glob("*.pcap*")))
+    assert summary["flows"] == len(flows)
