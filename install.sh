@@ -19,8 +19,11 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 CORE_PACKAGES="python3 python3-venv python3-pip tshark"
 # Tools the test suite, the benchmarks and the attack lab (`iotscan lab`) run.
-LAB_PACKAGES="tcpdump tcpreplay iproute2 procps"
-SERVICES_TO_KEEP_OFF=""
+LAB_PACKAGES="tcpdump tcpreplay iproute2 procps ethtool openssl curl \
+  mosquitto mosquitto-clients libcoap3-bin busybox-static dropbear-bin dnsmasq-base \
+  hping3 slowhttptest nmap masscan fping hydra dsniff"
+# busybox-static (not busybox): only the static build has the telnetd applet the lab's devices run.
+SERVICES_TO_KEEP_OFF="mosquitto"
 
 packages="$CORE_PACKAGES"
 [ "$minimal" -eq 1 ] || packages="$packages $LAB_PACKAGES"

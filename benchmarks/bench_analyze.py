@@ -15,13 +15,11 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import OUT, REPO, build  # noqa: E402
+from common import alternate, measure, packets_in
+from corpus import OUT, REPO, build
 
 PY = sys.executable
 UNIT_COPIES = 13  # 13 copies of the ~78k-packet corpus: about 1M packets
@@ -46,29 +44,6 @@ def variants(capture: Path, splt: int) -> dict[str, list[str]]:
     return out
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) summed over the process tree."""
-    started = time.perf_counter()
-    proc = psutil.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            tree = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    elapsed = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd} failed ({proc.returncode}): {proc.stderr.read().decode()[-500:]}")
-    return elapsed, peak
-
-
-def packets_in(capture: Path) -> int:
-    out = subprocess.run(["capinfos", "-T", "-r", "-c", str(capture)], capture_output=True, text=True).stdout
-    return int(out.split("\t")[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -76,33 +51,33 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from iotscan.cli.analyze import MAIN_PASS_SPLT
+    from iotscan.cli.common import main_pass_config
+
+    splt = main_pass_config("", score=True).splt  # the bare loop meters as iotscan's full main pass does
 
     capture = build(UNIT_COPIES)
     packets = packets_in(capture)
-    cmds = variants(capture, MAIN_PASS_SPLT)
+    cmds = variants(capture, splt)
     names = list(cmds)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    rss: dict[str, list[int]] = {n: [] for n in names}
     print(f"capture {capture.name}: {packets:,} packets; {args.runs} alternated runs per variant")
-    for run in range(args.runs):
-        order = names[run % len(names):] + names[:run % len(names)]  # rotate who goes first
-        for name in order:
-            elapsed, peak = measure(cmds[name])
-            times[name].append(elapsed)
-            rss[name].append(peak)
-            print(f"  run {run + 1} {name:20s} {elapsed:7.2f} s  {peak / 2**20:7.1f} MiB", flush=True)
+    runs = alternate(cmds, args.runs)
+    times = {n: [r.wall_s for r in runs[n]] for n in names}
+    rss = {n: [r.peak_rss for r in runs[n]] for n in names}
+    cpu = {n: [r.cpu_s for r in runs[n]] for n in names}
 
     base_t = statistics.median(times["bare NFStream"])
     base_m = statistics.median(rss["bare NFStream"])
     results = {"capture": capture.name, "packets": packets, "runs": args.runs, "variants": {}}
-    print(f"\n{'variant':22s} {'median s':>9s} {'packets/s':>11s} {'throughput':>11s} {'peak RSS':>10s} {'RSS':>6s}")
+    print(f"\n{'variant':22s} {'median s':>9s} {'packets/s':>11s} {'throughput':>11s} {'cpu s':>7s} "
+          f"{'peak RSS':>12s} {'RSS':>6s}")
     for name in names:
-        t, m = statistics.median(times[name]), statistics.median(rss[name])
+        t, m, c = statistics.median(times[name]), statistics.median(rss[name]), statistics.median(cpu[name])
         results["variants"][name] = {"median_s": round(t, 3), "packets_per_s": round(packets / t),
-                                     "throughput_vs_bare": round(base_t / t, 3), "peak_rss_mib": round(m / 2**20, 1),
-                                     "rss_vs_bare": round(m / base_m, 3), "times_s": [round(x, 3) for x in times[name]]}
-        print(f"{name:22s} {t:9.2f} {packets / t:11,.0f} {base_t / t:10.2f}x {m / 2**20:8.1f} MiB {m / base_m:5.2f}x")
+                                     "throughput_vs_bare": round(base_t / t, 3), "median_cpu_s": round(c, 3),
+                                     "peak_rss_mib": round(m / 2**20, 1), "rss_vs_bare": round(m / base_m, 3),
+                                     "times_s": [round(x, 3) for x in times[name]]}
+        print(f"{name:22s} {t:9.2f} {packets / t:11,.0f} {base_t / t:10.2f}x {c:7.1f} {m / 2**20:8.1f} MiB "
+              f"{m / base_m:5.2f}x")
 
     if not args.no_scaling:
         long_capture = build(UNIT_COPIES * 10)
@@ -111,9 +86,10 @@ def main() -> None:
         for name in ("bare NFStream", "iotscan analyze"):
             short_cmd = cmds[name]
             long_cmd = [long_capture.__str__() if a == str(capture) else a for a in short_cmd]
-            _, m1 = measure(short_cmd)
-            _, m10 = measure(long_cmd)
-            results["scaling"][name] = {"peak_rss_1x_mib": round(m1 / 2**20, 1), "peak_rss_10x_mib": round(m10 / 2**20, 1),
+            m1 = measure(short_cmd).peak_rss
+            m10 = measure(long_cmd).peak_rss
+            results["scaling"][name] = {"peak_rss_1x_mib": round(m1 / 2**20, 1),
+                                        "peak_rss_10x_mib": round(m10 / 2**20, 1),
                                         "ratio_10x_over_1x": round(m10 / m1, 3)}
             print(f"{name:22s} 1x {m1 / 2**20:7.1f} MiB   10x {m10 / 2**20:7.1f} MiB   ratio {m10 / m1:.2f}")
 

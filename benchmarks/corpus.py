@@ -1,8 +1,9 @@
 """Build the benchmark captures from the nDPI corpus: real traffic of hundreds of protocols.
 
-Every Ethernet capture (about 78,000 packets in all) of ../shared/pcaps/ndpi is time-shifted with editcap so that the files
-follow each other (as one long capture would), then concatenated with mergecap; the result is
-repeated, each copy shifted after the previous one, to reach the wanted length.
+Every Ethernet capture of ../shared/pcaps/ndpi (about 78,000 packets in all) is time-shifted with
+editcap so that the files follow each other (as one long capture would), then concatenated with
+mergecap; the result is repeated, each copy shifted after the previous one, to reach the wanted
+length. Files nDPI merged from captures days apart, or with made-up timestamps, are left out.
 """
 
 from __future__ import annotations

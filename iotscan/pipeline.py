@@ -6,6 +6,7 @@ may add records of its own at the end of the run (device records, before the sum
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -22,7 +23,10 @@ from iotscan.records import flow_record, summary_record
 from iotscan.sinks import Sink
 from iotscan.source import ACTIVE, PACKETS, FlowSource, MeterConfig, SourceReport
 
-Event = tuple[dict[str, Any], NFlow]
+# A flow record and its NFStream flow; on a live interface also TICK, a heartbeat when no flow has
+# come for a moment, which every stage passes on (a stage holding flows back may flush on it).
+Event = tuple[dict[str, Any], NFlow] | tuple[None, None]
+TICK: tuple[None, None] = (None, None)
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Analysis:
         self.fail_on = fail_on
         self.emit_flows = emit_flows
         self.state = RunState()
+        self.live = False  # capturing an interface: a stop is how the run ends, not an interruption
         self._current: FlowSource | None = None
 
     # -- sources ---------------------------------------------------------------------------------
@@ -98,7 +103,7 @@ class Analysis:
                 if self.state.interrupted:
                     break
                 if isinstance(item, InputProblem):
-                    self._input_error(item.path, item.message)
+                    self._fail(item.path, item.message)
                     continue
                 info = SourceInfo(name=str(item.path), config=replace(config, source=str(item.path)),
                                   capture=item)
@@ -110,21 +115,35 @@ class Analysis:
                 progress.track(None)
         return self.state
 
+    @property
+    def current_source(self) -> FlowSource | None:
+        """The source being metered now (None between sources), for views that poll its counters."""
+        return self._current
+
+    def run_interface(self, info: SourceInfo) -> RunState:
+        """Capture one interface until stop() (Ctrl-C, SIGTERM, or a limit the caller enforces).
+
+        Stopping is how a live capture ends: the meter flushes its active flows through the
+        stages, and the run keeps exit code 0.
+        """
+        self.live = True
+        with _interruptible(self):
+            self.run_source(info)
+        return self.state
+
     def run_source(self, info: SourceInfo) -> None:
         """Meter one source through the stages into the sink."""
-        source = FlowSource(info.config)
+        source = FlowSource(info.config, heartbeat=info.config.live)
         self._current = source
+        if self.state.interrupted:  # stop() came before the source started
+            source.stop()
         for stage in self.stages:
             stage.begin(info)
         status = "ok"
         try:
             self._drain(source, info)
-        except InputError as exc:
-            self._input_error(info.name, _strip_source(exc.message, info.name))
-            status = "error"
-        except CaptureError as exc:
-            self.state.error(info.name, _strip_source(exc.message, info.name), exc.exit_code)
-            self.reporter.warn(f"{info.name}: {exc.message}")
+        except (InputError, CaptureError) as exc:  # this source is lost; the others still run
+            self._fail(info.name, _strip_source(exc.message, info.name), exc.exit_code)
             status = "error"
         finally:
             self._current = None
@@ -140,12 +159,14 @@ class Analysis:
     def _drain(self, source: FlowSource, info: SourceInfo) -> None:
         name = info.name
         base = os.path.basename(name)
-        events: Iterator[Event] = ((flow_record(f, name, base), f) for f in source)
+        events: Iterator[Event] = (TICK if f is None else (flow_record(f, name, base), f) for f in source)
         for stage in self.stages:
             events = stage.run(events)
         write = self.sink.write
         fail_family = self.fail_on
         for record, _flow in events:
+            if record is None:
+                continue
             self.state.flows += 1
             if record.get("verdict") == "attack":
                 self.state.attacks += 1
@@ -166,7 +187,12 @@ class Analysis:
                        f"flow table cap of {info.config.max_flows:,} reached: {report.evicted_flows:,} flows "
                        "were expired early (they may be split in several records)")
         if report.stopped:
-            status = "interrupted"
+            status = "stopped" if self.live else "interrupted"
+        for message in report.warnings:
+            self._warn(info.name, "capture", message)
+        if report.dropped_packets:
+            self._warn(info.name, "dropped", f"the kernel dropped {report.dropped_packets:,} packets: "
+                       "the flows they belonged to are incomplete")
         if report.ignored_packets and not report.packets:
             self._warn(info.name, "no_ip", f"none of the {report.ignored_packets:,} packets is IP: no flows")
         return status
@@ -175,8 +201,9 @@ class Analysis:
         self.state.warn(source, code, message)
         self.reporter.warn(f"{source}: {message}")
 
-    def _input_error(self, source: str, message: str) -> None:
-        self.state.error(source, message, ExitCode.USAGE)
+    def _fail(self, source: str, message: str, code: ExitCode = ExitCode.USAGE) -> None:
+        """An input that cannot be analysed: in the summary, and one line on stderr, always."""
+        self.state.error(source, message, code)
         error(f"{source}: {message}")
 
     def _file_poller(self, info: SourceInfo) -> Callable[[], tuple[str, int | None, int, str]]:
@@ -215,7 +242,7 @@ class Analysis:
                 if record.get("event_type") == "device":
                     devices += 1
                 self.sink.write(record)
-        if self.state.interrupted:
+        if self.state.interrupted and not self.live:
             self.state.warn("", "interrupted", "interrupted by the user: results are partial")
         elapsed = time.monotonic() - self.state.started
         summary = summary_record(
@@ -228,7 +255,7 @@ class Analysis:
         return summary
 
     def exit_code(self) -> ExitCode:
-        if self.state.interrupted:
+        if self.state.interrupted and not self.live:
             return ExitCode.INTERRUPTED
         if self.state.exit_code != ExitCode.OK:
             return self.state.exit_code
@@ -251,10 +278,8 @@ class _interruptible:
 
     def __enter__(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # ValueError: not the main thread
                 self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.analysis.state.interrupted:  # second Ctrl-C: give up at once

@@ -70,6 +70,32 @@ SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("inputs", "list of {source, packets, flows, status} per capture or interface"),
 )
 
+# `iotscan live` adds these to its summary record.
+LIVE_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
+    ("dropped_packets", "packets the kernel dropped because iotscan did not keep up (its buffer was full)"),
+    ("ifdropped_packets", "packets the interface or its driver dropped, where it reports them"),
+    ("stop_reason", "\"signal\" (Ctrl-C, SIGTERM), \"duration\", \"count\", or \"error\""),
+)
+
+# `iotscan live --stats-interval S` writes one of these every S seconds, between the flow records.
+STATS_FIELDS: tuple[tuple[str, str], ...] = (
+    ("event_type", "always \"stats\""),
+    ("source", "the interface"),
+    ("timestamp_ms", "when the record was made, epoch milliseconds"),
+    ("elapsed_s", "seconds since the capture started"),
+    ("interval_s", "seconds since the previous stats record (or the start)"),
+    ("packets", "packets metered since the start"),
+    ("flows", "flow records written since the start"),
+    ("active_flows", "flows in the meter's table now, not yet written"),
+    ("attacks", "flows with verdict attack since the start"),
+    ("dropped_packets", "packets the kernel dropped since the start (iotscan did not keep up)"),
+    ("ifdropped_packets", "packets the interface or its driver dropped since the start"),
+    ("packets_per_s", "packets metered in the interval / interval_s"),
+    ("flows_per_s", "flow records written in the interval / interval_s"),
+    ("dropped_per_s", "packets dropped by the kernel in the interval / interval_s"),
+)
+STATS_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in STATS_FIELDS)
+
 _TLS_LIKE = ("TLS", "QUIC", "DTLS", "IMAPS", "POPS", "SMTPS", "FTPS")
 _ICMP = (1, 58)
 _PORT_PROTOCOLS = (6, 17, 132)

@@ -58,7 +58,7 @@ class JsonSink:
 
     def __init__(self, out: IO[bytes], stream_type: str = "flow") -> None:
         self.out = out
-        self.stream_key = stream_type + "s"
+        self.stream_key = _plural(stream_type)
         self.stream_type = stream_type
         self.count = 0
         self.others: dict[str, list[dict[str, Any]]] = {}
@@ -67,7 +67,7 @@ class JsonSink:
     def write(self, record: dict[str, Any]) -> None:
         kind = record.get("event_type", "record")
         if kind != self.stream_type:
-            self.others.setdefault(kind + "s", []).append(record)  # devices, stats: few of them
+            self.others.setdefault(_plural(kind), []).append(record)  # devices, stats: few of them
             return
         if self.count:
             self.out.write(b",\n")
@@ -82,6 +82,10 @@ class JsonSink:
         self.out.flush()
 
 
+def _plural(event_type: str) -> str:
+    return event_type if event_type.endswith("s") else event_type + "s"
+
+
 class CsvSink:
     """Rows of one record type with a header; lists are joined with "; "."""
 
@@ -91,7 +95,8 @@ class CsvSink:
         self.columns = list(columns)
         self.row_type = row_type
         self.writer = csv.writer(self.text)
-        self.writer.writerow(self.columns)
+        if not _appending_to_content(out):  # a file appended to (live -o) has its header already
+            self.writer.writerow(self.columns)
 
     def write(self, record: dict[str, Any]) -> None:
         if record.get("event_type") != self.row_type:
@@ -112,6 +117,13 @@ class CsvSink:
         self.text.flush()
         self.text.detach()
         self.out.flush()
+
+
+def _appending_to_content(out: IO[bytes]) -> bool:
+    try:
+        return out.seekable() and out.tell() > 0
+    except (OSError, ValueError):
+        return False
 
 
 class TableSink:
@@ -146,11 +158,18 @@ class TableSink:
 
     def close(self, summary: dict[str, Any]) -> None:
         text = io.StringIO()
-        console = Console(file=text, force_terminal=self.out_is_terminal(), width=self.width or 160,
+        terminal = self.out_is_terminal()
+        console = Console(file=text, force_terminal=terminal, width=self.width or (None if terminal else 200),
                           highlight=False)
         if self.attacks:
-            console.print(_flow_table("Attack flows (highest score first)",
-                                      [r for _, _, r in sorted(self.attacks, reverse=True)], verdicts=True))
+            attacks = [r for _, _, r in sorted(self.attacks, reverse=True)]
+            console.print(_flow_table("Attack flows (highest score first)", attacks, verdicts=True))
+            commands = [r["inspect"] for r in attacks if r.get("inspect")]
+            if commands:  # analyze --explain
+                console.print("Their packets, flow by flow:", style="bold")
+                for command in commands:
+                    console.print(escape(command), soft_wrap=True)
+                console.print()
         if self.devices:
             console.print(device_table(self.devices))
         if self.busiest:
@@ -189,39 +208,59 @@ def _human_bytes(n: float) -> str:
     return f"{n:,.1f} TB"
 
 
-def _endpoint(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+_PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}
+
+
+def _endpoint(ip: str, port: int, protocol: int) -> str:
+    address = f"[{ip}]" if ":" in ip else ip
+    if protocol in (6, 17, 132):
+        return f"{address}:{port}/{_PROTOCOL_NAMES[protocol]}"
+    return f"{address} {_PROTOCOL_NAMES.get(protocol, protocol)}"
 
 
 def _flow_table(title: str, records: list[dict[str, Any]], verdicts: bool) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD)
-    for name in ("flow_id", "src", "dst", "proto", "app", "server_name", "packets", "bytes"):
-        table.add_column(name, justify="right" if name in ("packets", "bytes") else "left",
-                         overflow="fold")
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+    # Minimum widths keep identifiers whole (they are copied into `iotscan inspect`); long addresses
+    # fold, long names are shortened.
+    table.add_column("flow_id", no_wrap=True, min_width=19)
+    table.add_column("src", min_width=15, overflow="fold")
+    table.add_column("dst", min_width=15, overflow="fold")
+    table.add_column("app", min_width=8, max_width=24, overflow="ellipsis")
+    table.add_column("server_name", min_width=10, max_width=30, overflow="ellipsis")
+    table.add_column("packets", justify="right", no_wrap=True, min_width=7)
+    table.add_column("bytes", justify="right", no_wrap=True, min_width=8)
     if verdicts:
-        table.add_column("verdict")
-        table.add_column("family")
-        table.add_column("score", justify="right")
+        table.add_column("verdict", no_wrap=True, min_width=17)
     for r in records:
         row = [escape(str(v)) for v in (
-            r["flow_id"], _endpoint(r["src_ip"], r["src_port"]), _endpoint(r["dst_ip"], r["dst_port"]),
-            r["protocol"], r.get("app") or "", r.get("server_name") or "", f"{r['packets']:,}",
-            _human_bytes(r["bytes"]))]
+            r["flow_id"], _endpoint(r["src_ip"], r["src_port"], r["protocol"]),
+            _endpoint(r["dst_ip"], r["dst_port"], r["protocol"]), r.get("app") or "", r.get("server_name") or "",
+            f"{r['packets']:,}", _human_bytes(r["bytes"]))]
         if verdicts:
-            verdict = r.get("verdict") or ""
-            style = "bold red" if verdict == "attack" else ""
-            row += [f"[{style}]{verdict}[/]" if style else verdict, r.get("family") or "",
-                    f"{r['score']:.2f}" if r.get("score") is not None else ""]
+            row.append(_verdict_cell(r))
         table.add_row(*row)
     return table
+
+
+def _verdict_cell(record: dict[str, Any]) -> str:
+    verdict = record.get("verdict") or ""
+    score = f" {record['score']:.2f}" if record.get("score") is not None else ""
+    if verdict == "attack":
+        return f"[bold red]attack[/] {escape(record.get('family') or '')}{score}"
+    return f"{escape(verdict)}{score}"
 
 
 def device_table(devices: list[dict[str, Any]]) -> Table:
     table = Table(title="Devices", box=box.SIMPLE_HEAD)
     for name in ("mac", "ips", "vendor", "device_type", "model", "confidence", "flows", "evidence"):
-        table.add_column(name, overflow="fold")
+        table.add_column(name, no_wrap=name in ("mac", "device_type", "confidence", "flows"),
+                         max_width=60 if name == "evidence" else None)
     for d in sorted(devices, key=lambda d: -(d.get("bytes") or 0)):
-        evidence = "; ".join(f"{e.get('signal')}={e.get('value')}" for e in (d.get("evidence") or [])[:3])
+        seen: dict[str, None] = {}  # the strongest three distinct signals, each in a few words
+        for e in d.get("evidence") or []:
+            value = str(e.get("value"))
+            seen.setdefault(f"{e.get('signal')}={value[:40] + '…' if len(value) > 40 else value}")
+        evidence = "; ".join(list(seen)[:3])
         table.add_row(*(escape(v) for v in (
             d.get("mac") or "", ", ".join(d.get("ips") or []), d.get("vendor") or "", d.get("device_type") or "",
             d.get("model") or "", f"{d['confidence']:.2f}" if d.get("confidence") is not None else "",

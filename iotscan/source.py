@@ -10,7 +10,9 @@ from NFStream's engine, ``NFlow`` and flow-key parts, in one child process:
 * the flow table is kept in last-activity order, so the idle scan is exact;
 * ``max_flows`` caps the table: the least recently active flow is expired early;
 * a read error in a file ends the file with a ``truncated`` report instead of hiding it;
-* on a live interface, read time-outs advance the clock so idle flows still expire;
+* on a live interface, the meter reads without blocking and waits on the capture's descriptor
+  with a time-out, so the clock advances and idle flows expire on a quiet link (libpcap's
+  TPACKET_V3 read never times out when no packet arrives at all);
 * ``stop()`` makes the meter flush every active flow and report, for Ctrl-C and SIGTERM;
 * any exception in the meter (a plugin's too) comes back as an error, and a dead meter
   is detected by the reader instead of blocking it forever.
@@ -18,17 +20,22 @@ from NFStream's engine, ``NFlow`` and flow-key parts, in one child process:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import multiprocessing as mp
 import os
 import queue
+import select
 import signal
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nfstream.engine import activate_capture, create_engine, setup_capture, setup_dissector
+from nfstream.engine import create_engine, setup_capture, setup_dissector
+from nfstream.engine.engine import setup_filter
 from nfstream.flow import NFlow
 from nfstream.meter import get_flow_key_from_pkt
 from nfstream.plugin import NFPlugin
@@ -43,6 +50,8 @@ _COUNTER_EVERY = 1024  # packets between updates of the shared counters
 _SCAN_INTERVAL_MS = 10  # idle scan period in capture time, as in NFStream
 _SCAN_BUDGET = 1000  # flows expired per idle scan at most, as in NFStream
 _POLL_S = 0.25  # how often the reader checks that the meter is alive
+_LIVE_BLOCK_MS = 250  # libpcap delivers live packets in blocks retired after at most this long
+_LIVE_WAIT_MS = 100  # longest wait for packets before the clock moves on and stop() is checked
 
 # Indices into the shared counter array.
 PACKETS, IGNORED, ACTIVE, EVICTED, DROPPED, IFDROPPED = range(6)
@@ -110,8 +119,19 @@ class _Batcher:
             self.flush()
 
 
-def _meter_main(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: the meter is killed with iotscan (SIGKILL, OOM killer) instead of capturing on, alone."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG; follows the forking thread
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl
+        os._exit(1)
+
+
+def _meter_main(cfg: MeterConfig, channel: Any, counters: Any, stop: Any, parent: int) -> None:
     """Child process: read packets, meter flows, send batches; never raise, always end with a report."""
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -127,6 +147,64 @@ class _SetupError(Exception):
     pass
 
 
+@functools.lru_cache(maxsize=1)
+def _libpcap() -> ctypes.CDLL:
+    """The libpcap linked into NFStream's engine, for the calls its cffi interface does not expose.
+
+    Opening the same shared object again returns the instance already loaded, so a ``pcap_t``
+    made by the engine can be passed to these functions.
+    """
+    import _lib_engine  # NFStream's compiled engine (nfstream.engine imports it too)
+
+    pcap = ctypes.CDLL(_lib_engine.__file__)
+    for name, args, restype in (
+        ("pcap_set_timeout", [ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
+        ("pcap_activate", [ctypes.c_void_p], ctypes.c_int),
+        ("pcap_geterr", [ctypes.c_void_p], ctypes.c_void_p),  # the address of the handle's error buffer
+        ("pcap_close", [ctypes.c_void_p], None),
+        ("pcap_setnonblock", [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p], ctypes.c_int),
+        ("pcap_get_selectable_fd", [ctypes.c_void_p], ctypes.c_int),
+    ):
+        function = getattr(pcap, name)
+        function.argtypes, function.restype = args, restype
+    return pcap
+
+
+def _open_live(ffi: Any, capture: Any) -> tuple[int, ctypes.c_char]:
+    """Activate an interface capture in non-blocking mode.
+
+    Returns the descriptor to wait on, and the first byte of libpcap's error buffer: a read error
+    (the interface went down or away) looks like "no packet" through ``capture_next``, and libpcap
+    has consumed the socket's error by then, so its message is the only trace left.
+    """
+    pcap = _libpcap()
+    handle = ctypes.c_void_p(int(ffi.cast("uintptr_t", capture)))
+    errbuf = pcap.pcap_geterr(handle)
+    pcap.pcap_set_timeout(handle, _LIVE_BLOCK_MS)
+    status = pcap.pcap_activate(handle)  # > 0 is a warning (e.g. no promiscuous mode): capture works
+    if status < 0:
+        detail = ctypes.string_at(errbuf).decode("utf-8", errors="replace")
+        pcap.pcap_close(handle)
+        reason = _ACTIVATE_ERRORS.get(status, "cannot start capturing")
+        raise _SetupError(f"{reason}: {detail}" if detail and detail not in reason else reason)
+    nonblock_error = ctypes.create_string_buffer(256)
+    if pcap.pcap_setnonblock(handle, 1, nonblock_error) < 0:
+        pcap.pcap_close(handle)
+        raise _SetupError(f"cannot read without blocking: {nonblock_error.value.decode(errors='replace')}")
+    ctypes.memset(errbuf, 0, 1)  # forget activation warnings: from now on, text there is a read error
+    return pcap.pcap_get_selectable_fd(handle), ctypes.c_char.from_address(errbuf)
+
+
+# pcap_activate() error codes (pcap/pcap.h).
+_ACTIVATE_ERRORS = {
+    -5: "no such interface",
+    -8: "permission denied",
+    -11: "permission denied (promiscuous mode)",
+    -9: "interface is down",
+    -7: "monitor mode not supported",
+}
+
+
 def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> SourceReport:
     ffi, lib = create_engine()
     if lib is None:
@@ -134,8 +212,15 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
     mode = NFMode.INTERFACE if cfg.live else NFMode.SINGLE_FILE
     error = ffi.new("char[256]")
     capture = setup_capture(ffi, lib, cfg.source, cfg.snaplen, cfg.promisc, mode, error, os.getpid(), 0)
-    if capture is None or not activate_capture(capture, lib, error, cfg.bpf, mode):
+    if capture is None:
         raise _SetupError(ffi.string(error).decode("utf-8", errors="replace") or "cannot open capture")
+    waiter = read_error = None
+    if cfg.live:
+        waiter = select.poll()
+        fd, read_error = _open_live(ffi, capture)
+        waiter.register(fd, select.POLLIN)
+    if not setup_filter(capture, lib, error, cfg.bpf):
+        raise _SetupError(ffi.string(error).decode("utf-8", errors="replace") or "cannot set the BPF filter")
     dissector = setup_dissector(ffi, lib, cfg.n_dissections)
     if dissector == ffi.NULL and cfg.n_dissections:
         raise _SetupError("nDPI failed to initialise")
@@ -205,8 +290,8 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                             report.evicted_flows += 1
                             expire(cache.pop(next(iter(cache))))
                     else:
-                        done = flow.update(packet, idle_ms, active_ms, ffi, lib, udps, sync, acc, n_dis, stats,
-                                           splt, dissector)
+                        done = flow.update(packet, idle_ms, active_ms, ffi, lib, udps, sync, acc, n_dis,
+                                           stats, splt, dissector)
                         if done is None:
                             cache.move_to_end(key)
                         else:
@@ -228,8 +313,19 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                 if not cfg.live:
                     report.read_error = True  # libpcap read error: the file is truncated or damaged
                     break
-                # Live read time-out: the link is quiet. Let the clock move on so idle flows expire.
-                now = int(time.time() * 1000)
+                # Nothing to read: the link is quiet. Wait a little for the next block of packets,
+                # then let the clock move on so idle flows expire. It trails the wall clock by one
+                # block time-out, since packets still in an unfinished block may be that old.
+                assert waiter is not None and read_error is not None
+                if read_error.value != b"\0":
+                    message = ctypes.string_at(ctypes.addressof(read_error)).decode(errors="replace")
+                    report.warnings.append(f"capture ended: {message}")
+                    break
+                ready = waiter.poll(_LIVE_WAIT_MS)
+                if ready and ready[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    report.warnings.append("capture ended: the interface went down or disappeared")
+                    break
+                now = int(time.time() * 1000) - _LIVE_BLOCK_MS
                 if now > tick:
                     tick = now
                 if tick - scan_tick >= _SCAN_INTERVAL_MS:
@@ -263,11 +359,13 @@ class FlowSource:
 
     After iteration, ``report`` holds the meter's counts. ``stop()`` (from another thread or a
     signal handler) asks the meter to flush its active flows and finish; iteration then ends
-    normally with ``report.stopped`` set.
+    normally with ``report.stopped`` set. With ``heartbeat``, a None comes out whenever no flow
+    has for a moment, so that stages buffering flows (scoring batches) can flush on a quiet link.
     """
 
-    def __init__(self, config: MeterConfig) -> None:
+    def __init__(self, config: MeterConfig, heartbeat: bool = False) -> None:
         self.config = config
+        self.heartbeat = heartbeat
         self._ctx = mp.get_context("fork")
         self._counters = self._ctx.Array("q", _N_COUNTERS, lock=False)
         self._stop = self._ctx.Event()
@@ -280,9 +378,10 @@ class FlowSource:
     def stop(self) -> None:
         self._stop.set()
 
-    def __iter__(self) -> Iterator[NFlow]:
+    def __iter__(self) -> Iterator[NFlow | None]:
         channel = self._ctx.Queue(maxsize=_QUEUE_BATCHES)
-        proc = self._ctx.Process(target=_meter_main, args=(self.config, channel, self._counters, self._stop),
+        proc = self._ctx.Process(target=_meter_main,
+                                 args=(self.config, channel, self._counters, self._stop, os.getpid()),
                                  daemon=True, name="iotscan-meter")
         proc.start()
         self.pid = proc.pid
@@ -292,6 +391,8 @@ class FlowSource:
                     item = channel.get(timeout=_POLL_S)
                 except queue.Empty:
                     if proc.is_alive():
+                        if self.heartbeat:
+                            yield None
                         continue
                     try:  # it may have sent its last words just before dying
                         item = channel.get(timeout=1.0)
@@ -318,6 +419,19 @@ class FlowSource:
             channel.close()
 
 
+def _real_interpreter() -> str:
+    """The interpreter binary itself: setcap refuses symlinks, and a venv's python is one."""
+    try:
+        return os.readlink("/proc/self/exe")
+    except OSError:
+        return os.path.realpath(sys.executable)
+
+
+# What to run when capturing is not permitted.
+PRIVILEGE_FIX = ("Run iotscan as root (sudo), or grant the Python interpreter capture rights: "
+                 f"sudo setcap cap_net_raw,cap_net_admin=eip {_real_interpreter()}")
+
+
 def _classify_error(cfg: MeterConfig, message: str) -> Exception:
     """Turn libpcap's and the meter's messages into one-line errors with the documented exit codes."""
     lowered = message.lower()
@@ -325,10 +439,7 @@ def _classify_error(cfg: MeterConfig, message: str) -> Exception:
         return InputError(f"invalid BPF filter {cfg.bpf!r}: {message}")
     if cfg.live:
         if "permission" in lowered or "not permitted" in lowered:
-            return CaptureError(
-                f"{cfg.source}: no permission to capture ({message}). Run as root (sudo), or grant the "
-                "interpreter capture rights: sudo setcap cap_net_raw,cap_net_admin=eip "
-                "$(readlink -f $(which python3))")
+            return CaptureError(f"{cfg.source}: no permission to capture ({message}). {PRIVILEGE_FIX}")
         return CaptureError(f"{cfg.source}: cannot capture: {message}")
     if "truncated" in lowered or "unknown file format" in lowered or "bad dump file" in lowered:
         return InputError(f"{cfg.source}: unreadable capture: {message}")

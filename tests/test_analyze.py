@@ -93,7 +93,8 @@ def test_directory_input_and_all_formats(tmp_path: Path) -> None:
     assert [i["source"] for i in summary["inputs"]] == [str(p) for p in SAMPLE_FILES]
 
     doc = orjson.loads(run_iotscan("analyze", SAMPLES, "-f", "json", check_code=0).stdout)
-    assert set(doc) == {"flows", "summary"} and len(doc["flows"]) == len(flows)
+    assert set(doc) == {"flows", "devices", "summary"} and len(doc["flows"]) == len(flows)
+    assert len(doc["devices"]) == doc["summary"]["devices"] == summary["devices"] > 0
     assert doc["flows"][0] == flows[0] and doc["summary"]["flows"] == summary["flows"]
 
     rows = list(csv.reader(io.StringIO(run_iotscan("analyze", SAMPLES, "-f", "csv", check_code=0).stdout.decode())))
@@ -276,8 +277,9 @@ MALFORMED = ["dhcp-fuzz.pcapng", "fuzz-2006-06-26-2594.pcap", "fuzz-2006-09-29-2
 @pytest.mark.parametrize("name", MALFORMED)
 def test_malformed_corpus_captures_each_end_cleanly(name: str) -> None:
     path = require_shared("pcaps", "ndpi", name)
-    records, proc = analyze(path, code=0)
-    split(records)
+    flows, summary = split(analyze(path, code=0)[0])
+    assert summary["inputs"][0]["status"] in ("ok", "truncated")
+    assert summary["flows"] == len(flows)
 
 
 # -- streaming and interruption ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ error into one line on stderr and a documented exit code, never a traceback.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -43,21 +44,24 @@ def _root(
 
 # Commands register themselves on import.
 from iotscan.cli import analyze as _analyze  # noqa: E402,F401
+from iotscan.cli import devices as _devices  # noqa: E402,F401
+from iotscan.cli import doctor as _doctor  # noqa: E402,F401
+from iotscan.cli import inspect as _inspect  # noqa: E402,F401
+from iotscan.cli import lab as _lab  # noqa: E402,F401
+from iotscan.cli import live as _live  # noqa: E402,F401
+from iotscan.cli import model as _model  # noqa: E402,F401
 
 
 def main() -> None:
+    # Like head, grep or cat: when the reader of stdout goes away (`| head`), end at once (141).
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        app()
+        app()  # usage errors exit 2 and Ctrl-C 130 in there
     except IotscanError as exc:
         error(exc.message)
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
         sys.exit(int(ExitCode.INTERRUPTED))
-    except BrokenPipeError:
-        # The reader went away (`| head`): not an error of ours. Silence the final flush.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(int(ExitCode.OK))
     except Exception as exc:  # a bug: still one line, with a way to get the traceback
         if os.environ.get("IOTSCAN_DEBUG"):
             raise

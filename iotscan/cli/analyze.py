@@ -10,21 +10,27 @@ from iotscan.cli import app
 from iotscan.cli.common import (
     ACTIVE_OPTION,
     BPF_OPTION,
+    FAIL_ON_OPTION,
     FORMAT_OPTION,
     IDLE_OPTION,
     MAX_FLOWS_OPTION,
+    MODEL_OPTION,
+    NO_DEVICES_OPTION,
+    NO_SCORE_OPTION,
     OUTPUT_OPTION,
     QUIET_OPTION,
+    THRESHOLD_OPTION,
+    TRUST_MODEL_OPTION,
     Format,
     build_stages,
+    flow_columns,
+    main_pass_config,
     open_output,
     resolve_format,
 )
 from iotscan.console import Reporter
 from iotscan.pipeline import Analysis
-from iotscan.records import FLOW_FIELD_NAMES
 from iotscan.sinks import make_sink
-from iotscan.source import MeterConfig
 
 
 @app.command()
@@ -37,22 +43,33 @@ def analyze(
     active_timeout: int = ACTIVE_OPTION,
     max_flows: int = MAX_FLOWS_OPTION,
     quiet: bool = QUIET_OPTION,
-    fail_on: str | None = typer.Option(
-        None, "--fail-on",
-        help="Exit 1 when a flow is an attack ('attack') or of one family (ddos, dos, scan, bruteforce, c2, "
-             "exploit, spoofing)."),
+    no_devices: bool = NO_DEVICES_OPTION,
+    fail_on: str | None = FAIL_ON_OPTION,
+    threshold: float | None = THRESHOLD_OPTION,
+    model: Path | None = MODEL_OPTION,
+    trust_model: bool = TRUST_MODEL_OPTION,
+    no_score: bool = NO_SCORE_OPTION,
+    explain: bool = typer.Option(False, "--explain", help="Give every attack flow the ready-to-run `iotscan "
+                                 "inspect` command that shows its packets (field `inspect`; listed in the table)."),
 ) -> None:
     """Extract every flow of the captures, fingerprint devices and score flows, in one pass."""
     fmt = resolve_format(fmt, output)
+    stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
+                          threshold=threshold)
+    if explain:
+        from iotscan.inspect import InspectCommandStage
+
+        stages.append(InspectCommandStage(idle_timeout=idle_timeout, active_timeout=active_timeout))
+    config = main_pass_config("", score=not no_score, bpf=bpf, idle_timeout=idle_timeout,
+                              active_timeout=active_timeout, max_flows=max_flows)
     out = open_output(output, paths)
-    sink = make_sink(fmt.value, out, columns=FLOW_FIELD_NAMES)
-    config = MeterConfig(source="", bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,
-                         max_flows=max_flows)
-    analysis = Analysis(sink, stages=build_stages(), reporter=Reporter(quiet), fail_on=fail_on)
+    columns = flow_columns(devices=not no_devices, score=not no_score) + (("inspect",) if explain else ())
+    sink = make_sink(fmt.value, out, columns=columns)
+    analysis = Analysis(sink, stages=stages, reporter=Reporter(quiet), fail_on=fail_on)
     try:
         analysis.run_files(paths, config)
     finally:
         analysis.finish()
-        if out is not None and output is not None:
+        if output is not None:
             out.close()
     raise typer.Exit(int(analysis.exit_code()))

@@ -13,6 +13,8 @@ import typer
 
 from iotscan.errors import InputError
 from iotscan.pipeline import Stage
+from iotscan.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS
+from iotscan.source import MeterConfig
 
 
 class Format(str, Enum):
@@ -37,6 +39,19 @@ MAX_FLOWS_OPTION = typer.Option(
     help="Most flows tracked at once (bounds memory on floods); when full, the least recently active "
          "flow is expired early and a warning says so. 0: no cap.")
 QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings on stderr.")
+NO_DEVICES_OPTION = typer.Option(False, "--no-devices", help="Skip device fingerprinting (no device records, "
+                                 "no src_device/dst_device fields).")
+FAIL_ON_OPTION = typer.Option(
+    None, "--fail-on",
+    help="Exit 1 when a flow is an attack ('attack') or of one family (ddos, dos, scan, bruteforce, c2, exploit, "
+         "spoofing).")
+THRESHOLD_OPTION = typer.Option(None, "--threshold", min=0.0, max=1.0,
+                                help="Score at or above which a flow is an attack (default: the model card's).")
+MODEL_OPTION = typer.Option(None, "--model", dir_okay=False,
+                            help="Score with this model file instead of the bundled one (needs --trust-model).")
+TRUST_MODEL_OPTION = typer.Option(False, "--trust-model",
+                                  help="Load --model without verification: a model file is a pickle and runs code.")
+NO_SCORE_OPTION = typer.Option(False, "--no-score", help="Skip scoring (no verdict, score, family, reasons).")
 
 
 def resolve_format(fmt: Format | None, output: Path | None) -> Format:
@@ -63,7 +78,32 @@ def open_output(output: Path | None, inputs: Sequence[str | os.PathLike[str]] = 
         raise InputError(f"{output}: cannot write output: {exc.strerror or exc}") from exc
 
 
-def build_stages() -> list[Stage]:
+def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str | None = None,
+                     idle_timeout: int = 120, active_timeout: int = 1800, max_flows: int = 0,
+                     snaplen: int = 1536) -> MeterConfig:
+    """The meter settings of the main pass, the same for `analyze` and `live` (flow ids, and the
+    features the model was trained on, depend on them)."""
+    from iotscan.features import METER_SETTINGS  # the early packets the classifier's features read
+
+    return MeterConfig(source=source, live=live, bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,
+                       max_flows=max_flows, snaplen=snaplen, splt=METER_SETTINGS["splt"] if score else 0)
+
+
+def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:
+    """CSV columns of flow records: the contract, then what the enabled stages add."""
+    return FLOW_FIELD_NAMES + (DEVICE_LINK_FIELDS if devices else ()) + (VERDICT_FIELDS if score else ())
+
+
+def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
+                 trust_model: bool = False, threshold: float | None = None) -> list[Stage]:
     """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order."""
     stages: list[Stage] = []
+    if devices:
+        from iotscan.devices.stage import DeviceStage  # deferred: loads the device model
+
+        stages.append(DeviceStage())
+    if score:
+        from iotscan.scoring import ScoringStage  # deferred: loads (and verifies) the flow model
+
+        stages.append(ScoringStage(model_path, trusted=trust_model, threshold=threshold))
     return stages

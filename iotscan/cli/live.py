@@ -1,0 +1,96 @@
+"""`iotscan live`: watch an interface, with the same records as `analyze`, until stopped."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from iotscan.cli import app
+from iotscan.cli.common import (
+    ACTIVE_OPTION,
+    BPF_OPTION,
+    FAIL_ON_OPTION,
+    FORMAT_OPTION,
+    IDLE_OPTION,
+    MAX_FLOWS_OPTION,
+    MODEL_OPTION,
+    NO_DEVICES_OPTION,
+    NO_SCORE_OPTION,
+    QUIET_OPTION,
+    THRESHOLD_OPTION,
+    TRUST_MODEL_OPTION,
+    Format,
+    build_stages,
+    flow_columns,
+    main_pass_config,
+    open_output,
+    resolve_format,
+)
+from iotscan.console import Reporter, stderr
+from iotscan.live import LiveLimits, LiveRun, preflight
+from iotscan.sinks import make_sink
+
+_HELP = (
+    "Capture an interface and write each flow as it ends, with devices and verdicts, until stopped.\n\n"
+    "Ctrl-C, SIGTERM, --duration and --count all stop the same way: the flows still active are flushed "
+    "and scored, the summary record comes last, and the exit code is 0 (1 with --fail-on findings; 3 when "
+    "capturing fails: unknown interface, no permission, interface gone). Piped, the output is NDJSON "
+    "flushed per line; on a terminal, a live view runs on stderr and a table of the results is printed "
+    "at the end."
+)
+
+
+@app.command(help=_HELP)
+def live(
+    interface: str = typer.Argument(..., help="Interface to capture on: eth0, wlan0, br-lan ('any': all)."),
+    fmt: Format | None = FORMAT_OPTION,
+    output: Path | None = typer.Option(None, "--output", "-o", dir_okay=False,
+                                       help="Append records to FILE (created if absent) instead of stdout."),
+    bpf: str | None = BPF_OPTION,
+    idle_timeout: int = IDLE_OPTION,
+    active_timeout: int = ACTIVE_OPTION,
+    max_flows: int = MAX_FLOWS_OPTION,
+    snaplen: int = typer.Option(1536, "--snaplen", min=64, max=262144,
+                                help="Bytes kept of each packet (headers and what nDPI needs to classify)."),
+    duration: float | None = typer.Option(None, "--duration", min=0.1,
+                                          help="Stop after SECONDS, as cleanly as Ctrl-C."),
+    count: int | None = typer.Option(None, "--count", min=1,
+                                     help="Stop once FLOWS flow records are written; the flows still active "
+                                          "then are flushed too, so a few more may follow."),
+    stats_interval: float | None = typer.Option(
+        None, "--stats-interval", min=1.0,
+        help="Write a 'stats' record every SECONDS: packets, flows, active flows, kernel drops, rates."),
+    quiet: bool = QUIET_OPTION,
+    no_devices: bool = NO_DEVICES_OPTION,
+    fail_on: str | None = FAIL_ON_OPTION,
+    threshold: float | None = THRESHOLD_OPTION,
+    model: Path | None = MODEL_OPTION,
+    trust_model: bool = TRUST_MODEL_OPTION,
+    no_score: bool = NO_SCORE_OPTION,
+) -> None:
+    """Capture an interface and write each flow as it ends, with devices and verdicts, until stopped."""
+    fmt = resolve_format(fmt, output)
+    # The view is on stderr: shown unless records are streaming onto the same terminal.
+    writes_to_terminal = output is None and sys.stdout.isatty() and fmt != Format.table
+    show_view = not quiet and stderr.is_terminal and not writes_to_terminal and \
+        (output is not None or sys.stdout.isatty())
+    config = main_pass_config(interface, score=not no_score, live=True, bpf=bpf, idle_timeout=idle_timeout,
+                              active_timeout=active_timeout, max_flows=max_flows, snaplen=snaplen)
+    limits = LiveLimits(duration_s=duration, count=count, stats_interval_s=stats_interval)
+    # Everything that can fail before capturing fails before the output is touched.
+    preflight(interface)
+    stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
+                          threshold=threshold)
+    out = open_output(output, append=True)
+    try:
+        sink = make_sink(fmt.value, out, columns=flow_columns(devices=not no_devices, score=not no_score),
+                         flush_each=True)
+        run = LiveRun(sink, stages, config, limits, reporter=Reporter(quiet), fail_on=fail_on,
+                      view_console=stderr if show_view else None)
+        code = run.run()
+    finally:
+        if output is not None:
+            out.close()
+    raise typer.Exit(int(code))

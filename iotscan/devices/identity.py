@@ -1,0 +1,415 @@
+"""The identity pass: what devices say about themselves in DHCP, mDNS and SSDP, read from payloads.
+
+nDPI (through NFStream) gives the DHCP hostname and parameter list on the main pass, but not the
+DHCP vendor class, mDNS service and instance names, TXT hints or SSDP/UPnP headers. Reading
+payloads needs a Python plugin, and a plugin on the main pass runs for every packet (+57% time).
+So these are read by a second pass over the same file that a BPF filter limits to UDP 67/68, 5353
+and 1900: libpcap drops everything else in C, and the plugin sees only the few packets that matter.
+
+The parsers read untrusted bytes: every packet is parsed inside a catch-all, so a malformed packet
+costs its own hints and nothing else, and each flow keeps a bounded number of hints.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nfstream.plugin import NFPlugin
+
+from iotscan.errors import InputError
+from iotscan.records import is_local_address
+from iotscan.source import FlowSource, MeterConfig
+
+IDENTITY_PORTS = (67, 68, 5353, 1900)
+_PORT_FILTER = "udp and (port 67 or port 68 or port 5353 or port 1900)"
+# "vlan" shifts the offsets of the expressions after it: the tagged form catches tagged frames.
+IDENTITY_BPF = f"({_PORT_FILTER}) or (vlan and {_PORT_FILTER})"
+
+MAX_PACKETS_PER_FLOW = 64  # packets parsed per flow; announcements repeat, the first ones tell all
+MAX_HINTS_PER_FLOW = 48
+MAX_VALUE_CHARS = 160
+MAX_VALUES_PER_SIGNAL = 24  # per device, when hints are merged
+_MAX_NAME_JUMPS = 32  # DNS name compression pointers followed per name
+_MAX_RECORDS = 64  # DNS questions + records read per mDNS packet
+
+# TXT keys that describe a product, not a unit (ids, serials and addresses are left out).
+MDNS_TXT_KEYS = frozenset({
+    "md", "model", "mdl", "modelid", "manufacturer", "mf", "ty", "product", "am", "rpmd", "vendor", "vn",
+    "dt", "devtype", "type", "usb_mfg", "usb_mdl", "ct", "ci", "fv",
+})
+# SSDP headers whose value describes the product; others are recorded by name only.
+_SSDP_VALUE_HEADERS = {"server": "ssdp_server", "user-agent": "ssdp_user_agent",
+                       "x-user-agent": "ssdp_user_agent", "nt": "ssdp_nt", "st": "ssdp_st"}
+_SSDP_STANDARD = frozenset({"host", "cache-control", "location", "nts", "usn", "man", "mx", "date", "ext",
+                            "content-length", "bootid.upnp.org", "configid.upnp.org", "searchport.upnp.org",
+                            "opt", "01-nls", "server", "user-agent", "x-user-agent", "nt", "st"})
+_SERVICE_RE = re.compile(r"(?:^|\.)(_[a-z0-9-]{1,40}\._(?:tcp|udp))(?:\.|$)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_DHCP_MAGIC = b"\x63\x82\x53\x63"
+_UDP = struct.Struct("!HHHH")
+_DNS_HEADER = struct.Struct("!HHHHHH")
+_RR = struct.Struct("!HHIH")
+
+
+def clean(value: str | bytes) -> str:
+    """A printable, bounded string from untrusted bytes."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return _CONTROL.sub(" ", value).strip()[:MAX_VALUE_CHARS]
+
+
+def _udp_payload(ip_packet: bytes) -> tuple[int, int, bytes] | None:
+    """(src port, dst port, payload) of a UDP packet in IPv4 or IPv6, or None."""
+    if not ip_packet:
+        return None
+    version = ip_packet[0] >> 4
+    if version == 4:
+        ihl = (ip_packet[0] & 0x0F) * 4
+        if ihl < 20 or len(ip_packet) < ihl + 8 or ip_packet[9] != 17:
+            return None
+        offset = ihl
+    elif version == 6:
+        if len(ip_packet) < 48 or ip_packet[6] != 17:  # extension headers: not worth it for these
+            return None
+        offset = 40
+    else:
+        return None
+    sport, dport, _length, _ = _UDP.unpack_from(ip_packet, offset)
+    return sport, dport, ip_packet[offset + 8:]
+
+
+# -- DHCP ----------------------------------------------------------------------------------------
+
+
+def parse_dhcp(payload: bytes) -> list[tuple[str, str, str]]:
+    """Hints of a DHCP client message: [(client MAC, signal, value)]. Server messages give none."""
+    if len(payload) < 240 or payload[0] != 1 or payload[236:240] != _DHCP_MAGIC:
+        return []
+    hlen = payload[2]
+    if payload[1] != 1 or hlen != 6:  # Ethernet client hardware addresses only
+        return []
+    mac = ":".join(f"{b:02x}" for b in payload[28:34])
+    hints: list[tuple[str, str, str]] = []
+    i, end = 240, len(payload)
+    while i < end:
+        code = payload[i]
+        if code == 255:
+            break
+        if code == 0:
+            i += 1
+            continue
+        if i + 1 >= end:
+            break
+        length = payload[i + 1]
+        data = payload[i + 2:i + 2 + length]
+        i += 2 + length
+        if code == 12 and data:
+            hints.append((mac, "dhcp_hostname", clean(data)))
+        elif code == 60 and data:
+            hints.append((mac, "dhcp_vendor_class", clean(data)))
+        elif code == 55 and data:
+            hints.append((mac, "dhcp_fingerprint", ",".join(str(b) for b in data)))
+        elif code == 81 and len(data) > 3:
+            hints.append((mac, "dhcp_fqdn", clean(data[3:])))
+        elif code == 77 and data:
+            hints.append((mac, "dhcp_user_class", clean(data)))
+    return [h for h in hints if h[2]]
+
+
+# -- mDNS ----------------------------------------------------------------------------------------
+
+
+def _read_name(msg: bytes, offset: int) -> tuple[str, int]:
+    """A DNS name at offset (with compression); returns (name, offset after it in the record)."""
+    labels: list[str] = []
+    jumps = 0
+    end_offset = -1
+    total = 0
+    while True:
+        if offset >= len(msg):
+            raise ValueError("name runs past the message")
+        length = msg[offset]
+        if length == 0:
+            offset += 1
+            break
+        if length & 0xC0 == 0xC0:
+            if offset + 1 >= len(msg):
+                raise ValueError("truncated pointer")
+            if end_offset < 0:
+                end_offset = offset + 2
+            jumps += 1
+            if jumps > _MAX_NAME_JUMPS:
+                raise ValueError("pointer loop")
+            offset = ((length & 0x3F) << 8) | msg[offset + 1]
+            continue
+        if length & 0xC0:
+            raise ValueError("unsupported label type")
+        label = msg[offset + 1:offset + 1 + length]
+        total += length + 1
+        if total > 255:
+            raise ValueError("name too long")
+        labels.append(label.decode("utf-8", errors="replace"))
+        offset += 1 + length
+    return ".".join(labels), (end_offset if end_offset >= 0 else offset)
+
+
+def _service_of(name: str) -> str | None:
+    match = _SERVICE_RE.search(name.lower())
+    if match and match.group(1) != "_services._dns-sd._udp":
+        return match.group(1)
+    return None
+
+
+def _instance_of(name: str) -> str | None:
+    """"Philips Hue - 1A2B3C._hue._tcp.local" -> "Philips Hue - 1A2B3C"."""
+    match = _SERVICE_RE.search(name.lower())
+    if match and match.start() > 0:
+        return name[:match.start()]
+    return None
+
+
+def parse_mdns(payload: bytes) -> list[tuple[str, str]]:
+    """Hints of an mDNS message: [(signal, value)] for the sender."""
+    if len(payload) < 12:
+        return []
+    _id, flags, qd, an, ns, ar = _DNS_HEADER.unpack_from(payload, 0)
+    is_response = bool(flags & 0x8000)
+    hints: list[tuple[str, str]] = []
+    offset = 12
+    for _ in range(min(qd, _MAX_RECORDS)):
+        name, offset = _read_name(payload, offset)
+        offset += 4
+        service = _service_of(name)
+        if service and not is_response:
+            hints.append(("mdns_query", service))
+    for _ in range(min(an + ns + ar, _MAX_RECORDS)):
+        if offset + 10 > len(payload):
+            break
+        name, offset = _read_name(payload, offset)
+        if offset + 10 > len(payload):
+            break
+        rtype, _cls, _ttl, rdlength = _RR.unpack_from(payload, offset)
+        offset += 10
+        rdata_at, offset = offset, offset + rdlength
+        if offset > len(payload):
+            break
+        if rtype == 12:  # PTR: service type -> instance
+            target, _ = _read_name(payload, rdata_at)
+            if name.lower().startswith("_services._dns-sd._udp"):
+                service = _service_of(target)
+                if service:
+                    hints.append(("mdns_service", service))
+            else:
+                service = _service_of(name) or _service_of(target)
+                if service:
+                    hints.append(("mdns_service", service))
+                instance = _instance_of(target)
+                if instance:
+                    hints.append(("mdns_instance", clean(instance)))
+        elif rtype == 33 and rdlength > 6:  # SRV: instance -> host
+            service = _service_of(name)
+            if service:
+                hints.append(("mdns_service", service))
+            instance = _instance_of(name)
+            if instance:
+                hints.append(("mdns_instance", clean(instance)))
+            target, _ = _read_name(payload, rdata_at + 6)
+            if target:
+                hints.append(("mdns_host", clean(target.removesuffix(".local"))))
+        elif rtype == 16:  # TXT: product hints
+            i = rdata_at
+            while i < offset:
+                length = payload[i]
+                item = payload[i + 1:i + 1 + length]
+                i += 1 + length
+                key, sep, value = item.partition(b"=")
+                if sep and value and key.lower().decode("ascii", errors="replace") in MDNS_TXT_KEYS:
+                    hints.append(("mdns_txt", clean(key.lower() + b"=" + value)))
+        elif rtype in (1, 28) and is_response and name.lower().endswith(".local"):
+            host = name[:-len(".local")]
+            if host and "." not in host:
+                hints.append(("mdns_host", clean(host)))
+    return [h for h in hints if h[1]]
+
+
+# -- SSDP ----------------------------------------------------------------------------------------
+
+
+def parse_ssdp(payload: bytes) -> list[tuple[str, str]]:
+    """Hints of an SSDP message: [(signal, value)] for the sender."""
+    head = payload[:12].upper()
+    if not (head.startswith(b"NOTIFY") or head.startswith(b"M-SEARCH") or head.startswith(b"HTTP/")):
+        return []
+    searching = head.startswith(b"M-SEARCH")
+    hints: list[tuple[str, str]] = []
+    for line in payload.split(b"\r\n" if b"\r\n" in payload else b"\n")[1:40]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        key = name.strip().lower().decode("ascii", errors="replace")
+        text = clean(value)
+        if not text:
+            continue
+        if key in ("nt", "st") and text.lower().startswith("uuid:"):
+            continue  # a unit's id, not its kind
+        if key == "st" and searching:
+            hints.append(("ssdp_search", text))
+        elif key in _SSDP_VALUE_HEADERS:
+            hints.append((_SSDP_VALUE_HEADERS[key], text))
+        elif key == "usn":
+            # "uuid:<unit id>::urn:Belkin:device:insight:1": the unit id is dropped, the type kept.
+            kind = text.partition("::")[2]
+            if kind:
+                hints.append(("ssdp_usn", kind))
+        elif key == "location":
+            # The path names the description document (/description.xml, /setup.xml); the host is an address.
+            path = re.sub(r"^[a-z]+://[^/]*", "", text, flags=re.IGNORECASE)
+            if path:
+                hints.append(("ssdp_location", path[:80]))
+        elif key not in _SSDP_STANDARD and len(key) <= 40:
+            hints.append(("ssdp_header", key))  # vendor headers (hue-bridgeid, x-rincon-...): name only
+    return hints
+
+
+# -- the plugin and the pass ---------------------------------------------------------------------
+
+
+class IdentityPlugin(NFPlugin):
+    """Collect identity hints per flow into ``flow.udps.identity``: [(mac, ip, signal, value)].
+
+    Never raises: a packet that fails to parse adds nothing. Bounded per flow.
+    """
+
+    def on_init(self, packet: Any, flow: Any) -> None:
+        flow.udps.identity = {}
+        flow.udps.identity_packets = 0
+        self.on_update(packet, flow)
+
+    def on_update(self, packet: Any, flow: Any) -> None:
+        try:
+            udps = flow.udps
+            if udps.identity_packets >= MAX_PACKETS_PER_FLOW or len(udps.identity) >= MAX_HINTS_PER_FLOW:
+                return
+            udps.identity_packets += 1
+            parsed = _udp_payload(packet.ip_packet)
+            if parsed is None:
+                return
+            sport, dport, payload = parsed
+            if not payload:
+                return
+            found: list[tuple[str, str, str, str]] = []
+            if 67 in (sport, dport) or 68 in (sport, dport):
+                for mac, signal, value in parse_dhcp(payload):
+                    found.append((mac, "", signal, value))
+            elif 5353 in (sport, dport):
+                found = [(packet.src_mac, packet.src_ip, s, v) for s, v in parse_mdns(payload)]
+            elif 1900 in (sport, dport):
+                found = [(packet.src_mac, packet.src_ip, s, v) for s, v in parse_ssdp(payload)]
+            hints = udps.identity
+            for hint in found:
+                if len(hints) >= MAX_HINTS_PER_FLOW:
+                    break
+                hints.setdefault(hint, None)
+        except Exception:  # untrusted bytes: a malformed packet must not end the pass
+            return
+
+    def on_expire(self, flow: Any) -> None:
+        try:
+            flow.udps.identity = list(flow.udps.identity)
+        except Exception:
+            flow.udps.identity = []
+
+
+@dataclass
+class IdentityHints:
+    """What the identity pass learnt, per device MAC: signal -> {value: count}."""
+
+    by_mac: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    packets: int = 0
+    flows: int = 0
+
+    def add(self, mac: str, signal: str, value: str, count: int = 1) -> None:
+        signals = self.by_mac.setdefault(mac, {})
+        values = signals.setdefault(signal, {})
+        if value in values:
+            values[value] += count
+        elif len(values) < MAX_VALUES_PER_SIGNAL:
+            values[value] = count
+
+    def merge(self, other: IdentityHints) -> None:
+        for mac, signals in other.by_mac.items():
+            for signal, values in signals.items():
+                for value, count in values.items():
+                    self.add(mac, signal, value, count)
+        self.packets += other.packets
+        self.flows += other.flows
+
+
+def identity_bpf(user_bpf: str | None) -> str:
+    """The pass's filter, narrowed further by the user's own --bpf when there is one."""
+    return f"({user_bpf}) and ({IDENTITY_BPF})" if user_bpf else IDENTITY_BPF
+
+
+def collect(flows: Iterable[Any]) -> IdentityHints:
+    """Merge the hints of the identity pass's flows by sender MAC (DHCP: by client hardware address)."""
+    result = IdentityHints()
+    for flow in flows:
+        result.flows += 1
+        result.packets += flow.bidirectional_packets
+        for mac, ip, signal, value in getattr(flow.udps, "identity", ()) or ():
+            if not mac or mac in ("00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff"):
+                continue
+            if ip and not is_local_address(ip):
+                continue  # hints are about local devices; a remote sender is not one
+            result.add(mac, signal, value)
+    return result
+
+
+def identity_config(path: str, config: MeterConfig, vlan: bool = True) -> MeterConfig:
+    """The pass's meter settings: the main pass's timeouts and --bpf, narrowed to the identity ports.
+
+    nDPI and flow statistics are off: this pass only reads payloads. ``vlan=False`` drops the
+    VLAN-tagged alternative, which link types without Ethernet framing reject.
+    """
+    ports = IDENTITY_BPF if vlan else _PORT_FILTER
+    bpf = f"({config.bpf}) and ({ports})" if config.bpf else ports
+    return MeterConfig(source=path, bpf=bpf, idle_timeout=config.idle_timeout,
+                       active_timeout=config.active_timeout, max_flows=config.max_flows or 65536,
+                       statistics=False, n_dissections=0, snaplen=max(config.snaplen, 2048),
+                       decode_tunnels=config.decode_tunnels, plugins=(IdentityPlugin(),))
+
+
+class IdentityPass:
+    """The BPF-filtered identity pass over one capture file; ``stop()`` ends it early from another thread."""
+
+    def __init__(self, path: str, config: MeterConfig) -> None:
+        self.path = path
+        self.config = config
+        self._source: FlowSource | None = None
+        self._stopped = False
+
+    def run(self) -> IdentityHints:
+        for vlan in (True, False):
+            self._source = FlowSource(identity_config(self.path, self.config, vlan=vlan))
+            if self._stopped:
+                self._source.stop()
+            try:
+                return collect(self._source)
+            except InputError:
+                if not vlan:
+                    raise
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._source is not None:
+            self._source.stop()
+
+
+def read_identity(path: str, config: MeterConfig) -> IdentityHints:
+    """Run the identity pass over one capture file (``config``: the main pass's settings)."""
+    return IdentityPass(path, config).run()

@@ -1,0 +1,599 @@
+"""The one feature code path of the flow classifier, shared by training and scoring.
+
+A flow's feature row has two parts:
+
+* per-flow: NFStream's statistics of the flow itself (sizes, timing, TCP flags, direction
+  balance, early-packet sizes and directions), its nDPI application and category as codes of a
+  fixed vocabulary stored with the model, and the class of its ports (well-known, registered,
+  ephemeral) -- never an address, a MAC, a raw port or an absolute time;
+* context: what the same source, destination host, service (destination host, port, protocol)
+  and pair did recently, kept by :class:`ContextTracker` as exponentially decayed counters over
+  capture time (in the manner of Kitsune's damped windows): flow rate, distinct destination hosts
+  and ports, share of failed or unanswered connections, spread of bytes and packet sizes, and
+  the regularity of intervals and sizes of repeated flows between one pair (a beacon score, as
+  RITA computes it).
+
+Context is causal: a flow sees the flows that expired before it in the same capture (flows reach
+the tracker in expiry order, which follows their last packet). Per flow, Python does one
+attribute fetch and a few dictionary updates; every derived value is computed with numpy on a
+batch of rows (:meth:`FeatureExtractor.take`).
+
+Memory is bounded: every tracker table keeps at most ``max_keys`` keys, each key's set of recent
+peers at most ``SET_CAP`` entries, and keys idle for ``KEY_TTL_S`` seconds of capture time are
+dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from operator import attrgetter
+from typing import Any
+
+import numpy as np
+
+# Bump whenever a feature's meaning, order or the meter settings below change: models record it and
+# refuse to load under another version (exit 4) instead of scoring garbage.
+FEATURE_SCHEMA_VERSION = 1
+
+# Meter settings the features rely on; training extraction and `analyze` both use them.
+SPLT_PACKETS = 6  # early packets whose sizes and directions are kept
+METER_SETTINGS: dict[str, Any] = {"statistics": True, "splt": SPLT_PACKETS}
+
+WINDOWS_S: tuple[float, ...] = (5.0, 120.0)  # half-lives of the decayed context counters
+NOVELTY_S = 300.0  # a peer unseen for this long counts as new again
+KEY_TTL_S = 900.0  # tracker keys idle this long (capture time) are dropped
+MAX_KEYS = 20_000  # per tracker table
+SET_CAP = 48  # recent peers remembered per key
+BEACON_ALPHA = 0.25  # weight of the newest interval in the beacon's running averages
+_SWEEP_EVERY = 2048  # observations between expiry sweeps
+
+_LN2 = math.log(2.0)
+
+# -- per-flow attributes read from NFStream -------------------------------------------------------
+
+_RAW_NUMERIC = (
+    "protocol", "ip_version", "src_port", "dst_port",
+    "bidirectional_duration_ms", "bidirectional_packets", "bidirectional_bytes",
+    "src2dst_packets", "src2dst_bytes", "dst2src_packets", "dst2src_bytes",
+    "src2dst_duration_ms", "dst2src_duration_ms", "src2dst_first_seen_ms", "dst2src_first_seen_ms",
+    "bidirectional_min_ps", "bidirectional_mean_ps", "bidirectional_stddev_ps", "bidirectional_max_ps",
+    "src2dst_min_ps", "src2dst_mean_ps", "src2dst_stddev_ps", "src2dst_max_ps",
+    "dst2src_min_ps", "dst2src_mean_ps", "dst2src_stddev_ps", "dst2src_max_ps",
+    "bidirectional_min_piat_ms", "bidirectional_mean_piat_ms", "bidirectional_stddev_piat_ms",
+    "bidirectional_max_piat_ms",
+    "src2dst_mean_piat_ms", "src2dst_stddev_piat_ms", "dst2src_mean_piat_ms", "dst2src_stddev_piat_ms",
+    "src2dst_syn_packets", "src2dst_cwr_packets", "src2dst_ece_packets", "src2dst_urg_packets",
+    "src2dst_ack_packets", "src2dst_psh_packets", "src2dst_rst_packets", "src2dst_fin_packets",
+    "dst2src_syn_packets", "dst2src_cwr_packets", "dst2src_ece_packets", "dst2src_urg_packets",
+    "dst2src_ack_packets", "dst2src_psh_packets", "dst2src_rst_packets", "dst2src_fin_packets",
+    "application_is_guessed",
+    # read for the tracker and the category codes, not numeric features themselves:
+    "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "src_ip", "dst_ip",
+    "application_name", "application_category_name",
+)
+_N_NUM = len(_RAW_NUMERIC) - 6
+_R = {name: i for i, name in enumerate(_RAW_NUMERIC)}
+_get_raw = attrgetter(*_RAW_NUMERIC)
+_I_PROTO, _I_DPORT, _I_BYTES, _I_DPK, _I_MEAN_PS = (
+    _R[n] for n in ("protocol", "dst_port", "bidirectional_bytes", "dst2src_packets", "bidirectional_mean_ps"))
+_I_SSYN, _I_DSYN, _I_DRST = (_R[n] for n in ("src2dst_syn_packets", "dst2src_syn_packets", "dst2src_rst_packets"))
+_I_FIRST, _I_LAST, _I_SRC, _I_DST, _I_APP, _I_CAT = range(_N_NUM, _N_NUM + 6)
+_NO_SPLT_PAIR = ((-1,) * SPLT_PACKETS, (0,) * SPLT_PACKETS)
+_FLAGS = ("syn", "cwr", "ece", "urg", "ack", "psh", "rst", "fin")
+
+# -- the feature list (pinned: order is the model's column order) ---------------------------------
+
+_PER_FLOW = [
+    "proto_tcp", "proto_udp", "proto_icmp", "ip_v6",
+    "dst_port_class", "src_port_class", "src_port_below_dst", "dst_multicast",
+    "log_duration_ms", "log_packets", "log_bytes",
+    "log_src2dst_packets", "log_src2dst_bytes", "log_dst2src_packets", "log_dst2src_bytes",
+    "dst2src_byte_share", "dst2src_packet_share", "one_way", "failed",
+    "log_response_delay_ms", "log_src2dst_duration_ms", "log_dst2src_duration_ms",
+    "min_ps", "mean_ps", "stddev_ps", "max_ps",
+    "src2dst_min_ps", "src2dst_mean_ps", "src2dst_stddev_ps", "src2dst_max_ps",
+    "dst2src_min_ps", "dst2src_mean_ps", "dst2src_stddev_ps", "dst2src_max_ps",
+    "log_min_piat_ms", "log_mean_piat_ms", "log_stddev_piat_ms", "log_max_piat_ms",
+    "log_src2dst_mean_piat_ms", "log_src2dst_stddev_piat_ms",
+    "log_dst2src_mean_piat_ms", "log_dst2src_stddev_piat_ms",
+    *[f"src2dst_{f}_share" for f in _FLAGS],
+    *[f"dst2src_{f}_share" for f in _FLAGS],
+    "log_src2dst_syn", "log_src2dst_rst", "log_dst2src_syn", "log_dst2src_rst",
+    "app_guessed",
+    *[f"early{i}_size" for i in range(SPLT_PACKETS)],  # signed: + from initiator, - from responder, 0 none
+    "early_direction_changes",
+]
+CATEGORICAL = ["app_code", "category_code"]
+
+
+def _windowed(prefix: str, stats: Sequence[str]) -> list[str]:
+    return [f"{prefix}_{s}_{int(w)}s" for w in WINDOWS_S for s in stats]
+
+
+_SRC_STATS = ("log_flows", "fail_share", "log_new_hosts", "new_host_share", "log_new_ports", "new_port_share",
+              "bytes_mean", "bytes_std", "pktsize_std")
+_DST_STATS = ("log_flows", "fail_share", "log_new_srcs", "new_src_share")
+_SVC_STATS = ("log_flows", "fail_share", "log_new_srcs", "bytes_std")
+_PAIR_STATS = ("log_flows", "fail_share", "log_new_ports")
+_BEACON = ["pair_log_repeats", "pair_log_mean_interval_s", "pair_interval_cv", "pair_size_dev", "beacon_score"]
+
+FEATURE_NAMES: list[str] = [
+    *_PER_FLOW, *CATEGORICAL,
+    *_windowed("src", _SRC_STATS), *_windowed("dst", _DST_STATS), *_windowed("svc", _SVC_STATS),
+    *_windowed("pair", _PAIR_STATS), *_BEACON,
+]
+CONTEXT_FEATURES: frozenset[str] = frozenset(FEATURE_NAMES[len(_PER_FLOW) + len(CATEGORICAL):])
+# What the per-flow baseline (a random forest on NFStream statistics alone) may use.
+STATISTICS_FEATURES: list[str] = [n for n in _PER_FLOW if not n.startswith("early")
+                                  and n not in ("early_direction_changes", "app_guessed")]
+_COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
+CATEGORICAL_INDEX = [_COL[n] for n in CATEGORICAL]
+
+# Accumulators per key and window, in the tracker's state order (see ContextTracker).
+_SRC_ACC = ("w", "fail", "new_host", "new_port", "b", "bb", "p", "pp")
+_DST_ACC = ("w", "fail", "new_src")
+_SVC_ACC = ("w", "fail", "new_src", "b", "bb")
+_PAIR_ACC = ("w", "fail", "new_port")
+_N_BEACON_ACC = 4  # repeats, mean interval, mean |interval deviation|, mean |size deviation|
+_N_CTX = len(WINDOWS_S) * (len(_SRC_ACC) + len(_DST_ACC) + len(_SVC_ACC) + len(_PAIR_ACC)) + _N_BEACON_ACC
+
+
+# -- stable encoding of nDPI applications and categories ------------------------------------------
+
+def master_app(name: str | None) -> str:
+    """nDPI's master protocol ("TLS" of "TLS.Google"): the part that generalises across networks."""
+    if not name:
+        return "Unknown"
+    return name.split(".", 1)[0]
+
+
+def build_vocabulary(apps: Sequence[str], categories: Sequence[str], groups: Sequence[Any],
+                     min_groups: int = 2, max_size: int = 200) -> dict[str, list[str]]:
+    """The fixed vocabulary stored with a model: names seen in at least ``min_groups`` captures.
+
+    A name seen in one capture only would let the model learn that capture; it becomes "other".
+    """
+    vocab: dict[str, list[str]] = {}
+    for key, names in (("app", apps), ("category", categories)):
+        seen: dict[str, set] = {}
+        for name, group in zip(names, groups, strict=True):
+            seen.setdefault(name, set()).add(group)
+        kept = sorted((n for n, g in seen.items() if len(g) >= min_groups), key=lambda n: (-len(seen[n]), n))
+        vocab[key] = sorted(kept[:max_size])
+    return vocab
+
+
+def encode_names(names: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
+    """Codes 1..n for names in the vocabulary, 0 for "other"."""
+    index = {name: i + 1 for i, name in enumerate(vocabulary)}
+    return np.fromiter((index.get(n, 0) for n in names), dtype=np.float32, count=len(names))
+
+
+# -- context --------------------------------------------------------------------------------------
+
+def _new_state(n_acc: int, n_sets: int, t: float) -> list:
+    return [t, *([0.0] * n_acc), *({} for _ in range(n_sets))]
+
+
+class ContextTracker:
+    """Decayed per-source, per-destination, per-service and per-pair counters over capture time.
+
+    ``observe`` folds one flow in and returns the raw accumulators after it (the flow counts
+    itself); :func:`context_features` turns a batch of them into features with numpy.
+    """
+
+    def __init__(self, windows_s: Sequence[float] = WINDOWS_S, max_keys: int = MAX_KEYS,
+                 set_cap: int = SET_CAP, key_ttl_s: float = KEY_TTL_S) -> None:
+        if len(windows_s) != 2:
+            raise ValueError("the tracker is written out for two windows")
+        self.rates = [_LN2 / w for w in windows_s]
+        self.max_keys = max_keys
+        self.set_cap = set_cap
+        self.key_ttl_s = key_ttl_s
+        self.src: OrderedDict[str, list] = OrderedDict()
+        self.dst: OrderedDict[str, list] = OrderedDict()
+        self.svc: OrderedDict[tuple, list] = OrderedDict()
+        self.pair: OrderedDict[tuple, list] = OrderedDict()
+        self.now = 0.0
+        self._seen = 0
+
+    def tracked_keys(self) -> int:
+        return len(self.src) + len(self.dst) + len(self.svc) + len(self.pair)
+
+    def observe_values(self, v: tuple) -> list[float]:
+        """``observe`` for one flow's attribute tuple (see _RAW_NUMERIC)."""
+        proto = v[_I_PROTO]
+        # the same rule as _failed(), per flow
+        failed = 1.0 if v[_I_DPK] == 0 or (proto == 6 and (
+            v[_I_DRST] > 0 or (v[_I_SSYN] > 0 and v[_I_DSYN] == 0))) else 0.0
+        return self.observe(v[_I_LAST] / 1000.0, v[_I_FIRST] / 1000.0, v[_I_SRC], v[_I_DST], v[_I_DPORT], proto,
+                            math.log1p(v[_I_BYTES]), v[_I_MEAN_PS], failed)
+
+    def observe(self, t: float, t_first: float, src: str, dst: str, dport: int, proto: int,
+                log_bytes: float, mean_ps: float, failed: float) -> list[float]:
+        """One flow: ``t`` its last packet, ``t_first`` its first (seconds of capture time).
+
+        Written out for exactly two windows, with locals and slice assignments: this runs once per
+        flow in Python and is most of the scorer's per-flow cost.
+        """
+        if t > self.now:
+            self.now = t
+        self._seen += 1
+        if self._seen % _SWEEP_EVERY == 0:
+            self.sweep()
+        r1, r2 = self.rates
+        exp = math.exp
+        cap = self.set_cap
+        horizon = t - NOVELTY_S
+        lb, lb2, ps, ps2 = log_bytes, log_bytes * log_bytes, mean_ps, mean_ps * mean_ps
+
+        # source: flows, failures, new destination hosts and ports, bytes and packet-size spread
+        table = self.src
+        st = table.get(src)
+        if st is None:
+            table[src] = [t, 1.0, failed, 1.0, 1.0, lb, lb2, ps, ps2, 1.0, failed, 1.0, 1.0, lb, lb2, ps, ps2,
+                          {dst: t}, {dport: t}]
+            out = [1.0, failed, 1.0, 1.0, lb, lb2, ps, ps2, 1.0, failed, 1.0, 1.0, lb, lb2, ps, ps2]
+        else:
+            table.move_to_end(src)
+            hosts, ports = st[17], st[18]
+            new_host = 1.0 if hosts.get(dst, -1e18) < horizon else 0.0
+            hosts[dst] = t
+            if len(hosts) > cap:
+                del hosts[next(iter(hosts))]
+            new_port = 1.0 if ports.get(dport, -1e18) < horizon else 0.0
+            ports[dport] = t
+            if len(ports) > cap:
+                del ports[next(iter(ports))]
+            dt = t - st[0]
+            if dt > 0.0:
+                st[0] = t
+                d1, d2 = exp(-dt * r1), exp(-dt * r2)
+            else:
+                d1 = d2 = 1.0
+            a1, a2, a3, a4, a5, a6, a7, a8, b1, b2, b3, b4, b5, b6, b7, b8 = st[1:17]
+            out = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + new_host, a4 * d1 + new_port, a5 * d1 + lb,
+                   a6 * d1 + lb2, a7 * d1 + ps, a8 * d1 + ps2,
+                   b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + new_host, b4 * d2 + new_port, b5 * d2 + lb,
+                   b6 * d2 + lb2, b7 * d2 + ps, b8 * d2 + ps2]
+            st[1:17] = out
+
+        # destination host: flows, failures, new sources (many sources at one victim)
+        table = self.dst
+        st = table.get(dst)
+        if st is None:
+            table[dst] = [t, 1.0, failed, 1.0, 1.0, failed, 1.0, {src: t}]
+            out += (1.0, failed, 1.0, 1.0, failed, 1.0)
+        else:
+            table.move_to_end(dst)
+            srcs = st[7]
+            new_src = 1.0 if srcs.get(src, -1e18) < horizon else 0.0
+            srcs[src] = t
+            if len(srcs) > cap:
+                del srcs[next(iter(srcs))]
+            dt = t - st[0]
+            if dt > 0.0:
+                st[0] = t
+                d1, d2 = exp(-dt * r1), exp(-dt * r2)
+            else:
+                d1 = d2 = 1.0
+            a1, a2, a3, b1, b2, b3 = st[1:7]
+            part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + new_src, b1 * d2 + 1.0, b2 * d2 + failed,
+                    b3 * d2 + new_src]
+            st[1:7] = part
+            out += part
+
+        # service (destination host, port, protocol): many short or failed connections to one service
+        table = self.svc
+        key = (dst, dport, proto)
+        st = table.get(key)
+        if st is None:
+            table[key] = [t, 1.0, failed, 1.0, lb, lb2, 1.0, failed, 1.0, lb, lb2, {src: t}]
+            out += (1.0, failed, 1.0, lb, lb2, 1.0, failed, 1.0, lb, lb2)
+        else:
+            table.move_to_end(key)
+            srcs = st[11]
+            new_src = 1.0 if srcs.get(src, -1e18) < horizon else 0.0
+            srcs[src] = t
+            if len(srcs) > cap:
+                del srcs[next(iter(srcs))]
+            dt = t - st[0]
+            if dt > 0.0:
+                st[0] = t
+                d1, d2 = exp(-dt * r1), exp(-dt * r2)
+            else:
+                d1 = d2 = 1.0
+            a1, a2, a3, a4, a5, b1, b2, b3, b4, b5 = st[1:11]
+            part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + new_src, a4 * d1 + lb, a5 * d1 + lb2,
+                    b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + new_src, b4 * d2 + lb, b5 * d2 + lb2]
+            st[1:11] = part
+            out += part
+
+        # pair: flows, failures, new ports on one host (a vertical scan), and the beacon:
+        # [t, 6 accumulators, prev_first, repeats, mean_interval, dev_interval, mean_size, dev_size, ports]
+        table = self.pair
+        key = (src, dst)
+        st = table.get(key)
+        if st is None:
+            table[key] = [t, 1.0, failed, 1.0, 1.0, failed, 1.0, t_first, 0.0, 0.0, 0.0, lb, 0.0, {dport: t}]
+            out += (1.0, failed, 1.0, 1.0, failed, 1.0, 0.0, 0.0, 0.0, 0.0)
+            return out
+        table.move_to_end(key)
+        ports = st[13]
+        new_port = 1.0 if ports.get(dport, -1e18) < horizon else 0.0
+        ports[dport] = t
+        if len(ports) > cap:
+            del ports[next(iter(ports))]
+        dt = t - st[0]
+        if dt > 0.0:
+            st[0] = t
+            d1, d2 = exp(-dt * r1), exp(-dt * r2)
+        else:
+            d1 = d2 = 1.0
+        a1, a2, a3, b1, b2, b3, prev, repeats, mean_iv, dev_iv, mean_b, dev_b = st[1:13]
+        interval = t_first - prev
+        if interval >= 0.0:  # out-of-order starts are not intervals
+            a = BEACON_ALPHA
+            if repeats == 0.0:  # the first interval seeds the average
+                mean_iv = interval
+            else:
+                dev_iv += a * (abs(interval - mean_iv) - dev_iv)
+                mean_iv += a * (interval - mean_iv)
+            dev_b += a * (abs(lb - mean_b) - dev_b)
+            mean_b += a * (lb - mean_b)
+            prev = t_first
+            repeats += 1.0
+        part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + new_port, b1 * d2 + 1.0, b2 * d2 + failed,
+                b3 * d2 + new_port]
+        st[1:13] = [*part, prev, repeats, mean_iv, dev_iv, mean_b, dev_b]
+        out += part
+        out += (repeats, mean_iv, dev_iv, dev_b)
+        return out
+
+    def sweep(self) -> None:
+        """Drop keys idle for longer than the TTL, then the least recently active beyond the cap."""
+        horizon = self.now - self.key_ttl_s
+        for table in (self.src, self.dst, self.svc, self.pair):
+            while table:
+                first = next(iter(table))
+                if table[first][0] < horizon or len(table) > self.max_keys:
+                    del table[first]
+                else:
+                    break
+
+
+def context_features(acc: np.ndarray) -> np.ndarray:
+    """Raw tracker accumulators (n, _N_CTX) -> context feature columns, in FEATURE_NAMES order."""
+    n_w = len(WINDOWS_S)
+    cols: list[np.ndarray] = []
+    pos = 0
+    blocks = []
+    for n_acc in (len(_SRC_ACC), len(_DST_ACC), len(_SVC_ACC), len(_PAIR_ACC)):
+        blocks.append(acc[:, pos:pos + n_acc * n_w].reshape(len(acc), n_w, n_acc))
+        pos += n_acc * n_w
+    src, dst, svc, pair = blocks
+    beacon = acc[:, pos:pos + _N_BEACON_ACC]
+
+    def std(s1: np.ndarray, s2: np.ndarray, w: np.ndarray) -> np.ndarray:
+        mean = s1 / w
+        return np.sqrt(np.maximum(s2 / w - mean * mean, 0.0))
+
+    for k in range(n_w):
+        w, fail, nh, npo, b, bb, p, pp = (src[:, k, m] for m in range(8))
+        cols += [np.log1p(w), fail / w, np.log1p(nh), nh / w, np.log1p(npo), npo / w, b / w, std(b, bb, w),
+                 std(p, pp, w)]
+    for k in range(n_w):
+        w, fail, ns = (dst[:, k, m] for m in range(3))
+        cols += [np.log1p(w), fail / w, np.log1p(ns), ns / w]
+    for k in range(n_w):
+        w, fail, ns, b, bb = (svc[:, k, m] for m in range(5))
+        cols += [np.log1p(w), fail / w, np.log1p(ns), std(b, bb, w)]
+    for k in range(n_w):
+        w, fail, npo = (pair[:, k, m] for m in range(3))
+        cols += [np.log1p(w), fail / w, np.log1p(npo)]
+    repeats, mean_iv, dev_iv, dev_size = beacon.T
+    cv = np.where(repeats >= 2, dev_iv / np.maximum(mean_iv, 1e-3), 1.0)
+    regular = np.clip(1.0 - cv, 0.0, 1.0) * np.clip(1.0 - dev_size, 0.0, 1.0)
+    # RITA-like: regular in time and size, repeated, and not a burst of parallel connections
+    score = regular * np.clip(repeats / 10.0, 0.0, 1.0) * (mean_iv >= 1.0)
+    cols += [np.log1p(repeats), np.log1p(mean_iv), np.minimum(cv, 10.0), dev_size, score]
+    return np.column_stack(cols)
+
+
+# -- rows -----------------------------------------------------------------------------------------
+
+def _port_class(port: np.ndarray) -> np.ndarray:
+    return np.select([port == 0, port < 1024, port < 49152], [0.0, 1.0, 2.0], 3.0)
+
+
+def _is_multicast(ip: str) -> bool:
+    if ":" in ip:
+        return ip[:2].lower() == "ff"
+    head = ip.split(".", 1)[0]
+    return (head.isdigit() and 224 <= int(head) <= 239) or ip.endswith(".255")
+
+
+def per_flow_features(raw: np.ndarray, multicast: np.ndarray, splt_dirs: np.ndarray,
+                      splt_sizes: np.ndarray) -> np.ndarray:
+    """Raw NFStream numbers (n, _N_NUM) -> per-flow feature columns, in FEATURE_NAMES order."""
+    def c(name: str) -> np.ndarray:
+        return raw[:, _R[name]]
+
+    proto = c("protocol")
+    packets, nbytes = c("bidirectional_packets"), c("bidirectional_bytes")
+    s_pk, s_b, d_pk, d_b = c("src2dst_packets"), c("src2dst_bytes"), c("dst2src_packets"), c("dst2src_bytes")
+    sport, dport = c("src_port"), c("dst_port")
+    one_way = (d_pk == 0).astype(np.float64)
+    is_tcp = proto == 6
+    failed = _failed(raw)
+    delay = np.where(d_pk > 0, np.maximum(c("dst2src_first_seen_ms") - c("src2dst_first_seen_ms"), 0.0), -1.0)
+    safe_s, safe_d = np.maximum(s_pk, 1.0), np.maximum(d_pk, 1.0)
+    cols = [
+        is_tcp, proto == 17, (proto == 1) | (proto == 58), c("ip_version") == 6,
+        _port_class(dport), _port_class(sport), (sport < dport) & (sport > 0), multicast,
+        np.log1p(c("bidirectional_duration_ms")), np.log1p(packets), np.log1p(nbytes),
+        np.log1p(s_pk), np.log1p(s_b), np.log1p(d_pk), np.log1p(d_b),
+        d_b / np.maximum(nbytes, 1.0), d_pk / np.maximum(packets, 1.0), one_way, failed,
+        np.where(delay >= 0, np.log1p(np.maximum(delay, 0.0)), -1.0),
+        np.log1p(c("src2dst_duration_ms")), np.log1p(c("dst2src_duration_ms")),
+    ]
+    for direction in ("bidirectional", "src2dst", "dst2src"):
+        cols += [c(f"{direction}_{s}_ps") for s in ("min", "mean", "stddev", "max")]
+    cols += [np.log1p(c(f"bidirectional_{s}_piat_ms")) for s in ("min", "mean", "stddev", "max")]
+    cols += [np.log1p(c(f"{d}_{s}_piat_ms")) for d in ("src2dst", "dst2src") for s in ("mean", "stddev")]
+    cols += [c(f"src2dst_{f}_packets") / safe_s for f in _FLAGS]
+    cols += [c(f"dst2src_{f}_packets") / safe_d for f in _FLAGS]
+    cols += [np.log1p(c("src2dst_syn_packets")), np.log1p(c("src2dst_rst_packets")),
+             np.log1p(c("dst2src_syn_packets")), np.log1p(c("dst2src_rst_packets")),
+             c("application_is_guessed")]
+    # Early packets: size signed by direction (NFStream marks unused slots with direction -1).
+    present = splt_dirs >= 0
+    signed = np.where(present, np.where(splt_dirs == 0, splt_sizes, -splt_sizes), 0.0)
+    cols += [signed[:, i] for i in range(SPLT_PACKETS)]
+    changes = np.sum(present[:, 1:] & present[:, :-1] & (splt_dirs[:, 1:] != splt_dirs[:, :-1]), axis=1)
+    cols.append(changes)
+    return np.column_stack([np.asarray(col, dtype=np.float64) for col in cols])
+
+
+def _failed(raw: np.ndarray) -> np.ndarray:
+    """Unanswered, refused (responder RST) or never set up (SYN without SYN-ACK)."""
+    d_pk = raw[:, _R["dst2src_packets"]]
+    tcp = raw[:, _R["protocol"]] == 6
+    refused = raw[:, _R["dst2src_rst_packets"]] > 0
+    no_synack = (raw[:, _R["src2dst_syn_packets"]] > 0) & (raw[:, _R["dst2src_syn_packets"]] == 0)
+    return ((d_pk == 0) | (tcp & (refused | no_synack))).astype(np.float64)
+
+
+class FeatureExtractor:
+    """Collects flows of one capture or interface and turns them into feature rows, a batch at a time.
+
+    ``add`` does the per-flow Python work (one attribute fetch, one tracker update, two appends);
+    ``take`` returns the feature matrix of the flows added since the last call, in FEATURE_NAMES
+    order, with the application and category codes of ``vocabulary`` (a model's; None leaves them
+    at 0 and keeps the names in ``names`` for training, which builds its vocabulary later).
+    """
+
+    def __init__(self, vocabulary: dict[str, list[str]] | None = None,
+                 tracker: ContextTracker | None = None) -> None:
+        self.tracker = tracker or ContextTracker()
+        self.vocabulary = vocabulary
+        self._app_index = {n: i + 1 for i, n in enumerate(vocabulary["app"])} if vocabulary else None
+        self._cat_index = {n: i + 1 for i, n in enumerate(vocabulary["category"])} if vocabulary else None
+        self._rows: list[tuple] = []
+        self._ctx: list[list[float]] = []
+        self._splt: list[tuple[Any, Any]] = []
+        self._multicast_cache: dict[str, bool] = {}
+        self.names: list[tuple[str, str]] = []  # (master app, category) per row, when vocabulary is None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, flow: Any) -> None:
+        values = _get_raw(flow)
+        self._rows.append(values)
+        self._ctx.append(self.tracker.observe_values(values))
+        try:
+            self._splt.append((flow.splt_direction, flow.splt_ps))
+        except AttributeError:  # metered without early packets: none known
+            self._splt.append(_NO_SPLT_PAIR)
+
+    def take(self) -> np.ndarray:
+        """Feature rows (float32) of the flows added since the last take, in FEATURE_NAMES order."""
+        rows = self._rows
+        n = len(rows)
+        if n == 0:
+            return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
+        raw = np.asarray([r[:_N_NUM] for r in rows], dtype=np.float64)
+        splt = np.asarray(self._splt, dtype=np.float64)[:, :, :SPLT_PACKETS]  # (n, 2, SPLT_PACKETS)
+        X = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
+        n_flow = len(_PER_FLOW)
+        X[:, :n_flow] = per_flow_features(raw, self._multicast([r[_I_DST] for r in rows]), splt[:, 0], splt[:, 1])
+        apps = [r[_I_APP] for r in rows]
+        cats = [r[_I_CAT] for r in rows]
+        if self._app_index is not None:
+            X[:, n_flow] = _codes(apps, lambda a: self._app_index.get(master_app(a), 0))
+            X[:, n_flow + 1] = _codes(cats, lambda c: self._cat_index.get(c or "Unknown", 0))
+        else:
+            X[:, n_flow:n_flow + 2] = 0.0
+            self.names.extend(zip(map(master_app, apps), (c or "Unknown" for c in cats), strict=True))
+        X[:, n_flow + 2:] = context_features(np.asarray(self._ctx, dtype=np.float64))
+        self._rows, self._ctx, self._splt = [], [], []
+        return X
+
+    def _multicast(self, dsts: list[str]) -> np.ndarray:
+        cache = self._multicast_cache
+        if len(cache) > 65536:  # bounded: a spoofed flood has a new address per flow
+            cache.clear()
+        out = np.empty(len(dsts), dtype=np.float64)
+        for i, dst in enumerate(dsts):
+            hit = cache.get(dst)
+            if hit is None:
+                hit = cache[dst] = _is_multicast(dst)
+            out[i] = hit
+        return out
+
+
+def _codes(names: list[str], code: Any) -> np.ndarray:
+    """Codes of a batch of names, computed once per distinct name."""
+    table: dict[str, int] = {}
+    out = np.empty(len(names), dtype=np.float32)
+    for i, name in enumerate(names):
+        c = table.get(name)
+        if c is None:
+            c = table[name] = code(name)
+        out[i] = c
+    return out
+
+
+def apply_vocabulary(X: np.ndarray, names: Sequence[tuple[str, str]], vocabulary: dict[str, list[str]]) -> None:
+    """Fill the app and category code columns of rows extracted without a vocabulary (training)."""
+    n_flow = len(_PER_FLOW)
+    X[:, n_flow] = encode_names([a for a, _ in names], vocabulary["app"])
+    X[:, n_flow + 1] = encode_names([c for _, c in names], vocabulary["category"])
+
+
+def feature_index(names: Sequence[str]) -> list[int]:
+    return [_COL[n] for n in names]
+
+
+# -- reasons: feature groups a person can read ----------------------------------------------------
+
+def _reason_groups(spec: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[str, list[str]]]:
+    """Each feature goes to the first group whose patterns match it; every feature must find one."""
+    import fnmatch
+
+    claimed: set[str] = set()
+    groups = []
+    for phrase, patterns in spec:
+        names = [n for n in FEATURE_NAMES if n not in claimed and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        claimed.update(names)
+        groups.append((phrase, names))
+    assert claimed == set(FEATURE_NAMES), sorted(set(FEATURE_NAMES) - claimed)
+    assert len(groups) <= 15, "the scorer packs one 4-bit bin per group into 60 bits"
+    return groups
+
+
+# The scorer names the groups whose replacement by typical benign values lowers a flow's score most.
+REASON_GROUPS: list[tuple[str, list[str]]] = _reason_groups([
+    ("many failed or unanswered connections", ["*fail_share_*", "failed"]),
+    ("many flows from this source in a short time", ["src_log_flows_*"]),
+    ("this source contacted many different hosts", ["src_log_new_hosts_*", "src_new_host_share_*"]),
+    ("this source probed many different ports", ["src_log_new_ports_*", "src_new_port_share_*",
+                                                 "pair_log_new_ports_*"]),
+    ("many sources converging on one host or service", ["dst_log_*", "dst_new_src_share_*", "svc_log_*"]),
+    ("repeated connections to one server at regular intervals (beacon-like)",
+     ["pair_log_flows_*", "pair_log_repeats", "pair_log_mean_interval_s", "pair_interval_cv", "pair_size_dev",
+      "beacon_score"]),
+    ("uniform flow sizes from this source or to this service", ["src_bytes_*", "src_pktsize_std_*",
+                                                                "svc_bytes_std_*"]),
+    ("no reply or one-sided traffic", ["one_way", "dst2src_byte_share", "dst2src_packet_share",
+                                       "log_*packets", "early_direction_changes"]),
+    ("unusual packet sizes", ["*_ps", "early*_size", "log_bytes", "log_*_bytes"]),
+    ("unusual TCP flags (SYN/RST/FIN pattern)", ["*2*_*_share", "log_*_syn", "log_*_rst"]),
+    ("unusual timing", ["log_*duration_ms", "log_*piat_ms", "log_response_delay_ms"]),
+    ("application or port unusual for benign traffic", ["app_code", "category_code", "app_guessed",
+                                                        "*port_class", "src_port_below_dst"]),
+    ("protocol", ["proto_*", "ip_v6", "dst_multicast"]),
+])

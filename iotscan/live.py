@@ -1,0 +1,357 @@
+"""Live capture: one interface through the same stages and sinks as `analyze`, until it is stopped.
+
+The meter (iotscan.source) does the capturing in its own process; this module adds what a
+long-running capture needs around the one-pass pipeline (iotscan.pipeline.Analysis.run_interface):
+
+* checks before starting: the interface exists, the process may capture (one clear line if not);
+* limits: --duration and --count stop the capture the same clean way as Ctrl-C and SIGTERM
+  (the meter flushes its active flows, they go through the stages, the summary comes last);
+* periodic ``stats`` records (records.STATS_FIELDS) between the flow records;
+* a Rich view on a terminal: rates, drops, active flows, devices seen, the latest attacks on top.
+
+Per flow, only ``LiveMonitor.run`` runs (a counter, one dict lookup); everything else happens in
+one ticker thread that polls the meter's shared counters a few times a second.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from iotscan.console import Reporter, error
+from iotscan.errors import CaptureError, ExitCode
+from iotscan.pipeline import Analysis, Event, SourceInfo, Stage
+from iotscan.records import DEVICE_LINK_FIELDS, STATS_FIELD_NAMES, is_local_address
+from iotscan.sinks import Sink
+from iotscan.source import ACTIVE, DROPPED, IFDROPPED, PACKETS, PRIVILEGE_FIX, FlowSource, MeterConfig
+
+ANY_INTERFACE = "any"  # libpcap's pseudo-interface: every interface, Linux cooked headers
+_TICK_S = 0.25  # ticker period: precision of --duration, pace of the view
+_VIEW_EVERY_S = 0.5
+_LATEST_ATTACKS = 8
+_MAX_TRACKED = 100_000  # bound on the addresses remembered for "devices seen" (a spoofed flood is endless)
+
+
+# -- checks before capturing ---------------------------------------------------------------------
+
+
+def list_interfaces() -> list[str]:
+    """Names of the network interfaces of this host (this network namespace)."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        try:
+            names = os.listdir("/sys/class/net")
+        except OSError:
+            names = []
+    return sorted(set(names))
+
+
+def interface_state(name: str) -> str:
+    """"up", "down", "unknown" (loopback and tunnels often say so), from /sys; "" if not known."""
+    try:
+        with open(f"/sys/class/net/{name}/operstate") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def check_interface(name: str) -> None:
+    """Raise CaptureError naming the interfaces that exist when ``name`` is not one of them."""
+    if name == ANY_INTERFACE:
+        return
+    names = list_interfaces()
+    if name not in names:
+        raise CaptureError(f"{name}: no such interface; interfaces here: {', '.join(names) or 'none'}"
+                           f" (or '{ANY_INTERFACE}' for all)")
+
+
+def check_capture_privileges(interface: str) -> None:
+    """Raise CaptureError saying what to run when this process may not open a packet socket."""
+    try:
+        socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0).close()
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EACCES):
+            return  # not a permission problem (no AF_PACKET here?): libpcap explains it when the meter starts
+        hint = ""
+        if os.geteuid() == 0:
+            hint = (" This process is root but lacks CAP_NET_RAW (a container? grant it, e.g. "
+                    "docker run --cap-add NET_RAW --cap-add NET_ADMIN).")
+        raise CaptureError(f"{interface}: no permission to capture packets.{hint} {PRIVILEGE_FIX}") from None
+
+
+def preflight(interface: str) -> None:
+    """The checks before capturing, each failing with one line that says what to do."""
+    check_interface(interface)
+    check_capture_privileges(interface)
+
+
+def probe_capture(interface: str) -> None:
+    """Start the real meter on ``interface`` and stop it at once: raises CaptureError when capturing fails."""
+    source = FlowSource(MeterConfig(source=interface, live=True, n_dissections=0, bpf="less 1"))
+    source.stop()
+    for _ in source:
+        pass
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveLimits:
+    duration_s: float | None = None  # stop after this many seconds
+    count: int | None = None  # stop once this many flow records are written
+    stats_interval_s: float | None = None  # a stats record every this many seconds
+
+
+class LiveMonitor(Stage):
+    """The last stage: counts flows for --count, remembers the latest attacks and the devices seen."""
+
+    def __init__(self, count: int | None, on_count: Callable[[], None], on_begin: Callable[[], None],
+                 summary_fields: Callable[[], dict[str, Any]]) -> None:
+        self.count = count or 0
+        self.on_count = on_count
+        self.on_begin = on_begin
+        self.summary_fields = summary_fields
+        self.flows = 0
+        self.latest_attacks: deque[dict[str, Any]] = deque(maxlen=_LATEST_ATTACKS)
+        self.devices: set[str] = set()
+        self._not_devices: set[str] = set()
+
+    def begin(self, source: SourceInfo) -> None:
+        self.on_begin()
+
+    def run(self, events: Iterator[Event]) -> Iterator[Event]:
+        latest_attacks, devices, not_devices = self.latest_attacks, self.devices, self._not_devices
+        src_link, dst_link = DEVICE_LINK_FIELDS
+        for record, flow in events:
+            if record is None:  # heartbeat
+                yield record, flow
+                continue
+            self.flows += 1
+            if record.get("verdict") == "attack":
+                latest_attacks.append(record)
+            # Devices: the device stage's ids when it runs, else the MACs of local senders.
+            device = record.get(src_link)
+            if device is not None:
+                if device not in devices and len(devices) < _MAX_TRACKED:
+                    devices.add(device)
+                peer = record.get(dst_link)
+                if peer is not None and peer not in devices and len(devices) < _MAX_TRACKED:
+                    devices.add(peer)
+            else:
+                mac = record["src_mac"]
+                if mac not in devices and mac not in not_devices:
+                    target = devices if is_local_address(record["src_ip"]) else not_devices
+                    if len(target) < _MAX_TRACKED:
+                        target.add(mac)
+            if self.flows == self.count:
+                self.on_count()
+            yield record, flow
+
+    def summarize(self, summary: dict[str, Any]) -> None:
+        summary.update(self.summary_fields())
+
+
+class _LockedSink:
+    """The sink shared by the flow loop and the stats ticker: one record at a time, whole lines."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.lock = threading.Lock()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            self.sink.write(record)
+
+    def close(self, summary: dict[str, Any]) -> None:
+        with self.lock:
+            self.sink.close(summary)
+
+
+@dataclass
+class _Sample:
+    at: float
+    packets: int
+    flows: int
+    dropped: int
+
+
+class LiveRun:
+    """One `iotscan live` run: checks, capture through the stages, limits, stats, view, summary."""
+
+    def __init__(self, sink: Sink, stages: Sequence[Stage], config: MeterConfig, limits: LiveLimits,
+                 *, reporter: Reporter | None = None, fail_on: str | None = None,
+                 view_console: Console | None = None) -> None:
+        self.config = replace(config, live=True)
+        self.interface = config.source
+        self.limits = limits
+        self.sink = _LockedSink(sink)
+        self.monitor = LiveMonitor(limits.count, lambda: self.stop("count"), self._keep_source,
+                                   self._summary_fields)
+        self.analysis = Analysis(self.sink, stages=[*stages, self.monitor], reporter=reporter,
+                                 fail_on=fail_on)
+        self.view_console = view_console
+        self.stop_reason: str | None = None
+        self.started = time.monotonic()
+        self.source: FlowSource | None = None  # kept after the run for its final counters
+        self._done = threading.Event()
+        self._last_stats: _Sample | None = None
+        self._last_view: _Sample | None = None
+        self._view_rates = (0.0, 0.0)
+
+    # -- control -----------------------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        """End the capture cleanly (active flows are flushed): a limit, or the reader went away."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.analysis.stop()
+
+    def run(self) -> ExitCode:
+        """Capture until stopped; write the summary last; return the exit code."""
+        preflight(self.interface)
+        self.started = time.monotonic()
+        self._last_stats = self._last_view = _Sample(self.started, 0, 0, 0)
+        live = None
+        if self.view_console is not None:
+            live = Live(self._render(), console=self.view_console, auto_refresh=False, transient=True)
+            live.start()
+        ticker = threading.Thread(target=self._tick, args=(live,), name="iotscan-live-ticker", daemon=True)
+        ticker.start()
+        try:
+            self.analysis.run_interface(SourceInfo(name=self.interface, config=self.config))
+        finally:
+            self._done.set()
+            ticker.join()
+            if live is not None:
+                live.stop()
+            self._check_end()
+            self.analysis.finish()
+        return self.analysis.exit_code()
+
+    def _check_end(self) -> None:
+        """A live capture ends only when stopped: ending by itself (interface gone) is an error."""
+        inputs = self.analysis.state.inputs
+        status = inputs[-1]["status"] if inputs else "error"
+        if status == "error":
+            self.stop_reason = "error"
+        elif status != "stopped":
+            self.stop_reason = "error"
+            inputs[-1]["status"] = "error"
+            message = "the capture ended by itself (the interface went down or disappeared)"
+            self.analysis.state.error(self.interface, message, ExitCode.CAPTURE)
+            error(f"{self.interface}: {message}")
+        elif self.stop_reason is None:
+            self.stop_reason = "signal"
+
+    def _keep_source(self) -> None:
+        """The meter's counters stay readable after the run, for the summary."""
+        self.source = self.analysis.current_source
+
+    def _summary_fields(self) -> dict[str, Any]:
+        """records.LIVE_SUMMARY_FIELDS."""
+        return {"dropped_packets": self._counter(DROPPED), "ifdropped_packets": self._counter(IFDROPPED),
+                "stop_reason": self.stop_reason}
+
+    def _counter(self, index: int) -> int:
+        source = self.analysis.current_source or self.source
+        return source.counter(index) if source is not None else 0
+
+    # -- the ticker thread -------------------------------------------------------------------------
+
+    def _tick(self, live: Live | None) -> None:
+        deadline = self.started + self.limits.duration_s if self.limits.duration_s else None
+        interval = self.limits.stats_interval_s
+        next_stats = self.started + interval if interval else None
+        next_view = self.started
+        while not self._done.wait(_TICK_S):
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                deadline = None
+                self.stop("duration")
+            if next_stats is not None and interval and now >= next_stats:
+                next_stats += interval * max(1, int((now - next_stats) // interval) + 1)
+                try:
+                    self.sink.write(self._stats_record(now))
+                except (BrokenPipeError, ValueError):  # the reader went away; the main thread says so
+                    self.stop("signal")
+                    next_stats = None
+            if live is not None and now >= next_view:
+                next_view = now + _VIEW_EVERY_S
+                live.update(self._render(now), refresh=True)
+
+    def _sample(self, now: float) -> _Sample:
+        return _Sample(now, self._counter(PACKETS), self.analysis.state.flows, self._counter(DROPPED))
+
+    def _stats_record(self, now: float) -> dict[str, Any]:
+        sample, last = self._sample(now), self._last_stats
+        assert last is not None
+        self._last_stats = sample
+        span = max(now - last.at, 1e-6)
+        values = (
+            "stats", self.interface, int(time.time() * 1000), round(now - self.started, 3), round(span, 3),
+            sample.packets, sample.flows, self._counter(ACTIVE), self.analysis.state.attacks, sample.dropped,
+            self._counter(IFDROPPED), round((sample.packets - last.packets) / span, 1),
+            round((sample.flows - last.flows) / span, 1), round((sample.dropped - last.dropped) / span, 1),
+        )
+        return dict(zip(STATS_FIELD_NAMES, values, strict=True))
+
+    # -- the view ----------------------------------------------------------------------------------
+
+    def _render(self, now: float | None = None) -> Group:
+        now = now or time.monotonic()
+        sample, last = self._sample(now), self._last_view
+        if last is not None and now - last.at >= 0.9:  # rates over about a second
+            span = now - last.at
+            self._view_rates = ((sample.packets - last.packets) / span, (sample.flows - last.flows) / span)
+            self._last_view = sample
+        pps, fps = self._view_rates
+        state = self.analysis.state
+        drops = sample.dropped + self._counter(IFDROPPED)
+        attacks: Any
+        if self.monitor.latest_attacks:
+            attacks = Table(title="Latest attacks", box=box.SIMPLE_HEAD, title_style="bold red",
+                            title_justify="left")
+            for name in ("time", "src", "dst", "app", "family", "score"):
+                attacks.add_column(name)
+            for r in reversed(self.monitor.latest_attacks):
+                attacks.add_row(time.strftime("%H:%M:%S", time.localtime(r["last_seen_ms"] / 1000)),
+                                escape(f"{r['src_ip']}:{r['src_port']}"),
+                                escape(f"{r['dst_ip']}:{r['dst_port']}"),
+                                escape(r.get("app") or ""), escape(str(r.get("family") or "")),
+                                f"{r['score']:.2f}" if isinstance(r.get("score"), float) else "")
+        else:
+            attacks = Text("No attacks seen.", style="green")
+        counters = Table.grid(padding=(0, 3))
+        for _ in range(4):
+            counters.add_column(justify="right")
+        counters.add_row(f"[bold]{pps:,.0f}[/] packets/s", f"[bold]{fps:,.1f}[/] flows/s",
+                         f"[bold]{self._counter(ACTIVE):,}[/] active flows",
+                         f"[bold]{len(self.monitor.devices):,}[/] devices seen")
+        counters.add_row(f"{sample.packets:,} packets", f"{state.flows:,} flows",
+                         f"{state.attacks:,} attacks",
+                         f"[{'bold red' if drops else 'green'}]{drops:,}[/] kernel drops")
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(now - self.started))
+        limits = []
+        if self.limits.duration_s:
+            limits.append(f"stops after {self.limits.duration_s:g} s")
+        if self.limits.count:
+            limits.append(f"after {self.limits.count:,} flows")
+        header = Text.from_markup(f"[bold]iotscan live[/] {escape(self.interface)}   {elapsed}   "
+                                  f"{'; '.join(limits) or 'Ctrl-C stops'}", style="cyan")
+        return Group(header, attacks, counters)

@@ -1,0 +1,154 @@
+"""The feature code path: the feature list, the context tracker on hand-built flows, real captures."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from iotscan import features
+from iotscan.features import (
+    CONTEXT_FEATURES,
+    FEATURE_NAMES,
+    METER_SETTINGS,
+    REASON_GROUPS,
+    ContextTracker,
+    FeatureExtractor,
+)
+from iotscan.source import FlowSource, MeterConfig
+from tests.conftest import SAMPLES
+
+
+def col(X: np.ndarray, name: str) -> np.ndarray:
+    return X[:, FEATURE_NAMES.index(name)]
+
+
+def make_flow(src: str, dst: str, dport: int, first_s: float, *, proto: int = 6, sport: int = 40000,
+              packets: int = 1, nbytes: int = 60, answered: bool = False, duration_ms: int = 0) -> SimpleNamespace:
+    """A synthetic NFStream flow (for the tracker's unit tests only): a SYN probe by default."""
+    back = 1 if answered else 0
+    n_splt = features.SPLT_PACKETS
+    f = SimpleNamespace(
+        protocol=proto, ip_version=4, src_port=sport, dst_port=dport, src_ip=src, dst_ip=dst,
+        bidirectional_first_seen_ms=int(first_s * 1000), bidirectional_last_seen_ms=int(first_s * 1000) + duration_ms,
+        bidirectional_duration_ms=duration_ms, bidirectional_packets=packets + back,
+        bidirectional_bytes=nbytes + 60 * back, src2dst_packets=packets, src2dst_bytes=nbytes,
+        dst2src_packets=back, dst2src_bytes=60 * back, src2dst_duration_ms=duration_ms, dst2src_duration_ms=0,
+        src2dst_first_seen_ms=int(first_s * 1000), dst2src_first_seen_ms=int(first_s * 1000) + 1 if back else 0,
+        application_is_guessed=1, application_name="Unknown", application_category_name="Unspecified",
+        splt_direction=([0] * packets + [1] * back + [-1] * 10)[:n_splt],
+        splt_ps=([nbytes // packets] * (packets + back) + [0] * 10)[:n_splt])
+    for direction in ("bidirectional", "src2dst", "dst2src"):
+        for stat in ("min", "mean", "stddev", "max"):
+            setattr(f, f"{direction}_{stat}_ps", 0.0 if stat == "stddev" else nbytes / packets)
+            setattr(f, f"{direction}_{stat}_piat_ms", 0.0)
+    for direction in ("src2dst", "dst2src"):
+        for flag in ("syn", "cwr", "ece", "urg", "ack", "psh", "rst", "fin"):
+            setattr(f, f"{direction}_{flag}_packets", 0)
+    f.src2dst_syn_packets = 1 if proto == 6 else 0
+    f.dst2src_syn_packets = back if proto == 6 else 0  # answered: a SYN-ACK
+    return f
+
+
+def extract(flows: list[SimpleNamespace]) -> np.ndarray:
+    ex = FeatureExtractor({"app": ["HTTP"], "category": ["Web"]})
+    for f in flows:
+        ex.add(f)
+    return ex.take()
+
+
+def test_feature_list_is_pinned_and_clean() -> None:
+    assert len(FEATURE_NAMES) == len(set(FEATURE_NAMES))
+    # no addresses, MACs, raw ports or absolute times among the features
+    banned = re.compile(r"(^|_)(ip|mac|oui|vlan|port|first_seen|last_seen|timestamp)($|_)")
+    assert not [n for n in FEATURE_NAMES if banned.search(n) and not n.endswith("port_class")
+                and n not in ("src_port_below_dst", "ip_v6") and "new_port" not in n]
+    # every feature is explained by exactly one reason group
+    grouped = [n for _, names in REASON_GROUPS for n in names]
+    assert sorted(grouped) == sorted(FEATURE_NAMES)
+    assert isinstance(features.FEATURE_SCHEMA_VERSION, int)
+
+
+def test_scan_from_one_source_shows_in_its_context() -> None:
+    # one source probes 60 ports of one host, 20 ms apart, none answered; then one ordinary flow elsewhere
+    probes = [make_flow("10.0.0.66", "10.0.0.5", 1000 + i, 100.0 + i * 0.02) for i in range(60)]
+    normal = make_flow("10.0.0.7", "10.0.0.5", 443, 101.3, packets=10, nbytes=2000, answered=True,
+                       duration_ms=300)
+    X = extract([*probes, normal])
+    last_probe, first_probe, other = X[59], X[0], X[60]
+    assert np.exp(col(X, "src_log_new_ports_5s")[59]) - 1 > 40  # ~60 distinct ports, decayed a little
+    assert col(X, "src_new_port_share_5s")[59] > 0.95
+    assert col(X, "pair_log_new_ports_5s")[59] > col(X, "pair_log_new_ports_5s")[0] + 3
+    assert col(X, "src_fail_share_5s")[59] == pytest.approx(1.0)
+    assert col(X, "src_log_new_hosts_5s")[59] <= np.log1p(1.0) + 1e-6  # one host only (its novelty decays)
+    # the first probe had no history; the other source has its own (empty) history
+    assert first_probe[FEATURE_NAMES.index("src_log_flows_5s")] == pytest.approx(np.log1p(1.0))
+    assert last_probe[FEATURE_NAMES.index("src_log_flows_5s")] > np.log1p(50)
+    assert other[FEATURE_NAMES.index("src_log_flows_5s")] == pytest.approx(np.log1p(1.0))
+    assert other[FEATURE_NAMES.index("src_fail_share_5s")] == 0.0
+    # but the victim's view counts both sources
+    assert np.exp(other[FEATURE_NAMES.index("dst_log_new_srcs_120s")]) - 1 == pytest.approx(2.0, abs=0.1)
+
+
+def test_horizontal_scan_counts_hosts() -> None:
+    probes = [make_flow("10.0.0.66", f"10.0.1.{i}", 23, 50.0 + i * 0.05) for i in range(40)]
+    X = extract(probes)
+    assert np.exp(col(X, "src_log_new_hosts_5s")[-1]) - 1 > 30
+    assert col(X, "src_new_port_share_5s")[-1] < 0.1  # one port
+
+
+def test_beacon_scores_regular_intervals_and_sizes() -> None:
+    rng = np.random.default_rng(1)
+    regular = [make_flow("10.0.0.9", "198.51.100.7", 6667, 1000.0 + 30.0 * i, sport=41000 + i, packets=4,
+                         nbytes=300, answered=True) for i in range(15)]
+    irregular_times = np.cumsum(rng.exponential(30.0, 15)) + 1000.0
+    irregular = [make_flow("10.0.0.10", "203.0.113.9", 443, float(t), sport=42000 + i, packets=4,
+                           nbytes=int(rng.integers(200, 20000)), answered=True) for i, t in enumerate(irregular_times)]
+    Xr, Xi = extract(regular), extract(irregular)
+    assert col(Xr, "beacon_score")[-1] > 0.8
+    assert col(Xr, "pair_interval_cv")[-1] < 0.05
+    assert np.exp(col(Xr, "pair_log_mean_interval_s")[-1]) - 1 == pytest.approx(30.0, rel=0.01)
+    assert col(Xi, "beacon_score")[-1] < 0.3
+    assert col(Xr, "beacon_score")[1] < 0.3  # two flows are not yet a beacon
+
+
+def test_tracker_memory_is_bounded_by_cap_and_time() -> None:
+    tracker = ContextTracker(max_keys=100)
+    for i in range(5000):  # a spoofed flood: every flow from a new source
+        tracker.observe(float(i) / 100, float(i) / 100, f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", "10.9.9.9",
+                        80, 6, 4.1, 60.0, 1.0)
+    tracker.sweep()
+    assert len(tracker.src) <= 100 and len(tracker.pair) <= 100
+    assert len(tracker.dst) == 1 and len(tracker.svc) == 1
+    assert all(len(state[-1]) <= features.SET_CAP for state in tracker.dst.values())
+    # an hour of capture time later every key has expired
+    tracker.observe(3600.0 + 50, 3600.0 + 50, "10.1.1.1", "10.2.2.2", 80, 6, 4.1, 60.0, 0.0)
+    tracker.sweep()
+    assert tracker.tracked_keys() == 4
+
+
+@pytest.mark.parametrize("name", ["synflood-spoofed.pcap", "hue-bridge-setup.pcap"])
+def test_real_capture_rows_are_finite_and_deterministic(name: str) -> None:
+    def rows() -> np.ndarray:
+        ex = FeatureExtractor({"app": ["DNS", "TLS"], "category": ["Network", "Web"]})
+        for flow in FlowSource(MeterConfig(source=str(SAMPLES / name), **METER_SETTINGS)):
+            ex.add(flow)
+        return ex.take()
+
+    a, b = rows(), rows()
+    assert a.shape[1] == len(FEATURE_NAMES) and len(a) > 100
+    assert np.isfinite(a).all()
+    assert np.array_equal(a, b)
+    if name.startswith("synflood"):
+        # spoofed SYNs: single packets, unanswered, many sources converging on one service
+        assert np.median(col(a, "one_way")) == 1.0
+        assert np.median(col(a, "svc_log_new_srcs_5s")) > np.log1p(20)
+    else:
+        assert col(a, "app_code").max() > 0  # DNS or TLS seen and coded
+
+
+def test_context_features_are_marked() -> None:
+    assert "beacon_score" in CONTEXT_FEATURES and "src_log_flows_5s" in CONTEXT_FEATURES
+    assert "log_packets" not in CONTEXT_FEATURES

@@ -1,0 +1,176 @@
+"""Scoring in `analyze`: the bundled model, its verification, verdicts on real captures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iotscan.errors import ModelError
+from iotscan.features import FEATURE_NAMES, FEATURE_SCHEMA_VERSION
+from iotscan.modelstore import bundled_model, load_model, save_model, sha256_file
+from iotscan.scoring import attack_scores, explain, load_flow_model
+from tests.conftest import REPO, SAMPLES, assert_no_traceback, ndjson, run_iotscan
+
+FAMILIES = {"ddos", "dos", "scan", "bruteforce", "c2", "exploit", "spoofing"}
+
+
+@pytest.fixture(scope="module")
+def bundled() -> tuple[dict, dict]:
+    return load_flow_model()
+
+
+@pytest.fixture(scope="module")
+def scored() -> dict[str, list[dict]]:
+    """Every sample scored once (one analyze run), flows grouped by capture."""
+    proc = run_iotscan("analyze", SAMPLES, "--format", "ndjson", "--no-devices", check_code=0)
+    records = ndjson(proc.stdout)
+    assert records[-1]["event_type"] == "summary"
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        if r["event_type"] == "flow":
+            out.setdefault(Path(r["source"]).name, []).append(r)
+    out["_summary"] = [records[-1]]
+    return out
+
+
+def test_bundled_model_loads_verified_and_small(bundled: tuple[dict, dict]) -> None:
+    model, card = bundled
+    path = bundled_model("flows")
+    assert card["sha256"] == sha256_file(path)
+    assert path.stat().st_size < 20 * 2**20
+    assert model["feature_schema_version"] == FEATURE_SCHEMA_VERSION == card["feature_schema_version"]
+    assert model["feature_names"] == FEATURE_NAMES
+    assert 0.0 < model["threshold"] < 1.0 and model["threshold"] == card["threshold"]
+    assert set(model["families"]) <= FAMILIES
+    # the card carries the honest figures
+    assert {"grouped_cv", "leave_one_source_out"} <= set(card["evaluation"])
+    assert path.with_name("flows.card.md").is_file()
+
+
+def test_scores_are_probabilities_and_reasons_are_words(bundled: tuple[dict, dict]) -> None:
+    model, _ = bundled
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, len(FEATURE_NAMES))).astype(np.float32)
+    X[:, [FEATURE_NAMES.index("app_code"), FEATURE_NAMES.index("category_code")]] = 0
+    s = attack_scores(model, X)
+    assert s.shape == (50,) and np.all((s >= 0) & (s <= 1))
+    reasons = explain(model, X[:5])
+    assert len(reasons) == 5 and all(isinstance(p, str) for r in reasons for p in r)
+
+
+def test_synflood_is_flagged_as_ddos(scored: dict[str, list[dict]]) -> None:
+    flows = scored["synflood-spoofed.pcap"]
+    attacks = [r for r in flows if r["verdict"] == "attack"]
+    assert len(attacks) / len(flows) >= 0.95
+    families = [r["family"] for r in attacks]
+    assert families.count("ddos") / len(families) >= 0.8
+    assert all(r["reasons"] and all(isinstance(p, str) for p in r["reasons"]) for r in attacks[:50])
+    assert all(0.0 <= r["score"] <= 1.0 for r in flows)
+
+
+def test_benign_iot_setup_captures_stay_almost_clean(scored: dict[str, list[dict]]) -> None:
+    for name in ("tplink-hs110-setup.pcap", "hue-bridge-setup.pcap"):
+        flows = scored[name]
+        flagged = [r for r in flows if r["verdict"] == "attack"]
+        assert len(flagged) <= max(1, 0.02 * len(flows)), (name, [(r["app"], r["score"]) for r in flagged])
+        assert all(r["family"] is None and r["reasons"] is None for r in flows if r["verdict"] == "benign")
+
+
+def test_mirai_c2_is_flagged(scored: dict[str, list[dict]]) -> None:
+    flows = scored["mirai-c2-irc.pcap"]
+    c2 = [r for r in flows if r["verdict"] == "attack" and r["family"] == "c2"]
+    assert len(c2) / len(flows) >= 0.5
+
+
+def test_summary_counts_attacks(scored: dict[str, list[dict]]) -> None:
+    summary = scored["_summary"][0]
+    attacks = sum(r["verdict"] == "attack" for name, flows in scored.items() if name != "_summary" for r in flows)
+    assert summary["attacks"] == attacks > 0
+
+
+def test_fail_on_no_score_and_threshold() -> None:
+    proc = run_iotscan("analyze", SAMPLES / "synflood-spoofed.pcap", "-f", "ndjson", "--no-devices",
+                       "--fail-on", "ddos")
+    assert proc.returncode == 1, proc.stderr
+    proc = run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "-f", "ndjson", "--no-devices",
+                       "--no-score", "--fail-on", "attack", check_code=0)
+    records = ndjson(proc.stdout)
+    assert "verdict" not in records[0] and records[-1]["attacks"] == 0
+    proc = run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "-f", "ndjson", "--no-devices",
+                       "--threshold", "0", check_code=0)
+    flows = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
+    assert flows and all(r["verdict"] == "attack" and r["family"] in FAMILIES for r in flows)
+    proc = run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "--threshold", "1.5")
+    assert proc.returncode == 2 and b"Traceback" not in proc.stderr
+
+
+def test_table_shows_attacks_first_and_csv_has_verdicts(tmp_path: Path) -> None:
+    proc = run_iotscan("analyze", SAMPLES / "synflood-spoofed.pcap", "-f", "table", "--no-devices", check_code=0)
+    text = proc.stdout.decode()
+    assert text.index("Attack flows") < text.index("Busiest flows") and "ddos" in text
+    out = tmp_path / "flows.csv"
+    run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "--no-devices", "-o", out, check_code=0)
+    header = out.read_text().splitlines()[0].split(",")
+    assert {"verdict", "score", "family", "reasons"} <= set(header)
+
+
+def _tampered_install(tmp_path: Path) -> Path:
+    """A copy of the source tree whose bundled model file was altered after its card was written."""
+    root = tmp_path / "install"
+    shutil.copytree(REPO / "iotscan", root / "iotscan", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "models", root / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    model = root / "models" / "flows.joblib"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    return root
+
+
+def test_tampered_bundled_model_is_refused(tmp_path: Path) -> None:
+    root = _tampered_install(tmp_path)
+    with pytest.raises(ModelError, match="does not match"):
+        load_model(root / "models" / "flows.joblib")
+    proc = run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "-f", "ndjson", cwd=root,
+                       env={"PYTHONPATH": str(root)})
+    assert proc.returncode == 4, proc.stderr
+    assert_no_traceback(proc)
+    assert b"SHA-256" in proc.stderr and len(proc.stderr.decode().strip().splitlines()) == 1
+
+
+def test_own_model_needs_trust(tmp_path: Path) -> None:
+    own = tmp_path / "own.joblib"
+    shutil.copy(bundled_model("flows"), own)
+    proc = run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "--model", own)
+    assert proc.returncode == 4 and b"--trust-model" in proc.stderr
+    assert_no_traceback(proc)
+    proc = run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "-f", "ndjson", "--no-devices",
+                       "--model", own, "--trust-model", check_code=0)
+    assert all("verdict" in r for r in ndjson(proc.stdout)[:-1])
+
+
+def test_schema_mismatch_is_refused(tmp_path: Path, bundled: tuple[dict, dict]) -> None:
+    model, card = bundled
+    other = tmp_path / "old-schema.joblib"
+    save_model({**model, "feature_schema_version": FEATURE_SCHEMA_VERSION + 100}, other,
+               {k: v for k, v in card.items() if k != "sha256"}, "old")
+    with pytest.raises(ModelError, match="feature schema"):
+        load_model(other, schema_version=FEATURE_SCHEMA_VERSION)
+    proc = run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "--model", other, "--trust-model")
+    assert proc.returncode == 4 and b"feature schema" in proc.stderr
+    assert_no_traceback(proc)
+    garbage = tmp_path / "garbage.joblib"
+    garbage.write_bytes(b"not a pickle at all")
+    proc = run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "--model", garbage, "--trust-model")
+    assert proc.returncode == 4 and b"cannot load model" in proc.stderr
+
+
+def test_model_info_prints_the_card() -> None:
+    proc = run_iotscan("model", "info", check_code=0)
+    text = proc.stdout.decode()
+    assert "Leave one source out" in text and "SHA-256 verified" in text
+    card = json.loads(run_iotscan("model", "info", "--json", check_code=0).stdout)
+    assert card["sha256"] == sha256_file(bundled_model("flows"))
