@@ -5,7 +5,8 @@
 Runs alternate between the variants (these machines are noisy, so compare medians measured in one
 run, not times across runs). Peak RSS is the peak of the summed RSS of the whole process tree
 (iotscan and NFStream both meter in a child process). The scaling part runs each tool once on the
-capture and on one ten times as long, to show memory follows active flows, not capture length.
+capture and on one ten times as long, to show memory follows active flows, not capture length,
+then on a synthetic flood of a million one-packet flows (flood.py), where --max-flows bounds it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, measure, packets_in
 from corpus import OUT, REPO, build
+from flood import build as build_flood
 
 PY = sys.executable
 UNIT_COPIES = 13  # 13 copies of the ~78k-packet corpus: about 1M packets
@@ -92,6 +94,14 @@ def main() -> None:
                                         "peak_rss_10x_mib": round(m10 / 2**20, 1),
                                         "ratio_10x_over_1x": round(m10 / m1, 3)}
             print(f"{name:22s} 1x {m1 / 2**20:7.1f} MiB   10x {m10 / 2**20:7.1f} MiB   ratio {m10 / m1:.2f}")
+
+        flood = build_flood()
+        print(f"\nhostile input: {flood.name}, a spoofed SYN flood of 1M one-packet flows, all active at once")
+        results["flood"] = {}
+        for name in ("bare NFStream", "iotscan analyze"):
+            run = measure([flood.__str__() if a == str(capture) else a for a in cmds[name]])
+            results["flood"][name] = {"wall_s": round(run.wall_s, 1), "peak_rss_mib": round(run.peak_rss / 2**20)}
+            print(f"{name:22s} {run.wall_s:7.1f} s   peak RSS {run.peak_rss / 2**20:7.0f} MiB")
 
     OUT.mkdir(exist_ok=True)
     (OUT / "results-analyze.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -5,13 +5,19 @@ A flow's feature row has two parts:
 * per-flow: NFStream's statistics of the flow itself (sizes, timing, TCP flags, direction
   balance, early-packet sizes and directions), its nDPI application and category as codes of a
   fixed vocabulary stored with the model, and the class of its ports (well-known, registered,
-  ephemeral) -- never an address, a MAC, a raw port or an absolute time;
-* context: what the same source, destination host, service (destination host, port, protocol)
-  and pair did recently, kept by :class:`ContextTracker` as exponentially decayed counters over
-  capture time (in the manner of Kitsune's damped windows): flow rate, distinct destination hosts
-  and ports, share of failed or unanswered connections, spread of bytes and packet sizes, and
-  the regularity of intervals and sizes of repeated flows between one pair (a beacon score, as
-  RITA computes it).
+  ephemeral) -- never an address, a MAC, a raw port or an absolute time. Packet sizes are
+  counted as at least 60 bytes (the Ethernet minimum frame): a capture taken at the sender sees
+  a 54-byte SYN, one taken at the receiver the same SYN padded to 60, and the model must not
+  learn which side of the wire a capture came from;
+* context: what the flow's source, its destination host (the victim's view), its service
+  (destination host, port, protocol) and its channel (source, service) did recently, kept by
+  :class:`ContextTracker` as exponentially decayed counters over capture time (in the manner of
+  Kitsune's damped windows): flow rate, distinct sources, destination hosts and ports, shares of
+  failed, unanswered and single-packet flows, spread of flow sizes, and the regularity of
+  intervals and sizes of repeated flows on one channel (a beacon score, as RITA computes it).
+  A spoofed flood has one flow per source, so only the victim's view sees it; a scan shows in its
+  source's distinct ports and hosts; password guessing in many short connections of one size on
+  one channel; a bot's beacon in regular intervals on one channel.
 
 Context is causal: a flow sees the flows that expired before it in the same capture (flows reach
 the tracker in expiry order, which follows their last packet). Per flow, Python does one
@@ -35,7 +41,7 @@ import numpy as np
 
 # Bump whenever a feature's meaning, order or the meter settings below change: models record it and
 # refuse to load under another version (exit 4) instead of scoring garbage.
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = 2
 
 # Meter settings the features rely on; training extraction and `analyze` both use them.
 SPLT_PACKETS = 6  # early packets whose sizes and directions are kept
@@ -48,8 +54,10 @@ MAX_KEYS = 20_000  # per tracker table
 SET_CAP = 48  # recent peers remembered per key
 BEACON_ALPHA = 0.25  # weight of the newest interval in the beacon's running averages
 _SWEEP_EVERY = 2048  # observations between expiry sweeps
+MIN_FRAME = 60.0  # Ethernet minimum frame without FCS: smaller packets are padded on the wire
 
 _LN2 = math.log(2.0)
+_exp = math.exp
 
 # -- per-flow attributes read from NFStream -------------------------------------------------------
 
@@ -76,8 +84,9 @@ _RAW_NUMERIC = (
 _N_NUM = len(_RAW_NUMERIC) - 6
 _R = {name: i for i, name in enumerate(_RAW_NUMERIC)}
 _get_raw = attrgetter(*_RAW_NUMERIC)
-_I_PROTO, _I_DPORT, _I_BYTES, _I_DPK, _I_MEAN_PS = (
-    _R[n] for n in ("protocol", "dst_port", "bidirectional_bytes", "dst2src_packets", "bidirectional_mean_ps"))
+_I_PROTO, _I_DPORT, _I_PACKETS, _I_SPK, _I_SBYTES, _I_DPK, _I_DBYTES = (_R[n] for n in (
+    "protocol", "dst_port", "bidirectional_packets", "src2dst_packets", "src2dst_bytes", "dst2src_packets",
+    "dst2src_bytes"))
 _I_SSYN, _I_DSYN, _I_DRST = (_R[n] for n in ("src2dst_syn_packets", "dst2src_syn_packets", "dst2src_rst_packets"))
 _I_FIRST, _I_LAST, _I_SRC, _I_DST, _I_APP, _I_CAT = range(_N_NUM, _N_NUM + 6)
 _NO_SPLT_PAIR = ((-1,) * SPLT_PACKETS, (0,) * SPLT_PACKETS)
@@ -89,7 +98,7 @@ _PER_FLOW = [
     "proto_tcp", "proto_udp", "proto_icmp", "ip_v6",
     "dst_port_class", "src_port_class", "src_port_below_dst", "dst_multicast",
     "log_duration_ms", "log_packets", "log_bytes",
-    "log_src2dst_packets", "log_src2dst_bytes", "log_dst2src_packets", "log_dst2src_bytes",
+    "log_src2dst_packets", "log_src2dst_bytes", "log_dst2src_packets", "log_dst2src_bytes", "log_packet_rate",
     "dst2src_byte_share", "dst2src_packet_share", "one_way", "failed",
     "log_response_delay_ms", "log_src2dst_duration_ms", "log_dst2src_duration_ms",
     "min_ps", "mean_ps", "stddev_ps", "max_ps",
@@ -112,32 +121,34 @@ def _windowed(prefix: str, stats: Sequence[str]) -> list[str]:
     return [f"{prefix}_{s}_{int(w)}s" for w in WINDOWS_S for s in stats]
 
 
-_SRC_STATS = ("log_flows", "fail_share", "log_new_hosts", "new_host_share", "log_new_ports", "new_port_share",
-              "bytes_mean", "bytes_std", "pktsize_std")
-_DST_STATS = ("log_flows", "fail_share", "log_new_srcs", "new_src_share")
-_SVC_STATS = ("log_flows", "fail_share", "log_new_srcs", "bytes_std")
-_PAIR_STATS = ("log_flows", "fail_share", "log_new_ports")
-_BEACON = ["pair_log_repeats", "pair_log_mean_interval_s", "pair_interval_cv", "pair_size_dev", "beacon_score"]
+# Context features per table and window (see context_features for their arithmetic).
+_SRC_STATS = ("log_flows", "fail_share", "unanswered_share", "log_new_hosts", "new_host_share", "log_new_ports",
+              "new_port_share", "bytes_std")
+_DST_STATS = ("log_flows", "fail_share", "unanswered_share", "single_share", "log_new_srcs", "new_src_share",
+              "bytes_std")
+_SVC_STATS = ("log_flows", "fail_share", "single_share", "log_new_srcs", "new_src_share", "bytes_std")
+_CHAN_STATS = ("log_flows", "fail_share", "bytes_std")
+_BEACON = ["chan_log_repeats", "chan_log_mean_interval_s", "chan_interval_cv", "chan_size_dev", "beacon_score"]
 
 FEATURE_NAMES: list[str] = [
     *_PER_FLOW, *CATEGORICAL,
     *_windowed("src", _SRC_STATS), *_windowed("dst", _DST_STATS), *_windowed("svc", _SVC_STATS),
-    *_windowed("pair", _PAIR_STATS), *_BEACON,
+    *_windowed("chan", _CHAN_STATS), *_BEACON,
 ]
 CONTEXT_FEATURES: frozenset[str] = frozenset(FEATURE_NAMES[len(_PER_FLOW) + len(CATEGORICAL):])
 # What the per-flow baseline (a random forest on NFStream statistics alone) may use.
 STATISTICS_FEATURES: list[str] = [n for n in _PER_FLOW if not n.startswith("early")
-                                  and n not in ("early_direction_changes", "app_guessed")]
+                                  and n not in ("early_direction_changes", "app_guessed", "log_packet_rate")]
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 CATEGORICAL_INDEX = [_COL[n] for n in CATEGORICAL]
 
-# Accumulators per key and window, in the tracker's state order (see ContextTracker).
-_SRC_ACC = ("w", "fail", "new_host", "new_port", "b", "bb", "p", "pp")
-_DST_ACC = ("w", "fail", "new_src")
-_SVC_ACC = ("w", "fail", "new_src", "b", "bb")
-_PAIR_ACC = ("w", "fail", "new_port")
+# Raw accumulators per key and window, in the tracker's state order (see ContextTracker).
+_SRC_ACC = ("w", "fail", "unans", "new_host", "new_port", "b", "bb")
+_DST_ACC = ("w", "fail", "unans", "single", "new_src", "b", "bb")
+_SVC_ACC = ("w", "fail", "single", "new_src", "b", "bb")
+_CHAN_ACC = ("w", "fail", "b", "bb")
 _N_BEACON_ACC = 4  # repeats, mean interval, mean |interval deviation|, mean |size deviation|
-_N_CTX = len(WINDOWS_S) * (len(_SRC_ACC) + len(_DST_ACC) + len(_SVC_ACC) + len(_PAIR_ACC)) + _N_BEACON_ACC
+_N_CTX = len(WINDOWS_S) * (len(_SRC_ACC) + len(_DST_ACC) + len(_SVC_ACC) + len(_CHAN_ACC)) + _N_BEACON_ACC
 
 
 # -- stable encoding of nDPI applications and categories ------------------------------------------
@@ -173,15 +184,14 @@ def encode_names(names: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
 
 # -- context --------------------------------------------------------------------------------------
 
-def _new_state(n_acc: int, n_sets: int, t: float) -> list:
-    return [t, *([0.0] * n_acc), *({} for _ in range(n_sets))]
-
-
 class ContextTracker:
-    """Decayed per-source, per-destination, per-service and per-pair counters over capture time.
+    """Decayed per-source, per-destination, per-service and per-channel counters over capture time.
 
     ``observe`` folds one flow in and returns the raw accumulators after it (the flow counts
     itself); :func:`context_features` turns a batch of them into features with numpy.
+
+    A table's state per key is ``[last update, accumulators of window 1, of window 2, peer sets]``;
+    a peer set maps a peer (a source, a host, a port) to when it was last seen, to count new ones.
     """
 
     def __init__(self, windows_s: Sequence[float] = WINDOWS_S, max_keys: int = MAX_KEYS,
@@ -195,144 +205,96 @@ class ContextTracker:
         self.src: OrderedDict[str, list] = OrderedDict()
         self.dst: OrderedDict[str, list] = OrderedDict()
         self.svc: OrderedDict[tuple, list] = OrderedDict()
-        self.pair: OrderedDict[tuple, list] = OrderedDict()
+        self.chan: OrderedDict[tuple, list] = OrderedDict()
         self.now = 0.0
         self._seen = 0
 
     def tracked_keys(self) -> int:
-        return len(self.src) + len(self.dst) + len(self.svc) + len(self.pair)
+        return len(self.src) + len(self.dst) + len(self.svc) + len(self.chan)
 
     def observe_values(self, v: tuple) -> list[float]:
         """``observe`` for one flow's attribute tuple (see _RAW_NUMERIC)."""
         proto = v[_I_PROTO]
+        back = v[_I_DPK]
         # the same rule as _failed(), per flow
-        failed = 1.0 if v[_I_DPK] == 0 or (proto == 6 and (
+        failed = 1.0 if back == 0 or (proto == 6 and (
             v[_I_DRST] > 0 or (v[_I_SSYN] > 0 and v[_I_DSYN] == 0))) else 0.0
+        nbytes = max(v[_I_SBYTES], MIN_FRAME * v[_I_SPK]) + max(v[_I_DBYTES], MIN_FRAME * back)
         return self.observe(v[_I_LAST] / 1000.0, v[_I_FIRST] / 1000.0, v[_I_SRC], v[_I_DST], v[_I_DPORT], proto,
-                            math.log1p(v[_I_BYTES]), v[_I_MEAN_PS], failed)
+                            math.log1p(nbytes), failed, 1.0 if back == 0 else 0.0,
+                            1.0 if v[_I_PACKETS] <= 1 else 0.0)
 
-    def observe(self, t: float, t_first: float, src: str, dst: str, dport: int, proto: int,
-                log_bytes: float, mean_ps: float, failed: float) -> list[float]:
-        """One flow: ``t`` its last packet, ``t_first`` its first (seconds of capture time).
+    def _decayed(self, st: list, n: int, t: float, inc: list[float]) -> list[float]:
+        """Decay a key's two windows of ``n`` accumulators to ``t``, add ``inc``; the new values."""
+        # Runs four times per flow in Python: most of the scorer's per-flow cost, hence the plain loops.
+        dt = t - st[0]
+        inc2 = inc + inc
+        if dt > 0.0:
+            st[0] = t
+            d1, d2 = _exp(-dt * self.rates[0]), _exp(-dt * self.rates[1])
+            decay = [d1] * n + [d2] * n
+            values = [a * d + x for a, d, x in zip(st[1:1 + 2 * n], decay, inc2)]  # noqa: B905 (equal lengths)
+        else:  # the same instant (or a flow that ended before the key's last update): no decay
+            values = [a + x for a, x in zip(st[1:1 + 2 * n], inc2)]  # noqa: B905
+        st[1:1 + 2 * n] = values
+        return values
 
-        Written out for exactly two windows, with locals and slice assignments: this runs once per
-        flow in Python and is most of the scorer's per-flow cost.
-        """
+    def _novel(self, peers: dict, peer: Any, t: float) -> float:
+        """1.0 when ``peer`` was not seen in the last NOVELTY_S seconds; remembers it (capped, oldest out)."""
+        new = 1.0 if peers.get(peer, -1e18) < t - NOVELTY_S else 0.0
+        peers[peer] = t
+        if len(peers) > self.set_cap:
+            del peers[next(iter(peers))]
+        return new
+
+    def observe(self, t: float, t_first: float, src: str, dst: str, dport: int, proto: int, log_bytes: float,
+                failed: float, unanswered: float, single: float) -> list[float]:
+        """One flow: ``t`` its last packet, ``t_first`` its first (seconds of capture time), ``log_bytes``
+        log1p of its size, ``failed``/``unanswered``/``single`` 1.0 or 0.0 (see _failed, one_way, 1 packet)."""
         if t > self.now:
             self.now = t
         self._seen += 1
         if self._seen % _SWEEP_EVERY == 0:
             self.sweep()
-        r1, r2 = self.rates
-        exp = math.exp
-        cap = self.set_cap
-        horizon = t - NOVELTY_S
-        lb, lb2, ps, ps2 = log_bytes, log_bytes * log_bytes, mean_ps, mean_ps * mean_ps
+        lb, lb2 = log_bytes, log_bytes * log_bytes
 
-        # source: flows, failures, new destination hosts and ports, bytes and packet-size spread
-        table = self.src
-        st = table.get(src)
+        # source: flows, failures, new destination hosts and ports (scans), size spread
+        st = self.src.get(src)
         if st is None:
-            table[src] = [t, 1.0, failed, 1.0, 1.0, lb, lb2, ps, ps2, 1.0, failed, 1.0, 1.0, lb, lb2, ps, ps2,
-                          {dst: t}, {dport: t}]
-            out = [1.0, failed, 1.0, 1.0, lb, lb2, ps, ps2, 1.0, failed, 1.0, 1.0, lb, lb2, ps, ps2]
+            st = self.src[src] = [t, *([0.0] * 14), {}, {}]
         else:
-            table.move_to_end(src)
-            hosts, ports = st[17], st[18]
-            new_host = 1.0 if hosts.get(dst, -1e18) < horizon else 0.0
-            hosts[dst] = t
-            if len(hosts) > cap:
-                del hosts[next(iter(hosts))]
-            new_port = 1.0 if ports.get(dport, -1e18) < horizon else 0.0
-            ports[dport] = t
-            if len(ports) > cap:
-                del ports[next(iter(ports))]
-            dt = t - st[0]
-            if dt > 0.0:
-                st[0] = t
-                d1, d2 = exp(-dt * r1), exp(-dt * r2)
-            else:
-                d1 = d2 = 1.0
-            a1, a2, a3, a4, a5, a6, a7, a8, b1, b2, b3, b4, b5, b6, b7, b8 = st[1:17]
-            out = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + new_host, a4 * d1 + new_port, a5 * d1 + lb,
-                   a6 * d1 + lb2, a7 * d1 + ps, a8 * d1 + ps2,
-                   b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + new_host, b4 * d2 + new_port, b5 * d2 + lb,
-                   b6 * d2 + lb2, b7 * d2 + ps, b8 * d2 + ps2]
-            st[1:17] = out
+            self.src.move_to_end(src)
+        out = self._decayed(st, 7, t, [1.0, failed, unanswered, self._novel(st[15], dst, t),
+                                       self._novel(st[16], dport, t), lb, lb2])
 
-        # destination host: flows, failures, new sources (many sources at one victim)
-        table = self.dst
-        st = table.get(dst)
+        # destination host, the victim's view: flows, failures, single packets, new sources (floods)
+        st = self.dst.get(dst)
         if st is None:
-            table[dst] = [t, 1.0, failed, 1.0, 1.0, failed, 1.0, {src: t}]
-            out += (1.0, failed, 1.0, 1.0, failed, 1.0)
+            st = self.dst[dst] = [t, *([0.0] * 14), {}]
         else:
-            table.move_to_end(dst)
-            srcs = st[7]
-            new_src = 1.0 if srcs.get(src, -1e18) < horizon else 0.0
-            srcs[src] = t
-            if len(srcs) > cap:
-                del srcs[next(iter(srcs))]
-            dt = t - st[0]
-            if dt > 0.0:
-                st[0] = t
-                d1, d2 = exp(-dt * r1), exp(-dt * r2)
-            else:
-                d1 = d2 = 1.0
-            a1, a2, a3, b1, b2, b3 = st[1:7]
-            part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + new_src, b1 * d2 + 1.0, b2 * d2 + failed,
-                    b3 * d2 + new_src]
-            st[1:7] = part
-            out += part
+            self.dst.move_to_end(dst)
+        out += self._decayed(st, 7, t, [1.0, failed, unanswered, single, self._novel(st[15], src, t), lb, lb2])
 
-        # service (destination host, port, protocol): many short or failed connections to one service
-        table = self.svc
+        # service (destination host, port, protocol): many sources or failed connections at one service
         key = (dst, dport, proto)
-        st = table.get(key)
+        st = self.svc.get(key)
         if st is None:
-            table[key] = [t, 1.0, failed, 1.0, lb, lb2, 1.0, failed, 1.0, lb, lb2, {src: t}]
-            out += (1.0, failed, 1.0, lb, lb2, 1.0, failed, 1.0, lb, lb2)
+            st = self.svc[key] = [t, *([0.0] * 12), {}]
         else:
-            table.move_to_end(key)
-            srcs = st[11]
-            new_src = 1.0 if srcs.get(src, -1e18) < horizon else 0.0
-            srcs[src] = t
-            if len(srcs) > cap:
-                del srcs[next(iter(srcs))]
-            dt = t - st[0]
-            if dt > 0.0:
-                st[0] = t
-                d1, d2 = exp(-dt * r1), exp(-dt * r2)
-            else:
-                d1 = d2 = 1.0
-            a1, a2, a3, a4, a5, b1, b2, b3, b4, b5 = st[1:11]
-            part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + new_src, a4 * d1 + lb, a5 * d1 + lb2,
-                    b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + new_src, b4 * d2 + lb, b5 * d2 + lb2]
-            st[1:11] = part
-            out += part
+            self.svc.move_to_end(key)
+        out += self._decayed(st, 6, t, [1.0, failed, single, self._novel(st[13], src, t), lb, lb2])
 
-        # pair: flows, failures, new ports on one host (a vertical scan), and the beacon:
-        # [t, 6 accumulators, prev_first, repeats, mean_interval, dev_interval, mean_size, dev_size, ports]
-        table = self.pair
-        key = (src, dst)
-        st = table.get(key)
+        # channel (source, service): repeated connections (password guessing), and the beacon:
+        # [t, 8 accumulators, prev_first, repeats, mean_interval, dev_interval, mean_size, dev_size]
+        key = (src, dst, dport, proto)
+        st = self.chan.get(key)
         if st is None:
-            table[key] = [t, 1.0, failed, 1.0, 1.0, failed, 1.0, t_first, 0.0, 0.0, 0.0, lb, 0.0, {dport: t}]
-            out += (1.0, failed, 1.0, 1.0, failed, 1.0, 0.0, 0.0, 0.0, 0.0)
+            self.chan[key] = [t, *([0.0] * 8), t_first, 0.0, 0.0, 0.0, lb, 0.0]
+            out += (1.0, failed, lb, lb2, 1.0, failed, lb, lb2, 0.0, 0.0, 0.0, 0.0)
             return out
-        table.move_to_end(key)
-        ports = st[13]
-        new_port = 1.0 if ports.get(dport, -1e18) < horizon else 0.0
-        ports[dport] = t
-        if len(ports) > cap:
-            del ports[next(iter(ports))]
-        dt = t - st[0]
-        if dt > 0.0:
-            st[0] = t
-            d1, d2 = exp(-dt * r1), exp(-dt * r2)
-        else:
-            d1 = d2 = 1.0
-        a1, a2, a3, b1, b2, b3, prev, repeats, mean_iv, dev_iv, mean_b, dev_b = st[1:13]
+        self.chan.move_to_end(key)
+        out += self._decayed(st, 4, t, [1.0, failed, lb, lb2])
+        prev, repeats, mean_iv, dev_iv, mean_b, dev_b = st[9:15]
         interval = t_first - prev
         if interval >= 0.0:  # out-of-order starts are not intervals
             a = BEACON_ALPHA
@@ -343,19 +305,15 @@ class ContextTracker:
                 mean_iv += a * (interval - mean_iv)
             dev_b += a * (abs(lb - mean_b) - dev_b)
             mean_b += a * (lb - mean_b)
-            prev = t_first
+            st[9:15] = [t_first, repeats + 1.0, mean_iv, dev_iv, mean_b, dev_b]
             repeats += 1.0
-        part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + new_port, b1 * d2 + 1.0, b2 * d2 + failed,
-                b3 * d2 + new_port]
-        st[1:13] = [*part, prev, repeats, mean_iv, dev_iv, mean_b, dev_b]
-        out += part
         out += (repeats, mean_iv, dev_iv, dev_b)
         return out
 
     def sweep(self) -> None:
         """Drop keys idle for longer than the TTL, then the least recently active beyond the cap."""
         horizon = self.now - self.key_ttl_s
-        for table in (self.src, self.dst, self.svc, self.pair):
+        for table in (self.src, self.dst, self.svc, self.chan):
             while table:
                 first = next(iter(table))
                 if table[first][0] < horizon or len(table) > self.max_keys:
@@ -370,10 +328,11 @@ def context_features(acc: np.ndarray) -> np.ndarray:
     cols: list[np.ndarray] = []
     pos = 0
     blocks = []
-    for n_acc in (len(_SRC_ACC), len(_DST_ACC), len(_SVC_ACC), len(_PAIR_ACC)):
+    for n_acc in (len(_SRC_ACC), len(_DST_ACC), len(_SVC_ACC), len(_CHAN_ACC)):
+        # each table's accumulators: window 1's, then window 2's
         blocks.append(acc[:, pos:pos + n_acc * n_w].reshape(len(acc), n_w, n_acc))
         pos += n_acc * n_w
-    src, dst, svc, pair = blocks
+    src, dst, svc, chan = blocks
     beacon = acc[:, pos:pos + _N_BEACON_ACC]
 
     def std(s1: np.ndarray, s2: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -381,18 +340,17 @@ def context_features(acc: np.ndarray) -> np.ndarray:
         return np.sqrt(np.maximum(s2 / w - mean * mean, 0.0))
 
     for k in range(n_w):
-        w, fail, nh, npo, b, bb, p, pp = (src[:, k, m] for m in range(8))
-        cols += [np.log1p(w), fail / w, np.log1p(nh), nh / w, np.log1p(npo), npo / w, b / w, std(b, bb, w),
-                 std(p, pp, w)]
+        w, fail, unans, nh, npo, b, bb = (src[:, k, m] for m in range(7))
+        cols += [np.log1p(w), fail / w, unans / w, np.log1p(nh), nh / w, np.log1p(npo), npo / w, std(b, bb, w)]
     for k in range(n_w):
-        w, fail, ns = (dst[:, k, m] for m in range(3))
-        cols += [np.log1p(w), fail / w, np.log1p(ns), ns / w]
+        w, fail, unans, single, ns, b, bb = (dst[:, k, m] for m in range(7))
+        cols += [np.log1p(w), fail / w, unans / w, single / w, np.log1p(ns), ns / w, std(b, bb, w)]
     for k in range(n_w):
-        w, fail, ns, b, bb = (svc[:, k, m] for m in range(5))
-        cols += [np.log1p(w), fail / w, np.log1p(ns), std(b, bb, w)]
+        w, fail, single, ns, b, bb = (svc[:, k, m] for m in range(6))
+        cols += [np.log1p(w), fail / w, single / w, np.log1p(ns), ns / w, std(b, bb, w)]
     for k in range(n_w):
-        w, fail, npo = (pair[:, k, m] for m in range(3))
-        cols += [np.log1p(w), fail / w, np.log1p(npo)]
+        w, fail, b, bb = (chan[:, k, m] for m in range(4))
+        cols += [np.log1p(w), fail / w, std(b, bb, w)]
     repeats, mean_iv, dev_iv, dev_size = beacon.T
     cv = np.where(repeats >= 2, dev_iv / np.maximum(mean_iv, 1e-3), 1.0)
     regular = np.clip(1.0 - cv, 0.0, 1.0) * np.clip(1.0 - dev_size, 0.0, 1.0)
@@ -415,6 +373,11 @@ def _is_multicast(ip: str) -> bool:
     return (head.isdigit() and 224 <= int(head) <= 239) or ip.endswith(".255")
 
 
+def _framed(size: np.ndarray) -> np.ndarray:
+    """Packet sizes as at least MIN_FRAME bytes (0 stays 0: no packet)."""
+    return np.where(size > 0, np.maximum(size, MIN_FRAME), 0.0)
+
+
 def per_flow_features(raw: np.ndarray, multicast: np.ndarray, splt_dirs: np.ndarray,
                       splt_sizes: np.ndarray) -> np.ndarray:
     """Raw NFStream numbers (n, _N_NUM) -> per-flow feature columns, in FEATURE_NAMES order."""
@@ -422,25 +385,32 @@ def per_flow_features(raw: np.ndarray, multicast: np.ndarray, splt_dirs: np.ndar
         return raw[:, _R[name]]
 
     proto = c("protocol")
-    packets, nbytes = c("bidirectional_packets"), c("bidirectional_bytes")
-    s_pk, s_b, d_pk, d_b = c("src2dst_packets"), c("src2dst_bytes"), c("dst2src_packets"), c("dst2src_bytes")
+    packets = c("bidirectional_packets")
+    s_pk, d_pk = c("src2dst_packets"), c("dst2src_packets")
+    # bytes as if every packet were at least a minimum frame (padding is a property of the capture point)
+    s_b = np.maximum(c("src2dst_bytes"), MIN_FRAME * s_pk)
+    d_b = np.maximum(c("dst2src_bytes"), MIN_FRAME * d_pk)
+    nbytes = s_b + d_b
     sport, dport = c("src_port"), c("dst_port")
     one_way = (d_pk == 0).astype(np.float64)
     is_tcp = proto == 6
     failed = _failed(raw)
+    duration = c("bidirectional_duration_ms")
     delay = np.where(d_pk > 0, np.maximum(c("dst2src_first_seen_ms") - c("src2dst_first_seen_ms"), 0.0), -1.0)
     safe_s, safe_d = np.maximum(s_pk, 1.0), np.maximum(d_pk, 1.0)
     cols = [
         is_tcp, proto == 17, (proto == 1) | (proto == 58), c("ip_version") == 6,
         _port_class(dport), _port_class(sport), (sport < dport) & (sport > 0), multicast,
-        np.log1p(c("bidirectional_duration_ms")), np.log1p(packets), np.log1p(nbytes),
+        np.log1p(duration), np.log1p(packets), np.log1p(nbytes),
         np.log1p(s_pk), np.log1p(s_b), np.log1p(d_pk), np.log1p(d_b),
+        np.log1p(np.maximum(packets - 1.0, 0.0) / (duration / 1000.0 + 1.0)),  # packets per second after the first
         d_b / np.maximum(nbytes, 1.0), d_pk / np.maximum(packets, 1.0), one_way, failed,
         np.where(delay >= 0, np.log1p(np.maximum(delay, 0.0)), -1.0),
         np.log1p(c("src2dst_duration_ms")), np.log1p(c("dst2src_duration_ms")),
     ]
     for direction in ("bidirectional", "src2dst", "dst2src"):
-        cols += [c(f"{direction}_{s}_ps") for s in ("min", "mean", "stddev", "max")]
+        cols += [_framed(c(f"{direction}_min_ps")), _framed(c(f"{direction}_mean_ps")), c(f"{direction}_stddev_ps"),
+                 _framed(c(f"{direction}_max_ps"))]
     cols += [np.log1p(c(f"bidirectional_{s}_piat_ms")) for s in ("min", "mean", "stddev", "max")]
     cols += [np.log1p(c(f"{d}_{s}_piat_ms")) for d in ("src2dst", "dst2src") for s in ("mean", "stddev")]
     cols += [c(f"src2dst_{f}_packets") / safe_s for f in _FLAGS]
@@ -450,7 +420,8 @@ def per_flow_features(raw: np.ndarray, multicast: np.ndarray, splt_dirs: np.ndar
              c("application_is_guessed")]
     # Early packets: size signed by direction (NFStream marks unused slots with direction -1).
     present = splt_dirs >= 0
-    signed = np.where(present, np.where(splt_dirs == 0, splt_sizes, -splt_sizes), 0.0)
+    sizes = np.maximum(splt_sizes, MIN_FRAME)
+    signed = np.where(present, np.where(splt_dirs == 0, sizes, -sizes), 0.0)
     cols += [signed[:, i] for i in range(SPLT_PACKETS)]
     changes = np.sum(present[:, 1:] & present[:, :-1] & (splt_dirs[:, 1:] != splt_dirs[:, :-1]), axis=1)
     cols.append(changes)
@@ -577,22 +548,22 @@ def _reason_groups(spec: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[str,
 
 # The scorer names the groups whose replacement by typical benign values lowers a flow's score most.
 REASON_GROUPS: list[tuple[str, list[str]]] = _reason_groups([
-    ("many failed or unanswered connections", ["*fail_share_*", "failed"]),
+    ("many failed or unanswered connections", ["*fail_share_*", "*unanswered_share_*", "failed"]),
     ("many flows from this source in a short time", ["src_log_flows_*"]),
     ("this source contacted many different hosts", ["src_log_new_hosts_*", "src_new_host_share_*"]),
-    ("this source probed many different ports", ["src_log_new_ports_*", "src_new_port_share_*",
-                                                 "pair_log_new_ports_*"]),
-    ("many sources converging on one host or service", ["dst_log_*", "dst_new_src_share_*", "svc_log_*"]),
+    ("this source probed many different ports", ["src_log_new_ports_*", "src_new_port_share_*"]),
+    ("many sources converging on one host or service (flood)", ["dst_log_*", "dst_new_src_share_*", "svc_log_*",
+                                                                "svc_new_src_share_*", "*single_share_*"]),
+    ("many repeated connections from this source to one service", ["chan_log_flows_*"]),
     ("repeated connections to one server at regular intervals (beacon-like)",
-     ["pair_log_flows_*", "pair_log_repeats", "pair_log_mean_interval_s", "pair_interval_cv", "pair_size_dev",
-      "beacon_score"]),
-    ("uniform flow sizes from this source or to this service", ["src_bytes_*", "src_pktsize_std_*",
-                                                                "svc_bytes_std_*"]),
+     ["chan_log_repeats", "chan_log_mean_interval_s", "chan_interval_cv", "chan_size_dev", "beacon_score"]),
+    ("uniform flow sizes from this source or to this host or service", ["*_bytes_std_*"]),
     ("no reply or one-sided traffic", ["one_way", "dst2src_byte_share", "dst2src_packet_share",
                                        "log_*packets", "early_direction_changes"]),
     ("unusual packet sizes", ["*_ps", "early*_size", "log_bytes", "log_*_bytes"]),
     ("unusual TCP flags (SYN/RST/FIN pattern)", ["*2*_*_share", "log_*_syn", "log_*_rst"]),
-    ("unusual timing", ["log_*duration_ms", "log_*piat_ms", "log_response_delay_ms"]),
+    ("unusual timing or packet rate", ["log_*duration_ms", "log_*piat_ms", "log_response_delay_ms",
+                                       "log_packet_rate"]),
     ("application or port unusual for benign traffic", ["app_code", "category_code", "app_guessed",
                                                         "*port_class", "src_port_below_dst"]),
     ("protocol", ["proto_*", "ip_v6", "dst_multicast"]),

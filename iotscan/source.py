@@ -53,6 +53,10 @@ _POLL_S = 0.25  # how often the reader checks that the meter is alive
 _LIVE_BLOCK_MS = 250  # libpcap delivers live packets in blocks retired after at most this long
 _LIVE_WAIT_MS = 100  # longest wait for packets before the clock moves on and stop() is checked
 
+# Flows tracked at once unless told otherwise. A flow costs about 5 KB in the meter, so this bounds the
+# table near 500 MB when every packet opens a flow (a flood of spoofed sources).
+DEFAULT_MAX_FLOWS = 100_000
+
 # Indices into the shared counter array.
 PACKETS, IGNORED, ACTIVE, EVICTED, DROPPED, IFDROPPED = range(6)
 _N_COUNTERS = 6
@@ -67,7 +71,7 @@ class MeterConfig:
     bpf: str | None = None
     idle_timeout: int = 120  # seconds
     active_timeout: int = 1800  # seconds
-    max_flows: int = 0  # 0: no cap on the flow table
+    max_flows: int = DEFAULT_MAX_FLOWS  # 0: no cap on the flow table
     statistics: bool = True
     splt: int = 0  # early packets whose sizes, directions and gaps are kept
     n_dissections: int = 20

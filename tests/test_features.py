@@ -80,7 +80,7 @@ def test_scan_from_one_source_shows_in_its_context() -> None:
     last_probe, first_probe, other = X[59], X[0], X[60]
     assert np.exp(col(X, "src_log_new_ports_5s")[59]) - 1 > 40  # ~60 distinct ports, decayed a little
     assert col(X, "src_new_port_share_5s")[59] > 0.95
-    assert col(X, "pair_log_new_ports_5s")[59] > col(X, "pair_log_new_ports_5s")[0] + 3
+    assert col(X, "src_unanswered_share_5s")[59] == pytest.approx(1.0)
     assert col(X, "src_fail_share_5s")[59] == pytest.approx(1.0)
     assert col(X, "src_log_new_hosts_5s")[59] <= np.log1p(1.0) + 1e-6  # one host only (its novelty decays)
     # the first probe had no history; the other source has its own (empty) history
@@ -108,23 +108,44 @@ def test_beacon_scores_regular_intervals_and_sizes() -> None:
                            nbytes=int(rng.integers(200, 20000)), answered=True) for i, t in enumerate(irregular_times)]
     Xr, Xi = extract(regular), extract(irregular)
     assert col(Xr, "beacon_score")[-1] > 0.8
-    assert col(Xr, "pair_interval_cv")[-1] < 0.05
-    assert np.exp(col(Xr, "pair_log_mean_interval_s")[-1]) - 1 == pytest.approx(30.0, rel=0.01)
+    assert col(Xr, "chan_interval_cv")[-1] < 0.05
+    assert np.exp(col(Xr, "chan_log_mean_interval_s")[-1]) - 1 == pytest.approx(30.0, rel=0.01)
     assert col(Xi, "beacon_score")[-1] < 0.3
     assert col(Xr, "beacon_score")[1] < 0.3  # two flows are not yet a beacon
+
+
+def test_capture_side_padding_does_not_change_features() -> None:
+    # the same SYN probes seen at the sender (54-byte frames) and at the receiver (padded to 60)
+    sent = extract([make_flow("10.0.0.66", "10.0.0.5", 23, 10.0 + i * 0.01, sport=40000 + i, nbytes=54)
+                    for i in range(20)])
+    received = extract([make_flow("10.0.0.66", "10.0.0.5", 23, 10.0 + i * 0.01, sport=40000 + i, nbytes=60)
+                        for i in range(20)])
+    np.testing.assert_array_equal(sent, received)
+
+
+def test_spoofed_flood_shows_in_the_victims_view() -> None:
+    # one flow per spoofed source, single unanswered packets: each source looks harmless alone
+    flood = [make_flow(f"203.0.{i // 256}.{i % 256}", "10.0.0.5", 80, 20.0 + i * 0.001, sport=1024 + i)
+             for i in range(500)]
+    X = extract(flood)
+    assert col(X, "src_log_flows_5s")[-1] == pytest.approx(np.log1p(1.0))
+    assert np.exp(col(X, "dst_log_new_srcs_5s")[-1]) - 1 > 300
+    assert col(X, "dst_single_share_5s")[-1] == pytest.approx(1.0)
+    assert col(X, "dst_unanswered_share_5s")[-1] == pytest.approx(1.0)
+    assert col(X, "svc_new_src_share_5s")[-1] > 0.95
 
 
 def test_tracker_memory_is_bounded_by_cap_and_time() -> None:
     tracker = ContextTracker(max_keys=100)
     for i in range(5000):  # a spoofed flood: every flow from a new source
         tracker.observe(float(i) / 100, float(i) / 100, f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", "10.9.9.9",
-                        80, 6, 4.1, 60.0, 1.0)
+                        80, 6, 4.1, 1.0, 1.0, 1.0)
     tracker.sweep()
-    assert len(tracker.src) <= 100 and len(tracker.pair) <= 100
+    assert len(tracker.src) <= 100 and len(tracker.chan) <= 100
     assert len(tracker.dst) == 1 and len(tracker.svc) == 1
     assert all(len(state[-1]) <= features.SET_CAP for state in tracker.dst.values())
     # an hour of capture time later every key has expired
-    tracker.observe(3600.0 + 50, 3600.0 + 50, "10.1.1.1", "10.2.2.2", 80, 6, 4.1, 60.0, 0.0)
+    tracker.observe(3600.0 + 50, 3600.0 + 50, "10.1.1.1", "10.2.2.2", 80, 6, 4.1, 0.0, 0.0, 0.0)
     tracker.sweep()
     assert tracker.tracked_keys() == 4
 

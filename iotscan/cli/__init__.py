@@ -56,7 +56,7 @@ def main() -> None:
     # Like head, grep or cat: when the reader of stdout goes away (`| head`), end at once (141).
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        app()  # usage errors exit 2 and Ctrl-C 130 in there
+        app(prog_name="iotscan")  # usage errors exit 2 and Ctrl-C 130 in there
     except IotscanError as exc:
         error(exc.message)
         sys.exit(int(exc.exit_code))

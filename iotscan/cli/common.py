@@ -14,7 +14,7 @@ import typer
 from iotscan.errors import InputError
 from iotscan.pipeline import Stage
 from iotscan.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS
-from iotscan.source import MeterConfig
+from iotscan.source import DEFAULT_MAX_FLOWS, MeterConfig
 
 
 class Format(str, Enum):
@@ -35,9 +35,10 @@ BPF_OPTION = typer.Option(None, "--bpf", help="BPF filter applied before meterin
 IDLE_OPTION = typer.Option(120, "--idle-timeout", min=1, help="Seconds without packets after which a flow ends.")
 ACTIVE_OPTION = typer.Option(1800, "--active-timeout", min=1, help="Seconds after which a long flow is cut.")
 MAX_FLOWS_OPTION = typer.Option(
-    500_000, "--max-flows", min=0,
-    help="Most flows tracked at once (bounds memory on floods); when full, the least recently active "
-         "flow is expired early and a warning says so. 0: no cap.")
+    DEFAULT_MAX_FLOWS, "--max-flows", min=0,
+    help="Most flows tracked at once (each costs about 5 KB: the default bounds the flow table near 500 MB on "
+         "a flood of spoofed sources); when full, the least recently active flow is expired early and a warning "
+         "says so. 0: no cap.")
 QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings on stderr.")
 NO_DEVICES_OPTION = typer.Option(False, "--no-devices", help="Skip device fingerprinting (no device records, "
                                  "no src_device/dst_device fields).")
@@ -79,7 +80,7 @@ def open_output(output: Path | None, inputs: Sequence[str | os.PathLike[str]] = 
 
 
 def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str | None = None,
-                     idle_timeout: int = 120, active_timeout: int = 1800, max_flows: int = 0,
+                     idle_timeout: int = 120, active_timeout: int = 1800, max_flows: int = DEFAULT_MAX_FLOWS,
                      snaplen: int = 1536) -> MeterConfig:
     """The meter settings of the main pass, the same for `analyze` and `live` (flow ids, and the
     features the model was trained on, depend on them)."""

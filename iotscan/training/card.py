@@ -31,8 +31,8 @@ CONTEXT_NOTE = (
     "Context is causal: a flow's context features are computed from the flows of the same capture that "
     "expired before it (and itself); scoring is not delayed to look ahead. Windows: decayed counters with "
     f"half-lives of {', '.join(f'{w:g} s' for w in WINDOWS_S)} of capture time, per source, destination host, "
-    f"service (host, port, protocol) and pair; at most {MAX_KEYS:,} keys per table, {SET_CAP} recent peers "
-    f"per key, keys idle for {KEY_TTL_S:g} s dropped.")
+    f"service (host, port, protocol) and channel (source, service); at most {MAX_KEYS:,} keys per table, "
+    f"{SET_CAP} recent peers per key, keys idle for {KEY_TTL_S:g} s dropped.")
 
 
 def data_summary(tables: Sequence[CaptureTable]) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from iotscan.source import FlowSource, MeterConfig
 from iotscan.training.manifest import CaptureSpec, FlowKeys
 
 _EXTRACT_BATCH = 4096
-_MAX_FLOWS = 500_000  # the flow-table cap `analyze` uses by default
 
 
 def default_cache_dir() -> Path:
@@ -66,7 +65,7 @@ def _cache_file(cache_dir: Path, path: Path) -> Path:
 
 
 def _extract(path: Path) -> dict[str, np.ndarray]:
-    config = MeterConfig(source=str(path), max_flows=_MAX_FLOWS, **features.METER_SETTINGS)
+    config = MeterConfig(source=str(path), **features.METER_SETTINGS)  # the flow cap `analyze` uses
     extractor = FeatureExtractor(vocabulary=None)
     blocks: list[np.ndarray] = []
     meta: dict[str, list] = {k: [] for k in ("src_ip", "dst_ip", "src_port", "dst_port", "protocol", "first_ms",
