@@ -135,6 +135,16 @@ def test_spoofed_flood_shows_in_the_victims_view() -> None:
     assert col(X, "svc_new_src_share_5s")[-1] > 0.95
 
 
+def test_channel_counts_every_flow_including_its_first() -> None:
+    # three connections from one source to one service, 1 s apart: the third sees all three
+    X = extract([make_flow("10.0.0.9", "10.0.0.5", 22, 200.0 + i, sport=50000 + i, packets=5, nbytes=400,
+                           answered=True) for i in range(3)])
+    flows = np.exp(col(X, "chan_log_flows_120s")) - 1
+    assert flows[0] == pytest.approx(1.0)
+    assert flows[2] == pytest.approx(1.0 + 2 ** (-1 / 120) + 2 ** (-2 / 120))
+    assert flows[2] == pytest.approx(np.exp(col(X, "src_log_flows_120s")[2]) - 1)
+
+
 def test_tracker_memory_is_bounded_by_cap_and_time() -> None:
     tracker = ContextTracker(max_keys=100)
     for i in range(5000):  # a spoofed flood: every flow from a new source
