@@ -32,6 +32,11 @@ def iotscan_cmd(capture: Path, *extra: str) -> list[str]:
             "--quiet", *extra]
 
 
+def on_capture(cmd: list[str], capture: Path, other: Path) -> list[str]:
+    """The same command, run on another capture."""
+    return [str(other) if a == str(capture) else a for a in cmd]
+
+
 def variants(capture: Path, splt: int) -> dict[str, list[str]]:
     """The commands compared; stage switches that this iotscan does not have yet are left out."""
     help_text = subprocess.run([PY, "-m", "iotscan", "analyze", "--help"], capture_output=True, text=True,
@@ -87,7 +92,7 @@ def main() -> None:
         results["scaling"] = {}
         for name in ("bare NFStream", "iotscan analyze"):
             short_cmd = cmds[name]
-            long_cmd = [long_capture.__str__() if a == str(capture) else a for a in short_cmd]
+            long_cmd = on_capture(short_cmd, capture, long_capture)
             m1 = measure(short_cmd).peak_rss
             m10 = measure(long_cmd).peak_rss
             results["scaling"][name] = {"peak_rss_1x_mib": round(m1 / 2**20, 1),
@@ -99,7 +104,7 @@ def main() -> None:
         print(f"\nhostile input: {flood.name}, a spoofed SYN flood of 1M one-packet flows, all active at once")
         results["flood"] = {}
         for name in ("bare NFStream", "iotscan analyze"):
-            run = measure([flood.__str__() if a == str(capture) else a for a in cmds[name]])
+            run = measure(on_capture(cmds[name], capture, flood))
             results["flood"][name] = {"wall_s": round(run.wall_s, 1), "peak_rss_mib": round(run.peak_rss / 2**20)}
             print(f"{name:22s} {run.wall_s:7.1f} s   peak RSS {run.peak_rss / 2**20:7.0f} MiB")
 
