@@ -83,8 +83,9 @@ def load_model(model_path: Path, *, trusted: bool = False, schema_version: int |
     if schema_version is not None:
         found = model.get("feature_schema_version") if isinstance(model, dict) else None
         if found != schema_version:
+            how = card.get("training_command") or card.get("command") or "see its model card"
             raise ModelError(f"{model_path}: model was built for feature schema {found}, this iotscan computes "
-                             f"schema {schema_version}: retrain it (iotscan model train) or use a matching iotscan")
+                             f"schema {schema_version}: retrain it ({how}) or use a matching iotscan")
     return model, card
 
 

@@ -17,13 +17,21 @@ from nfstream.flow import UDPS, nf_packet
 from iotscan.devices import DEVICE_FIELD_NAMES
 from iotscan.devices.behaviour import generalise, registered_domain
 from iotscan.devices.fingerprint import DeviceModel
-from iotscan.devices.identity import IdentityPlugin, parse_dhcp, parse_mdns, parse_ssdp, read_identity
+from iotscan.devices.identity import (
+    IdentityPlugin,
+    parse_dhcp,
+    parse_edimax_cloud,
+    parse_mdns,
+    parse_ssdp,
+    read_identity,
+)
 from iotscan.devices.signatures import DEVICE_TYPES, load_signatures, signatures_path
 from iotscan.modelstore import bundled_model, read_card, sha256_file
 from iotscan.source import MeterConfig
 
 TPLINK = SAMPLES / "tplink-hs110-setup.pcap"
 HUE = SAMPLES / "hue-bridge-setup.pcap"
+EDIMAX = SAMPLES / "edimax-sp2101w-setup.pcap"
 
 
 def devices(*args: str | Path, code: int = 0) -> tuple[list[dict], dict]:
@@ -105,6 +113,53 @@ def test_hue_bridge_sample_is_the_bridge_from_upnp_mdns_and_dhcp(samples_run) ->
     # The Android phone that set the bridge up is a phone, from its user agent.
     phone = found["38:0b:40:ef:85:41"]
     assert phone["device_type"] == "phone" and "user_agent" in signals(phone)
+
+
+def test_edimax_plug_sample_names_its_model_from_its_cloud_hello(samples_run) -> None:
+    """The SP-2101W and its look-alike SP-1101W share firmware, DHCP and cloud; only the hello the plug sends
+    to the Edimax cloud (bit-rotated XML on UDP 8765) names the model."""
+    plug = from_source(samples_run[0], EDIMAX)["74:da:38:23:22:7b"]
+    assert (plug["vendor"], plug["device_type"], plug["model"]) == ("Edimax", "smart_plug",
+                                                                    "Edimax SP-2101W smart plug")
+    seen = signals(plug)
+    assert seen["cloud_model"] == ["SP-2101W"] and seen["cloud_device_type"] == ["SmartPlug"]
+    assert plug["confidence"] >= 0.8
+
+
+def _payloads(capture: Path, display_filter: str) -> list[bytes]:
+    proc = subprocess.run(["tshark", "-r", str(capture), "-Y", display_filter, "-T", "fields", "-e", "udp.payload"],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip("tshark is needed to extract payloads")
+    return [bytes.fromhex(h) for h in proc.stdout.split() if h]
+
+
+def test_edimax_cloud_hello_is_decoded_whatever_its_rotation() -> None:
+    hellos = _payloads(EDIMAX, "udp.dstport == 8765")
+    decoded = [parse_edimax_cloud(p) for p in hellos]
+    assert [("cloud_model", "SP-2101W"), ("cloud_device_type", "SmartPlug")] in decoded
+    # The same message rotated by every bit count, as the plug varies it: always read alike.
+    hello = next(p for p, d in zip(hellos, decoded, strict=True) if d and d[0][0] == "cloud_model")
+    for k in range(8):
+        rotated = bytes(((b << k) | (b >> (8 - k))) & 0xFF for b in hello)
+        assert parse_edimax_cloud(rotated) == [("cloud_model", "SP-2101W"), ("cloud_device_type", "SmartPlug")]
+    # Replies of the cloud and other datagrams name nothing; unit ids and addresses are never read.
+    assert all(not parse_edimax_cloud(p) for p in _payloads(EDIMAX, "udp.srcport == 8765"))
+    assert not any(v for d in decoded for _, v in d if "74DA" in v.upper() or "10.10." in v)
+    assert parse_edimax_cloud(b"") == [] and parse_edimax_cloud(b"\xff" * 400) == []
+
+
+def test_edimax_look_alikes_are_told_apart_on_every_capture() -> None:
+    require_shared("datasets", "iot-sentinel")
+    for folder, model in (("EdimaxPlug1101W", "Edimax SP-1101W smart plug"),
+                          ("EdimaxPlug2101W", "Edimax SP-2101W smart plug")):
+        captures = sorted((DATASETS / "iot-sentinel" / folder).glob("*.pcap"))
+        mac = (DATASETS / "iot-sentinel" / folder / "_iotdevice-mac.txt").read_text().split()[0].lower()
+        found, _ = devices(*captures)
+        assert by_mac(found)[mac]["model"] == model, (folder, signals(by_mac(found)[mac]))
+        for capture in captures:  # the run pools evidence over its inputs: each capture holds the hello
+            hints = read_identity(str(capture), MeterConfig(source=str(capture))).by_mac[mac]
+            assert list(hints["cloud_model"]) == [model.split()[1]], capture
 
 
 def test_an_unremarkable_host_stays_unknown(samples_run) -> None:
@@ -253,17 +308,17 @@ def _packet(ip: bytes, sport: int, dport: int) -> nf_packet:
 
 
 def test_identity_plugin_never_raises_on_damaged_payloads() -> None:
-    """Every prefix and a byte-flipped copy of real DHCP/mDNS/SSDP payloads: the parsers may fail, the plugin
-    must not; and the parsers read the intact payloads."""
+    """Every prefix and a byte-flipped copy of real DHCP/mDNS/SSDP/Edimax-cloud payloads: the parsers may fail,
+    the plugin must not; and the parsers read the intact payloads."""
     payloads = []
-    for capture, port in ((TPLINK, 67), (HUE, 5353), (HUE, 1900)):
+    for capture, port in ((TPLINK, 67), (HUE, 5353), (HUE, 1900), (EDIMAX, 8765)):
         proc = subprocess.run(["tshark", "-r", str(capture), "-Y", f"udp.port == {port}", "-T", "fields",
                                "-e", "udp.payload"], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             pytest.skip("tshark is needed to extract payloads")
         payloads += [(bytes.fromhex(h), port) for h in proc.stdout.split()[:6] if h]
     assert payloads
-    parsed = {67: parse_dhcp, 5353: parse_mdns, 1900: parse_ssdp}
+    parsed = {67: parse_dhcp, 5353: parse_mdns, 1900: parse_ssdp, 8765: parse_edimax_cloud}
     assert any(parsed[port](p) for p, port in payloads)
     plugin = IdentityPlugin()
     for payload, port in payloads:

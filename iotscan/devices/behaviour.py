@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = 2  # 2: the model and kind a device reports to its vendor cloud
 
 _MAX_KEYS = 64  # distinct service ports / apps kept per device
 _MAX_NAMES = 256  # distinct server names kept per device
@@ -245,7 +245,7 @@ NUMERIC_FEATURES: tuple[str, ...] = (
 
 # Token families that describe who the device is (used for the "have I seen anything like this" check).
 IDENTITY_PREFIXES = ("hostname=", "hostword=", "dhcp_vendor=", "mdns", "ssdp", "ua=", "domain=", "ja4=",
-                     "oui=", "dhcp_fp=")
+                     "oui=", "dhcp_fp=", "cloud_")
 
 
 def numeric_features(a: DeviceActivity) -> dict[str, float]:
@@ -348,7 +348,7 @@ def device_features(a: DeviceActivity, hints: Mapping[str, Mapping[str, int]] | 
                     features[f"mdns_name={general}"] = 1.0
                 elif registered_domain(item):
                     features[f"host={re.sub(r'[0-9]+', '#', general)}"] = 1.0
-            elif signal.startswith("mdns_") or signal.startswith("ssdp_"):
+            elif signal.startswith(("mdns_", "ssdp_", "cloud_")):
                 features[f"{signal}={generalise(item, mac)}"] = 1.0
     if oui_org:
         features[f"oui={oui_org.lower()}"] = 1.0

@@ -1,10 +1,11 @@
-"""The identity pass: what devices say about themselves in DHCP, mDNS and SSDP, read from payloads.
+"""The identity pass: what devices say about themselves in DHCP, mDNS, SSDP and cloud hellos.
 
 nDPI (through NFStream) gives the DHCP hostname and parameter list on the main pass, but not the
-DHCP vendor class, mDNS service and instance names, TXT hints or SSDP/UPnP headers. Reading
-payloads needs a Python plugin, and a plugin on the main pass runs for every packet (+57% time).
-So these are read by a second pass over the same file that a BPF filter limits to UDP 67/68, 5353
-and 1900: libpcap drops everything else in C, and the plugin sees only the few packets that matter.
+DHCP vendor class, mDNS service and instance names, TXT hints, SSDP/UPnP headers or the model a
+device reports to its vendor's cloud. Reading payloads needs a Python plugin, and a plugin on the
+main pass runs for every packet (+57% time). So these are read by a second pass over the same file
+that a BPF filter limits to UDP 67/68, 5353, 1900 and 8765 (Edimax's cloud): libpcap drops
+everything else in C, and the plugin sees only the few packets that matter.
 
 The parsers read untrusted bytes: every packet is parsed inside a catch-all, so a malformed packet
 costs its own hints and nothing else, and each flow keeps a bounded number of hints.
@@ -24,8 +25,9 @@ from iotscan.errors import InputError
 from iotscan.records import is_local_address
 from iotscan.source import FlowSource, MeterConfig
 
-IDENTITY_PORTS = (67, 68, 5353, 1900)
-_PORT_FILTER = "udp and (port 67 or port 68 or port 5353 or port 1900)"
+EDIMAX_CLOUD_PORT = 8765
+IDENTITY_PORTS = (67, 68, 5353, 1900, EDIMAX_CLOUD_PORT)
+_PORT_FILTER = "udp and (" + " or ".join(f"port {p}" for p in IDENTITY_PORTS) + ")"
 # "vlan" shifts the offsets of the expressions after it: the tagged form catches tagged frames.
 IDENTITY_BPF = f"({_PORT_FILTER}) or (vlan and {_PORT_FILTER})"
 
@@ -275,6 +277,31 @@ def parse_ssdp(payload: bytes) -> list[tuple[str, str]]:
     return hints
 
 
+# -- vendor cloud hellos ------------------------------------------------------------------------------
+
+_EDIMAX_MARK = b"param>"
+_EDIMAX_FIELDS = re.compile(rb'<(model|type) value="([^"]{1,40})"')
+_EDIMAX_SIGNALS = {b"model": "cloud_model", b"type": "cloud_device_type"}
+
+
+def parse_edimax_cloud(payload: bytes) -> list[tuple[str, str]]:
+    """Hints of a device's hello to Edimax's cloud (UDP 8765): [(signal, value)] for the sender.
+
+    Edimax plugs and cameras register with an XML message (``<param><model value="SP-2101W" />
+    <type value="SmartPlug" />...``) whose bytes are each rotated left by a few bits, the count
+    varying per message; the product's model and kind are read, the unit's id, alias and
+    addresses are not. The rotation that makes "param>" appear decodes the message.
+    """
+    head = payload[:16]
+    for k in range(8):
+        if k:
+            head = bytes(((b >> 1) | (b << 7)) & 0xFF for b in head)  # rotate right by one more bit
+        if _EDIMAX_MARK in head:
+            text = bytes(((b >> k) | (b << (8 - k))) & 0xFF for b in payload) if k else payload
+            return [(_EDIMAX_SIGNALS[key], clean(value)) for key, value in _EDIMAX_FIELDS.findall(text)]
+    return []
+
+
 # -- the plugin and the pass ---------------------------------------------------------------------
 
 
@@ -309,6 +336,8 @@ class IdentityPlugin(NFPlugin):
                 found = [(packet.src_mac, packet.src_ip, s, v) for s, v in parse_mdns(payload)]
             elif 1900 in (sport, dport):
                 found = [(packet.src_mac, packet.src_ip, s, v) for s, v in parse_ssdp(payload)]
+            elif dport == EDIMAX_CLOUD_PORT:
+                found = [(packet.src_mac, packet.src_ip, s, v) for s, v in parse_edimax_cloud(payload)]
             hints = udps.identity
             for hint in found:
                 if len(hints) >= MAX_HINTS_PER_FLOW:

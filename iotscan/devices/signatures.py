@@ -26,6 +26,7 @@ SIGNALS: frozenset[str] = frozenset({
     "mdns_service", "mdns_instance", "mdns_host", "mdns_txt", "mdns_query",
     "ssdp_server", "ssdp_usn", "ssdp_nt", "ssdp_st", "ssdp_location", "ssdp_header", "ssdp_user_agent",
     "ssdp_search", "user_agent", "server_name", "app", "app_server", "ja4", "listen_port",
+    "cloud_model", "cloud_device_type",
 })
 
 
