@@ -86,6 +86,17 @@ def main() -> None:
         print(f"{name:22s} {t:9.2f} {packets / t:11,.0f} {base_t / t:10.2f}x {c:7.1f} {m / 2**20:8.1f} MiB "
               f"{m / base_m:5.2f}x")
 
+    # What each stage adds, against the variant without it (the issues' budgets: devices 10%, scoring 15%).
+    results["stage_overheads"] = {}
+    for stage, without, with_ in (("devices", "iotscan flows only", "iotscan + devices"),
+                                  ("scoring", "iotscan + devices", "iotscan analyze")):
+        if without in times and with_ in times:
+            t0, t1 = statistics.median(times[without]), statistics.median(times[with_])
+            c0, c1 = statistics.median(cpu[without]), statistics.median(cpu[with_])
+            results["stage_overheads"][stage] = {"wall": round(t1 / t0 - 1, 3), "cpu": round(c1 / c0 - 1, 3)}
+            print(f"{stage} add {100 * (t1 / t0 - 1):+.1f}% wall, {100 * (c1 / c0 - 1):+.1f}% cpu "
+                  f"({with_} vs {without})")
+
     if not args.no_scaling:
         long_capture = build(UNIT_COPIES * 10)
         print(f"\nscaling: peak RSS on {capture.name} vs {long_capture.name} (10x the same traffic)")

@@ -504,9 +504,11 @@ class FeatureExtractor:
     def __init__(self, vocabulary: dict[str, list[str]] | None = None,
                  tracker: ContextTracker | None = None) -> None:
         self.tracker = tracker or ContextTracker()
-        self.vocabulary = vocabulary
-        self._app_index = {n: i + 1 for i, n in enumerate(vocabulary["app"])} if vocabulary else None
-        self._cat_index = {n: i + 1 for i, n in enumerate(vocabulary["category"])} if vocabulary else None
+        self.vocabulary: dict[str, list[str]] | None = None
+        self._app_index: dict[str, int] | None = None
+        self._cat_index: dict[str, int] | None = None
+        if vocabulary:
+            self.use_vocabulary(vocabulary)
         self._rows: list[tuple] = []
         self._ctx: list[list[float]] = []
         self._splt: list[tuple[Any, Any]] = []
@@ -515,6 +517,12 @@ class FeatureExtractor:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def use_vocabulary(self, vocabulary: dict[str, list[str]]) -> None:
+        """Encode applications and categories with these codes from the next ``take`` on."""
+        self.vocabulary = vocabulary
+        self._app_index = {n: i + 1 for i, n in enumerate(vocabulary["app"])}
+        self._cat_index = {n: i + 1 for i, n in enumerate(vocabulary["category"])}
 
     def add(self, flow: Any) -> None:
         values = _get_raw(flow)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,24 @@ def read_card(model_path: Path) -> dict[str, Any]:
         raise ModelError(f"{path}: unreadable model card: {exc}") from exc
 
 
+# Unpickling imports scikit-learn; two threads importing its modules at once (the device model loads in
+# a thread while the flow model loads in the main one) can see them half initialised.
+_LOAD_LOCK = threading.Lock()
+
+
+def verified_card(model_path: Path) -> dict[str, Any]:
+    """The card of a model file whose SHA-256 matches it, without unpickling anything."""
+    if not model_path.is_file():
+        raise ModelError(f"{model_path}: model file not found")
+    card = read_card(model_path)
+    expected = card.get("sha256")
+    actual = sha256_file(model_path)
+    if not expected or expected != actual:
+        raise ModelError(f"{model_path}: SHA-256 {actual[:16]}... does not match its card "
+                         f"({str(expected)[:16]}...): refusing to load a tampered or unverified model")
+    return card
+
+
 def load_model(model_path: Path, *, trusted: bool = False, schema_version: int | None = None) -> tuple[Any, dict]:
     """Load a joblib model and its card after checking it may be loaded at all.
 
@@ -61,23 +80,19 @@ def load_model(model_path: Path, *, trusted: bool = False, schema_version: int |
     """
     import joblib  # deferred: only commands that score pay for the import
 
-    if not model_path.is_file():
-        raise ModelError(f"{model_path}: model file not found")
     card: dict[str, Any] = {}
     if not trusted:
-        card = read_card(model_path)
-        expected = card.get("sha256")
-        actual = sha256_file(model_path)
-        if not expected or expected != actual:
-            raise ModelError(f"{model_path}: SHA-256 {actual[:16]}... does not match its card "
-                             f"({str(expected)[:16]}...): refusing to load a tampered or unverified model")
+        card = verified_card(model_path)
+    elif not model_path.is_file():
+        raise ModelError(f"{model_path}: model file not found")
     else:
         try:
             card = read_card(model_path)
         except ModelError:
             card = {}
     try:
-        model = joblib.load(model_path)
+        with _LOAD_LOCK:
+            model = joblib.load(model_path)
     except Exception as exc:  # a corrupt or foreign pickle
         raise ModelError(f"{model_path}: cannot load model: {type(exc).__name__}: {exc}") from exc
     if schema_version is not None:

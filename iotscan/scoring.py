@@ -28,7 +28,7 @@ from iotscan.features import (
     METER_SETTINGS,
     FeatureExtractor,
 )
-from iotscan.modelstore import bundled_model, load_model
+from iotscan.modelstore import bundled_model, load_model, verified_card
 from iotscan.pipeline import Event, SourceInfo, Stage
 
 MODEL_NAME = "flows"
@@ -41,6 +41,18 @@ _MIN_DROP = 0.05  # log-odds a group must account for to be named
 _CELL_BITS = 4  # a group's deviation bin, log2 robust units, 0..15: 15 groups fit in 60 bits
 _REQUIRED_KEYS = ("feature_schema_version", "feature_names", "detector", "calibration", "threshold",
                   "family_model", "families", "vocabulary", "reference", "scale", "reason_groups")
+
+
+def check_bundled_flow_model() -> dict[str, Any]:
+    """The bundled model's card, after verifying the file against it and the card against this
+    iotscan's features, without unpickling (see ScoringStage)."""
+    path = bundled_model(MODEL_NAME)
+    card = verified_card(path)
+    if card.get("feature_schema_version") != FEATURE_SCHEMA_VERSION \
+            or (card.get("features") or {}).get("names") != FEATURE_NAMES:
+        raise ModelError(f"{path}: the model was built for feature schema {card.get('feature_schema_version')}, "
+                         f"this iotscan computes schema {FEATURE_SCHEMA_VERSION}: reinstall iotscan")
+    return card
 
 
 def load_flow_model(path: Path | None = None, trusted: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -144,27 +156,44 @@ class ScoringStage(Stage):
 
     def __init__(self, model_path: Path | None = None, trusted: bool = False, threshold: float | None = None,
                  batch_rows: int = BATCH_ROWS) -> None:
-        self.model, self.card = load_flow_model(model_path, trusted)
+        self._model: dict[str, Any] | None = None
+        if model_path is None:
+            # The bundled model is verified against its card now (a tampered or mismatched model stops
+            # the run before it starts) and unpickled at the first batch, once the meter runs: loading
+            # scikit-learn then overlaps metering, and the meter forks from a process without it.
+            self.card = check_bundled_flow_model()
+        else:
+            self._model, self.card = load_flow_model(model_path, trusted)
+        default = self.card["threshold"] if self._model is None else self._model["threshold"]
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ModelError(f"--threshold must be between 0 and 1, not {threshold}")
-        self.threshold = float(self.model["threshold"] if threshold is None else threshold)
-        # One OpenMP thread: batches are small and the meter process has the other core; more threads
-        # only add a synchronisation per tree (ten times slower on a busy machine).
-        from threadpoolctl import threadpool_limits
-
-        self._threads = threadpool_limits(limits=1, user_api="openmp")
+        self.threshold = float(default if threshold is None else threshold)
         self.batch_rows = batch_rows
         self.max_delay_s: float | None = None
         self._extractor: FeatureExtractor | None = None
+        self._threads: Any = None
         self.scored = 0
+
+    @property
+    def model(self) -> dict[str, Any]:
+        if self._model is None:
+            self._model, _ = load_flow_model()
+        if self._threads is None:
+            # One OpenMP thread: batches are small and the meter process has the other core; more threads
+            # only add a synchronisation per tree (ten times slower on a busy machine).
+            from threadpoolctl import threadpool_limits
+
+            self._threads = threadpool_limits(limits=1, user_api="openmp")
+        return self._model
 
     def begin(self, source: SourceInfo) -> None:
         cfg = source.config
         if not cfg.statistics or cfg.splt < METER_SETTINGS["splt"]:
             raise ModelError("scoring needs the meter's statistics and early-packet sizes "
                              f"(statistics=True, splt>={METER_SETTINGS['splt']})")
-        # Context is per capture: a new source starts with no history.
-        self._extractor = FeatureExtractor(self.model["vocabulary"])
+        # Context is per capture: a new source starts with no history. Codes of the model's vocabulary
+        # are given to the extractor when the model is loaded, before its first batch.
+        self._extractor = FeatureExtractor(self._model["vocabulary"] if self._model else None)
         if cfg.live:
             self.batch_rows, self.max_delay_s = min(self.batch_rows, LIVE_BATCH_ROWS), LIVE_MAX_DELAY_S
 
@@ -192,12 +221,16 @@ class ScoringStage(Stage):
             yield from self._score(pending)
 
     def _score(self, pending: list[Event]) -> list[Event]:
-        assert self._extractor is not None
-        X = self._extractor.take()
-        scores = attack_scores(self.model, X)
+        extractor = self._extractor
+        assert extractor is not None
+        model = self.model
+        if extractor.vocabulary is None:
+            extractor.use_vocabulary(model["vocabulary"])
+        X = extractor.take()
+        scores = attack_scores(model, X)
         attack = np.flatnonzero(scores >= self.threshold)
-        families = attack_families(self.model, X[attack]) if len(attack) else []
-        reasons = explain(self.model, X[attack]) if len(attack) else []
+        families = attack_families(model, X[attack]) if len(attack) else []
+        reasons = explain(model, X[attack]) if len(attack) else []
         benign = _BENIGN
         for (record, _), score in zip(pending, np.round(scores, 4).tolist(), strict=True):
             record.update(benign)

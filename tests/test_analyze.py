@@ -17,6 +17,7 @@ import orjson
 import pytest
 from conftest import NDPI_PCAPS, REPO, SAMPLES, assert_no_traceback, ndjson, require_shared, run_iotscan
 
+from iotscan.pipeline import _gc_paced
 from iotscan.records import FLOW_FIELD_NAMES, SUMMARY_FIELDS, community_id
 
 SAMPLE_FILES = sorted(SAMPLES.glob("*.pcap"))
@@ -78,6 +79,23 @@ def test_community_id_matches_the_specification() -> None:
     # The Community ID specification's TCP example, both directions.
     assert community_id("128.232.110.120", "66.35.250.204", 6, 34855, 80) == "1:LQU9qZlK+B5F3KDmev6m5PMibrg="
     assert community_id("66.35.250.204", "128.232.110.120", 6, 80, 34855) == "1:LQU9qZlK+B5F3KDmev6m5PMibrg="
+    # And the communityid package's own calc() on varied tuples (IPv4/IPv6, port order, port-less protocols).
+    import random
+
+    from communityid import CommunityID, FlowTuple
+
+    reference = CommunityID()
+    rng = random.Random(7)
+    for _ in range(300):
+        v6 = rng.random() < 0.3
+        addr = (lambda: ":".join(f"{rng.getrandbits(16):x}" for _ in range(8))) if v6 else \
+            (lambda: ".".join(str(rng.randrange(256)) for _ in range(4)))
+        src, dst = addr(), addr()
+        proto = rng.choice((6, 17, 132, 47, 50))
+        sport, dport = rng.randrange(65536), rng.choice((53, 80, 443, rng.randrange(65536)))
+        ports = (sport, dport) if proto in (6, 17, 132) else ()
+        expected = reference.calc(FlowTuple(proto, src, dst, *ports))
+        assert community_id(src, dst, proto, sport, dport) == expected, (src, dst, proto, sport, dport)
 
 
 def test_flow_ids_are_stable_across_runs() -> None:
@@ -319,3 +337,32 @@ def test_ctrl_c_flushes_active_flows_and_writes_the_summary() -> None:
     assert summary["inputs"][-1]["status"] in ("interrupted", "ok")
     assert len(summary["inputs"]) < len(list(ndpi.glob("*.pcap*")))
     assert summary["flows"] == len(flows)
+
+
+def test_garbage_collector_is_paced_by_events_and_forks_get_it_back() -> None:
+    """While flows stream the cyclic collector is off, collects every N events, and is on again after; a
+    process forked meanwhile (as NFStream forks its meter) has it on."""
+    import gc
+    import multiprocessing
+
+    assert gc.isenabled()
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    collections_before = gc.get_stats()[2]["collections"]
+    seen = []
+    for i in _gc_paced(iter(range(10)), every=4):
+        seen.append((i, gc.isenabled()))
+        if i == 5:
+            child = ctx.Process(target=lambda: queue.put(gc.isenabled()))
+            child.start()
+            child.join(30)
+    assert seen == [(i, False) for i in range(10)]
+    assert gc.isenabled()
+    assert gc.get_stats()[2]["collections"] - collections_before >= 2  # full collections at events 4 and 8
+    assert queue.get(timeout=30) is True
+    # An early stop (a consumer that breaks off) gives the collector back too.
+    events = _gc_paced(iter(range(10)))
+    next(events)
+    assert not gc.isenabled()
+    events.close()
+    assert gc.isenabled()

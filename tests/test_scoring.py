@@ -12,7 +12,7 @@ import pytest
 from iotscan.errors import ModelError
 from iotscan.features import FEATURE_NAMES, FEATURE_SCHEMA_VERSION
 from iotscan.modelstore import bundled_model, load_model, save_model, sha256_file
-from iotscan.scoring import attack_scores, explain, load_flow_model
+from iotscan.scoring import ScoringStage, attack_scores, explain, load_flow_model
 from tests.conftest import REPO, SAMPLES, assert_no_traceback, ndjson, run_iotscan
 
 FAMILIES = {"ddos", "dos", "scan", "bruteforce", "c2", "exploit", "spoofing"}
@@ -139,6 +139,24 @@ def test_tampered_bundled_model_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 4, proc.stderr
     assert_no_traceback(proc)
     assert b"SHA-256" in proc.stderr and len(proc.stderr.decode().strip().splitlines()) == 1
+
+
+def test_bundled_model_is_checked_before_the_run_and_unpickled_once_flows_come(tmp_path: Path) -> None:
+    """The bundled model is verified (hash, card schema) before any packet is read, but unpickled at the
+    first batch, so loading scikit-learn overlaps metering."""
+    stage = ScoringStage()
+    assert stage._model is None and stage.threshold == stage.card["threshold"]
+    assert stage.model["feature_names"] == FEATURE_NAMES and stage._model is not None
+    root = tmp_path / "install"
+    shutil.copytree(REPO / "iotscan", root / "iotscan", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "models", root / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    card_file = root / "models" / "flows.card.json"
+    card = json.loads(card_file.read_text())
+    card_file.write_text(json.dumps({**card, "feature_schema_version": FEATURE_SCHEMA_VERSION - 1}))
+    proc = run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "-f", "ndjson", cwd=root,
+                       env={"PYTHONPATH": str(root)})
+    assert proc.returncode == 4 and b"feature schema" in proc.stderr and proc.stdout == b""
+    assert_no_traceback(proc)
 
 
 def test_own_model_needs_trust(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from iotscan.devices.behaviour import (
 )
 from iotscan.devices.signatures import MacVendor, Match, Signatures
 from iotscan.errors import ModelError
-from iotscan.modelstore import bundled_model, load_model, read_card, sha256_file
+from iotscan.modelstore import bundled_model, load_model, verified_card
 
 TYPE_THRESHOLD = 0.4
 WEAK_TYPE_THRESHOLD = 0.25
@@ -65,14 +65,11 @@ class DeviceModel:
     def check(path: Path | None = None, trusted: bool = False) -> Path:
         """Fail early, without unpickling: the model file exists and (unless trusted) matches its card."""
         model_path = path or bundled_model("devices")
-        if not model_path.is_file():
-            raise ModelError(f"{model_path}: model file not found")
-        if not trusted:
-            expected = read_card(model_path).get("sha256")
-            actual = sha256_file(model_path)
-            if expected != actual:
-                raise ModelError(f"{model_path}: SHA-256 {actual[:16]}... does not match its card "
-                                 f"({str(expected)[:16]}...): refusing to load a tampered or unverified model")
+        if trusted:
+            if not model_path.is_file():
+                raise ModelError(f"{model_path}: model file not found")
+        else:
+            verified_card(model_path)
         return model_path
 
     @property

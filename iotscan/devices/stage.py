@@ -64,8 +64,11 @@ class DeviceStage(Stage):
         self._source = ""
         self._info: SourceInfo | None = None
         self._identity: _IdentityJob | None = None
+        self._loader: _ModelLoader | None = None
 
     def begin(self, source: SourceInfo) -> None:
+        if self._loader is not None:
+            self._loader.join()  # the next source's meter must not fork in the middle of an import
         self._abandon_identity()
         self._source = source.name
         self._info = source
@@ -92,6 +95,11 @@ class DeviceStage(Stage):
         observe = self.observer()
         for event in events:  # the first event means the main meter has started
             self._start_identity()
+            if self.model is None and self._model_path is not None and self._loader is None:
+                # Unpickled beside the metering, in the main process's idle time, now that the meters
+                # have forked (the pickle imports scikit-learn: a second or more).
+                self._loader = _ModelLoader(self._model_path, self._trust_model)
+                self._loader.start()
             if event[0] is not None:  # not a heartbeat
                 observe(event[0])
             yield event
@@ -246,7 +254,10 @@ class DeviceStage(Stage):
             ips = _device_ips(act, served, self.gateways, self.devices)
             devices.append(DeviceEvidence(mac, act, self.hints.by_mac.get(mac), ips, served))
         if self.model is None and self._model_path is not None and devices:
-            self.model = DeviceModel.load(self._model_path, trusted=self._trust_model)
+            if self._loader is not None:
+                self.model = self._loader.result()
+            else:
+                self.model = DeviceModel.load(self._model_path, trusted=self._trust_model)
         records = fingerprint_devices(devices, self.signatures, self.model)
         records.sort(key=lambda d: (d["first_seen_ms"], d["mac"]))
         return records
@@ -281,6 +292,30 @@ def _prefix(ip: str) -> str:
     if ":" in ip:
         return ":".join(ipaddress.ip_address(ip).exploded.split(":")[:4])
     return ip.rsplit(".", 1)[0]
+
+
+class _ModelLoader(threading.Thread):
+    """Loads (and verifies) the device model in a thread; ``result()`` waits for it."""
+
+    def __init__(self, path: Path, trusted: bool) -> None:
+        super().__init__(name="iotscan-device-model", daemon=True)
+        self.path = path
+        self.trusted = trusted
+        self.model: DeviceModel | None = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.model = DeviceModel.load(self.path, trusted=self.trusted)
+        except Exception as exc:  # raised again in the main thread by result()
+            self.error = exc
+
+    def result(self) -> DeviceModel:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.model is not None
+        return self.model
 
 
 class _IdentityJob(threading.Thread):
