@@ -176,6 +176,10 @@ class ScoringStage(Stage):
 
     @property
     def model(self) -> dict[str, Any]:
+        return self.load()
+
+    def load(self) -> dict[str, Any]:
+        """The model, unpickled on first use."""
         if self._model is None:
             self._model, _ = load_flow_model()
         if self._threads is None:
@@ -191,11 +195,12 @@ class ScoringStage(Stage):
         if not cfg.statistics or cfg.splt < METER_SETTINGS["splt"]:
             raise ModelError("scoring needs the meter's statistics and early-packet sizes "
                              f"(statistics=True, splt>={METER_SETTINGS['splt']})")
+        if cfg.live:
+            self.batch_rows, self.max_delay_s = min(self.batch_rows, LIVE_BATCH_ROWS), LIVE_MAX_DELAY_S
+            self.load()  # before capturing: on a live link, packets must not wait for it
         # Context is per capture: a new source starts with no history. Codes of the model's vocabulary
         # are given to the extractor when the model is loaded, before its first batch.
         self._extractor = FeatureExtractor(self._model["vocabulary"] if self._model else None)
-        if cfg.live:
-            self.batch_rows, self.max_delay_s = min(self.batch_rows, LIVE_BATCH_ROWS), LIVE_MAX_DELAY_S
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
         extractor = self._extractor

@@ -72,6 +72,9 @@ class DeviceStage(Stage):
         self._abandon_identity()
         self._source = source.name
         self._info = source
+        if source.config.live and self.model is None and self._model_path is not None:
+            # Loaded before capturing: on a live link, a load beside the capture would hold the reader back.
+            self.model = DeviceModel.load(self._model_path, trusted=self._trust_model)
 
     def _abandon_identity(self) -> None:
         """A pass still running here belongs to a source that failed: stop it, do not wait."""
