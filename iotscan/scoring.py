@@ -198,9 +198,9 @@ class ScoringStage(Stage):
         if cfg.live:
             self.batch_rows, self.max_delay_s = min(self.batch_rows, LIVE_BATCH_ROWS), LIVE_MAX_DELAY_S
             self.load()  # before capturing: on a live link, packets must not wait for it
-        # Context is per capture: a new source starts with no history. Codes of the model's vocabulary
-        # are given to the extractor when the model is loaded, before its first batch.
-        self._extractor = FeatureExtractor(self._model["vocabulary"] if self._model else None)
+        # Context is per capture: a new source starts with no history. The model's vocabulary is given to
+        # the extractor at its first batch, once the model is loaded (see _score).
+        self._extractor = FeatureExtractor()
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
         extractor = self._extractor
