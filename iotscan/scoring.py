@@ -5,11 +5,15 @@ batch at a time with one vectorised ``predict_proba`` call: a batch is flushed a
 flows, at the end of a source, and -- on a live interface -- when a flow arrives and the oldest
 waiting one is ``max_delay_s`` old, so streaming is delayed by at most one batch. (A stage only runs
 when a flow arrives: on a link that falls silent the last flows wait for the next one or the end.)
+On a capture file, the first flows also wait for the request pass (up to HELD_FOR_REQUESTS of them;
+beyond that the reader waits too).
 
 The model is a dict (see iotscan/training/train.py): a binary detector (attack vs benign), a
 calibration curve mapping its probability to the probability of attack, the threshold chosen on
 validation data, a family classifier applied to the flows judged attacks, the nDPI vocabulary and
-the typical benign feature values the reasons are measured against.
+the typical benign feature values the reasons are measured against. A flow whose HTTP request
+matched an exploit signature (the request pass, read beside the main one on capture files) is an
+attack of the signature's family with score 1, whatever the detector says.
 """
 
 from __future__ import annotations
@@ -26,19 +30,27 @@ from iotscan.features import (
     FEATURE_NAMES,
     FEATURE_SCHEMA_VERSION,
     METER_SETTINGS,
+    REQUEST_SIGNATURE,
     FeatureExtractor,
+    feature_index,
 )
 from iotscan.modelstore import bundled_model, load_model, verified_card
 from iotscan.pipeline import Event, SourceInfo, Stage
+from iotscan.request_pass import RequestFindings, request_pass, signature
+from iotscan.source import SidePass
 
 MODEL_NAME = "flows"
 BATCH_ROWS = 4096
 LIVE_BATCH_ROWS = 128
 LIVE_MAX_DELAY_S = 1.0
+# Flows held while the request pass still runs (it reads the whole file, only faster): beyond this the
+# reader waits for it instead, so memory stays bounded on a capture whose pass takes long.
+HELD_FOR_REQUESTS = 16_384
 MAX_REASONS = 3
 _BENIGN = {"verdict": "benign", "score": None, "family": None, "reasons": None}  # key order as VERDICT_FIELDS
 _MIN_DROP = 0.05  # log-odds a group must account for to be named
 _CELL_BITS = 4  # a group's deviation bin, log2 robust units, 0..15: 15 groups fit in 60 bits
+_SIGNATURE_COL = FEATURE_NAMES.index(REQUEST_SIGNATURE)
 _REQUIRED_KEYS = ("feature_schema_version", "feature_names", "detector", "calibration", "threshold",
                   "family_model", "families", "vocabulary", "reference", "scale", "reason_groups")
 
@@ -80,9 +92,9 @@ def attack_scores(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     """Calibrated probability of attack per row."""
     if len(X) == 0:
         return np.empty(0)
-    raw = model["detector"].predict_proba(X)[:, 1]
+    raw = model["detector"].predict_proba(X[:, _detector_columns(model)])[:, 1]
     xs, ys = model["calibration"]
-    return np.interp(raw, xs, ys)
+    return np.where(X[:, _SIGNATURE_COL] > 0, 1.0, np.interp(raw, xs, ys))
 
 
 def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
@@ -92,8 +104,19 @@ def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
         return np.empty(0, dtype=object)
     family_model = model["family_model"]
     if family_model is None:  # trained on a single family
-        return np.full(len(X), families[0], dtype=object)
-    return families[np.argmax(_forest_votes(family_model, X), axis=1)]
+        out = np.full(len(X), families[0], dtype=object)
+    else:
+        out = families[np.argmax(_forest_votes(family_model, X), axis=1)]
+    for i in np.flatnonzero(X[:, _SIGNATURE_COL] > 0):
+        out[i] = _signature_of(X[i])[0]
+    return out
+
+
+def _signature_of(row: np.ndarray) -> tuple[str, str]:
+    """(family, reason) of a row whose request matched a signature."""
+    sig = signature(int(row[_SIGNATURE_COL]))
+    return ("exploit", "HTTP request matched an exploit signature") if sig is None else \
+        (sig.family, f"HTTP request matched an exploit signature: {sig.name}")
 
 
 def _forest_votes(forest: Any, X: np.ndarray) -> np.ndarray:
@@ -130,11 +153,25 @@ def explain(model: dict[str, Any], X: np.ndarray) -> list[list[str]]:
     probes = np.repeat(U[None, :, :], g + 1, axis=0)  # the rows as they are, then one copy per group
     for k, (_, cols) in enumerate(groups, start=1):
         probes[k][:, cols] = reference[cols]
-    logit = detector.decision_function(probes.reshape((g + 1) * n, -1)).reshape(g + 1, n)  # one call
+    logit = detector.decision_function(probes.reshape((g + 1) * n, -1)[:, _detector_columns(model)]
+                                       ).reshape(g + 1, n)  # one call
     drops = logit[0][None, :] - logit[1:]
     order = np.argsort(-drops, axis=0, kind="stable")[:MAX_REASONS]
     phrases = [[groups[k][0] for k in order[:, j] if drops[k, j] > _MIN_DROP] for j in range(n)]
-    return [phrases[i] for i in inverse.ravel()]
+    out = [phrases[i] for i in inverse.ravel()]
+    for i in np.flatnonzero(X[:, _SIGNATURE_COL] > 0):  # the signature first: it decided
+        out[i] = [_signature_of(X[i])[1], *out[i][:MAX_REASONS - 1]]
+    return out
+
+
+def _detector_columns(model: dict[str, Any]) -> np.ndarray:
+    """The columns of the feature rows the detector takes (all of them for models that predate the
+    choice); cached in the model dict."""
+    cached = model.get("_detector_columns")
+    if cached is None:
+        names = model.get("detector_features", model["feature_names"])
+        cached = model["_detector_columns"] = np.array(feature_index(names), dtype=np.intp)
+    return cached
 
 
 def _membership(model: dict[str, Any]) -> np.ndarray:
@@ -172,6 +209,9 @@ class ScoringStage(Stage):
         self.max_delay_s: float | None = None
         self._extractor: FeatureExtractor | None = None
         self._threads: Any = None
+        self._source: SourceInfo | None = None
+        self._requests: SidePass | None = None
+        self.warnings: list[dict[str, str]] = []
         self.scored = 0
 
     @property
@@ -201,6 +241,45 @@ class ScoringStage(Stage):
         # Context is per capture: a new source starts with no history. The model's vocabulary is given to
         # the extractor at its first batch, once the model is loaded (see _score).
         self._extractor = FeatureExtractor()
+        self._abandon_requests()
+        self._source = source
+
+    def _abandon_requests(self) -> None:
+        """A request pass still running belongs to a source that ended or failed: stop it, do not wait."""
+        if self._requests is not None:
+            self._requests.stop()
+            self._requests = None
+
+    def _start_requests(self) -> None:
+        """Start the request pass beside the main one, once the main meter runs (so the forks do not race).
+        A live interface cannot be read twice: its flows get no request signatures."""
+        info = self._source
+        if info is not None and info.capture is not None and self._requests is None:
+            self._requests = request_pass(info.name, info.config)
+            self._requests.start()
+
+    def _requests_running(self) -> bool:
+        return self._requests is not None and self._extractor is not None and self._extractor.requests is None \
+            and self._requests.is_alive()
+
+    def _request_findings(self) -> RequestFindings | None:
+        """The request pass's findings, waiting for it (it reads only HTTP request segments, and runs
+        ahead of the main pass: the wait is short after the first batch of flows)."""
+        job = self._requests
+        if job is None:
+            return None
+        job.join()
+        name = self._source.name if self._source is not None else ""
+        if job.error is not None:
+            self.warnings.append({"source": name, "code": "request_pass",
+                                  "message": f"HTTP request pass failed (no exploit signatures): {job.error}"})
+            return None
+        findings: RequestFindings = job.result
+        if findings.dropped:
+            self.warnings.append({"source": name, "code": "request_signatures_capped",
+                                  "message": f"{findings.dropped:,} flows matching exploit signatures beyond the "
+                                             f"first {findings.matched - findings.dropped:,} were not kept"})
+        return findings
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
         extractor = self._extractor
@@ -208,7 +287,11 @@ class ScoringStage(Stage):
         pending: list[Event] = []
         batch_rows, max_delay = self.batch_rows, self.max_delay_s
         oldest = 0.0
+        started = False
         for event in events:
+            if not started:  # the first event means the main meter runs
+                self._start_requests()
+                started = True
             if event[0] is None:  # a heartbeat of a quiet live link: flush what has waited long enough
                 if pending and max_delay is not None and time.monotonic() - oldest >= max_delay:
                     yield from self._score(pending)
@@ -219,6 +302,8 @@ class ScoringStage(Stage):
             pending.append(event)
             if len(pending) == 1 and max_delay is not None:
                 oldest = time.monotonic()
+            if len(pending) >= batch_rows and self._requests_running() and len(pending) < HELD_FOR_REQUESTS:
+                continue  # flows wait for the request pass, up to a bound, rather than the reader
             if len(pending) >= batch_rows or (max_delay is not None and time.monotonic() - oldest >= max_delay):
                 yield from self._score(pending)
                 pending = []
@@ -231,6 +316,8 @@ class ScoringStage(Stage):
         model = self.model
         if extractor.vocabulary is None:
             extractor.use_vocabulary(model["vocabulary"])
+        if extractor.requests is None and self._requests is not None:
+            extractor.requests = self._request_findings() or RequestFindings()
         X = extractor.take()
         scores = attack_scores(model, X)
         attack = np.flatnonzero(scores >= self.threshold)
@@ -248,6 +335,11 @@ class ScoringStage(Stage):
         self.scored += len(pending)
         return pending
 
+    def end(self, source: SourceInfo) -> None:
+        self._abandon_requests()
+
     def summarize(self, summary: dict[str, Any]) -> None:
+        if self.warnings:
+            summary.setdefault("warnings", []).extend(self.warnings)
         summary["model"] = {"name": self.card.get("model_file", MODEL_NAME), "sha256": self.card.get("sha256"),
                             "threshold": self.threshold}

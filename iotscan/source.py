@@ -28,9 +28,10 @@ import queue
 import select
 import signal
 import sys
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ from nfstream.meter import get_flow_key_from_pkt
 from nfstream.plugin import NFPlugin
 from nfstream.utils import NFMode
 
-from iotscan.errors import CaptureError, ExitCode, InputError
+from iotscan.errors import CaptureError, ExitCode, InputError, IotscanError
 
 _BATCH_FLOWS = 128  # flows per queue message: amortises locking and pickling of field names
 _BATCH_MAX_AGE_S = 0.2  # a live batch waits at most this long
@@ -80,6 +81,8 @@ class MeterConfig:
     decode_tunnels: bool = True
     accounting_mode: int = 0
     plugins: tuple[NFPlugin, ...] = ()
+    # Only the flows this accepts leave the meter (a side pass wants a few of many); report.flows counts all.
+    keep: Callable[[NFlow], bool] | None = None
 
 
 @dataclass
@@ -99,17 +102,20 @@ class SourceReport:
 class _Batcher:
     """Collects expired flows into batches for the queue."""
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, keep: Callable[[NFlow], bool] | None) -> None:
         self.channel = channel
+        self.keep = keep
         self.batch: list[NFlow] = []
         self.since = time.monotonic()
         self.flows = 0
 
     def put(self, flow: NFlow) -> None:
+        self.flows += 1
+        if self.keep is not None and not self.keep(flow):
+            return
         if not self.batch:
             self.since = time.monotonic()
         self.batch.append(flow)
-        self.flows += 1
         if len(self.batch) >= _BATCH_FLOWS:
             self.flush()
 
@@ -234,7 +240,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
     idle_ms, active_ms = cfg.idle_timeout * 1000, cfg.active_timeout * 1000
     stats, splt, n_dis, acc, tunnels = cfg.statistics, cfg.splt, cfg.n_dissections, cfg.accounting_mode, \
         cfg.decode_tunnels
-    out = _Batcher(channel)
+    out = _Batcher(channel, cfg.keep)
     cache: OrderedDict[tuple, NFlow] = OrderedDict()  # oldest activity first
     report = SourceReport()
     interface_stats = ffi.new("struct nf_stat *")
@@ -449,3 +455,72 @@ def _classify_error(cfg: MeterConfig, message: str) -> Exception:
         return InputError(f"{cfg.source}: unreadable capture: {message}")
     return CaptureError(f"{cfg.source}: {message}", ExitCode.CAPTURE)
 
+
+
+class SidePass(threading.Thread):
+    """A second, BPF-filtered pass over a capture file beside the main one, for payloads the main
+    pass does not read (a plugin there would run for every packet). Its own meter process does the
+    work; this thread only gathers the few flows the filter lets through, with ``collect``.
+
+    ``configs`` are tried in turn while one is rejected as input: the first is usually a VLAN-aware
+    filter, which link types without Ethernet framing refuse. Start it once the main meter runs (so
+    the forks do not race); ``stop()`` ends it early from another thread.
+    """
+
+    def __init__(self, name: str, configs: Sequence[MeterConfig], collect: Callable[[Iterator[NFlow]], Any]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.configs = list(configs)
+        self.collect = collect
+        self.result: Any = None
+        self.error: IotscanError | None = None
+        self.report = SourceReport()
+        self._source: FlowSource | None = None
+        self._stopped = False
+
+    def run(self) -> None:
+        for i, config in enumerate(self.configs):
+            self._source = FlowSource(config)
+            if self._stopped:
+                self._source.stop()
+            try:
+                self.result = self.collect(iter(self._source))
+                self.report = self._source.report
+                return
+            except InputError as exc:
+                if i == len(self.configs) - 1:
+                    self.error = exc
+            except IotscanError as exc:
+                self.error = exc
+                return
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._source is not None:
+            self._source.stop()
+
+    def outcome(self) -> Any:
+        """Run here (no thread) and return what ``collect`` made, or raise the pass's error."""
+        self.run()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def side_pass(name: str, path: str, config: MeterConfig, bpf: str, plugin: NFPlugin,
+              collect: Callable[[Iterator[NFlow]], Any], snaplen: int,
+              keep: Callable[[NFlow], bool] | None = None) -> SidePass:
+    """A side pass over one capture file: the packets ``bpf`` lets through, read by ``plugin``.
+
+    It keeps the main pass's timeouts and narrows its --bpf (``config``); nDPI and flow statistics
+    are off, as the pass only reads payloads. The filter is tried VLAN-aware first ("vlan" shifts the
+    offsets of the expressions after it, so the tagged form catches tagged frames), then as it is, for
+    link types without Ethernet framing, which reject "vlan".
+    """
+    def meter(own: str) -> MeterConfig:
+        return MeterConfig(source=path, bpf=f"({config.bpf}) and ({own})" if config.bpf else own,
+                           idle_timeout=config.idle_timeout, active_timeout=config.active_timeout,
+                           max_flows=config.max_flows or 65536, statistics=False, n_dissections=0,
+                           snaplen=max(config.snaplen, snaplen), decode_tunnels=config.decode_tunnels,
+                           plugins=(plugin,), keep=keep)
+
+    return SidePass(name, [meter(f"({bpf}) or (vlan and {bpf})"), meter(bpf)], collect)

@@ -182,4 +182,4 @@ def test_real_capture_rows_are_finite_and_deterministic(name: str) -> None:
 
 def test_context_features_are_marked() -> None:
     assert "beacon_score" in CONTEXT_FEATURES and "src_log_flows_5s" in CONTEXT_FEATURES
-    assert "log_packets" not in CONTEXT_FEATURES
+    assert "log_packets" not in CONTEXT_FEATURES and "request_signature" not in CONTEXT_FEATURES

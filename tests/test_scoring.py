@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from iotscan.errors import ModelError
-from iotscan.features import FEATURE_NAMES, FEATURE_SCHEMA_VERSION
+from iotscan.features import DETECTOR_FEATURES, FEATURE_NAMES, FEATURE_SCHEMA_VERSION
 from iotscan.modelstore import bundled_model, load_model, save_model, sha256_file
-from iotscan.scoring import ScoringStage, attack_scores, explain, load_flow_model
+from iotscan.scoring import ScoringStage, attack_families, attack_scores, explain, load_flow_model
 from tests.conftest import REPO, SAMPLES, assert_no_traceback, ndjson, run_iotscan
 
 FAMILIES = {"ddos", "dos", "scan", "bruteforce", "c2", "exploit", "spoofing"}
@@ -56,10 +56,50 @@ def test_scores_are_probabilities_and_reasons_are_words(bundled: tuple[dict, dic
     rng = np.random.default_rng(0)
     X = rng.normal(size=(50, len(FEATURE_NAMES))).astype(np.float32)
     X[:, [FEATURE_NAMES.index("app_code"), FEATURE_NAMES.index("category_code")]] = 0
+    X[:, FEATURE_NAMES.index("request_signature")] = 0
     s = attack_scores(model, X)
     assert s.shape == (50,) and np.all((s >= 0) & (s <= 1))
     reasons = explain(model, X[:5])
     assert len(reasons) == 5 and all(isinstance(p, str) for r in reasons for p in r)
+
+
+def test_detector_ignores_application_and_beacon_features(bundled: tuple[dict, dict]) -> None:
+    # measured across sources, these let the detector learn which network a flow came from
+    model, _ = bundled
+    assert model["detector_features"] == DETECTOR_FEATURES
+    left_out = [FEATURE_NAMES.index(n) for n in FEATURE_NAMES if n not in DETECTOR_FEATURES]
+    signature_col = FEATURE_NAMES.index("request_signature")  # decides by itself (see test_request_pass.py)
+    assert {FEATURE_NAMES[i] for i in left_out} == {"app_code", "category_code", "app_guessed", "chan_log_repeats",
+                                                   "chan_log_mean_interval_s", "chan_interval_cv", "chan_size_dev",
+                                                   "beacon_score", "request_signature"}
+    left_out.remove(signature_col)
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, len(FEATURE_NAMES))).astype(np.float32)
+    X[:, signature_col] = 0
+    changed = X.copy()
+    changed[:, left_out] = rng.uniform(0, 50, size=(200, len(left_out)))
+    assert np.array_equal(attack_scores(model, X), attack_scores(model, changed))
+    # and reasons never name what the detector does not see
+    phrases = {p for r in explain(model, X) for p in r}
+    assert not any("beacon" in p or p.startswith("application") for p in phrases)
+    # the family model still uses them: it names attacks already found
+    assert model["family_model"].n_features_in_ == len(FEATURE_NAMES)
+
+
+def test_a_request_signature_makes_an_exploit_whatever_the_detector_says(bundled: tuple[dict, dict]) -> None:
+    model, _ = bundled
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(20, len(FEATURE_NAMES))).astype(np.float32)
+    X[:, [FEATURE_NAMES.index("app_code"), FEATURE_NAMES.index("category_code")]] = 0
+    col = FEATURE_NAMES.index("request_signature")
+    X[:, col] = 0
+    X[::2, col] = 3  # SQL injection
+    scores = attack_scores(model, X)
+    assert np.all(scores[::2] == 1.0) and np.all(scores[1::2] < 1.0)
+    assert set(attack_families(model, X[::2]).tolist()) == {"exploit"}
+    reasons = explain(model, X)
+    assert all(r[0] == "HTTP request matched an exploit signature: SQL injection" for r in reasons[::2])
+    assert not any(p.startswith("HTTP request") for r in reasons[1::2] for p in r)
 
 
 def test_synflood_is_flagged_as_ddos(scored: dict[str, list[dict]]) -> None:

@@ -138,11 +138,12 @@ def test_model_train_evaluate_info_end_to_end(tmp_path: Path) -> None:
     run_iotscan("model", "train", manifest, "-o", again, "--cv-folds", "0", "--no-loso", "--max-iter", "15",
                 "--max-rows-per-capture", "300", "--cache-dir", cache, "-q", check_code=0)
     from iotscan.modelstore import load_model
+    from iotscan.scoring import attack_scores
     from iotscan.training.dataset import load_captures
     from iotscan.training.manifest import read_manifests
 
     a, _ = load_model(again, trusted=True)
     b, _ = load_model(model, trusted=True)
     X = load_captures(read_manifests([manifest]), cache)[0].X
-    assert np.array_equal(a["detector"].predict_proba(X), b["detector"].predict_proba(X))
+    assert np.array_equal(attack_scores(a, X), attack_scores(b, X))
     assert a["threshold"] == b["threshold"] and a["families"] == b["families"]

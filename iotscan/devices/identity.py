@@ -21,15 +21,12 @@ from typing import Any
 
 from nfstream.plugin import NFPlugin
 
-from iotscan.errors import InputError
 from iotscan.records import is_local_address
-from iotscan.source import FlowSource, MeterConfig
+from iotscan.source import MeterConfig, SidePass, side_pass
 
 EDIMAX_CLOUD_PORT = 8765
 IDENTITY_PORTS = (67, 68, 5353, 1900, EDIMAX_CLOUD_PORT)
-_PORT_FILTER = "udp and (" + " or ".join(f"port {p}" for p in IDENTITY_PORTS) + ")"
-# "vlan" shifts the offsets of the expressions after it: the tagged form catches tagged frames.
-IDENTITY_BPF = f"({_PORT_FILTER}) or (vlan and {_PORT_FILTER})"
+IDENTITY_FILTER = "udp and (" + " or ".join(f"port {p}" for p in IDENTITY_PORTS) + ")"
 
 MAX_PACKETS_PER_FLOW = 64  # packets parsed per flow; announcements repeat, the first ones tell all
 MAX_HINTS_PER_FLOW = 48
@@ -378,11 +375,6 @@ class IdentityHints:
         self.flows += other.flows
 
 
-def identity_bpf(user_bpf: str | None) -> str:
-    """The pass's filter, narrowed further by the user's own --bpf when there is one."""
-    return f"({user_bpf}) and ({IDENTITY_BPF})" if user_bpf else IDENTITY_BPF
-
-
 def collect(flows: Iterable[Any]) -> IdentityHints:
     """Merge the hints of the identity pass's flows by sender MAC (DHCP: by client hardware address)."""
     result = IdentityHints()
@@ -398,47 +390,11 @@ def collect(flows: Iterable[Any]) -> IdentityHints:
     return result
 
 
-def identity_config(path: str, config: MeterConfig, vlan: bool = True) -> MeterConfig:
-    """The pass's meter settings: the main pass's timeouts and --bpf, narrowed to the identity ports.
-
-    nDPI and flow statistics are off: this pass only reads payloads. ``vlan=False`` drops the
-    VLAN-tagged alternative, which link types without Ethernet framing reject.
-    """
-    ports = IDENTITY_BPF if vlan else _PORT_FILTER
-    bpf = f"({config.bpf}) and ({ports})" if config.bpf else ports
-    return MeterConfig(source=path, bpf=bpf, idle_timeout=config.idle_timeout,
-                       active_timeout=config.active_timeout, max_flows=config.max_flows or 65536,
-                       statistics=False, n_dissections=0, snaplen=max(config.snaplen, 2048),
-                       decode_tunnels=config.decode_tunnels, plugins=(IdentityPlugin(),))
-
-
-class IdentityPass:
-    """The BPF-filtered identity pass over one capture file; ``stop()`` ends it early from another thread."""
-
-    def __init__(self, path: str, config: MeterConfig) -> None:
-        self.path = path
-        self.config = config
-        self._source: FlowSource | None = None
-        self._stopped = False
-
-    def run(self) -> IdentityHints:
-        for vlan in (True, False):
-            self._source = FlowSource(identity_config(self.path, self.config, vlan=vlan))
-            if self._stopped:
-                self._source.stop()
-            try:
-                return collect(self._source)
-            except InputError:
-                if not vlan:
-                    raise
-        raise AssertionError("unreachable")
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self._source is not None:
-            self._source.stop()
+def identity_pass(path: str, config: MeterConfig) -> SidePass:
+    """The identity pass over one capture file (``config``: the main pass's settings), to start."""
+    return side_pass("iotscan-identity", path, config, IDENTITY_FILTER, IdentityPlugin(), collect, snaplen=2048)
 
 
 def read_identity(path: str, config: MeterConfig) -> IdentityHints:
-    """Run the identity pass over one capture file (``config``: the main pass's settings)."""
-    return IdentityPass(path, config).run()
+    """Run the identity pass over one capture file, here."""
+    return identity_pass(path, config).outcome()

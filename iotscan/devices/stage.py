@@ -25,11 +25,11 @@ from typing import Any
 
 from iotscan.devices.behaviour import PEER_GROUP, PEER_LOCAL, PEER_REMOTE, DeviceActivity
 from iotscan.devices.fingerprint import DeviceEvidence, DeviceModel, fingerprint_devices
-from iotscan.devices.identity import IdentityHints, IdentityPass
+from iotscan.devices.identity import IdentityHints, identity_pass
 from iotscan.devices.signatures import Signatures, load_signatures
-from iotscan.errors import IotscanError
 from iotscan.pipeline import Event, SourceInfo, Stage
 from iotscan.records import is_local_address
+from iotscan.source import SidePass
 
 MAX_DEVICES = 4096  # a home or lab network; beyond it (spoofed floods), new MACs are not tracked
 _MAX_CACHE = 65536
@@ -63,7 +63,7 @@ class DeviceStage(Stage):
         self._full = False
         self._source = ""
         self._info: SourceInfo | None = None
-        self._identity: _IdentityJob | None = None
+        self._identity: SidePass | None = None
         self._loader: _ModelLoader | None = None
 
     def begin(self, source: SourceInfo) -> None:
@@ -88,7 +88,7 @@ class DeviceStage(Stage):
         info = self._info
         if not self.identity_pass or info is None or info.capture is None or self._identity is not None:
             return
-        job = _IdentityJob(info)
+        job = identity_pass(info.name, info.config)
         job.start()
         self._identity = job
 
@@ -240,8 +240,8 @@ class DeviceStage(Stage):
         if job.error is not None:
             self.warnings.append({"source": source.name, "code": "identity_pass",
                                   "message": f"DHCP/mDNS/SSDP pass failed (devices rely on flows): {job.error}"})
-        elif job.hints is not None:
-            self.hints.merge(job.hints)
+        elif job.result is not None:
+            self.hints.merge(job.result)
         self.identity_seconds += time.monotonic() - started
 
     def profiles(self) -> dict[str, DeviceActivity]:
@@ -319,22 +319,3 @@ class _ModelLoader(threading.Thread):
             raise self.error
         assert self.model is not None
         return self.model
-
-
-class _IdentityJob(threading.Thread):
-    """The identity pass of one capture file, in a thread (the work is in its meter process)."""
-
-    def __init__(self, info: SourceInfo) -> None:
-        super().__init__(name="iotscan-identity", daemon=True)
-        self.identity = IdentityPass(info.name, info.config)
-        self.hints: IdentityHints | None = None
-        self.error: IotscanError | None = None
-
-    def run(self) -> None:
-        try:
-            self.hints = self.identity.run()
-        except IotscanError as exc:
-            self.error = exc
-
-    def stop(self) -> None:
-        self.identity.stop()

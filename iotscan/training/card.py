@@ -21,6 +21,7 @@ from iotscan.features import (
     SET_CAP,
     WINDOWS_S,
 )
+from iotscan.request_pass import SIGNATURES
 from iotscan.training.dataset import CaptureTable
 from iotscan.training.evaluate import MODEL_TITLES, MODELS
 from iotscan.training.manifest import FAMILIES
@@ -69,12 +70,14 @@ def build_card(model: dict[str, Any], tables: Sequence[CaptureTable], evaluation
         "manifests": list(manifests),
         "feature_schema_version": FEATURE_SCHEMA_VERSION,
         "features": {"count": len(FEATURE_NAMES), "names": list(FEATURE_NAMES), "meter": dict(METER_SETTINGS),
+                     "detector_left_out": [n for n in FEATURE_NAMES if n not in model["detector_features"]],
                      "context": CONTEXT_NOTE, "lookahead_s": 0,
                      "vocabulary_sizes": {k: len(v) for k, v in model["vocabulary"].items()}},
         "model": {"detector": "HistGradientBoostingClassifier (attack vs benign), Platt calibration on "
                               "out-of-source scores",
                   "family_model": "RandomForestClassifier on attack flows" if model["family_model"] is not None
                   else f"single family: {model['families'][0]}",
+                  "request_signatures": [sig.name for sig in SIGNATURES],
                   "families": model["families"], "train_config": model["train_config"],
                   "training_rows": model["training_rows"]},
         "threshold": model["threshold"],
@@ -200,6 +203,14 @@ def card_markdown(card: dict[str, Any]) -> str:
               "directions of the first packets, the nDPI application and category as codes of a fixed vocabulary "
               "(unknown names -> other), port classes (well-known / registered / ephemeral); no addresses, MACs, "
               "raw ports or absolute times. Context: " + card["features"]["context"], ""]
+    left_out = card["features"].get("detector_left_out")
+    if left_out:
+        names = ", ".join(f"`{n}`" for n in left_out)
+        signatures = ", ".join(card["model"].get("request_signatures", []))
+        lines[-1:-1] = ["", f"The detector leaves out {len(left_out)} of them ({names}): the application and beacon "
+                        "features taught it which network a flow came from (see the notes), and `request_signature` "
+                        "decides by itself: a flow whose HTTP request matched an exploit signature (read by the "
+                        f"request pass: {signatures}) is an exploit with score 1. The family model uses all."]
     th = card["threshold_choice"]
     lines += ["## Threshold", "", f"Threshold **{card['threshold']}**: {th['rule']}. On those validation scores: "
               f"benign FPR {_f(th['validation_benign_fpr'], True)}, attack recall per capture "

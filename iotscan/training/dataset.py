@@ -9,6 +9,8 @@ feature code, so experiments and retraining do not meter the same captures again
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 from collections.abc import Sequence
@@ -18,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from iotscan import features
+from iotscan import features, request_pass
 from iotscan.console import stderr
-from iotscan.errors import CaptureError, InputError
+from iotscan.errors import CaptureError, InputError, IotscanError
 from iotscan.features import FEATURE_NAMES, FeatureExtractor
 from iotscan.source import FlowSource, MeterConfig
 from iotscan.training.manifest import CaptureSpec, FlowKeys
@@ -33,9 +35,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "iotscan" / "features"
 
 
+@functools.cache
 def _feature_code_fingerprint() -> str:
-    """Changes whenever the feature code does: a cached table of older code is never reused."""
+    """Changes whenever the feature code does: a cached table of older code is never reused. Computed
+    once per process, so that an edit during a long extraction cannot label old results as new."""
     digest = hashlib.sha256(Path(features.__file__).read_bytes())
+    digest.update(Path(request_pass.__file__).read_bytes())
+    digest.update(repr([(s.name, s.where, s.needs, s.pattern.pattern) for s in request_pass.SIGNATURES]).encode())
     digest.update(repr(sorted(features.METER_SETTINGS.items())).encode())
     return digest.hexdigest()[:16]
 
@@ -67,6 +73,10 @@ def _cache_file(cache_dir: Path, path: Path) -> Path:
 def _extract(path: Path) -> dict[str, np.ndarray]:
     config = MeterConfig(source=str(path), **features.METER_SETTINGS)  # the flow cap `analyze` uses
     extractor = FeatureExtractor(vocabulary=None)
+    # as in `analyze`, the request pass's findings are complete before the first rows are taken; if the
+    # file is bad, the main pass says what is wrong with it
+    with contextlib.suppress(IotscanError):
+        extractor.requests = request_pass.read_requests(str(path), config)
     blocks: list[np.ndarray] = []
     meta: dict[str, list] = {k: [] for k in ("src_ip", "dst_ip", "src_port", "dst_port", "protocol", "first_ms",
                                              "last_ms", "packets")}
