@@ -51,8 +51,8 @@ _BENIGN = {"verdict": "benign", "score": None, "family": None, "reasons": None} 
 _MIN_DROP = 0.05  # log-odds a group must account for to be named
 _CELL_BITS = 4  # a group's deviation bin, log2 robust units, 0..15: 15 groups fit in 60 bits
 _SIGNATURE_COL = FEATURE_NAMES.index(REQUEST_SIGNATURE)
-_REQUIRED_KEYS = ("feature_schema_version", "feature_names", "detector", "calibration", "threshold",
-                  "family_model", "families", "vocabulary", "reference", "scale", "reason_groups")
+_REQUIRED_KEYS = ("feature_schema_version", "feature_names", "detector", "detector_features", "calibration",
+                  "threshold", "family_model", "families", "vocabulary", "reference", "scale", "reason_groups")
 
 
 def check_bundled_flow_model() -> dict[str, Any]:
@@ -113,10 +113,10 @@ def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
 
 
 def _signature_of(row: np.ndarray) -> tuple[str, str]:
-    """(family, reason) of a row whose request matched a signature."""
+    """(family, reason) of a row whose request matched a signature (codes come from this iotscan's list)."""
     sig = signature(int(row[_SIGNATURE_COL]))
-    return ("exploit", "HTTP request matched an exploit signature") if sig is None else \
-        (sig.family, f"HTTP request matched an exploit signature: {sig.name}")
+    assert sig is not None
+    return sig.family, f"HTTP request matched an exploit signature: {sig.name}"
 
 
 def _forest_votes(forest: Any, X: np.ndarray) -> np.ndarray:
@@ -165,12 +165,10 @@ def explain(model: dict[str, Any], X: np.ndarray) -> list[list[str]]:
 
 
 def _detector_columns(model: dict[str, Any]) -> np.ndarray:
-    """The columns of the feature rows the detector takes (all of them for models that predate the
-    choice); cached in the model dict."""
+    """The columns of the feature rows the detector takes; cached in the model dict."""
     cached = model.get("_detector_columns")
     if cached is None:
-        names = model.get("detector_features", model["feature_names"])
-        cached = model["_detector_columns"] = np.array(feature_index(names), dtype=np.intp)
+        cached = model["_detector_columns"] = np.array(feature_index(model["detector_features"]), dtype=np.intp)
     return cached
 
 
@@ -337,6 +335,10 @@ class ScoringStage(Stage):
 
     def end(self, source: SourceInfo) -> None:
         self._abandon_requests()
+
+    def finish(self) -> list[dict[str, Any]]:
+        self._abandon_requests()  # the last source failed before its end
+        return []
 
     def summarize(self, summary: dict[str, Any]) -> None:
         if self.warnings:
