@@ -8,8 +8,9 @@ A flow's feature row has two parts:
   ephemeral) -- never an address, a MAC, a raw port or an absolute time. Packet sizes are
   counted as at least 60 bytes (the Ethernet minimum frame): a capture taken at the sender sees
   a 54-byte SYN, one taken at the receiver the same SYN padded to 60, and the model must not
-  learn which side of the wire a capture came from; and the exploit signature its HTTP request
-  matched, read by the request pass (iotscan/request_pass.py) beside the main one;
+  learn which side of the wire a capture came from; and the signature its HTTP requests (an
+  exploit) or DNS queries (a tunnel) matched, read by the request pass (iotscan/request_pass.py)
+  beside the main one;
 * context: what the flow's source, its destination host (the victim's view), its service
   (destination host, port, protocol) and its channel (source, service) did recently, kept by
   :class:`ContextTracker` as exponentially decayed counters over capture time (in the manner of
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 # Bump whenever a feature's meaning, order or the meter settings below change: models record it and
 # refuse to load under another version (exit 4) instead of scoring garbage.
-FEATURE_SCHEMA_VERSION = 3
+FEATURE_SCHEMA_VERSION = 4
 
 # Meter settings the features rely on; training extraction and `analyze` both use them.
 SPLT_PACKETS = 6  # early packets whose sizes and directions are kept
@@ -119,7 +120,7 @@ _PER_FLOW = [
     "early_direction_changes",
 ]
 CATEGORICAL = ["app_code", "category_code"]
-# The code of the exploit signature the flow's HTTP request matched (0: none or not read): a match
+# The code of the signature the flow's HTTP requests or DNS queries matched (0: none or not read): a match
 # makes the flow an attack whatever the detector says (see iotscan.scoring.attack_scores).
 REQUEST_SIGNATURE = "request_signature"
 
@@ -576,7 +577,7 @@ class FeatureExtractor:
     def _request_codes(self, rows: list[tuple]) -> np.ndarray:
         code = self.requests.code  # type: ignore[union-attr]
         sport, dport, proto = _R["src_port"], _R["dst_port"], _R["protocol"]
-        return np.array([code(r[_I_SRC], r[sport], r[_I_DST], r[dport], r[_I_FIRST], r[_I_LAST]) if r[proto] == 6
+        return np.array([code(r[_I_SRC], r[sport], r[_I_DST], r[dport], r[_I_FIRST], r[_I_LAST]) if r[proto] in (6, 17)
                          else 0 for r in rows], dtype=np.float32)
 
     def _multicast(self, dsts: list[str]) -> np.ndarray:

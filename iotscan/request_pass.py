@@ -1,12 +1,15 @@
-"""The request pass: HTTP requests matched against exploit signatures, beside the main pass.
+"""The request pass: HTTP requests and DNS queries matched against signatures, beside the main pass.
 
 A web exploit (path traversal, command, SQL or script injection, a log4j lookup, a probe for secret
 files) is in the request, not in the flow's sizes and timing: to flow statistics and context it is
-one ordinary short HTTP exchange. nDPI does not hand the request target over through NFStream, and
-a plugin on the main pass would run for every packet (+57% time), so a second pass over the same
-file (see iotscan.source.SidePass) reads only TCP segments whose payload starts with an HTTP method:
-a BPF filter drops every other packet in C. libpcap cannot index a TCP payload behind an IPv6
-header, so the pass reads IPv4 requests. Signatures are data (iotscan/data/request_signatures.json).
+one ordinary short HTTP exchange. A DNS tunnel is in its query names and types: nDPI hands over only
+a flow's first name, and a tunnel's first query can look ordinary. nDPI does not hand the request
+target over through NFStream, and a plugin on the main pass would run for every packet (+57% time),
+so a second pass over the same file (see iotscan.source.SidePass) reads only TCP segments whose
+payload starts with an HTTP method and UDP datagrams to port 53: a BPF filter drops every other
+packet in C. Over IPv6 the filter finds the TCP payload behind the fixed header only, so requests
+in packets with IPv6 extension headers are not read. Signatures are data
+(iotscan/data/request_signatures.json).
 
 The parsers read untrusted bytes: every packet is parsed inside a catch-all, and what is kept per
 flow is one small integer.
@@ -28,21 +31,40 @@ from nfstream.plugin import NFPlugin
 from iotscan.source import MeterConfig, SidePass, side_pass
 
 METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC")
-_PAYLOAD_START = "tcp[((tcp[12:1] & 0xf0) >> 2):4]"  # the first 4 payload bytes, after the TCP options
-REQUEST_FILTER = "tcp and (" + " or ".join(f"{_PAYLOAD_START} = 0x{m.hex()}" for m in METHODS) + ")"
+# The first 4 TCP payload bytes, after the TCP options. libpcap's tcp[] indexes IPv4 only, so over
+# IPv6 the offset is counted from the fixed header: a packet with extension headers is not read.
+_PAYLOAD_START = "tcp[((tcp[12:1] & 0xf0) >> 2):4]"
+_PAYLOAD_START6 = "ip6[(40 + ((ip6[52:1] & 0xf0) >> 2)):4]"
 
-MAX_REQUESTS_PER_FLOW = 32  # keep-alive connections carry several; the first ones tell
+
+def _starts_with_method(start: str) -> str:
+    return "(" + " or ".join(f"{start} = 0x{m.hex()}" for m in METHODS) + ")"
+
+
+HTTP_FILTER = f"(ip and tcp and {_starts_with_method(_PAYLOAD_START)}) or " \
+              f"(ip6 and ip6[6] = 6 and {_starts_with_method(_PAYLOAD_START6)})"
+REQUEST_FILTER = f"({HTTP_FILTER}) or (udp dst port 53)"
+
+MAX_REQUESTS_PER_FLOW = 32  # keep-alive connections and reused DNS sockets carry several; the first ones tell
 MAX_HEAD_BYTES = 4096  # of one request segment
-MAX_FINDINGS = 100_000  # flows with a match kept per capture; more are counted, not kept
+MAX_FINDINGS = 100_000  # flows with a match kept per source; beyond, the oldest endpoints are forgotten
 
 
 @dataclass(frozen=True)
 class RequestSignature:
     name: str
     family: str
-    where: str  # "target" (the request target) or "head" (request line and headers)
-    needs: tuple[str, ...]  # the pattern is tried only when the text holds one of these
+    where: str  # "target" (the request target), "head" (request line and headers) or "dns" (a query)
+    needs: tuple[str, ...]  # the pattern is tried only when the text holds one of these (none: always)
     pattern: re.Pattern[str]  # lower case, searched in lower-cased text
+    min_count: int = 1  # requests of one flow that must match: one odd DNS name is no tunnel
+
+    @property
+    def reason(self) -> str:
+        """What a person reads first about a flow that matched."""
+        if self.where == "dns":
+            return f"DNS queries matched a tunnel signature: {self.name}"
+        return f"HTTP request matched an exploit signature: {self.name}"
 
 
 def _signatures_path() -> Path:
@@ -54,19 +76,29 @@ def _signatures_path() -> Path:
 
 def _load() -> list[RequestSignature]:
     data = json.loads(_signatures_path().read_text())
-    return [RequestSignature(s["name"], s["family"], s["where"], tuple(s["needs"]), re.compile(s["pattern"]))
+    return [RequestSignature(s["name"], s["family"], s["where"], tuple(s["needs"]), re.compile(s["pattern"]),
+                             s.get("min_count", 1))
             for s in data["signatures"]]
 
 
 # Loaded at import, so the meter process (a fork) has them compiled; a broken file is a broken install.
 SIGNATURES: list[RequestSignature] = _load()
-# (code, signature), the target ones first: the head is decoded only when they all miss
-_BY_PLACE = sorted(enumerate(SIGNATURES, start=1), key=lambda cs: cs[1].where != "target")
+# (code, signature) of HTTP requests, the target ones first: the head is decoded only when they all miss
+_HTTP = sorted(((c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where != "dns"),
+               key=lambda cs: cs[1].where != "target")
+_DNS = [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == "dns"]
+# DNS query types by number, for the text DNS signatures read; others read as "type<number>"
+QTYPES = {1: "a", 2: "ns", 5: "cname", 6: "soa", 10: "null", 12: "ptr", 13: "hinfo", 15: "mx", 16: "txt",
+          28: "aaaa", 33: "srv", 35: "naptr", 64: "svcb", 65: "https", 255: "any"}
 
 
 def signature(code: int) -> RequestSignature | None:
     """The signature a flow's request code stands for (0: none)."""
     return SIGNATURES[code - 1] if 0 < code <= len(SIGNATURES) else None
+
+
+def _matches(sig: RequestSignature, text: str) -> bool:
+    return (not sig.needs or any(n in text for n in sig.needs)) and sig.pattern.search(text) is not None
 
 
 def _decoded(text: str) -> str:
@@ -87,34 +119,93 @@ def match_request(payload: bytes) -> int:
     if len(parts) < 2:
         return 0
     texts = {"target": _decoded(parts[1])}
-    for code, sig in _BY_PLACE:
+    for code, sig in _HTTP:
         text = texts.get(sig.where)
         if text is None:
             text = texts[sig.where] = _decoded(head)
-        if any(n in text for n in sig.needs) and sig.pattern.search(text):
+        if _matches(sig, text):
             return code
     return 0
 
 
+def dns_query(ip_packet: bytes) -> str | None:
+    """The text DNS signatures read of a DNS query in an IPv4 or IPv6 UDP packet: the lower-cased
+    name, a space and the type ("example.com a"); None for anything else (answers included)."""
+    version = ip_packet[0] >> 4 if ip_packet else 0
+    if version == 4 and len(ip_packet) >= 20 and ip_packet[9] == 17:
+        start = (ip_packet[0] & 0x0F) * 4 + 8
+    elif version == 6 and len(ip_packet) >= 40 and ip_packet[6] == 17:  # no extension headers
+        start = 48
+    else:
+        return None
+    dns = ip_packet[start:]
+    if len(dns) < 17 or dns[2] & 0xF8 or not (dns[4] or dns[5]):  # an answer, not a standard query, or no question
+        return None
+    labels, i = [], 12
+    while i < len(dns) and dns[i]:
+        n = dns[i]
+        if n > 63:  # a compression pointer or a reserved label type: no name a query writes
+            return None
+        labels.append(dns[i + 1:i + 1 + n].decode("latin-1"))
+        i += 1 + n
+    if i + 3 > len(dns):  # truncated before the type
+        return None
+    qtype = int.from_bytes(dns[i + 1:i + 3], "big")
+    return f"{'.'.join(labels).lower()} {QTYPES.get(qtype, f'type{qtype}')}"
+
+
+def match_query(text: str) -> int:
+    """The code of the first DNS signature a query's text (see dns_query) matches, or 0."""
+    for code, sig in _DNS:
+        if _matches(sig, text):
+            return code
+    return 0
+
+
+def match_packet(ip_packet: bytes) -> int:
+    """The code of the signature one packet of the pass matches (an HTTP request segment or a DNS
+    query), or 0."""
+    payload = _tcp_payload(ip_packet)
+    if payload[:4] in METHODS:
+        return match_request(payload)
+    text = dns_query(ip_packet)
+    return match_query(text) if text is not None else 0
+
+
 def _tcp_payload(ip_packet: bytes) -> bytes:
-    """The TCP payload of an IPv4 packet (b"" for anything else)."""
-    if len(ip_packet) < 40 or ip_packet[0] >> 4 != 4 or ip_packet[9] != 6:
+    """The TCP payload of an IPv4 packet, or of an IPv6 one without extension headers (b"" for anything
+    else)."""
+    version = ip_packet[0] >> 4 if ip_packet else 0
+    if version == 4 and ip_packet[9:10] == b"\x06":
+        start = (ip_packet[0] & 0x0F) * 4
+        if start < 20:
+            return b""
+    elif version == 6 and ip_packet[6:7] == b"\x06":
+        start = 40
+    else:
         return b""
-    ihl = (ip_packet[0] & 0x0F) * 4
-    if ihl < 20 or len(ip_packet) < ihl + 20:
+    if len(ip_packet) < start + 20:
         return b""
-    return ip_packet[ihl + (ip_packet[ihl + 12] >> 4) * 4:]
+    return ip_packet[start + (ip_packet[start + 12] >> 4) * 4:]
 
 
 class RequestPlugin(NFPlugin):
-    """``flow.udps.request_signature``: the code of the first signature a request of the flow matched.
+    """``flow.udps.request_signature``: the code of the first signature that the flow's requests
+    matched, as many times as it asks (``min_count``) among the first MAX_REQUESTS_PER_FLOW.
 
+    With ``expire_on_match`` (a live interface) a flow leaves the meter at its match, so the finding
+    is known long before the main pass's copy of the flow expires and is scored.
     Never raises: a packet that fails to parse matches nothing.
     """
+
+    def __init__(self, expire_on_match: bool = False) -> None:
+        super().__init__()
+        self.expire_on_match = expire_on_match
 
     def on_init(self, packet: Any, flow: Any) -> None:
         flow.udps.request_signature = 0
         flow.udps.requests_read = 0
+        flow.udps.signature_hits = {}
         self.on_update(packet, flow)
 
     def on_update(self, packet: Any, flow: Any) -> None:
@@ -123,30 +214,51 @@ class RequestPlugin(NFPlugin):
             if udps.request_signature or udps.requests_read >= MAX_REQUESTS_PER_FLOW:
                 return
             udps.requests_read += 1
-            payload = _tcp_payload(packet.ip_packet)
-            if payload[:4] in METHODS:
-                udps.request_signature = match_request(payload)
+            code = match_packet(packet.ip_packet)
+            if code:
+                hits = udps.signature_hits[code] = udps.signature_hits.get(code, 0) + 1
+                if hits >= SIGNATURES[code - 1].min_count:
+                    udps.request_signature = code
+                    if self.expire_on_match:
+                        flow.expiration_id = -1  # NFStream's custom expiration
         except Exception:  # untrusted bytes: a malformed packet must not end the pass
             return
 
 
 @dataclass
 class RequestFindings:
-    """The flows of a capture whose requests matched a signature, by (client, server) endpoints."""
+    """The flows of a source whose requests matched a signature, by (client, server) endpoints.
+
+    Filled by the pass's thread while the main one reads it on a live interface: each operation is
+    one dict or list call, atomic under the GIL. At most MAX_FINDINGS are kept (the oldest endpoints
+    go first), so a capture that never ends stays bounded.
+    """
 
     by_endpoints: dict[tuple[str, int, str, int], list[tuple[int, int]]] = field(default_factory=dict)
     matched: int = 0
-    dropped: int = 0  # matches beyond MAX_FINDINGS
+    kept: int = 0
+    forgotten: int = 0  # matches let go for newer ones
 
     def add(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, code: int) -> None:
         self.matched += 1
-        if self.matched > MAX_FINDINGS:
-            self.dropped += 1
-            return
+        self.kept += 1
         self.by_endpoints.setdefault((src_ip, src_port, dst_ip, dst_port), []).append((first_ms, code))
+        while self.kept > MAX_FINDINGS:
+            oldest = self.by_endpoints.pop(next(iter(self.by_endpoints)))
+            self.kept -= len(oldest)
+            self.forgotten += len(oldest)
+
+    def collect(self, flows: Iterable[Any]) -> RequestFindings:
+        """Add the pass's flows (only matches leave its meter) as they come; this object at the end."""
+        for flow in flows:
+            code = getattr(flow.udps, "request_signature", 0)
+            if code:
+                self.add(flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, flow.bidirectional_first_seen_ms,
+                         code)
+        return self
 
     def code(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int) -> int:
-        """The signature code of a main-pass TCP flow: a match of the same endpoints (either direction)
+        """The signature code of a main-pass flow: a match of the same endpoints (either direction)
         whose first request falls within the flow's lifetime; 0 if none."""
         for key in ((src_ip, src_port, dst_ip, dst_port), (dst_ip, dst_port, src_ip, src_port)):
             for seen_ms, code in self.by_endpoints.get(key, ()):
@@ -155,27 +267,21 @@ class RequestFindings:
         return 0
 
 
-def collect(flows: Iterable[Any]) -> RequestFindings:
-    result = RequestFindings()
-    for flow in flows:
-        code = getattr(flow.udps, "request_signature", 0)
-        if code:
-            result.add(flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, flow.bidirectional_first_seen_ms,
-                       code)
-    return result
-
-
 def _matched(flow: Any) -> bool:
     """Only flows with a match leave the pass's meter: the others cost pickling for nothing."""
     return bool(getattr(flow.udps, "request_signature", 0))
 
 
-def request_pass(path: str, config: MeterConfig) -> SidePass:
-    """The request pass over one capture file (``config``: the main pass's settings), to start."""
-    return side_pass("iotscan-requests", path, config, REQUEST_FILTER, RequestPlugin(), collect,
-                     snaplen=MAX_HEAD_BYTES + 128, keep=_matched)
+def request_pass(source: str, config: MeterConfig) -> tuple[SidePass, RequestFindings]:
+    """The request pass over one capture file or interface (``config``: the main pass's settings), to
+    start, and the findings it fills as it runs (complete when it ends)."""
+    findings = RequestFindings()
+    job = side_pass("iotscan-requests", source, config, REQUEST_FILTER, RequestPlugin(expire_on_match=config.live),
+                    findings.collect, snaplen=MAX_HEAD_BYTES + 128, keep=_matched)
+    return job, findings
 
 
 def read_requests(path: str, config: MeterConfig) -> RequestFindings:
     """Run the request pass over one capture file, here."""
-    return request_pass(path, config).outcome()
+    job, _ = request_pass(path, config)
+    return job.outcome()

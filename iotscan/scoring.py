@@ -11,9 +11,10 @@ beyond that the reader waits too).
 The model is a dict (see iotscan/training/train.py): a binary detector (attack vs benign), a
 calibration curve mapping its probability to the probability of attack, the threshold chosen on
 validation data, a family classifier applied to the flows judged attacks, the nDPI vocabulary and
-the typical benign feature values the reasons are measured against. A flow whose HTTP request
-matched an exploit signature (the request pass, read beside the main one on capture files) is an
-attack of the signature's family with score 1, whatever the detector says.
+the typical benign feature values the reasons are measured against. A flow whose HTTP request or
+DNS queries matched a signature (the request pass, beside the main one: a second pass over a file, a
+second capture on an interface) is an attack of the signature's family with score 1, whatever the
+detector says.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from iotscan.features import (
 )
 from iotscan.modelstore import bundled_model, load_model, verified_card
 from iotscan.pipeline import Event, SourceInfo, Stage
-from iotscan.request_pass import RequestFindings, request_pass, signature
+from iotscan.request_pass import MAX_FINDINGS, RequestFindings, request_pass, signature
 from iotscan.source import SidePass
 
 MODEL_NAME = "flows"
@@ -46,6 +47,7 @@ LIVE_MAX_DELAY_S = 1.0
 # Flows held while the request pass still runs (it reads the whole file, only faster): beyond this the
 # reader waits for it instead, so memory stays bounded on a capture whose pass takes long.
 HELD_FOR_REQUESTS = 16_384
+LIVE_REQUESTS_STOP_S = 5.0  # how long a stopped live capture waits for its request pass's last matches
 MAX_REASONS = 3
 _BENIGN = {"verdict": "benign", "score": None, "family": None, "reasons": None}  # key order as VERDICT_FIELDS
 _MIN_DROP = 0.05  # log-odds a group must account for to be named
@@ -116,7 +118,7 @@ def _signature_of(row: np.ndarray) -> tuple[str, str]:
     """(family, reason) of a row whose request matched a signature (codes come from this iotscan's list)."""
     sig = signature(int(row[_SIGNATURE_COL]))
     assert sig is not None
-    return sig.family, f"HTTP request matched an exploit signature: {sig.name}"
+    return sig.family, sig.reason
 
 
 def _forest_votes(forest: Any, X: np.ndarray) -> np.ndarray:
@@ -209,6 +211,7 @@ class ScoringStage(Stage):
         self._threads: Any = None
         self._source: SourceInfo | None = None
         self._requests: SidePass | None = None
+        self._findings: RequestFindings | None = None
         self.warnings: list[dict[str, str]] = []
         self.scored = 0
 
@@ -246,37 +249,44 @@ class ScoringStage(Stage):
         """A request pass still running belongs to a source that ended or failed: stop it, do not wait."""
         if self._requests is not None:
             self._requests.stop()
-            self._requests = None
+            self._requests = self._findings = None
 
     def _start_requests(self) -> None:
         """Start the request pass beside the main one, once the main meter runs (so the forks do not race).
-        A live interface cannot be read twice: its flows get no request signatures."""
+
+        On a file it runs ahead of the main pass and the first flows wait for its findings. On a live
+        interface it is a second capture, whose matches leave its meter at once: flows are scored with
+        the findings known by then (a flow is scored when it expires, long after its requests)."""
         info = self._source
-        if info is not None and info.capture is not None and self._requests is None:
-            self._requests = request_pass(info.name, info.config)
+        if info is not None and self._requests is None:
+            self._requests, self._findings = request_pass(info.name, info.config)
             self._requests.start()
+            if info.config.live and self._extractor is not None:
+                self._extractor.requests = self._findings
 
     def _requests_running(self) -> bool:
         return self._requests is not None and self._extractor is not None and self._extractor.requests is None \
             and self._requests.is_alive()
 
-    def _request_findings(self) -> RequestFindings | None:
-        """The request pass's findings, waiting for it (it reads only HTTP request segments, and runs
-        ahead of the main pass: the wait is short after the first batch of flows)."""
+    def _request_findings(self, timeout: float | None = None) -> RequestFindings | None:
+        """The request pass's findings once it has ended, waiting for it (on a file it reads only HTTP request
+        segments and DNS queries, and runs ahead of the main pass: the wait is short after the first batch of
+        flows); warnings say what went wrong or was forgotten."""
         job = self._requests
         if job is None:
             return None
-        job.join()
+        job.join(timeout)
         name = self._source.name if self._source is not None else ""
         if job.error is not None:
             self.warnings.append({"source": name, "code": "request_pass",
-                                  "message": f"HTTP request pass failed (no exploit signatures): {job.error}"})
+                                  "message": f"request pass failed (no HTTP or DNS signatures): {job.error}"})
             return None
-        findings: RequestFindings = job.result
-        if findings.dropped:
+        findings = self._findings
+        if findings is not None and findings.forgotten:
             self.warnings.append({"source": name, "code": "request_signatures_capped",
-                                  "message": f"{findings.dropped:,} flows matching exploit signatures beyond the "
-                                             f"first {findings.matched - findings.dropped:,} were not kept"})
+                                  "message": f"{findings.forgotten:,} of {findings.matched:,} flows matching request "
+                                             f"signatures were forgotten for newer ones (at most {MAX_FINDINGS:,} "
+                                             "are kept)"})
         return findings
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
@@ -305,6 +315,10 @@ class ScoringStage(Stage):
             if len(pending) >= batch_rows or (max_delay is not None and time.monotonic() - oldest >= max_delay):
                 yield from self._score(pending)
                 pending = []
+        if self._source is not None and self._source.config.live and self._requests is not None:
+            # the capture stopped: the request pass stops too, and what it matched last is added
+            self._requests.stop()
+            self._request_findings(timeout=LIVE_REQUESTS_STOP_S)
         if pending:
             yield from self._score(pending)
 

@@ -509,7 +509,8 @@ class SidePass(threading.Thread):
 def side_pass(name: str, path: str, config: MeterConfig, bpf: str, plugin: NFPlugin,
               collect: Callable[[Iterator[NFlow]], Any], snaplen: int,
               keep: Callable[[NFlow], bool] | None = None) -> SidePass:
-    """A side pass over one capture file: the packets ``bpf`` lets through, read by ``plugin``.
+    """A side pass over one capture file, or a second capture on a live interface (Linux hands each
+    packet socket its own copy): the packets ``bpf`` lets through, read by ``plugin``.
 
     It keeps the main pass's timeouts and narrows its --bpf (``config``); nDPI and flow statistics
     are off, as the pass only reads payloads. The filter is tried VLAN-aware first ("vlan" shifts the
@@ -517,7 +518,8 @@ def side_pass(name: str, path: str, config: MeterConfig, bpf: str, plugin: NFPlu
     link types without Ethernet framing, which reject "vlan".
     """
     def meter(own: str) -> MeterConfig:
-        return MeterConfig(source=path, bpf=f"({config.bpf}) and ({own})" if config.bpf else own,
+        return MeterConfig(source=path, live=config.live, promisc=config.promisc,
+                           bpf=f"({config.bpf}) and ({own})" if config.bpf else own,
                            idle_timeout=config.idle_timeout, active_timeout=config.active_timeout,
                            max_flows=config.max_flows or 65536, statistics=False, n_dissections=0,
                            snaplen=max(config.snaplen, snaplen), decode_tunnels=config.decode_tunnels,

@@ -254,6 +254,60 @@ def test_live_flows_have_right_ports_and_bytes_and_summary_last():
     assert summary["dropped_packets"] == 0
 
 
+def _packet_sockets() -> int:
+    with open("/proc/net/packet") as f:
+        return len(f.readlines()) - 1  # a header line, then one per packet socket of this namespace
+
+
+def test_live_reads_requests_exploit_and_dns_tunnel_are_attacks():
+    """The request pass on a live interface: a second capture, whose matches reach the flows' records."""
+    from tests.test_request_pass import dns_packet
+
+    udp, tcp, probe = _listeners()
+    dns_client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dns_client.bind(("127.0.0.1", 0))
+    tcp_port, probe_port, dns_port = map(_port, (tcp, probe, dns_client))
+    sockets_before = _packet_sockets()
+    live = LiveProcess("--duration", "10", "--format", "ndjson", "--stats-interval", "1", "--bpf",
+                       _bpf(tcp, probe, dns_client))
+    try:
+        live.wait_ready(probe_port)
+        deadline = time.monotonic() + 20
+        while _packet_sockets() < sockets_before + 2:  # the main capture and the request pass's
+            assert time.monotonic() < deadline, "the request pass did not start capturing"
+            time.sleep(0.1)
+        client = socket.create_connection(tcp.getsockname(), timeout=5)
+        conn, _ = tcp.accept()
+        client.sendall(b"GET /cgi-bin/../../../../etc/passwd HTTP/1.1\r\nHost: cam\r\n\r\n")
+        conn.settimeout(5)
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        client.recv(4096)
+        http_client = _port(client)
+        client.close()
+        conn.close()
+        # a dnscat2-like tunnel to 127.0.0.1:53 (nobody listens: the queries are on the wire all the same)
+        for i in range(4):
+            query = dns_packet(f"{i:02x}{'0123456789abcdef' * 2}.t.example.org", 16)[20 + 8:]  # 34 hex digits
+            dns_client.sendto(query, ("127.0.0.1", 53))
+        code, err = live.finish()
+    finally:
+        live.kill()
+        for s in (udp, tcp, probe, dns_client):
+            s.close()
+    assert code == 0, err.decode(errors="replace")
+    records = [r for _, r in live.records]
+    _check_end(records, "duration")
+    (http_flow,) = _flows(records, tcp_port)
+    assert http_flow["src_port"] == http_client
+    assert (http_flow["verdict"], http_flow["family"], http_flow["score"]) == ("attack", "exploit", 1.0)
+    assert http_flow["reasons"][0] == "HTTP request matched an exploit signature: path traversal"
+    (dns_flow,) = _flows(records, 53)
+    assert dns_flow["src_port"] == dns_port and dns_flow["src2dst_packets"] == 4
+    assert (dns_flow["verdict"], dns_flow["family"], dns_flow["score"]) == ("attack", "c2", 1.0)
+    assert dns_flow["reasons"][0] == "DNS queries matched a tunnel signature: DNS tunnel (encoded names)"
+
+
 def test_sigint_flushes_active_flows():
     """With idle and active time-outs far away, the flows can only come out through the flush."""
     udp, tcp, probe = _listeners()

@@ -1,10 +1,11 @@
-"""The request pass: HTTP requests matched against exploit signatures, joined to the main pass's flows."""
+"""The request pass: HTTP requests and DNS queries matched against signatures, joined to the main pass's flows."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from iotscan.request_pass import (
     SIGNATURES,
     RequestFindings,
     RequestPlugin,
+    dns_query,
+    match_query,
     match_request,
     read_requests,
     request_pass,
@@ -70,8 +73,10 @@ def test_signature_codes_are_stable_positions() -> None:
     # codes are stored in the model's feature rows: a signature keeps its number
     assert [s.name for s in SIGNATURES[:6]] == ["path traversal", "command injection", "SQL injection",
                                                 "script injection", "JNDI lookup (log4j)", "secrets probe"]
+    assert [s.name for s in SIGNATURES[6:8]] == ["DNS tunnel (NULL records)", "DNS tunnel (encoded names)"]
     assert signature(0) is None and signature(len(SIGNATURES) + 1) is None
-    assert all(s.family == "exploit" and s.where in ("target", "head") for s in SIGNATURES)
+    assert all(s.family == ("c2" if s.where == "dns" else "exploit") for s in SIGNATURES)
+    assert {s.where for s in SIGNATURES} == {"target", "head", "dns"}
 
 
 def test_findings_join_flows_in_either_direction_and_within_their_lifetime() -> None:
@@ -81,6 +86,16 @@ def test_findings_join_flows_in_either_direction_and_within_their_lifetime() -> 
     assert f.code("10.0.0.1", 80, "10.0.0.2", 40000, 900, 1_500) == 3  # the main flow seen the other way
     assert f.code("10.0.0.2", 40000, "10.0.0.1", 80, 5_000, 9_000) == 0  # same ports reused later
     assert f.code("10.0.0.2", 40001, "10.0.0.1", 80, 900, 1_500) == 0
+
+
+def test_findings_stay_bounded_forgetting_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("iotscan.request_pass.MAX_FINDINGS", 3)
+    f = RequestFindings()
+    for port in range(40000, 40005):
+        f.add("10.0.0.2", port, "10.0.0.1", 80, 1_000, 1)
+    assert (f.matched, f.kept, f.forgotten) == (5, 3, 2)
+    assert f.code("10.0.0.2", 40000, "10.0.0.1", 80, 0, 2_000) == 0  # the oldest are gone
+    assert f.code("10.0.0.2", 40004, "10.0.0.1", 80, 0, 2_000) == 1
 
 
 def test_fuzzed_requests_never_raise() -> None:
@@ -145,11 +160,12 @@ def test_request_pass_reads_the_shared_exploits_and_no_benign_request() -> None:
                 benign.extend(sorted(NDPI_PCAPS.glob(row["path"])))
     requests = 0
     for path in benign:
-        job = request_pass(str(path), MeterConfig(source=str(path)))
+        job, _ = request_pass(str(path), MeterConfig(source=str(path)))
         found = job.outcome()
         requests += job.report.flows  # request flows read (only matches leave the pass's meter)
         assert found.matched == 0, (path.name, found.by_endpoints)
-    assert requests > 250  # the corpus's benign captures do carry HTTP (289 request flows)
+    # the corpus's benign captures do carry requests: 289 HTTP request flows and 326 DNS query flows
+    assert requests > 550
 
 
 def test_request_pass_never_raises_on_the_corpus() -> None:
@@ -162,3 +178,124 @@ def test_request_pass_never_raises_on_the_corpus() -> None:
 
 def test_methods_are_four_bytes() -> None:
     assert all(len(m) == 4 for m in METHODS)  # the BPF compares the first four payload bytes
+
+
+def dns_packet(name: str, qtype: int = 1, *, ipv6: bool = False, flags: int = 0x0100) -> bytes:
+    """An IPv4 or IPv6 UDP datagram to port 53 carrying one DNS question (checksums and lengths left 0)."""
+    qname = b"".join(bytes([len(label)]) + label.encode("latin-1") for label in name.split(".") if label) + b"\0"
+    dns = b"\x12\x34" + flags.to_bytes(2, "big") + b"\0\x01\0\0\0\0\0\0" + qname + qtype.to_bytes(2, "big") + b"\0\x01"
+    udp = b"\xd4\x31\x00\x35\0\0\0\0" + dns
+    if ipv6:
+        return bytes([0x60, 0, 0, 0, 0, 0, 17, 64]) + bytes(32) + udp
+    return bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1]) + udp
+
+
+@pytest.mark.parametrize(("packet", "expected"), [
+    (dns_packet("Example.COM"), "example.com a"),
+    (dns_packet("cam.local", 28, ipv6=True), "cam.local aaaa"),
+    (dns_packet("a.pirate.sea", 10), "a.pirate.sea null"),
+    (dns_packet("x.example", 99), "x.example type99"),
+    (dns_packet("example.com", flags=0x8180), None),  # an answer
+    (dns_packet("example.com", flags=0x2800), None),  # an update, not a standard query
+    (dns_packet("example.com")[:-4], None),  # truncated before the type
+    (dns_packet("example.com")[:40] + b"\xc0\x0c\0\x01\0\x01", None),  # a pointer where a query writes its name
+    (bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6]) + bytes(30), None),  # TCP
+    (b"", None),
+])
+def test_dns_query_text(packet: bytes, expected: str | None) -> None:
+    assert dns_query(packet) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("vaaaakardli.pirate.sea null", "DNS tunnel (NULL records)"),
+    ("244300fdf525320021636f6d6d616e64202873697276696d65732900.skullseclabs.org mx", "DNS tunnel (encoded names)"),
+    ("dnscat.546b03f50000000000a6023ed4df184d6ac5c2628b47714fdee584fed739.5a03b5b1e1aa8f.x txt",
+     "DNS tunnel (encoded names)"),
+    ("paaaaaaaabvgd5bpmfsgmzlfmruxomzngezdgnbvgy3tqojqgeydcmz.t.example.org cname", "DNS tunnel (encoded names)"),
+    ("time.google.com a", None),
+    ("d111111abcdef8.cloudfront.net aaaa", None),
+    ("e0d67c509fb203858ebcb2fe3f88c2a.baas.nintendo.com a", None),  # 31 hex digits
+    ("my-load-balancer-1234567890abcdef1234567890.us-west-2.elb.amazonaws.com a", None),  # hyphens
+    ("_googlecast._tcp.local ptr", None),
+    ("0123456789abcdef0123456789abcdef01234567 txt", None),  # a top-level label is no payload
+])
+def test_dns_signatures(text: str, expected: str | None) -> None:
+    sig = signature(match_query(text))
+    assert (None if sig is None else sig.name) == expected
+
+
+def test_one_encoded_name_is_no_tunnel_three_are() -> None:
+    plugin = RequestPlugin()
+
+    class Flow:
+        class udps:
+            pass
+
+    class Packet:
+        ip_packet = dns_packet("e0d67c509fb203858ebcb2fe3f88c2aa.baas.nintendo.com")
+
+    plugin.on_init(Packet, Flow)
+    plugin.on_update(Packet, Flow)
+    assert Flow.udps.request_signature == 0  # a hashed name, twice: some services name hosts so
+    Packet.ip_packet = dns_packet("www.example.com")
+    plugin.on_update(Packet, Flow)
+    assert Flow.udps.request_signature == 0
+    Packet.ip_packet = dns_packet("0123456789abcdef0123456789abcdef.t.example.org", 16)
+    plugin.on_update(Packet, Flow)
+    assert signature(Flow.udps.request_signature).name == "DNS tunnel (encoded names)"
+
+
+def test_sample_dns_tunnel_is_c2_with_the_signature_as_reason() -> None:
+    proc = run_iotscan("analyze", SAMPLES / "dns-tunnel-dnscat2.pcap", "-f", "ndjson", "--no-devices", check_code=0)
+    flows = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
+    assert len(flows) == 3  # dnscat2 keeps three sockets to the resolver, and each is caught
+    for r in flows:
+        assert r["verdict"] == "attack" and r["family"] == "c2" and r["score"] == 1.0, r
+        assert r["reasons"][0] == "DNS queries matched a tunnel signature: DNS tunnel (encoded names)"
+        assert r["protocol"] == 17 and r["dst_port"] == 53
+
+
+def test_request_pass_reads_the_shared_dns_tunnels() -> None:
+    require_shared()
+    for name, expected in [("dns-tunnel-iodine.pcap", "DNS tunnel (NULL records)"),
+                           ("dns_exfiltration.pcap", "DNS tunnel (encoded names)")]:
+        path = str(NDPI_PCAPS / name)
+        found = read_requests(path, MeterConfig(source=path))
+        assert found.matched == 1, name  # one socket each, which carries the whole tunnel
+        codes = {code for matches in found.by_endpoints.values() for _, code in matches}
+        assert [signature(c).name for c in codes] == [expected]
+
+
+def _write_pcap(path: Path, frames: list[bytes], start_s: int = 1_700_000_000) -> None:
+    """A classic pcap (Ethernet) holding ``frames``, one millisecond apart."""
+    with path.open("wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i, frame in enumerate(frames):
+            f.write(struct.pack("<IIII", start_s, i * 1000, len(frame), len(frame)) + frame)
+
+
+def _tcp6(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int,
+          payload: bytes = b"") -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 0x50, flags, 65535, 0, 0) + payload
+    ip6 = struct.pack("!IHBB", 0x60000000, len(tcp), 6, 64) + src + dst
+    return b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + b"\x86\xdd" + ip6 + tcp
+
+
+def test_ipv6_http_requests_are_read(tmp_path: Path) -> None:
+    client, server = bytes.fromhex("fd00" + "00" * 13 + "02"), bytes.fromhex("fd00" + "00" * 13 + "01")
+    request = b"GET /cgi-bin/../../../../etc/passwd HTTP/1.1\r\nHost: [fd00::1]\r\n\r\n"
+    capture = tmp_path / "ipv6-traversal.pcap"
+    _write_pcap(capture, [
+        _tcp6(client, server, 40000, 80, 1, 0, 0x02),
+        _tcp6(server, client, 80, 40000, 9, 2, 0x12),
+        _tcp6(client, server, 40000, 80, 2, 10, 0x10),
+        _tcp6(client, server, 40000, 80, 2, 10, 0x18, request),
+        _tcp6(server, client, 80, 40000, 10, 2 + len(request), 0x18, b"HTTP/1.1 404 Not Found\r\n\r\n"),
+    ])
+    found = read_requests(str(capture), MeterConfig(source=str(capture)))
+    assert [signature(code).name for _, code in found.by_endpoints[("fd00::2", 40000, "fd00::1", 80)]] == \
+        ["path traversal"]
+    proc = run_iotscan("analyze", capture, "-f", "ndjson", "--no-devices", check_code=0)
+    [flow] = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
+    assert flow["verdict"] == "attack" and flow["family"] == "exploit"
+    assert flow["reasons"][0] == "HTTP request matched an exploit signature: path traversal"

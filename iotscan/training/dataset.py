@@ -41,7 +41,7 @@ def _feature_code_fingerprint() -> str:
     once per process, so that an edit during a long extraction cannot label old results as new."""
     digest = hashlib.sha256(Path(features.__file__).read_bytes())
     digest.update(Path(request_pass.__file__).read_bytes())
-    digest.update(repr([(s.name, s.where, s.needs, s.pattern.pattern) for s in request_pass.SIGNATURES]).encode())
+    digest.update(repr(request_pass.SIGNATURES).encode())  # every field, the patterns included
     digest.update(repr(sorted(features.METER_SETTINGS.items())).encode())
     return digest.hexdigest()[:16]
 
