@@ -639,8 +639,9 @@ REASON_GROUPS: list[tuple[str, list[str]]] = _reason_groups([
     ("many flows from this source in a short time", ["src_log_flows_*"]),
     ("this source contacted many different hosts", ["src_log_new_hosts_*", "src_new_host_share_*"]),
     ("this source probed many different ports", ["src_log_new_ports_*", "src_new_port_share_*"]),
-    ("many sources converging on one host or service (flood)", ["dst_log_*", "dst_new_src_share_*", "svc_log_*",
-                                                                "svc_new_src_share_*", "*single_share_*"]),
+    # the victim's view: a flood from many sources, or one source's repeated connections (guessing, reconnecting)
+    ("many flows to one host or service (flood-like)", ["dst_log_*", "dst_new_src_share_*", "svc_log_*",
+                                                         "svc_new_src_share_*", "*single_share_*"]),
     ("many repeated connections from this source to one service", ["chan_log_flows_*"]),
     ("repeated connections to one server at regular intervals (beacon-like)",
      ["chan_log_repeats", "chan_log_mean_interval_s", "chan_interval_cv", "chan_size_dev", "beacon_score"]),

@@ -52,3 +52,9 @@ def ndjson(stdout: bytes) -> list[dict]:
 def assert_no_traceback(proc: subprocess.CompletedProcess[bytes]) -> None:
     err = proc.stderr.decode(errors="replace")
     assert "Traceback" not in err, err[-3000:]
+
+
+def dns_query_message(name: str, qtype: int = 1, flags: int = 0x0100) -> bytes:
+    """A DNS message with one question (a standard query asking for recursion, by default)."""
+    qname = b"".join(bytes([len(label)]) + label.encode("latin-1") for label in name.split(".") if label) + b"\0"
+    return b"\x12\x34" + flags.to_bytes(2, "big") + b"\0\x01\0\0\0\0\0\0" + qname + qtype.to_bytes(2, "big") + b"\0\x01"

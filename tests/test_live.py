@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from iotscan.records import LIVE_SUMMARY_FIELDS, STATS_FIELD_NAMES
-from tests.conftest import REPO, assert_no_traceback, ndjson, run_iotscan
+from tests.conftest import REPO, assert_no_traceback, dns_query_message, ndjson, run_iotscan
 
 pytestmark = [
     pytest.mark.root,
@@ -261,8 +261,6 @@ def _packet_sockets() -> int:
 
 def test_live_reads_requests_exploit_and_dns_tunnel_are_attacks():
     """The request pass on a live interface: a second capture, whose matches reach the flows' records."""
-    from tests.test_request_pass import dns_packet
-
     udp, tcp, probe = _listeners()
     dns_client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     dns_client.bind(("127.0.0.1", 0))
@@ -288,8 +286,8 @@ def test_live_reads_requests_exploit_and_dns_tunnel_are_attacks():
         conn.close()
         # a dnscat2-like tunnel to 127.0.0.1:53 (nobody listens: the queries are on the wire all the same)
         for i in range(4):
-            query = dns_packet(f"{i:02x}{'0123456789abcdef' * 2}.t.example.org", 16)[20 + 8:]  # 34 hex digits
-            dns_client.sendto(query, ("127.0.0.1", 53))
+            name = f"{i:02x}{'0123456789abcdef' * 2}.t.example.org"  # a 34-hex-digit label
+            dns_client.sendto(dns_query_message(name, 16), ("127.0.0.1", 53))
         code, err = live.finish()
     finally:
         live.kill()

@@ -24,7 +24,7 @@ from iotscan.request_pass import (
     signature,
 )
 from iotscan.source import MeterConfig
-from tests.conftest import NDPI_PCAPS, REPO, SAMPLES, ndjson, require_shared, run_iotscan
+from tests.conftest import NDPI_PCAPS, REPO, SAMPLES, dns_query_message, ndjson, require_shared, run_iotscan
 
 
 def names(request: bytes) -> str | None:
@@ -182,9 +182,7 @@ def test_methods_are_four_bytes() -> None:
 
 def dns_packet(name: str, qtype: int = 1, *, ipv6: bool = False, flags: int = 0x0100) -> bytes:
     """An IPv4 or IPv6 UDP datagram to port 53 carrying one DNS question (checksums and lengths left 0)."""
-    qname = b"".join(bytes([len(label)]) + label.encode("latin-1") for label in name.split(".") if label) + b"\0"
-    dns = b"\x12\x34" + flags.to_bytes(2, "big") + b"\0\x01\0\0\0\0\0\0" + qname + qtype.to_bytes(2, "big") + b"\0\x01"
-    udp = b"\xd4\x31\x00\x35\0\0\0\0" + dns
+    udp = b"\xd4\x31\x00\x35\0\0\0\0" + dns_query_message(name, qtype, flags)
     if ipv6:
         return bytes([0x60, 0, 0, 0, 0, 0, 17, 64]) + bytes(32) + udp
     return bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1]) + udp
