@@ -9,8 +9,8 @@ A flow's feature row has two parts:
   counted as at least 60 bytes (the Ethernet minimum frame): a capture taken at the sender sees
   a 54-byte SYN, one taken at the receiver the same SYN padded to 60, and the model must not
   learn which side of the wire a capture came from; and the signature its HTTP requests (an
-  exploit) or DNS queries (a tunnel) matched, read by the request pass (iotscan/request_pass.py)
-  beside the main one;
+  exploit), DNS queries (a tunnel) or TCP flags (a scan probe) matched, read by the request pass
+  (iotscan/request_pass.py) beside the main one;
 * context: what the flow's source, its destination host (the victim's view), its service
   (destination host, port, protocol) and its channel (source, service) did recently, kept by
   :class:`ContextTracker` as exponentially decayed counters over capture time (in the manner of
@@ -120,7 +120,7 @@ _PER_FLOW = [
     "early_direction_changes",
 ]
 CATEGORICAL = ["app_code", "category_code"]
-# The code of the signature the flow's HTTP requests or DNS queries matched (0: none or not read): a match
+# The code of the signature the flow's requests, queries or TCP flags matched (0: none or not read): a match
 # makes the flow an attack whatever the detector says (see iotscan.scoring.attack_scores).
 REQUEST_SIGNATURE = "request_signature"
 

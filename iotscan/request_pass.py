@@ -1,15 +1,17 @@
-"""The request pass: HTTP requests and DNS queries matched against signatures, beside the main pass.
+"""The request pass: HTTP requests, DNS queries and odd TCP flags matched against signatures, beside
+the main pass.
 
 A web exploit (path traversal, command, SQL or script injection, a log4j lookup, a probe for secret
 files) is in the request, not in the flow's sizes and timing: to flow statistics and context it is
 one ordinary short HTTP exchange. A DNS tunnel is in its query names and types: nDPI hands over only
-a flow's first name, and a tunnel's first query can look ordinary. nDPI does not hand the request
-target over through NFStream, and a plugin on the main pass would run for every packet (+57% time),
-so a second pass over the same file (see iotscan.source.SidePass) reads only TCP segments whose
-payload starts with an HTTP method and UDP datagrams to port 53: a BPF filter drops every other
-packet in C. Over IPv6 the filter finds the TCP payload behind the fixed header only, so requests
-in packets with IPv6 extension headers are not read. Signatures are data
-(iotscan/data/request_signatures.json).
+a flow's first name, and a tunnel's first query can look ordinary. A NULL, FIN or XMAS scan is in
+one packet's flags: a TCP segment with none of SYN, ACK and RST, which no connection sends. nDPI
+does not hand the request target over through NFStream, and a plugin on the main pass would run for
+every packet (+57% time), so a second pass over the same file (see iotscan.source.SidePass) reads
+only TCP segments whose payload starts with an HTTP method, UDP datagrams to port 53 and TCP
+segments without SYN, ACK and RST: a BPF filter drops every other packet in C. Over IPv6 the filter
+finds the TCP header behind the fixed header only, so packets with IPv6 extension headers are not
+read. Signatures are data (iotscan/data/request_signatures.json).
 
 The parsers read untrusted bytes: every packet is parsed inside a catch-all, and what is kept per
 flow is one small integer.
@@ -43,7 +45,12 @@ def _starts_with_method(start: str) -> str:
 
 HTTP_FILTER = f"(ip and tcp and {_starts_with_method(_PAYLOAD_START)}) or " \
               f"(ip6 and ip6[6] = 6 and {_starts_with_method(_PAYLOAD_START6)})"
-REQUEST_FILTER = f"({HTTP_FILTER}) or (udp dst port 53)"
+# TCP segments with none of SYN, ACK and RST (0x16): only the first segment of a connection lacks ACK,
+# and it carries SYN (or, answering a stray segment, RST)
+PROBE_FILTER = "(ip and tcp and tcp[13] & 0x16 = 0) or (ip6 and ip6[6] = 6 and ip6[53] & 0x16 = 0)"
+# HTTP last: libpcap's optimizer mishandles an expression after one with a packet-dependent offset
+# (the probes were never matched behind it); a test compares the whole filter with its parts
+REQUEST_FILTER = f"({PROBE_FILTER}) or (udp dst port 53) or ({HTTP_FILTER})"
 
 MAX_REQUESTS_PER_FLOW = 32  # keep-alive connections and reused DNS sockets carry several; the first ones tell
 MAX_HEAD_BYTES = 4096  # of one request segment
@@ -54,7 +61,8 @@ MAX_FINDINGS = 100_000  # flows with a match kept per source; beyond, the oldest
 class RequestSignature:
     name: str
     family: str
-    where: str  # "target" (the request target), "head" (request line and headers) or "dns" (a query)
+    # "target" (the request target), "head" (request line and headers), "dns" (a query) or "tcp-flags"
+    where: str
     needs: tuple[str, ...]  # the pattern is tried only when the text holds one of these (none: always)
     pattern: re.Pattern[str]  # lower case, searched in lower-cased text
     min_count: int = 1  # requests of one flow that must match: one odd DNS name is no tunnel
@@ -64,6 +72,8 @@ class RequestSignature:
         """What a person reads first about a flow that matched."""
         if self.where == "dns":
             return f"DNS queries matched a tunnel signature: {self.name}"
+        if self.where == "tcp-flags":
+            return f"TCP flags no connection uses: {self.name}"
         return f"HTTP request matched an exploit signature: {self.name}"
 
 
@@ -84,9 +94,13 @@ def _load() -> list[RequestSignature]:
 # Loaded at import, so the meter process (a fork) has them compiled; a broken file is a broken install.
 SIGNATURES: list[RequestSignature] = _load()
 # (code, signature) of HTTP requests, the target ones first: the head is decoded only when they all miss
-_HTTP = sorted(((c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where != "dns"),
+_HTTP = sorted(((c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where in ("target", "head")),
                key=lambda cs: cs[1].where != "target")
 _DNS = [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == "dns"]
+_FLAGS = [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == "tcp-flags"]
+# TCP flag bits by the letter tcp-flags signatures read them as ("fpu": FIN, PSH and URG)
+FLAG_LETTERS = ((0x01, "f"), (0x02, "s"), (0x04, "r"), (0x08, "p"), (0x10, "a"), (0x20, "u"), (0x40, "e"),
+                (0x80, "c"))
 # DNS query types by number, for the text DNS signatures read; others read as "type<number>"
 QTYPES = {1: "a", 2: "ns", 5: "cname", 6: "soa", 10: "null", 12: "ptr", 13: "hinfo", 15: "mx", 16: "txt",
           28: "aaaa", 33: "srv", 35: "naptr", 64: "svcb", 65: "https", 255: "any"}
@@ -154,39 +168,51 @@ def dns_query(ip_packet: bytes) -> str | None:
     return f"{'.'.join(labels).lower()} {QTYPES.get(qtype, f'type{qtype}')}"
 
 
-def match_query(text: str) -> int:
-    """The code of the first DNS signature a query's text (see dns_query) matches, or 0."""
-    for code, sig in _DNS:
+def _first_match(signatures: list[tuple[int, RequestSignature]], text: str) -> int:
+    for code, sig in signatures:
         if _matches(sig, text):
             return code
     return 0
 
 
+def match_query(text: str) -> int:
+    """The code of the first DNS signature a query's text (see dns_query) matches, or 0."""
+    return _first_match(_DNS, text)
+
+
+def flag_text(flags: int) -> str:
+    """The text tcp-flags signatures read: the letters of the flags set, in FLAG_LETTERS order."""
+    return "".join(letter for bit, letter in FLAG_LETTERS if flags & bit)
+
+
 def match_packet(ip_packet: bytes) -> int:
-    """The code of the signature one packet of the pass matches (an HTTP request segment or a DNS
-    query), or 0."""
-    payload = _tcp_payload(ip_packet)
-    if payload[:4] in METHODS:
-        return match_request(payload)
+    """The code of the signature one packet of the pass matches (an HTTP request segment, a DNS
+    query, a TCP segment's flags), or 0."""
+    segment = _tcp_segment(ip_packet)
+    if segment is not None:
+        flags, payload = segment
+        if payload[:4] in METHODS:
+            return match_request(payload)
+        return _first_match(_FLAGS, flag_text(flags))
     text = dns_query(ip_packet)
     return match_query(text) if text is not None else 0
 
 
-def _tcp_payload(ip_packet: bytes) -> bytes:
-    """The TCP payload of an IPv4 packet, or of an IPv6 one without extension headers (b"" for anything
-    else)."""
+def _tcp_segment(ip_packet: bytes) -> tuple[int, bytes] | None:
+    """(flags, payload) of the TCP segment in an IPv4 packet, or an IPv6 one without extension headers;
+    None for anything else."""
     version = ip_packet[0] >> 4 if ip_packet else 0
     if version == 4 and ip_packet[9:10] == b"\x06":
         start = (ip_packet[0] & 0x0F) * 4
         if start < 20:
-            return b""
+            return None
     elif version == 6 and ip_packet[6:7] == b"\x06":
         start = 40
     else:
-        return b""
+        return None
     if len(ip_packet) < start + 20:
-        return b""
-    return ip_packet[start + (ip_packet[start + 12] >> 4) * 4:]
+        return None
+    return ip_packet[start + 13], ip_packet[start + (ip_packet[start + 12] >> 4) * 4:]
 
 
 class RequestPlugin(NFPlugin):

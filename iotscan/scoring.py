@@ -11,10 +11,10 @@ beyond that the reader waits too).
 The model is a dict (see iotscan/training/train.py): a binary detector (attack vs benign), a
 calibration curve mapping its probability to the probability of attack, the threshold chosen on
 validation data, a family classifier applied to the flows judged attacks, the nDPI vocabulary and
-the typical benign feature values the reasons are measured against. A flow whose HTTP request or
-DNS queries matched a signature (the request pass, beside the main one: a second pass over a file, a
-second capture on an interface) is an attack of the signature's family with score 1, whatever the
-detector says.
+the typical benign feature values the reasons are measured against. A flow whose HTTP request, DNS
+queries or TCP flags matched a signature (the request pass, beside the main one: a second pass over
+a file, a second capture on an interface) is an attack of the signature's family with score 1,
+whatever the detector says.
 """
 
 from __future__ import annotations

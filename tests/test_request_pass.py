@@ -17,6 +17,8 @@ from iotscan.request_pass import (
     RequestFindings,
     RequestPlugin,
     dns_query,
+    flag_text,
+    match_packet,
     match_query,
     match_request,
     read_requests,
@@ -73,10 +75,11 @@ def test_signature_codes_are_stable_positions() -> None:
     # codes are stored in the model's feature rows: a signature keeps its number
     assert [s.name for s in SIGNATURES[:6]] == ["path traversal", "command injection", "SQL injection",
                                                 "script injection", "JNDI lookup (log4j)", "secrets probe"]
-    assert [s.name for s in SIGNATURES[6:8]] == ["DNS tunnel (NULL records)", "DNS tunnel (encoded names)"]
+    assert [s.name for s in SIGNATURES[6:9]] == ["DNS tunnel (NULL records)", "DNS tunnel (encoded names)",
+                                                 "NULL/FIN/XMAS probe"]
     assert signature(0) is None and signature(len(SIGNATURES) + 1) is None
-    assert all(s.family == ("c2" if s.where == "dns" else "exploit") for s in SIGNATURES)
-    assert {s.where for s in SIGNATURES} == {"target", "head", "dns"}
+    family = {"target": "exploit", "head": "exploit", "dns": "c2", "tcp-flags": "scan"}
+    assert all(s.family == family[s.where] for s in SIGNATURES)
 
 
 def test_findings_join_flows_in_either_direction_and_within_their_lifetime() -> None:
@@ -297,3 +300,60 @@ def test_ipv6_http_requests_are_read(tmp_path: Path) -> None:
     [flow] = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
     assert flow["verdict"] == "attack" and flow["family"] == "exploit"
     assert flow["reasons"][0] == "HTTP request matched an exploit signature: path traversal"
+
+
+def _ether(ip_packet: bytes, ethertype: int, vlan: int | None) -> bytes:
+    tag = b"" if vlan is None else struct.pack("!HH", 0x8100, vlan)
+    return b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + tag + struct.pack("!H", ethertype) + ip_packet
+
+
+def _ip4(proto: int, src: int, dst: int, payload: bytes) -> bytes:
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, proto, 0,
+                       bytes([10, 0, 0, src]), bytes([10, 0, 0, dst])) + payload
+
+
+def _tcp(sport: int, dport: int, flags: int, payload: bytes = b"") -> bytes:
+    return struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 0x50, flags, 65535, 0, 0) + payload
+
+
+@pytest.mark.parametrize("vlan", [None, 7])
+def test_the_whole_filter_lets_each_kind_through(tmp_path: Path, vlan: int | None) -> None:
+    # One filter joins three: libpcap's optimizer once dropped the probes behind the HTTP expression
+    # (its payload offset depends on the packet), so each kind is checked through the whole filter,
+    # untagged and VLAN-tagged.
+    request = b"GET /a/../../etc/passwd HTTP/1.1\r\nHost: cam\r\n\r\n"
+    frames = [_ether(_ip4(6, 2, 1, _tcp(40000, 80, 0x18, request)), 0x0800, vlan)]
+    frames += [_ether(_ip4(6, 3, 1, _tcp(50000 + i, 1000 + i, flags)), 0x0800, vlan)  # NULL, FIN, XMAS
+               for i, flags in enumerate((0x00, 0x01, 0x29))]
+    frames += [_ether(_ip4(17, 4, 1, struct.pack("!HHHH", 53000, 53, 0, 0) + dns_query_message(
+        f"{i:02x}{'0123456789abcdef' * 2}.t.example.org", 16)), 0x0800, vlan) for i in range(3)]
+    frames.append(_ether(_ip4(6, 3, 1, _tcp(50009, 1009, 0x10)), 0x0800, vlan))  # a bare ACK: no probe
+    capture = tmp_path / "each-kind.pcap"
+    _write_pcap(capture, frames)
+    found = read_requests(str(capture), MeterConfig(source=str(capture)))
+    names = {key: signature(code).name for key, matches in found.by_endpoints.items() for _, code in matches}
+    assert names == {("10.0.0.2", 40000, "10.0.0.1", 80): "path traversal",
+                     ("10.0.0.3", 50000, "10.0.0.1", 1000): "NULL/FIN/XMAS probe",
+                     ("10.0.0.3", 50001, "10.0.0.1", 1001): "NULL/FIN/XMAS probe",
+                     ("10.0.0.3", 50002, "10.0.0.1", 1002): "NULL/FIN/XMAS probe",
+                     ("10.0.0.4", 53000, "10.0.0.1", 53): "DNS tunnel (encoded names)"}
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (0x00, "NULL/FIN/XMAS probe"), (0x01, "NULL/FIN/XMAS probe"), (0x29, "NULL/FIN/XMAS probe"),
+    (0x02, None), (0x12, None), (0x10, None), (0x11, None), (0x04, None), (0x14, None), (0x18, None),
+])
+def test_tcp_flag_signature(flags: int, expected: str | None) -> None:
+    sig = signature(match_packet(_ip4(6, 3, 1, _tcp(50000, 80, flags))))
+    assert (None if sig is None else sig.name) == expected
+    assert flag_text(0x29) == "fpu" and flag_text(0) == ""
+
+
+def test_shared_tcp_scan_probes_are_read() -> None:
+    require_shared()
+    path = str(NDPI_PCAPS / "tcp_scan.pcapng")
+    found = read_requests(path, MeterConfig(source=path))
+    # the capture's NULL, FIN and XMAS probes; its four refused connects are ordinary SYNs
+    assert found.matched == 3
+    assert {signature(code).name for matches in found.by_endpoints.values() for _, code in matches} == \
+        {"NULL/FIN/XMAS probe"}

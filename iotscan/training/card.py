@@ -209,9 +209,9 @@ def card_markdown(card: dict[str, Any]) -> str:
         signatures = ", ".join(card["model"].get("request_signatures", []))
         lines[-1:-1] = ["", f"The detector leaves out {len(left_out)} of them ({names}): the application and beacon "
                         "features taught it which network a flow came from (see the notes), and `request_signature` "
-                        "decides by itself: a flow whose HTTP request or DNS queries matched a signature (read by "
-                        f"the request pass: {signatures}) is an attack of the signature's family with score 1. "
-                        "The family model uses all."]
+                        "decides by itself: a flow whose HTTP request, DNS queries or TCP flags matched a signature "
+                        f"(read by the request pass: {signatures}) is an attack of the signature's family with "
+                        "score 1. The family model uses all."]
     th = card["threshold_choice"]
     lines += ["## Threshold", "", f"Threshold **{card['threshold']}**: {th['rule']}. On those validation scores: "
               f"benign FPR {_f(th['validation_benign_fpr'], True)}, attack recall per capture "
