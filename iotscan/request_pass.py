@@ -30,6 +30,7 @@ from urllib.parse import unquote_plus
 
 from nfstream.plugin import NFPlugin
 
+from iotscan.packets import read_dns_name, tcp_segment, udp_payload
 from iotscan.source import MeterConfig, SidePass, side_pass
 
 METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC")
@@ -145,27 +146,20 @@ def match_request(payload: bytes) -> int:
 def dns_query(ip_packet: bytes) -> str | None:
     """The text DNS signatures read of a DNS query in an IPv4 or IPv6 UDP packet: the lower-cased
     name, a space and the type ("example.com a"); None for anything else (answers included)."""
-    version = ip_packet[0] >> 4 if ip_packet else 0
-    if version == 4 and len(ip_packet) >= 20 and ip_packet[9] == 17:
-        start = (ip_packet[0] & 0x0F) * 4 + 8
-    elif version == 6 and len(ip_packet) >= 40 and ip_packet[6] == 17:  # no extension headers
-        start = 48
-    else:
+    datagram = udp_payload(ip_packet)
+    if datagram is None:
         return None
-    dns = ip_packet[start:]
+    dns = datagram[2]
     if len(dns) < 17 or dns[2] & 0xF8 or not (dns[4] or dns[5]):  # an answer, not a standard query, or no question
         return None
-    labels, i = [], 12
-    while i < len(dns) and dns[i]:
-        n = dns[i]
-        if n > 63:  # a compression pointer or a reserved label type: no name a query writes
-            return None
-        labels.append(dns[i + 1:i + 1 + n].decode("latin-1"))
-        i += 1 + n
-    if i + 3 > len(dns):  # truncated before the type
+    try:
+        name, end = read_dns_name(dns, 12)
+    except ValueError:  # malformed, or a pointer loop
         return None
-    qtype = int.from_bytes(dns[i + 1:i + 3], "big")
-    return f"{'.'.join(labels).lower()} {QTYPES.get(qtype, f'type{qtype}')}"
+    if end + 2 > len(dns):  # truncated before the type
+        return None
+    qtype = int.from_bytes(dns[end:end + 2], "big")
+    return f"{name.lower()} {QTYPES.get(qtype, f'type{qtype}')}"
 
 
 def _first_match(signatures: list[tuple[int, RequestSignature]], text: str) -> int:
@@ -188,7 +182,7 @@ def flag_text(flags: int) -> str:
 def match_packet(ip_packet: bytes) -> int:
     """The code of the signature one packet of the pass matches (an HTTP request segment, a DNS
     query, a TCP segment's flags), or 0."""
-    segment = _tcp_segment(ip_packet)
+    segment = tcp_segment(ip_packet)
     if segment is not None:
         flags, payload = segment
         if payload[:4] in METHODS:
@@ -196,23 +190,6 @@ def match_packet(ip_packet: bytes) -> int:
         return _first_match(_FLAGS, flag_text(flags))
     text = dns_query(ip_packet)
     return match_query(text) if text is not None else 0
-
-
-def _tcp_segment(ip_packet: bytes) -> tuple[int, bytes] | None:
-    """(flags, payload) of the TCP segment in an IPv4 packet, or an IPv6 one without extension headers;
-    None for anything else."""
-    version = ip_packet[0] >> 4 if ip_packet else 0
-    if version == 4 and ip_packet[9:10] == b"\x06":
-        start = (ip_packet[0] & 0x0F) * 4
-        if start < 20:
-            return None
-    elif version == 6 and ip_packet[6:7] == b"\x06":
-        start = 40
-    else:
-        return None
-    if len(ip_packet) < start + 20:
-        return None
-    return ip_packet[start + 13], ip_packet[start + (ip_packet[start + 12] >> 4) * 4:]
 
 
 class RequestPlugin(NFPlugin):

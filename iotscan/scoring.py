@@ -269,8 +269,8 @@ class ScoringStage(Stage):
             and self._requests.is_alive()
 
     def _request_findings(self, timeout: float | None = None) -> RequestFindings | None:
-        """The request pass's findings once it has ended, waiting for it (on a file it reads only HTTP request
-        segments and DNS queries, and runs ahead of the main pass: the wait is short after the first batch of
+        """The request pass's findings once it has ended, waiting for it (on a file it reads only the few packets
+        its filter lets through, and runs ahead of the main pass: the wait is short after the first batch of
         flows); warnings say what went wrong or was forgotten."""
         job = self._requests
         if job is None:

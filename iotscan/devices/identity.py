@@ -21,6 +21,7 @@ from typing import Any
 
 from nfstream.plugin import NFPlugin
 
+from iotscan.packets import read_dns_name, udp_payload
 from iotscan.records import is_local_address
 from iotscan.source import MeterConfig, SidePass, side_pass
 
@@ -32,7 +33,6 @@ MAX_PACKETS_PER_FLOW = 64  # packets parsed per flow; announcements repeat, the 
 MAX_HINTS_PER_FLOW = 48
 MAX_VALUE_CHARS = 160
 MAX_VALUES_PER_SIGNAL = 24  # per device, when hints are merged
-_MAX_NAME_JUMPS = 32  # DNS name compression pointers followed per name
 _MAX_RECORDS = 64  # DNS questions + records read per mDNS packet
 
 # TXT keys that describe a product, not a unit (ids, serials and addresses are left out).
@@ -49,7 +49,6 @@ _SSDP_STANDARD = frozenset({"host", "cache-control", "location", "nts", "usn", "
 _SERVICE_RE = re.compile(r"(?:^|\.)(_[a-z0-9-]{1,40}\._(?:tcp|udp))(?:\.|$)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _DHCP_MAGIC = b"\x63\x82\x53\x63"
-_UDP = struct.Struct("!HHHH")
 _DNS_HEADER = struct.Struct("!HHHHHH")
 _RR = struct.Struct("!HHIH")
 
@@ -59,26 +58,6 @@ def clean(value: str | bytes) -> str:
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
     return _CONTROL.sub(" ", value).strip()[:MAX_VALUE_CHARS]
-
-
-def _udp_payload(ip_packet: bytes) -> tuple[int, int, bytes] | None:
-    """(src port, dst port, payload) of a UDP packet in IPv4 or IPv6, or None."""
-    if not ip_packet:
-        return None
-    version = ip_packet[0] >> 4
-    if version == 4:
-        ihl = (ip_packet[0] & 0x0F) * 4
-        if ihl < 20 or len(ip_packet) < ihl + 8 or ip_packet[9] != 17:
-            return None
-        offset = ihl
-    elif version == 6:
-        if len(ip_packet) < 48 or ip_packet[6] != 17:  # extension headers: not worth it for these
-            return None
-        offset = 40
-    else:
-        return None
-    sport, dport, _length, _ = _UDP.unpack_from(ip_packet, offset)
-    return sport, dport, ip_packet[offset + 8:]
 
 
 # -- DHCP ----------------------------------------------------------------------------------------
@@ -122,40 +101,6 @@ def parse_dhcp(payload: bytes) -> list[tuple[str, str, str]]:
 # -- mDNS ----------------------------------------------------------------------------------------
 
 
-def _read_name(msg: bytes, offset: int) -> tuple[str, int]:
-    """A DNS name at offset (with compression); returns (name, offset after it in the record)."""
-    labels: list[str] = []
-    jumps = 0
-    end_offset = -1
-    total = 0
-    while True:
-        if offset >= len(msg):
-            raise ValueError("name runs past the message")
-        length = msg[offset]
-        if length == 0:
-            offset += 1
-            break
-        if length & 0xC0 == 0xC0:
-            if offset + 1 >= len(msg):
-                raise ValueError("truncated pointer")
-            if end_offset < 0:
-                end_offset = offset + 2
-            jumps += 1
-            if jumps > _MAX_NAME_JUMPS:
-                raise ValueError("pointer loop")
-            offset = ((length & 0x3F) << 8) | msg[offset + 1]
-            continue
-        if length & 0xC0:
-            raise ValueError("unsupported label type")
-        label = msg[offset + 1:offset + 1 + length]
-        total += length + 1
-        if total > 255:
-            raise ValueError("name too long")
-        labels.append(label.decode("utf-8", errors="replace"))
-        offset += 1 + length
-    return ".".join(labels), (end_offset if end_offset >= 0 else offset)
-
-
 def _service_of(name: str) -> str | None:
     match = _SERVICE_RE.search(name.lower())
     if match and match.group(1) != "_services._dns-sd._udp":
@@ -180,7 +125,7 @@ def parse_mdns(payload: bytes) -> list[tuple[str, str]]:
     hints: list[tuple[str, str]] = []
     offset = 12
     for _ in range(min(qd, _MAX_RECORDS)):
-        name, offset = _read_name(payload, offset)
+        name, offset = read_dns_name(payload, offset)
         offset += 4
         service = _service_of(name)
         if service and not is_response:
@@ -188,7 +133,7 @@ def parse_mdns(payload: bytes) -> list[tuple[str, str]]:
     for _ in range(min(an + ns + ar, _MAX_RECORDS)):
         if offset + 10 > len(payload):
             break
-        name, offset = _read_name(payload, offset)
+        name, offset = read_dns_name(payload, offset)
         if offset + 10 > len(payload):
             break
         rtype, _cls, _ttl, rdlength = _RR.unpack_from(payload, offset)
@@ -197,7 +142,7 @@ def parse_mdns(payload: bytes) -> list[tuple[str, str]]:
         if offset > len(payload):
             break
         if rtype == 12:  # PTR: service type -> instance
-            target, _ = _read_name(payload, rdata_at)
+            target, _ = read_dns_name(payload, rdata_at)
             if name.lower().startswith("_services._dns-sd._udp"):
                 service = _service_of(target)
                 if service:
@@ -216,7 +161,7 @@ def parse_mdns(payload: bytes) -> list[tuple[str, str]]:
             instance = _instance_of(name)
             if instance:
                 hints.append(("mdns_instance", clean(instance)))
-            target, _ = _read_name(payload, rdata_at + 6)
+            target, _ = read_dns_name(payload, rdata_at + 6)
             if target:
                 hints.append(("mdns_host", clean(target.removesuffix(".local"))))
         elif rtype == 16:  # TXT: product hints
@@ -319,7 +264,7 @@ class IdentityPlugin(NFPlugin):
             if udps.identity_packets >= MAX_PACKETS_PER_FLOW or len(udps.identity) >= MAX_HINTS_PER_FLOW:
                 return
             udps.identity_packets += 1
-            parsed = _udp_payload(packet.ip_packet)
+            parsed = udp_payload(packet.ip_packet)
             if parsed is None:
                 return
             sport, dport, payload = parsed

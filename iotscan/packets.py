@@ -1,0 +1,83 @@
+"""The transport headers and DNS names of the raw IP packets that side-pass plugins read (NFStream's
+``ip_packet``), for the identity pass (iotscan.devices.identity) and the request pass.
+
+The bytes are untrusted: the header functions return None for anything they cannot read whole, and
+read_dns_name raises ValueError. IPv6 packets with extension headers are not followed (the side
+passes' BPF filters do not follow them either).
+"""
+
+from __future__ import annotations
+
+import struct
+
+TCP, UDP = 6, 17
+_PORTS = struct.Struct("!HH")
+MAX_NAME_JUMPS = 32  # DNS name compression pointers followed per name
+
+
+def transport_offset(ip_packet: bytes, protocol: int, header_size: int) -> int | None:
+    """Where the ``protocol`` header of an IPv4 packet, or of an IPv6 one without extension headers,
+    starts; None for another protocol or a packet too short to hold ``header_size`` bytes of it."""
+    version = ip_packet[0] >> 4 if ip_packet else 0
+    if version == 4:
+        offset = (ip_packet[0] & 0x0F) * 4
+        if offset < 20 or len(ip_packet) < 20 or ip_packet[9] != protocol:
+            return None
+    elif version == 6:
+        offset = 40
+        if len(ip_packet) < 40 or ip_packet[6] != protocol:
+            return None
+    else:
+        return None
+    return offset if len(ip_packet) >= offset + header_size else None
+
+
+def udp_payload(ip_packet: bytes) -> tuple[int, int, bytes] | None:
+    """(source port, destination port, payload) of a UDP datagram, or None."""
+    offset = transport_offset(ip_packet, UDP, 8)
+    if offset is None:
+        return None
+    sport, dport = _PORTS.unpack_from(ip_packet, offset)
+    return sport, dport, ip_packet[offset + 8:]
+
+
+def tcp_segment(ip_packet: bytes) -> tuple[int, bytes] | None:
+    """(flags byte, payload) of a TCP segment, or None."""
+    offset = transport_offset(ip_packet, TCP, 20)
+    if offset is None:
+        return None
+    return ip_packet[offset + 13], ip_packet[offset + (ip_packet[offset + 12] >> 4) * 4:]
+
+
+def read_dns_name(msg: bytes, offset: int) -> tuple[str, int]:
+    """A DNS name at offset (with compression); returns (name, offset after it in the record)."""
+    labels: list[str] = []
+    jumps = 0
+    end_offset = -1
+    total = 0
+    while True:
+        if offset >= len(msg):
+            raise ValueError("name runs past the message")
+        length = msg[offset]
+        if length == 0:
+            offset += 1
+            break
+        if length & 0xC0 == 0xC0:
+            if offset + 1 >= len(msg):
+                raise ValueError("truncated pointer")
+            if end_offset < 0:
+                end_offset = offset + 2
+            jumps += 1
+            if jumps > MAX_NAME_JUMPS:
+                raise ValueError("pointer loop")
+            offset = ((length & 0x3F) << 8) | msg[offset + 1]
+            continue
+        if length & 0xC0:
+            raise ValueError("unsupported label type")
+        label = msg[offset + 1:offset + 1 + length]
+        total += length + 1
+        if total > 255:
+            raise ValueError("name too long")
+        labels.append(label.decode("utf-8", errors="replace"))
+        offset += 1 + length
+    return ".".join(labels), (end_offset if end_offset >= 0 else offset)
