@@ -53,6 +53,17 @@ _BENIGN = {"verdict": "benign", "score": None, "family": None, "reasons": None} 
 _MIN_DROP = 0.05  # log-odds a group must account for to be named
 _CELL_BITS = 4  # a group's deviation bin, log2 robust units, 0..15: 15 groups fit in 60 bits
 _SIGNATURE_COL = FEATURE_NAMES.index(REQUEST_SIGNATURE)
+# Families by rule (see rule_families). The decayed counts of the 5 s window hold about 7 s of flows
+# at a steady rate: 54 of them is about 7.5 new flows a second, sustained.
+FLOOD_FLOWS_5S = 54.0  # to one host
+ONE_SOURCE_SHARE = 0.75  # of the host's recent flows sent by the flow's own source: one attacker
+SCANNER_FLOWS = 10.0  # a source with at least this many recent flows (120 s window) ...
+SCANNER_NEW_SHARE = 0.3  # ... of which this share went to ports or hosts new to it, is scanning
+GUESSES_5S = 15.0  # connections of one client to one service: about 2 a second, sustained
+GUESS_MAX_MS = 10_000
+_RULE_COLUMNS = {n: FEATURE_NAMES.index(n) for n in (
+    "dst_log_flows_5s", "src_log_flows_5s", "src_log_flows_120s", "src_new_port_share_120s", "src_new_host_share_120s",
+    "chan_log_flows_5s", "proto_tcp", "one_way", "log_dst2src_packets", "log_duration_ms")}
 _REQUIRED_KEYS = ("feature_schema_version", "feature_names", "detector", "detector_features", "calibration",
                   "threshold", "family_model", "families", "vocabulary", "reference", "scale", "reason_groups")
 
@@ -100,7 +111,8 @@ def attack_scores(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
 
 
 def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
-    """The most likely family of each row (rows assumed to be attacks)."""
+    """The family of each row (rows assumed to be attacks): a matched signature's, else the family a
+    rule gives floods and password guessing (see rule_families), else the family model's most likely one."""
     families = np.asarray(model["families"], dtype=object)
     if len(X) == 0:
         return np.empty(0, dtype=object)
@@ -109,8 +121,45 @@ def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
         out = np.full(len(X), families[0], dtype=object)
     else:
         out = families[np.argmax(_forest_votes(family_model, X), axis=1)]
+    ruled = rule_families(X)
+    named = ruled != ""
+    out[named] = ruled[named]
     for i in np.flatnonzero(X[:, _SIGNATURE_COL] > 0):
         out[i] = _signature_of(X[i])[0]
+    return out
+
+
+def rule_families(X: np.ndarray) -> np.ndarray:
+    """"dos", "ddos" or "bruteforce" for rows that fit those families' definitions, "" for the others
+    (rows assumed to be attacks).
+
+    These families are defined by a pattern of flows -- how many sources flood one host, how fast one
+    client reconnects to one service -- which a family model learns only from examples of each; one
+    that has seen floods of one kind, or no password guessing, calls them anything (measured leave
+    one source out: lab floods from one source were named scan or exploit, guessing exploit). So
+    they are decided by rule, from the context features, in this order:
+
+    * a flood: the flow's destination host receives flows at a flood's rate (FLOOD_FLOWS_5S) and the
+      flow's source is no scanner (a port or address scan also converges on its target); from one
+      source (dos) when the flow's own source sent most of the host's recent flows
+      (ONE_SOURCE_SHARE), from many (ddos: spoofed, reflected or distributed) otherwise;
+    * password guessing (bruteforce): one client opens TCP connections to one service at a rate no
+      ordinary client keeps up (GUESSES_5S), each answered with an exchange of a few packets and over
+      within seconds (a slow-read DoS holds its connections open instead).
+    """
+    def c(name: str) -> np.ndarray:
+        return X[:, _RULE_COLUMNS[name]]
+
+    scanner = (c("src_log_flows_120s") >= np.log1p(SCANNER_FLOWS)) & (
+        (c("src_new_port_share_120s") >= SCANNER_NEW_SHARE) | (c("src_new_host_share_120s") >= SCANNER_NEW_SHARE))
+    flood = (c("dst_log_flows_5s") >= np.log1p(FLOOD_FLOWS_5S)) & ~scanner
+    own_share = np.expm1(c("src_log_flows_5s")) / np.maximum(np.expm1(c("dst_log_flows_5s")), 1.0)
+    guessing = (c("chan_log_flows_5s") >= np.log1p(GUESSES_5S)) & (c("proto_tcp") == 1) & (c("one_way") == 0) \
+        & (c("log_dst2src_packets") >= np.log1p(3)) & (c("log_duration_ms") < np.log1p(GUESS_MAX_MS)) \
+        & ~flood & ~scanner
+    out = np.full(len(X), "", dtype=object)
+    out[guessing] = "bruteforce"
+    out[flood] = np.where(own_share[flood] >= ONE_SOURCE_SHARE, "dos", "ddos")
     return out
 
 

@@ -12,8 +12,16 @@ import pytest
 from iotscan.errors import ModelError
 from iotscan.features import DETECTOR_FEATURES, FEATURE_NAMES, FEATURE_SCHEMA_VERSION
 from iotscan.modelstore import bundled_model, load_model, save_model, sha256_file
-from iotscan.scoring import ScoringStage, attack_families, attack_scores, explain, load_flow_model
+from iotscan.scoring import (
+    ScoringStage,
+    attack_families,
+    attack_scores,
+    explain,
+    load_flow_model,
+    rule_families,
+)
 from tests.conftest import REPO, SAMPLES, assert_no_traceback, ndjson, run_iotscan
+from tests.test_features import extract, make_flow
 
 FAMILIES = {"ddos", "dos", "scan", "bruteforce", "c2", "exploit", "spoofing"}
 
@@ -100,6 +108,42 @@ def test_a_request_signature_makes_an_exploit_whatever_the_detector_says(bundled
     reasons = explain(model, X)
     assert all(r[0] == "HTTP request matched an exploit signature: SQL injection" for r in reasons[::2])
     assert not any(p.startswith("HTTP request") for r in reasons[1::2] for p in r)
+
+
+def test_floods_and_guessing_are_named_by_rule(bundled: tuple[dict, dict]) -> None:
+    model, _ = bundled
+    victim = "10.0.0.5"
+    # 5 s of a UDP flood from one source (200 flows/s, new source ports), while a neighbour polls the victim
+    one = [make_flow("198.51.100.7", victim, 5683, 100.0 + i / 200, proto=17, sport=10000 + i) for i in range(1000)]
+    one += [make_flow("10.0.0.9", victim, 80, 100.0 + i / 2, packets=4, nbytes=400, answered=True) for i in range(10)]
+    one.sort(key=lambda f: f.bidirectional_last_seen_ms)  # the order flows expire in
+    X = extract(one)
+    families = rule_families(X)
+    flood_rows = [i for i, f in enumerate(one) if f.src_ip == "198.51.100.7"]
+    assert np.mean(families[flood_rows[100:]] == "dos") > 0.95  # once the rate is a flood's
+    assert np.all(families[flood_rows[:20]] == "")  # the first flows are no flood yet
+    assert set(attack_families(model, X[flood_rows[100:]]).tolist()) == {"dos"}
+    # the same rate from 1,000 spoofed sources, and from four attackers taking turns
+    spoofed = [make_flow(f"203.0.{i // 250}.{i % 250}", victim, 80, 100.0 + i / 200) for i in range(1000)]
+    assert np.mean(rule_families(extract(spoofed))[100:] == "ddos") > 0.95
+    four = [make_flow(f"198.51.100.{i % 4}", victim, 80, 100.0 + i / 200, sport=10000 + i) for i in range(1000)]
+    assert np.mean(rule_families(extract(four))[100:] == "ddos") > 0.95
+    # a port scan converges on its target at the same rate: its source is a scanner, not a flooder
+    scan = [make_flow("198.51.100.7", victim, 1 + i, 100.0 + i / 200) for i in range(1000)]
+    assert np.all(rule_families(extract(scan)) == "")
+    # password guessing: one client, 3 short SSH sessions a second for 20 s, each answered with a few packets
+    guesses = [make_flow("198.51.100.7", victim, 22, 100.0 + i / 3, sport=20000 + i, packets=8, nbytes=900,
+                         answered=True, duration_ms=600) for i in range(60)]
+    for f in guesses:
+        f.dst2src_packets, f.bidirectional_packets = 6, 14
+    families = rule_families(extract(guesses))
+    assert np.all(families[:10] == "") and np.mean(families[30:] == "bruteforce") > 0.95
+    # the same sessions at an ordinary client's pace (one every 5 s) are no guessing
+    for i, f in enumerate(guesses):
+        f.bidirectional_first_seen_ms = f.src2dst_first_seen_ms = 100_000 + 5000 * i
+        f.dst2src_first_seen_ms = f.bidirectional_first_seen_ms + 1
+        f.bidirectional_last_seen_ms = f.bidirectional_first_seen_ms + 600
+    assert np.all(rule_families(extract(guesses)) == "")
 
 
 def test_synflood_is_flagged_as_ddos(scored: dict[str, list[dict]]) -> None:

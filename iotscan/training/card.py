@@ -211,7 +211,9 @@ def card_markdown(card: dict[str, Any]) -> str:
                         "features taught it which network a flow came from (see the notes), and `request_signature` "
                         "decides by itself: a flow whose HTTP request, DNS queries or TCP flags matched a signature "
                         f"(read by the request pass: {signatures}) is an attack of the signature's family with "
-                        "score 1. The family model uses all."]
+                        "score 1. The family model uses all; before it is asked, floods (dos, ddos) and password "
+                        "guessing (bruteforce) are named by rule from the context features "
+                        "(`iotscan.scoring.rule_families`, see the notes)."]
     th = card["threshold_choice"]
     lines += ["## Threshold", "", f"Threshold **{card['threshold']}**: {th['rule']}. On those validation scores: "
               f"benign FPR {_f(th['validation_benign_fpr'], True)}, attack recall per capture "
