@@ -61,6 +61,10 @@ SCANNER_FLOWS = 10.0  # a source with at least this many recent flows (120 s win
 SCANNER_NEW_SHARE = 0.3  # ... of which this share went to ports or hosts new to it, is scanning
 GUESSES_5S = 15.0  # connections of one client to one service: about 2 a second, sustained
 GUESS_MAX_MS = 10_000
+RULE_REASONS = {"dos": "a flood of one host, mostly from this source (DoS)",
+                "ddos": "a flood of one host from many sources (DDoS)",
+                "bruteforce": "one client reconnecting to one service about twice a second or more (password guessing)"}
+_RULE_PHRASES = frozenset(RULE_REASONS.values())
 _RULE_COLUMNS = {n: FEATURE_NAMES.index(n) for n in (
     "dst_log_flows_5s", "src_log_flows_5s", "src_log_flows_120s", "src_new_port_share_120s", "src_new_host_share_120s",
     "chan_log_flows_5s", "proto_tcp", "one_way", "log_dst2src_packets", "log_duration_ms")}
@@ -182,7 +186,8 @@ def _forest_votes(forest: Any, X: np.ndarray) -> np.ndarray:
 
 def explain(model: dict[str, Any], X: np.ndarray) -> list[list[str]]:
     """Up to MAX_REASONS phrases per row: the feature groups whose replacement by typical benign values
-    lowers the detector's log-odds most.
+    lowers the detector's log-odds most, after what decided the row's family when it was not the family
+    model (a matched signature, or the rule that named a flood or password guessing).
 
     Rows whose groups stray from typical benign values by a similar amount (each group's mean distance,
     in robust units, on a log2 scale) share one computation, on their first row: a flood or a scan is
@@ -210,8 +215,11 @@ def explain(model: dict[str, Any], X: np.ndarray) -> list[list[str]]:
     order = np.argsort(-drops, axis=0, kind="stable")[:MAX_REASONS]
     phrases = [[groups[k][0] for k in order[:, j] if drops[k, j] > _MIN_DROP] for j in range(n)]
     out = [phrases[i] for i in inverse.ravel()]
+    ruled = rule_families(X)
+    for i in np.flatnonzero(ruled != ""):  # what made the family: the detector's reasons do not say it
+        out[i] = [RULE_REASONS[ruled[i]], *out[i][:MAX_REASONS - 1]]
     for i in np.flatnonzero(X[:, _SIGNATURE_COL] > 0):  # the signature first: it decided
-        out[i] = [_signature_of(X[i])[1], *out[i][:MAX_REASONS - 1]]
+        out[i] = [_signature_of(X[i])[1], *[p for p in out[i] if p not in _RULE_PHRASES][:MAX_REASONS - 1]]
     return out
 
 

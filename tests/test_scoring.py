@@ -13,6 +13,7 @@ from iotscan.errors import ModelError
 from iotscan.features import DETECTOR_FEATURES, FEATURE_NAMES, FEATURE_SCHEMA_VERSION
 from iotscan.modelstore import bundled_model, load_model, save_model, sha256_file
 from iotscan.scoring import (
+    RULE_REASONS,
     ScoringStage,
     attack_families,
     attack_scores,
@@ -123,6 +124,7 @@ def test_floods_and_guessing_are_named_by_rule(bundled: tuple[dict, dict]) -> No
     assert np.mean(families[flood_rows[100:]] == "dos") > 0.95  # once the rate is a flood's
     assert np.all(families[flood_rows[:20]] == "")  # the first flows are no flood yet
     assert set(attack_families(model, X[flood_rows[100:]]).tolist()) == {"dos"}
+    assert all(r[0] == RULE_REASONS["dos"] and len(r) <= 3 for r in explain(model, X[flood_rows[100:]]))
     # the same rate from 1,000 spoofed sources, and from four attackers taking turns
     spoofed = [make_flow(f"203.0.{i // 250}.{i % 250}", victim, 80, 100.0 + i / 200) for i in range(1000)]
     assert np.mean(rule_families(extract(spoofed))[100:] == "ddos") > 0.95
@@ -152,6 +154,8 @@ def test_synflood_is_flagged_as_ddos(scored: dict[str, list[dict]]) -> None:
     assert len(attacks) / len(flows) >= 0.95
     families = [r["family"] for r in attacks]
     assert families.count("ddos") / len(families) >= 0.8
+    named = [r for r in attacks if r["family"] == "ddos"]
+    assert sum(r["reasons"][0] == RULE_REASONS["ddos"] for r in named) / len(named) >= 0.9
     assert all(r["reasons"] and all(isinstance(p, str) for p in r["reasons"]) for r in attacks[:50])
     assert all(0.0 <= r["score"] <= 1.0 for r in flows)
 
