@@ -416,10 +416,14 @@ def test_unknown_interface_lists_the_interfaces():
     assert "lo" in lines[0].split("interfaces here: ", 1)[1].replace(",", " ").split()
 
 
-def _capturing_in(ns: str) -> bool:
+def _running_packet_sockets(ns: str) -> int:
     sockets = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/packet"], capture_output=True,
                              text=True, check=True).stdout.splitlines()[1:]
-    return any(len(f) >= 6 and f[5] == "1" for f in (line.split() for line in sockets))
+    return sum(len(f) >= 6 and f[5] == "1" for f in (line.split() for line in sockets))
+
+
+def _capturing_in(ns: str) -> bool:
+    return _running_packet_sockets(ns) > 0
 
 
 @pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (ip) to make a namespace")
@@ -453,6 +457,83 @@ def test_interface_that_disappears_ends_with_capture_error():
     summary = ndjson(rest)[-1]
     assert summary["event_type"] == "summary" and summary["stop_reason"] == "error"
     assert summary["inputs"][0]["status"] == "error"
+
+
+def _udp_payloads(capture: Path, src_ip: str, ports: tuple[int, ...]) -> list[tuple[int, int, bytes]]:
+    """(source port, destination port, payload) of the UDP datagrams ``src_ip`` sent from ``ports`` in a
+    little-endian Ethernet pcap (the sample's layout)."""
+    data = capture.read_bytes()
+    assert data[:4] == b"\xd4\xc3\xb2\xa1" and int.from_bytes(data[20:24], "little") == 1
+    out, pos, src = [], 24, socket.inet_aton(src_ip)
+    while pos + 16 <= len(data):
+        caplen = int.from_bytes(data[pos + 8:pos + 12], "little")
+        frame = data[pos + 16:pos + 16 + caplen]
+        pos += 16 + caplen
+        if frame[12:14] != b"\x08\x00" or frame[23] != 17 or frame[26:30] != src:
+            continue
+        udp = frame[14 + (frame[14] & 0x0F) * 4:]
+        sport, dport, length = (int.from_bytes(udp[i:i + 2], "big") for i in (0, 2, 4))
+        if sport in ports:
+            out.append((sport, dport, udp[8:length]))
+    return out
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (ip) to make namespaces")
+def test_live_identity_pass_reads_ssdp_and_mdns(tmp_path: Path):
+    """Device identity on a live interface: a Hue bridge's own SSDP and mDNS datagrams (from the sample
+    capture) sent over a veth pair between two namespaces the test creates; the device record of the
+    sender's MAC carries what only the identity pass reads."""
+    bridge = "10.10.10.6"  # the Hue bridge in samples/hue-bridge-setup.pcap
+    payloads = _udp_payloads(REPO / "samples" / "hue-bridge-setup.pcap", bridge, (1900, 5353))
+    assert len(payloads) >= 20
+    (tmp_path / "payloads.json").write_text(orjson.dumps([[s, d, p.hex()] for s, d, p in payloads]).decode())
+    sender = tmp_path / "send.py"
+    sender.write_text(
+        "import json, socket, sys\n"
+        "socks = {}\n"
+        "for sport, dport, hexed in json.load(open(sys.argv[1])):\n"
+        "    if sport not in socks:\n"
+        "        socks[sport] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "        socks[sport].bind(('10.77.0.2', sport))\n"
+        "    socks[sport].sendto(bytes.fromhex(hexed), ('10.77.0.1', dport))\n")
+    ns_capture, ns_device = f"iotscan-test-cap-{os.getpid()}", f"iotscan-test-dev-{os.getpid()}"
+    for ns in (ns_capture, ns_device):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    proc = None
+    try:
+        subprocess.run(["ip", "link", "add", "va", "netns", ns_capture, "type", "veth", "peer", "name", "vb",
+                        "netns", ns_device], check=True)
+        for ns, dev, addr in ((ns_capture, "va", "10.77.0.1/24"), (ns_device, "vb", "10.77.0.2/24")):
+            for cmd in (["ip", "addr", "add", addr, "dev", dev], ["ip", "link", "set", dev, "up"]):
+                subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True)
+        device_mac = orjson.loads(subprocess.run(["ip", "-j", "-n", ns_device, "link", "show", "vb"], check=True,
+                                                 capture_output=True).stdout)[0]["address"]
+        proc = subprocess.Popen(["ip", "netns", "exec", ns_capture, sys.executable, "-m", "iotscan", "live", "va",
+                                 "--no-score", "--format", "ndjson"], cwd=REPO, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 40
+        while _running_packet_sockets(ns_capture) < 2:  # the main capture and the identity pass's
+            assert proc.poll() is None and time.monotonic() < deadline, "iotscan live did not start both captures"
+            time.sleep(0.1)
+        subprocess.run(["ip", "netns", "exec", ns_device, sys.executable, str(sender), str(tmp_path / "payloads.json")],
+                       check=True, timeout=30)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        for ns in (ns_capture, ns_device):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    records = ndjson(out)
+    (device,) = [r for r in records if r["event_type"] == "device" and r["mac"] == device_mac]
+    signals = {(e["signal"], e["value"]) for e in device["evidence"]}
+    assert ("ssdp_server", "Linux/3.14.0 UPnP/1.0 IpBridge/1.9.0") in signals
+    assert ("mdns_txt", "md=BSB002") in signals
+    assert (device["vendor"], device["device_type"]) == ("Philips", "hub")
+    assert records[-1]["event_type"] == "summary" and not records[-1].get("warnings")
 
 
 def test_invalid_bpf_is_a_usage_error():

@@ -4,8 +4,9 @@ nDPI (through NFStream) gives the DHCP hostname and parameter list on the main p
 DHCP vendor class, mDNS service and instance names, TXT hints, SSDP/UPnP headers or the model a
 device reports to its vendor's cloud. Reading payloads needs a Python plugin, and a plugin on the
 main pass runs for every packet (+57% time). So these are read by a second pass over the same file
-that a BPF filter limits to UDP 67/68, 5353, 1900 and 8765 (Edimax's cloud): libpcap drops
-everything else in C, and the plugin sees only the few packets that matter.
+(on an interface, a second capture of it) that a BPF filter limits to UDP 67/68, 5353, 1900 and
+8765 (Edimax's cloud): libpcap drops everything else in C, and the plugin sees only the few packets
+that matter.
 
 The parsers read untrusted bytes: every packet is parsed inside a catch-all, so a malformed packet
 costs its own hints and nothing else, and each flow keeps a bounded number of hints.
@@ -33,6 +34,7 @@ MAX_PACKETS_PER_FLOW = 64  # packets parsed per flow; announcements repeat, the 
 MAX_HINTS_PER_FLOW = 48
 MAX_VALUE_CHARS = 160
 MAX_VALUES_PER_SIGNAL = 24  # per device, when hints are merged
+MAX_MACS = 4096  # devices with hints (the device stage tracks as many)
 _MAX_RECORDS = 64  # DNS questions + records read per mDNS packet
 
 # TXT keys that describe a product, not a unit (ids, serials and addresses are left out).
@@ -304,7 +306,11 @@ class IdentityHints:
     flows: int = 0
 
     def add(self, mac: str, signal: str, value: str, count: int = 1) -> None:
-        signals = self.by_mac.setdefault(mac, {})
+        signals = self.by_mac.get(mac)
+        if signals is None:
+            if len(self.by_mac) >= MAX_MACS:  # a flood of forged DHCP clients; a capture that never ends
+                return
+            signals = self.by_mac[mac] = {}
         values = signals.setdefault(signal, {})
         if value in values:
             values[value] += count
@@ -336,7 +342,8 @@ def collect(flows: Iterable[Any]) -> IdentityHints:
 
 
 def identity_pass(path: str, config: MeterConfig) -> SidePass:
-    """The identity pass over one capture file (``config``: the main pass's settings), to start."""
+    """The identity pass over one capture file, or a second capture of an interface (``config``: the
+    main pass's settings), to start; on an interface, stop() it to have its hints."""
     return side_pass("iotscan-identity", path, config, IDENTITY_FILTER, IdentityPlugin(), collect, snaplen=2048)
 
 

@@ -1,9 +1,10 @@
 """The device stage: every local device's flows aggregated per MAC, fingerprinted once at the end.
 
 Per flow the stage does a few dict updates (what makes a MAC a device, its counters, the link
-fields ``src_device``/``dst_device`` on the flow record). For a capture file, the BPF-filtered
-identity pass (DHCP/mDNS/SSDP payloads, iotscan/devices/identity.py) runs beside the main pass in
-its own meter process, started once the main meter runs and collected at the end of the file.
+fields ``src_device``/``dst_device`` on the flow record). The BPF-filtered identity pass
+(DHCP/mDNS/SSDP payloads, iotscan/devices/identity.py) runs beside the main pass in its own meter
+process -- over the same file, or as a second capture of the same interface -- started once the
+main meter runs and collected at the end of the file or when the capture stops.
 ``finish()`` fuses everything into one ``device`` record per local device.
 
 A local device is a MAC that sends traffic from a local address (records.is_local_address): the
@@ -35,6 +36,7 @@ MAX_DEVICES = 4096  # a home or lab network; beyond it (spoofed floods), new MAC
 _MAX_CACHE = 65536
 _MAX_IPS = 16  # local addresses kept per device
 _UNSPECIFIED = 3
+LIVE_IDENTITY_STOP_S = 5.0  # how long a stopped live capture waits for its identity pass's last flows
 
 
 class DeviceStage(Stage):
@@ -86,7 +88,7 @@ class DeviceStage(Stage):
         """Start the identity pass beside the main one: its own meter process, fed by a thread that
         only waits for its few flows. Called once the main meter runs (so the forks do not race)."""
         info = self._info
-        if not self.identity_pass or info is None or info.capture is None or self._identity is not None:
+        if not self.identity_pass or info is None or self._identity is not None:
             return
         job = identity_pass(info.name, info.config)
         job.start()
@@ -228,18 +230,29 @@ class DeviceStage(Stage):
     # -- per source and at the end ----------------------------------------------------------------------
 
     def end(self, source: SourceInfo) -> None:
-        """After a capture file: collect the DHCP/mDNS/SSDP self-descriptions of the identity pass."""
-        if not self.identity_pass or source.capture is None:
-            return  # a live interface cannot be read twice: nDPI's DHCP fields still count
+        """After a capture file, or a stopped capture of an interface: collect the DHCP/mDNS/SSDP
+        self-descriptions of the identity pass (on an interface, a second capture: stopped now, it
+        flushes the flows it still holds)."""
+        if not self.identity_pass:
+            return
         started = time.monotonic()
         self._start_identity()  # not started yet if the capture had no flow
         job, self._identity = self._identity, None
         if job is None:
             return
-        job.join()
+        if source.config.live:
+            job.stop()
+            job.join(LIVE_IDENTITY_STOP_S)
+        else:
+            job.join()
         if job.error is not None:
             self.warnings.append({"source": source.name, "code": "identity_pass",
                                   "message": f"DHCP/mDNS/SSDP pass failed (devices rely on flows): {job.error}"})
+        elif job.is_alive():
+            job.stop()  # it will end by itself; what it read is not waited for
+            self.warnings.append({"source": source.name, "code": "identity_pass",
+                                  "message": f"DHCP/mDNS/SSDP pass did not stop within {LIVE_IDENTITY_STOP_S:g} s "
+                                             "(devices rely on flows)"})
         elif job.result is not None:
             self.hints.merge(job.result)
         self.identity_seconds += time.monotonic() - started
