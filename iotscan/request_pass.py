@@ -75,7 +75,8 @@ class RequestSignature:
             return f"DNS queries matched a tunnel signature: {self.name}"
         if self.where == "tcp-flags":
             return f"TCP flags no connection uses: {self.name}"
-        return f"HTTP request matched an exploit signature: {self.name}"
+        kind = "a scanner" if self.family == "scan" else "an exploit"
+        return f"HTTP request matched {kind} signature: {self.name}"
 
 
 def _signatures_path() -> Path:

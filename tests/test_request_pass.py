@@ -48,8 +48,15 @@ def names(request: bytes) -> str | None:
     (b"GET / HTTP/1.1\r\nUser-Agent: ${${lower:j}ndi:ldap://x/a}\r\n\r\n", "JNDI lookup (log4j)"),
     (b"GET /.env HTTP/1.1\r\nHost: shop\r\n\r\n", "secrets probe"),
     (b"GET /app/.git/config HTTP/1.1\r\n\r\n", "secrets probe"),
+    # scanners: nmap -sV's 404 probe, and the user agents of nmap's scripts, masscan and zgrab
+    (b"GET /nice%20ports%2C/Tri%6Eity.txt%2ebak HTTP/1.0\r\n\r\n", "nmap service probe"),
+    (b"GET / HTTP/1.1\r\nHost: cam\r\nUser-Agent: Mozilla/5.0 (compatible; Nmap Scripting Engine; "
+     b"https://nmap.org/book/nse.html)\r\n\r\n", "scanner user agent"),
+    (b"GET / HTTP/1.0\r\nUser-Agent: masscan/1.3 (https://github.com/robertdavidgraham/masscan)\r\n\r\n",
+     "scanner user agent"),
+    (b"GET / HTTP/1.1\r\nuser-agent: Mozilla/5.0 zgrab/0.x\r\n\r\n", "scanner user agent"),
 ])
-def test_exploit_requests_match_their_signature(request_bytes: bytes, expected: str) -> None:
+def test_requests_match_their_signature(request_bytes: bytes, expected: str) -> None:
     assert names(request_bytes) == expected
 
 
@@ -65,6 +72,7 @@ def test_exploit_requests_match_their_signature(request_bytes: bytes, expected: 
     b"GET /shop;jsessionid=A1B2;id=7 HTTP/1.1\r\n\r\n",
     b"GET /player?onload=autoplay&title=O'Reilly+or+2+others HTTP/1.1\r\n\r\n",
     b"GET /description.xml HTTP/1.1\r\nHost: 192.168.1.20:80\r\n\r\n",
+    b"GET /docs/nmap-tutorial.html HTTP/1.1\r\nReferer: http://nmap.org/masscan-vs-zgrab\r\n\r\n",  # words
     b"GET",  # no target
 ])
 def test_ordinary_requests_match_nothing(request_bytes: bytes) -> None:
@@ -77,9 +85,12 @@ def test_signature_codes_are_stable_positions() -> None:
                                                 "script injection", "JNDI lookup (log4j)", "secrets probe"]
     assert [s.name for s in SIGNATURES[6:9]] == ["DNS tunnel (NULL records)", "DNS tunnel (encoded names)",
                                                  "NULL/FIN/XMAS probe"]
+    assert [s.name for s in SIGNATURES[9:11]] == ["nmap service probe", "scanner user agent"]
     assert signature(0) is None and signature(len(SIGNATURES) + 1) is None
     family = {"target": "exploit", "head": "exploit", "dns": "c2", "tcp-flags": "scan"}
-    assert all(s.family == family[s.where] for s in SIGNATURES)
+    assert all(s.family == family[s.where] for s in SIGNATURES[:9])
+    assert all(s.family == "scan" and s.reason.startswith("HTTP request matched a scanner signature")
+               for s in SIGNATURES[9:])
 
 
 def test_findings_join_flows_in_either_direction_and_within_their_lifetime() -> None:
@@ -282,9 +293,13 @@ def _tcp6(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, fl
     return b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + b"\x86\xdd" + ip6 + tcp
 
 
-def test_ipv6_http_requests_are_read(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("http_request", "family", "name"), [
+    (b"GET /cgi-bin/../../../../etc/passwd HTTP/1.1\r\nHost: [fd00::1]\r\n\r\n", "exploit", "path traversal"),
+    (b"GET /nice%20ports%2C/Tri%6Eity.txt%2ebak HTTP/1.0\r\n\r\n", "scan", "nmap service probe"),
+])
+def test_ipv6_http_requests_are_read(tmp_path: Path, http_request: bytes, family: str, name: str) -> None:
     client, server = bytes.fromhex("fd00" + "00" * 13 + "02"), bytes.fromhex("fd00" + "00" * 13 + "01")
-    request = b"GET /cgi-bin/../../../../etc/passwd HTTP/1.1\r\nHost: [fd00::1]\r\n\r\n"
+    request = http_request
     capture = tmp_path / "ipv6-traversal.pcap"
     _write_pcap(capture, [
         _tcp6(client, server, 40000, 80, 1, 0, 0x02),
@@ -294,12 +309,12 @@ def test_ipv6_http_requests_are_read(tmp_path: Path) -> None:
         _tcp6(server, client, 80, 40000, 10, 2 + len(request), 0x18, b"HTTP/1.1 404 Not Found\r\n\r\n"),
     ])
     found = read_requests(str(capture), MeterConfig(source=str(capture)))
-    assert [signature(code).name for _, code in found.by_endpoints[("fd00::2", 40000, "fd00::1", 80)]] == \
-        ["path traversal"]
+    assert [signature(code).name for _, code in found.by_endpoints[("fd00::2", 40000, "fd00::1", 80)]] == [name]
     proc = run_iotscan("analyze", capture, "-f", "ndjson", "--no-devices", check_code=0)
     [flow] = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
-    assert flow["verdict"] == "attack" and flow["family"] == "exploit"
-    assert flow["reasons"][0] == "HTTP request matched an exploit signature: path traversal"
+    assert (flow["verdict"], flow["family"], flow["score"]) == ("attack", family, 1.0)
+    kind = "a scanner" if family == "scan" else "an exploit"
+    assert flow["reasons"][0] == f"HTTP request matched {kind} signature: {name}"
 
 
 def _ether(ip_packet: bytes, ethertype: int, vlan: int | None) -> bytes:
