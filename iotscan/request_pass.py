@@ -62,7 +62,8 @@ MAX_FINDINGS = 100_000  # flows with a match kept per source; beyond, the oldest
 class RequestSignature:
     name: str
     family: str
-    # "target" (the request target), "head" (request line and headers), "dns" (a query) or "tcp-flags"
+    # "target" (the request target), "head" (request line and headers), "body" (what follows the headers in
+    # the request's segment), "dns" (a query) or "tcp-flags"
     where: str
     needs: tuple[str, ...]  # the pattern is tried only when the text holds one of these (none: always)
     pattern: re.Pattern[str]  # lower case, searched in lower-cased text
@@ -96,7 +97,7 @@ def _load() -> list[RequestSignature]:
 # Loaded at import, so the meter process (a fork) has them compiled; a broken file is a broken install.
 SIGNATURES: list[RequestSignature] = _load()
 # (code, signature) of HTTP requests, the target ones first: the head is decoded only when they all miss
-_HTTP = sorted(((c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where in ("target", "head")),
+_HTTP = sorted(((c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where in ("target", "head", "body")),
                key=lambda cs: cs[1].where != "target")
 _DNS = [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == "dns"]
 _FLAGS = [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == "tcp-flags"]
@@ -128,7 +129,8 @@ def _decoded(text: str) -> str:
 
 def match_request(payload: bytes) -> int:
     """The code (position + 1) of the first signature an HTTP request segment matches, or 0: target
-    signatures first, then head ones."""
+    signatures first, then the others in their order. "head" reads the whole segment, "body" what
+    follows the headers in it (a small form's body rides in the segment of its headers)."""
     head = payload[:MAX_HEAD_BYTES].decode("latin-1")
     line_end = head.find("\r\n")
     parts = (head if line_end < 0 else head[:line_end]).split(" ", 2)
@@ -138,8 +140,13 @@ def match_request(payload: bytes) -> int:
     for code, sig in _HTTP:
         text = texts.get(sig.where)
         if text is None:
-            text = texts[sig.where] = _decoded(head)
-        if _matches(sig, text):
+            if sig.where == "body":
+                end = head.find("\r\n\r\n")
+                text = _decoded(head[end + 4:]) if end >= 0 else ""
+            else:
+                text = _decoded(head)
+            texts[sig.where] = text
+        if text and _matches(sig, text):
             return code
     return 0
 

