@@ -259,13 +259,10 @@ class RequestFindings:
             self.kept -= len(oldest)
             self.forgotten += len(oldest)
 
-    def collect(self, flows: Iterable[Any]) -> RequestFindings:
-        """Add the pass's flows (only matches leave its meter) as they come; this object at the end."""
-        for flow in flows:
-            code = getattr(flow.udps, "request_signature", 0)
-            if code:
-                self.add(flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, flow.bidirectional_first_seen_ms,
-                         code)
+    def collect(self, matches: Iterable[tuple[str, int, str, int, int, int]]) -> RequestFindings:
+        """Add the pass's matches (see _match) as they come; this object at the end."""
+        for match in matches:
+            self.add(*match)
         return self
 
     def code(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int) -> int:
@@ -278,9 +275,13 @@ class RequestFindings:
         return 0
 
 
-def _matched(flow: Any) -> bool:
-    """Only flows with a match leave the pass's meter: the others cost pickling for nothing."""
-    return bool(getattr(flow.udps, "request_signature", 0))
+def _match(flow: Any) -> tuple[str, int, str, int, int, int] | None:
+    """What leaves the pass's meter of a flow: its endpoints, start and signature code if it matched
+    (RequestFindings.add's arguments), else nothing."""
+    code = getattr(flow.udps, "request_signature", 0)
+    if not code:
+        return None
+    return flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, flow.bidirectional_first_seen_ms, code
 
 
 def request_pass(source: str, config: MeterConfig) -> tuple[SidePass, RequestFindings]:
@@ -288,7 +289,7 @@ def request_pass(source: str, config: MeterConfig) -> tuple[SidePass, RequestFin
     start, and the findings it fills as it runs (complete when it ends)."""
     findings = RequestFindings()
     job = side_pass("iotscan-requests", source, config, REQUEST_FILTER, RequestPlugin(expire_on_match=config.live),
-                    findings.collect, snaplen=MAX_HEAD_BYTES + 128, keep=_matched)
+                    findings.collect, snaplen=MAX_HEAD_BYTES + 128, reduce=_match)
     return job, findings
 
 

@@ -81,8 +81,9 @@ class MeterConfig:
     decode_tunnels: bool = True
     accounting_mode: int = 0
     plugins: tuple[NFPlugin, ...] = ()
-    # Only the flows this accepts leave the meter (a side pass wants a few of many); report.flows counts all.
-    keep: Callable[[NFlow], bool] | None = None
+    # What of each flow leaves the meter, None for nothing: a side pass wants a few fields of a few of its
+    # flows, and pickling whole flows cost it more than its matching. report.flows counts all.
+    reduce: Callable[[NFlow], Any] | None = None
 
 
 @dataclass
@@ -102,20 +103,23 @@ class SourceReport:
 class _Batcher:
     """Collects expired flows into batches for the queue."""
 
-    def __init__(self, channel: Any, keep: Callable[[NFlow], bool] | None) -> None:
+    def __init__(self, channel: Any, reduce: Callable[[NFlow], Any] | None) -> None:
         self.channel = channel
-        self.keep = keep
-        self.batch: list[NFlow] = []
+        self.reduce = reduce
+        self.batch: list[Any] = []
         self.since = time.monotonic()
         self.flows = 0
 
     def put(self, flow: NFlow) -> None:
         self.flows += 1
-        if self.keep is not None and not self.keep(flow):
-            return
+        item: Any = flow
+        if self.reduce is not None:
+            item = self.reduce(flow)
+            if item is None:
+                return
         if not self.batch:
             self.since = time.monotonic()
-        self.batch.append(flow)
+        self.batch.append(item)
         if len(self.batch) >= _BATCH_FLOWS:
             self.flush()
 
@@ -240,7 +244,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
     idle_ms, active_ms = cfg.idle_timeout * 1000, cfg.active_timeout * 1000
     stats, splt, n_dis, acc, tunnels = cfg.statistics, cfg.splt, cfg.n_dissections, cfg.accounting_mode, \
         cfg.decode_tunnels
-    out = _Batcher(channel, cfg.keep)
+    out = _Batcher(channel, cfg.reduce)
     cache: OrderedDict[tuple, NFlow] = OrderedDict()  # oldest activity first
     report = SourceReport()
     interface_stats = ffi.new("struct nf_stat *")
@@ -467,7 +471,7 @@ class SidePass(threading.Thread):
     the forks do not race); ``stop()`` ends it early from another thread.
     """
 
-    def __init__(self, name: str, configs: Sequence[MeterConfig], collect: Callable[[Iterator[NFlow]], Any]) -> None:
+    def __init__(self, name: str, configs: Sequence[MeterConfig], collect: Callable[[Iterator[Any]], Any]) -> None:
         super().__init__(name=name, daemon=True)
         self.configs = list(configs)
         self.collect = collect
@@ -507,10 +511,11 @@ class SidePass(threading.Thread):
 
 
 def side_pass(name: str, path: str, config: MeterConfig, bpf: str, plugin: NFPlugin,
-              collect: Callable[[Iterator[NFlow]], Any], snaplen: int,
-              keep: Callable[[NFlow], bool] | None = None) -> SidePass:
+              collect: Callable[[Iterator[Any]], Any], snaplen: int,
+              reduce: Callable[[NFlow], Any] | None = None) -> SidePass:
     """A side pass over one capture file, or a second capture on a live interface (Linux hands each
-    packet socket its own copy): the packets ``bpf`` lets through, read by ``plugin``.
+    packet socket its own copy): the packets ``bpf`` lets through, read by ``plugin``; ``collect``
+    gets what ``reduce`` keeps of each flow (the flows themselves without it).
 
     It keeps the main pass's timeouts and narrows its --bpf (``config``); nDPI and flow statistics
     are off, as the pass only reads payloads. The filter is tried VLAN-aware first ("vlan" shifts the
@@ -523,6 +528,6 @@ def side_pass(name: str, path: str, config: MeterConfig, bpf: str, plugin: NFPlu
                            idle_timeout=config.idle_timeout, active_timeout=config.active_timeout,
                            max_flows=config.max_flows or 65536, statistics=False, n_dissections=0,
                            snaplen=max(config.snaplen, snaplen), decode_tunnels=config.decode_tunnels,
-                           plugins=(plugin,), keep=keep)
+                           plugins=(plugin,), reduce=reduce)
 
     return SidePass(name, [meter(f"({bpf}) or (vlan and {bpf})"), meter(bpf)], collect)

@@ -326,13 +326,19 @@ class IdentityHints:
         self.flows += other.flows
 
 
-def collect(flows: Iterable[Any]) -> IdentityHints:
-    """Merge the hints of the identity pass's flows by sender MAC (DHCP: by client hardware address)."""
+def _hints(flow: Any) -> tuple[int, list[tuple[str, str, str, str]]]:
+    """What leaves the pass's meter of a flow: its packet count and its hints."""
+    return flow.bidirectional_packets, getattr(flow.udps, "identity", None) or []
+
+
+def collect(flows: Iterable[tuple[int, list[tuple[str, str, str, str]]]]) -> IdentityHints:
+    """Merge the hints of the identity pass's flows (see _hints) by sender MAC (DHCP: by client hardware
+    address)."""
     result = IdentityHints()
-    for flow in flows:
+    for packets, hints in flows:
         result.flows += 1
-        result.packets += flow.bidirectional_packets
-        for mac, ip, signal, value in getattr(flow.udps, "identity", ()) or ():
+        result.packets += packets
+        for mac, ip, signal, value in hints:
             if not mac or mac in ("00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff"):
                 continue
             if ip and not is_local_address(ip):
@@ -344,7 +350,8 @@ def collect(flows: Iterable[Any]) -> IdentityHints:
 def identity_pass(path: str, config: MeterConfig) -> SidePass:
     """The identity pass over one capture file, or a second capture of an interface (``config``: the
     main pass's settings), to start; on an interface, stop() it to have its hints."""
-    return side_pass("iotscan-identity", path, config, IDENTITY_FILTER, IdentityPlugin(), collect, snaplen=2048)
+    return side_pass("iotscan-identity", path, config, IDENTITY_FILTER, IdentityPlugin(), collect, snaplen=2048,
+                     reduce=_hints)
 
 
 def read_identity(path: str, config: MeterConfig) -> IdentityHints:
