@@ -463,8 +463,8 @@ def _classify_error(cfg: MeterConfig, message: str) -> Exception:
 class SidePass(threading.Thread):
     """A second, BPF-filtered pass beside the main one (over the same file, or a second capture of
     the same interface), for payloads the main pass does not read (a plugin there would run for every
-    packet). Its own meter process does the work; this thread only gathers the few flows the filter
-    lets through, with ``collect``.
+    packet). Its own meter process does the work; this thread only gathers, with ``collect``, what the
+    meter keeps of the few flows the filter lets through (see MeterConfig.reduce).
 
     ``configs`` are tried in turn while one is rejected as input: the first is usually a VLAN-aware
     filter, which link types without Ethernet framing refuse. Start it once the main meter runs (so
