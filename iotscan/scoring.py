@@ -47,7 +47,6 @@ LIVE_MAX_DELAY_S = 1.0
 # Flows held while the request pass still runs (it reads the whole file, only faster): beyond this the
 # reader waits for it instead, so memory stays bounded on a capture whose pass takes long.
 HELD_FOR_REQUESTS = 16_384
-LIVE_REQUESTS_STOP_S = 5.0  # how long a stopped live capture waits for its request pass's last matches
 MAX_REASONS = 3
 _BENIGN = {"verdict": "benign", "score": None, "family": None, "reasons": None}  # key order as VERDICT_FIELDS
 _MIN_DROP = 0.05  # log-odds a group must account for to be named
@@ -325,14 +324,14 @@ class ScoringStage(Stage):
         return self._requests is not None and self._extractor is not None and self._extractor.requests is None \
             and self._requests.is_alive()
 
-    def _request_findings(self, timeout: float | None = None) -> RequestFindings | None:
+    def _request_findings(self) -> RequestFindings | None:
         """The request pass's findings once it has ended, waiting for it (on a file it reads only the few packets
         its filter lets through, and runs ahead of the main pass: the wait is short after the first batch of
-        flows); warnings say what went wrong or was forgotten."""
+        flows; a live one is stopped); warnings say what went wrong or was forgotten."""
         job = self._requests
         if job is None:
             return None
-        job.join(timeout)
+        job.end()
         name = self._source.name if self._source is not None else ""
         if job.error is not None:
             self.warnings.append({"source": name, "code": "request_pass",
@@ -373,9 +372,7 @@ class ScoringStage(Stage):
                 yield from self._score(pending)
                 pending = []
         if self._source is not None and self._source.config.live and self._requests is not None:
-            # the capture stopped: the request pass stops too, and what it matched last is added
-            self._requests.stop()
-            self._request_findings(timeout=LIVE_REQUESTS_STOP_S)
+            self._request_findings()  # the capture stopped: so does the request pass, adding its last matches
         if pending:
             yield from self._score(pending)
 

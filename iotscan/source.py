@@ -54,6 +54,8 @@ _POLL_S = 0.25  # how often the reader checks that the meter is alive
 _LIVE_BLOCK_MS = 250  # libpcap delivers live packets in blocks retired after at most this long
 _LIVE_WAIT_MS = 100  # longest wait for packets before the clock moves on and stop() is checked
 
+SIDE_PASS_STOP_S = 5.0  # how long a stopped live capture waits for its side passes' last flows
+
 # Flows tracked at once unless told otherwise. A flow costs about 5 KB in the meter, so this bounds the
 # table near 500 MB when every packet opens a flow (a flood of spoofed sources).
 DEFAULT_MAX_FLOWS = 100_000
@@ -501,6 +503,17 @@ class SidePass(threading.Thread):
         self._stopped = True
         if self._source is not None:
             self._source.stop()
+
+    def end(self) -> bool:
+        """Wait for the pass to end; whether it did. Over a file it ends by itself. A second capture of
+        an interface never would: it is stopped, and waited for at most SIDE_PASS_STOP_S while it
+        flushes the flows it still holds."""
+        if self.configs[0].live:
+            self.stop()
+            self.join(SIDE_PASS_STOP_S)
+        else:
+            self.join()
+        return not self.is_alive()
 
     def outcome(self) -> Any:
         """Run here (no thread) and return what ``collect`` made, or raise the pass's error."""

@@ -30,13 +30,12 @@ from iotscan.devices.identity import IdentityHints, identity_pass
 from iotscan.devices.signatures import Signatures, load_signatures
 from iotscan.pipeline import Event, SourceInfo, Stage
 from iotscan.records import is_local_address
-from iotscan.source import SidePass
+from iotscan.source import SIDE_PASS_STOP_S, SidePass
 
 MAX_DEVICES = 4096  # a home or lab network; beyond it (spoofed floods), new MACs are not tracked
 _MAX_CACHE = 65536
 _MAX_IPS = 16  # local addresses kept per device
 _UNSPECIFIED = 3
-LIVE_IDENTITY_STOP_S = 5.0  # how long a stopped live capture waits for its identity pass's last flows
 
 
 class DeviceStage(Stage):
@@ -240,18 +239,13 @@ class DeviceStage(Stage):
         job, self._identity = self._identity, None
         if job is None:
             return
-        if source.config.live:
-            job.stop()
-            job.join(LIVE_IDENTITY_STOP_S)
-        else:
-            job.join()
+        ended = job.end()
         if job.error is not None:
             self.warnings.append({"source": source.name, "code": "identity_pass",
                                   "message": f"DHCP/mDNS/SSDP pass failed (devices rely on flows): {job.error}"})
-        elif job.is_alive():
-            job.stop()  # it will end by itself; what it read is not waited for
+        elif not ended:  # a stopped live pass: what it read is not waited for any longer
             self.warnings.append({"source": source.name, "code": "identity_pass",
-                                  "message": f"DHCP/mDNS/SSDP pass did not stop within {LIVE_IDENTITY_STOP_S:g} s "
+                                  "message": f"DHCP/mDNS/SSDP pass did not stop within {SIDE_PASS_STOP_S:g} s "
                                              "(devices rely on flows)"})
         elif job.result is not None:
             self.hints.merge(job.result)
