@@ -22,9 +22,11 @@ A flow's feature row has two parts:
   one channel; a bot's beacon in regular intervals on one channel.
 
 Context is causal: a flow sees the flows that expired before it in the same capture (flows reach
-the tracker in expiry order, which follows their last packet). Per flow, Python does one
-attribute fetch and a few dictionary updates; every derived value is computed with numpy on a
-batch of rows (:meth:`FeatureExtractor.take`).
+the tracker in expiry order, which follows their last packet). What the features read of a flow
+travels from the meter packed as bytes (:func:`pack_statistics`, in the meter process), so a batch
+of rows becomes one numpy array without touching a Python number per statistic; per flow, Python
+does only the tracker's few dictionary updates, and every derived value is computed with numpy on
+a batch of rows (:meth:`FeatureExtractor.take`).
 
 Memory is bounded: every tracker table keeps at most ``max_keys`` keys, each key's set of recent
 peers at most ``SET_CAP`` entries, and keys idle for ``KEY_TTL_S`` seconds of capture time are
@@ -34,12 +36,15 @@ dropped.
 from __future__ import annotations
 
 import math
+import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from iotscan.records import MeteredFlow, flow_attributes
 
 if TYPE_CHECKING:
     from iotscan.request_pass import RequestFindings
@@ -48,7 +53,8 @@ if TYPE_CHECKING:
 # refuse to load under another version (exit 4) instead of scoring garbage.
 FEATURE_SCHEMA_VERSION = 4
 
-# Meter settings the features rely on; training extraction and `analyze` both use them.
+# Meter settings the features rely on (recorded in models); training extraction and `analyze` both meter
+# with them, and have the meter send each flow as metered_flow_with_statistics makes it.
 SPLT_PACKETS = 6  # early packets whose sizes and directions are kept
 METER_SETTINGS: dict[str, Any] = {"statistics": True, "splt": SPLT_PACKETS}
 
@@ -82,19 +88,17 @@ _RAW_NUMERIC = (
     "dst2src_syn_packets", "dst2src_cwr_packets", "dst2src_ece_packets", "dst2src_urg_packets",
     "dst2src_ack_packets", "dst2src_psh_packets", "dst2src_rst_packets", "dst2src_fin_packets",
     "application_is_guessed",
-    # read for the tracker and the category codes, not numeric features themselves:
-    "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "src_ip", "dst_ip",
-    "application_name", "application_category_name",
+    # read for the tracker, not numeric features themselves:
+    "bidirectional_first_seen_ms", "bidirectional_last_seen_ms",
 )
-_N_NUM = len(_RAW_NUMERIC) - 6
+_N_NUM = len(_RAW_NUMERIC) - 2
 _R = {name: i for i, name in enumerate(_RAW_NUMERIC)}
 _get_raw = attrgetter(*_RAW_NUMERIC)
-_I_PROTO, _I_DPORT, _I_PACKETS, _I_SPK, _I_SBYTES, _I_DPK, _I_DBYTES = (_R[n] for n in (
-    "protocol", "dst_port", "bidirectional_packets", "src2dst_packets", "src2dst_bytes", "dst2src_packets",
-    "dst2src_bytes"))
-_I_SSYN, _I_DSYN, _I_DRST = (_R[n] for n in ("src2dst_syn_packets", "dst2src_syn_packets", "dst2src_rst_packets"))
-_I_FIRST, _I_LAST, _I_SRC, _I_DST, _I_APP, _I_CAT = range(_N_NUM, _N_NUM + 6)
-_NO_SPLT_PAIR = ((-1,) * SPLT_PACKETS, (0,) * SPLT_PACKETS)
+# A flow's packed statistics: the numbers above, then the early packets' directions and sizes (float64).
+_STATS = struct.Struct(f"<{len(_RAW_NUMERIC) + 2 * SPLT_PACKETS}d")
+_NO_SPLT = (-1,) * SPLT_PACKETS + (0,) * SPLT_PACKETS
+# What the tracker and the category codes read besides the numbers: strings, from the flow itself.
+_get_names = attrgetter("src_ip", "dst_ip", "application_name", "application_category_name")
 _FLAGS = ("syn", "cwr", "ece", "urg", "ack", "psh", "rst", "fin")
 
 # -- the feature list (pinned: order is the model's column order) ---------------------------------
@@ -227,17 +231,22 @@ class ContextTracker:
     def tracked_keys(self) -> int:
         return len(self.src) + len(self.dst) + len(self.svc) + len(self.chan)
 
-    def observe_values(self, v: tuple) -> list[float]:
-        """``observe`` for one flow's attribute tuple (see _RAW_NUMERIC)."""
-        proto = v[_I_PROTO]
-        back = v[_I_DPK]
-        # the same rule as _failed(), per flow
-        failed = 1.0 if back == 0 or (proto == 6 and (
-            v[_I_DRST] > 0 or (v[_I_SSYN] > 0 and v[_I_DSYN] == 0))) else 0.0
-        nbytes = max(v[_I_SBYTES], MIN_FRAME * v[_I_SPK]) + max(v[_I_DBYTES], MIN_FRAME * back)
-        return self.observe(v[_I_LAST] / 1000.0, v[_I_FIRST] / 1000.0, v[_I_SRC], v[_I_DST], v[_I_DPORT], proto,
-                            math.log1p(nbytes), failed, 1.0 if back == 0 else 0.0,
-                            1.0 if v[_I_PACKETS] <= 1 else 0.0)
+    def observe_batch(self, raw: np.ndarray, srcs: Sequence[str], dsts: Sequence[str]) -> list[list[float]]:
+        """``observe`` for a batch of flows in expiry order: their statistics (rows of unpacked
+        pack_statistics) and addresses; the per-flow inputs are computed with numpy first (log1p by the
+        math module, as training always did: numpy's may differ in the last bit)."""
+        def c(name: str) -> np.ndarray:
+            return raw[:, _R[name]]
+
+        back = c("dst2src_packets")
+        nbytes = np.maximum(c("src2dst_bytes"), MIN_FRAME * c("src2dst_packets")) + \
+            np.maximum(c("dst2src_bytes"), MIN_FRAME * back)
+        observe = self.observe
+        return [observe(*args) for args in zip(
+            (c("bidirectional_last_seen_ms") / 1000.0).tolist(), (c("bidirectional_first_seen_ms") / 1000.0).tolist(),
+            srcs, dsts, c("dst_port").astype(np.int64).tolist(), c("protocol").astype(np.int64).tolist(),
+            list(map(math.log1p, nbytes.tolist())), _failed(raw).tolist(), (back == 0).astype(np.float64).tolist(),
+            (c("bidirectional_packets") <= 1).astype(np.float64).tolist(), strict=True)]
 
     def observe(self, t: float, t_first: float, src: str, dst: str, dport: int, proto: int, log_bytes: float,
                 failed: float, unanswered: float, single: float) -> list[float]:
@@ -510,8 +519,9 @@ def _failed(raw: np.ndarray) -> np.ndarray:
 class FeatureExtractor:
     """Collects flows of one capture or interface and turns them into feature rows, a batch at a time.
 
-    ``add`` does the per-flow Python work (one attribute fetch, one tracker update, two appends);
-    ``take`` returns the feature matrix of the flows added since the last call, in FEATURE_NAMES
+    ``add`` keeps a flow's packed statistics and its addresses and application names (a whole
+    NFStream flow's statistics it packs itself); ``take`` folds the flows added since the last call
+    into the tracker, in the order they came, and returns their feature matrix, in FEATURE_NAMES
     order, with the application and category codes of ``vocabulary`` (a model's; None leaves them
     at 0 and keeps the names in ``names`` for training, which builds its vocabulary later) and the
     request signatures of ``requests`` (the request pass's findings; None leaves them at 0).
@@ -525,15 +535,14 @@ class FeatureExtractor:
         self._cat_index: dict[str, int] | None = None
         if vocabulary:
             self.use_vocabulary(vocabulary)
-        self._rows: list[tuple] = []
-        self._ctx: list[list[float]] = []
-        self._splt: list[tuple[Any, Any]] = []
+        self._stats: list[bytes] = []
+        self._names: list[tuple[str, str, str, str]] = []  # source, destination, application, category
         self._multicast_cache: dict[str, bool] = {}
         self.names: list[tuple[str, str]] = []  # (master app, category) per row, when vocabulary is None
         self.requests: RequestFindings | None = None
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._stats)
 
     def use_vocabulary(self, vocabulary: dict[str, list[str]]) -> None:
         """Encode applications and categories with these codes from the next ``take`` on."""
@@ -542,43 +551,44 @@ class FeatureExtractor:
         self._cat_index = {n: i + 1 for i, n in enumerate(vocabulary["category"])}
 
     def add(self, flow: Any) -> None:
-        values = _get_raw(flow)
-        self._rows.append(values)
-        self._ctx.append(self.tracker.observe_values(values))
-        try:
-            self._splt.append((flow.splt_direction, flow.splt_ps))
-        except AttributeError:  # metered without early packets: none known
-            self._splt.append(_NO_SPLT_PAIR)
+        stats = flow.statistics if type(flow) is MeteredFlow else pack_statistics(flow)
+        if stats is None:
+            raise ValueError("the flow was metered without the classifier's statistics "
+                             "(see metered_flow_with_statistics)")
+        self._stats.append(stats)
+        self._names.append(_get_names(flow))
 
     def take(self) -> np.ndarray:
         """Feature rows (float32) of the flows added since the last take, in FEATURE_NAMES order."""
-        rows = self._rows
-        n = len(rows)
+        n = len(self._stats)
         if n == 0:
             return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
-        raw = np.asarray([r[:_N_NUM] for r in rows], dtype=np.float64)
-        splt = np.asarray(self._splt, dtype=np.float64)[:, :, :SPLT_PACKETS]  # (n, 2, SPLT_PACKETS)
+        packed = np.frombuffer(b"".join(self._stats), dtype="<f8").reshape(n, -1)
+        raw = packed[:, :len(_RAW_NUMERIC)]
+        splt_dirs, splt_sizes = packed[:, len(_RAW_NUMERIC):-SPLT_PACKETS], packed[:, -SPLT_PACKETS:]
+        srcs, dsts, apps, cats = (list(column) for column in zip(*self._names, strict=True))
         X = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
         n_flow = len(_PER_FLOW)
-        X[:, :n_flow] = per_flow_features(raw, self._multicast([r[_I_DST] for r in rows]), splt[:, 0], splt[:, 1])
-        apps = [r[_I_APP] for r in rows]
-        cats = [r[_I_CAT] for r in rows]
+        X[:, :n_flow] = per_flow_features(raw, self._multicast(dsts), splt_dirs, splt_sizes)
         if self._app_index is not None:
             X[:, n_flow] = _codes(apps, lambda a: self._app_index.get(master_app(a), 0))
             X[:, n_flow + 1] = _codes(cats, lambda c: self._cat_index.get(c or "Unknown", 0))
         else:
             X[:, n_flow:n_flow + 2] = 0.0
             self.names.extend(zip(map(master_app, apps), (c or "Unknown" for c in cats), strict=True))
-        X[:, n_flow + 2] = self._request_codes(rows) if self.requests is not None and self.requests.matched else 0.0
-        X[:, n_flow + 3:] = context_features(np.asarray(self._ctx, dtype=np.float64))
-        self._rows, self._ctx, self._splt = [], [], []
+        X[:, n_flow + 2] = self._request_codes(raw, srcs, dsts) \
+            if self.requests is not None and self.requests.matched else 0.0
+        X[:, n_flow + 3:] = context_features(np.asarray(self.tracker.observe_batch(raw, srcs, dsts), dtype=np.float64))
+        self._stats, self._names = [], []
         return X
 
-    def _request_codes(self, rows: list[tuple]) -> np.ndarray:
+    def _request_codes(self, raw: np.ndarray, srcs: list[str], dsts: list[str]) -> np.ndarray:
         code = self.requests.code  # type: ignore[union-attr]
-        sport, dport, proto = _R["src_port"], _R["dst_port"], _R["protocol"]
-        return np.array([code(r[_I_SRC], r[sport], r[_I_DST], r[dport], r[_I_FIRST], r[_I_LAST]) if r[proto] in (6, 17)
-                         else 0 for r in rows], dtype=np.float32)
+        columns = (raw[:, _R[name]].astype(np.int64).tolist() for name in (
+            "src_port", "dst_port", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "protocol"))
+        return np.array([code(src, sport, dst, dport, first, last) if proto in (6, 17) else 0
+                         for src, dst, sport, dport, first, last, proto in zip(srcs, dsts, *columns, strict=True)],
+                        dtype=np.float32)
 
     def _multicast(self, dsts: list[str]) -> np.ndarray:
         cache = self._multicast_cache
@@ -591,6 +601,23 @@ class FeatureExtractor:
                 hit = cache[dst] = _is_multicast(dst)
             out[i] = hit
         return out
+
+
+def pack_statistics(flow: Any) -> bytes:
+    """What the features read of one NFStream flow, packed (float64): its statistics and early packets.
+    Called in the meter process (metered_flow_with_statistics) or, for a flow that comes whole, by ``add``."""
+    try:
+        splt = (*flow.splt_direction, *flow.splt_ps)
+    except AttributeError:  # metered without early packets: none known
+        splt = _NO_SPLT
+    return _STATS.pack(*_get_raw(flow), *splt)
+
+
+def metered_flow_with_statistics(flow: Any) -> MeteredFlow:
+    """What the main pass's meter sends of a flow when it is scored (MeterConfig.reduce)."""
+    return MeteredFlow(*flow_attributes(flow), pack_statistics(flow))
+
+
 
 
 def _codes(names: list[str], code: Any) -> np.ndarray:

@@ -11,6 +11,8 @@ import hashlib
 import ipaddress
 import socket
 import struct
+from collections import namedtuple
+from operator import attrgetter
 from typing import Any
 
 from communityid import CommunityID
@@ -52,6 +54,26 @@ FLOW_FIELDS: tuple[tuple[str, str], ...] = (
     ("dst2src_bytes", "bytes from responder"),
 )
 FLOW_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in FLOW_FIELDS)
+
+# The NFStream attributes a flow record is built from (see flow_record). The main pass's meter sends
+# each flow as a MeteredFlow of these instead of the NFlow itself: a tuple of values is a fifth as
+# costly to unpickle as NFStream's 94-slot object, and the main process unpickles every flow. The
+# last field, ``statistics``, carries what the classifier reads of the flow, packed as bytes
+# (iotscan.features.pack_statistics), or None when nothing is scored.
+FLOW_ATTRIBUTES: tuple[str, ...] = (
+    "src_ip", "src_mac", "src_port", "dst_ip", "dst_mac", "dst_port", "protocol", "ip_version", "vlan_id",
+    "tunnel_id", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "bidirectional_duration_ms",
+    "bidirectional_packets", "bidirectional_bytes", "src2dst_packets", "src2dst_bytes", "dst2src_packets",
+    "dst2src_bytes", "application_name", "application_category_name", "application_is_guessed",
+    "requested_server_name", "client_fingerprint", "server_fingerprint", "user_agent", "content_type",
+)
+MeteredFlow = namedtuple("MeteredFlow", (*FLOW_ATTRIBUTES, "statistics"))
+flow_attributes = attrgetter(*FLOW_ATTRIBUTES)
+
+
+def metered_flow(flow: Any) -> MeteredFlow:
+    """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce)."""
+    return MeteredFlow(*flow_attributes(flow), None)
 
 # Fields later stages add to flow records (devices, scoring); listed so CSV writers know them.
 DEVICE_LINK_FIELDS = ("src_device", "dst_device")
@@ -160,7 +182,7 @@ def flow_record(flow: Any, source: str, source_name: str) -> dict[str, Any]:
     key = cid or f"{proto}:{src_ip}:{src_port}-{dst_ip}:{dst_port}"
     return {
         "event_type": "flow",
-        "flow_id": flow_id(source_name, f"{key}|{flow.vlan_id}|{getattr(flow, 'tunnel_id', 0)}", first),
+        "flow_id": flow_id(source_name, f"{key}|{flow.vlan_id}|{flow.tunnel_id}", first),
         "community_id": cid,
         "source": source,
         "first_seen_ms": first,

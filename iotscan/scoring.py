@@ -34,6 +34,7 @@ from iotscan.features import (
     REQUEST_SIGNATURE,
     FeatureExtractor,
     feature_index,
+    metered_flow_with_statistics,
 )
 from iotscan.modelstore import bundled_model, load_model, verified_card
 from iotscan.pipeline import Event, SourceInfo, Stage
@@ -289,9 +290,10 @@ class ScoringStage(Stage):
 
     def begin(self, source: SourceInfo) -> None:
         cfg = source.config
-        if not cfg.statistics or cfg.splt < METER_SETTINGS["splt"]:
+        whole_or_packed = cfg.reduce in (None, metered_flow_with_statistics)
+        if not cfg.statistics or cfg.splt < METER_SETTINGS["splt"] or not whole_or_packed:
             raise ModelError("scoring needs the meter's statistics and early-packet sizes "
-                             f"(statistics=True, splt>={METER_SETTINGS['splt']})")
+                             f"(statistics=True, splt>={METER_SETTINGS['splt']}, flows sent whole or with statistics)")
         if cfg.live:
             self.batch_rows, self.max_delay_s = min(self.batch_rows, LIVE_BATCH_ROWS), LIVE_MAX_DELAY_S
             self.load()  # before capturing: on a live link, packets must not wait for it

@@ -6,7 +6,9 @@ one long flow delays the expiry of every later one), never expires flows on a qu
 drops the flows still active when it is interrupted. So iotscan runs its own meter loop, built
 from NFStream's engine, ``NFlow`` and flow-key parts, in one child process:
 
-* flows are sent in small batches over a bounded queue (back-pressure bounds memory);
+* flows are sent in small batches over a bounded queue (back-pressure bounds memory), each
+  reduced first (``MeterConfig.reduce``) to what the reader needs: the main pass sends the values
+  a record is made of (records.MeteredFlow), side passes their few findings;
 * the flow table is kept in last-activity order, so the idle scan is exact;
 * ``max_flows`` caps the table: the least recently active flow is expired early;
 * a read error in a file ends the file with a ``truncated`` report instead of hiding it;
@@ -44,7 +46,7 @@ from nfstream.utils import NFMode
 
 from iotscan.errors import CaptureError, ExitCode, InputError, IotscanError
 
-_BATCH_FLOWS = 128  # flows per queue message: amortises locking and pickling of field names
+_BATCH_FLOWS = 128  # flows per queue message: amortises locking and pickling
 _BATCH_MAX_AGE_S = 0.2  # a live batch waits at most this long
 _QUEUE_BATCHES = 64  # at most 64 * 128 expired flows in flight: the back-pressure bound
 _COUNTER_EVERY = 1024  # packets between updates of the shared counters
@@ -83,8 +85,10 @@ class MeterConfig:
     decode_tunnels: bool = True
     accounting_mode: int = 0
     plugins: tuple[NFPlugin, ...] = ()
-    # What of each flow leaves the meter, None for nothing: a side pass wants a few fields of a few of its
-    # flows, and pickling whole flows cost it more than its matching. report.flows counts all.
+    # What of each flow leaves the meter (None: nothing; without reduce, the NFlow itself). Unpickling
+    # NFStream's 94-slot flows cost the reader more than anything it then did with them: the main pass
+    # sends a MeteredFlow (records.metered_flow, or features.METER_SETTINGS's with the classifier's
+    # statistics packed), a side pass a few fields of a few of its flows. report.flows counts all.
     reduce: Callable[[NFlow], Any] | None = None
 
 
@@ -371,7 +375,8 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
 
 
 class FlowSource:
-    """Iterate over the flows of one capture file or interface, each as soon as the meter expires it.
+    """Iterate over the flows of one capture file or interface, each as soon as the meter expires it
+    (as the config's ``reduce`` made it: an NFlow without one).
 
     After iteration, ``report`` holds the meter's counts. ``stop()`` (from another thread or a
     signal handler) asks the meter to flush its active flows and finish; iteration then ends
@@ -394,7 +399,7 @@ class FlowSource:
     def stop(self) -> None:
         self._stop.set()
 
-    def __iter__(self) -> Iterator[NFlow | None]:
+    def __iter__(self) -> Iterator[Any]:
         channel = self._ctx.Queue(maxsize=_QUEUE_BATCHES)
         proc = self._ctx.Process(target=_meter_main,
                                  args=(self.config, channel, self._counters, self._stop, os.getpid()),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from iotscan import features
+from iotscan.errors import ModelError
 from iotscan.features import (
     CONTEXT_FEATURES,
     FEATURE_NAMES,
@@ -17,6 +18,9 @@ from iotscan.features import (
     ContextTracker,
     FeatureExtractor,
 )
+from iotscan.pipeline import SourceInfo
+from iotscan.records import MeteredFlow, flow_record, metered_flow
+from iotscan.scoring import ScoringStage
 from iotscan.source import FlowSource, MeterConfig
 from tests.conftest import SAMPLES
 
@@ -183,3 +187,37 @@ def test_real_capture_rows_are_finite_and_deterministic(name: str) -> None:
 def test_context_features_are_marked() -> None:
     assert "beacon_score" in CONTEXT_FEATURES and "src_log_flows_5s" in CONTEXT_FEATURES
     assert "log_packets" not in CONTEXT_FEATURES and "request_signature" not in CONTEXT_FEATURES
+
+
+def test_flows_packed_by_the_meter_give_the_rows_and_records_of_whole_flows() -> None:
+    """The main pass's meter sends each flow as a MeteredFlow with its statistics packed (what `analyze` and
+    training read); `inspect` and the unit tests hand whole NFStream flows to the same code. Both must give
+    the same feature rows, bit for bit, and the same records."""
+    capture = str(SAMPLES / "mirai-c2-irc.pcap")
+
+    def meter(reduce: object) -> tuple[list, np.ndarray]:
+        config = MeterConfig(source=capture, reduce=reduce, **METER_SETTINGS)
+        flows = list(FlowSource(config))
+        ex = FeatureExtractor({"app": ["IRC", "DNS"], "category": ["Chat", "Network"]})
+        for flow in flows:
+            ex.add(flow)
+        return flows, ex.take()
+
+    whole, a = meter(None)
+    packed, b = meter(features.metered_flow_with_statistics)
+    assert len(whole) > 100 and not isinstance(whole[0], MeteredFlow)
+    assert all(type(f) is MeteredFlow and len(f.statistics) > 400 for f in packed)
+    assert np.array_equal(a, b)
+    assert col(a, "early0_size").any() and col(a, "src_log_flows_120s").max() > np.log1p(5)
+    assert [flow_record(f, capture, "x") for f in whole] == [flow_record(f, capture, "x") for f in packed]
+
+
+def test_flows_sent_without_statistics_cannot_be_scored() -> None:
+    flow = next(iter(FlowSource(MeterConfig(source=str(SAMPLES / "mirai-c2-irc.pcap"), reduce=metered_flow))))
+    assert flow.statistics is None
+    with pytest.raises(ValueError, match="without the classifier's statistics"):
+        FeatureExtractor().add(flow)
+    # and the scoring stage refuses such a meter before the first flow
+    config = MeterConfig(source="x.pcap", reduce=metered_flow, **METER_SETTINGS)
+    with pytest.raises(ModelError, match="statistics"):
+        ScoringStage().begin(SourceInfo(name="x.pcap", config=config))

@@ -13,7 +13,7 @@ import typer
 
 from iotscan.errors import InputError
 from iotscan.pipeline import Stage
-from iotscan.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS
+from iotscan.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, metered_flow
 from iotscan.source import DEFAULT_MAX_FLOWS, MeterConfig
 
 
@@ -84,10 +84,12 @@ def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str |
                      snaplen: int = 1536) -> MeterConfig:
     """The meter settings of the main pass, the same for `analyze` and `live` (flow ids, and the
     features the model was trained on, depend on them)."""
-    from iotscan.features import METER_SETTINGS  # the early packets the classifier's features read
+    # what the classifier's features read: early packets, and statistics packed by the meter
+    from iotscan.features import METER_SETTINGS, metered_flow_with_statistics
 
     return MeterConfig(source=source, live=live, bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,
-                       max_flows=max_flows, snaplen=snaplen, splt=METER_SETTINGS["splt"] if score else 0)
+                       max_flows=max_flows, snaplen=snaplen, splt=METER_SETTINGS["splt"] if score else 0,
+                       reduce=metered_flow_with_statistics if score else metered_flow)
 
 
 def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:

@@ -71,7 +71,8 @@ def _cache_file(cache_dir: Path, path: Path) -> Path:
 
 
 def _extract(path: Path) -> dict[str, np.ndarray]:
-    config = MeterConfig(source=str(path), **features.METER_SETTINGS)  # the flow cap `analyze` uses
+    # the flow cap `analyze` uses, and its flows as its meter sends them
+    config = MeterConfig(source=str(path), reduce=features.metered_flow_with_statistics, **features.METER_SETTINGS)
     extractor = FeatureExtractor(vocabulary=None)
     # as in `analyze`, the request pass's findings are complete before the first rows are taken; if the
     # file is bad, the main pass says what is wrong with it
