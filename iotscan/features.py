@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from iotscan.records import MeteredFlow, flow_attributes
+from iotscan.source import flow_block_dtype
 
 if TYPE_CHECKING:
     from iotscan.request_pass import RequestFindings
@@ -94,11 +95,17 @@ _RAW_NUMERIC = (
 _N_NUM = len(_RAW_NUMERIC) - 2
 _R = {name: i for i, name in enumerate(_RAW_NUMERIC)}
 _get_raw = attrgetter(*_RAW_NUMERIC)
-# A flow's packed statistics: the numbers above, then the early packets' directions and sizes (float64).
+# A whole flow's statistics packed: the numbers above, then the early packets' directions and sizes (float64).
 _STATS = struct.Struct(f"<{len(_RAW_NUMERIC) + 2 * SPLT_PACKETS}d")
 _NO_SPLT = (-1,) * SPLT_PACKETS + (0,) * SPLT_PACKETS
-# What the tracker and the category codes read besides the numbers: strings, from the flow itself.
-_get_names = attrgetter("src_ip", "dst_ip", "application_name", "application_category_name")
+# What is read of the flow itself besides its statistics: addresses and names for the tracker and the
+# codes, and nDPI's guess flag, which the meter's block does not hold.
+_get_names = attrgetter("src_ip", "dst_ip", "application_name", "application_category_name",
+                        "application_is_guessed")
+# Standard deviations, which the meter's block holds as sums of squared deviations (see flow_block_dtype):
+# name -> (the packet count of its direction, how many fewer values there are than packets).
+_SUMS_OF_SQUARES = {f"{d}_stddev_{kind}": (f"{d}_packets", lost) for d in ("bidirectional", "src2dst", "dst2src")
+                    for kind, lost in (("ps", 1), ("piat_ms", 2))}
 _FLAGS = ("syn", "cwr", "ece", "urg", "ack", "psh", "rst", "fin")
 
 # -- the feature list (pinned: order is the model's column order) ---------------------------------
@@ -535,8 +542,9 @@ class FeatureExtractor:
         self._cat_index: dict[str, int] | None = None
         if vocabulary:
             self.use_vocabulary(vocabulary)
-        self._stats: list[bytes] = []
-        self._names: list[tuple[str, str, str, str]] = []  # source, destination, application, category
+        self._stats: list[bytes] = []  # per flow: the meter's block, or a whole flow's packed statistics
+        self._metered: list[bool] = []  # which of the two
+        self._names: list[tuple[str, str, str, str, Any]] = []  # see _get_names
         self._multicast_cache: dict[str, bool] = {}
         self.names: list[tuple[str, str]] = []  # (master app, category) per row, when vocabulary is None
         self.requests: RequestFindings | None = None
@@ -551,11 +559,15 @@ class FeatureExtractor:
         self._cat_index = {n: i + 1 for i, n in enumerate(vocabulary["category"])}
 
     def add(self, flow: Any) -> None:
-        stats = flow.statistics if type(flow) is MeteredFlow else pack_statistics(flow)
-        if stats is None:
-            raise ValueError("the flow was metered without the classifier's statistics "
-                             "(see metered_flow_with_statistics)")
-        self._stats.append(stats)
+        if type(flow) is MeteredFlow:
+            if flow.statistics is None:
+                raise ValueError("the flow was metered without the classifier's statistics "
+                                 "(see metered_flow_with_statistics)")
+            self._stats.append(flow.statistics)
+            self._metered.append(True)
+        else:
+            self._stats.append(pack_statistics(flow))
+            self._metered.append(False)
         self._names.append(_get_names(flow))
 
     def take(self) -> np.ndarray:
@@ -563,10 +575,9 @@ class FeatureExtractor:
         n = len(self._stats)
         if n == 0:
             return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
-        packed = np.frombuffer(b"".join(self._stats), dtype="<f8").reshape(n, -1)
-        raw = packed[:, :len(_RAW_NUMERIC)]
-        splt_dirs, splt_sizes = packed[:, len(_RAW_NUMERIC):-SPLT_PACKETS], packed[:, -SPLT_PACKETS:]
-        srcs, dsts, apps, cats = (list(column) for column in zip(*self._names, strict=True))
+        srcs, dsts, apps, cats, guessed = (list(column) for column in zip(*self._names, strict=True))
+        raw, splt_dirs, splt_sizes = self._numbers()
+        raw[:, _R["application_is_guessed"]] = guessed
         X = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
         n_flow = len(_PER_FLOW)
         X[:, :n_flow] = per_flow_features(raw, self._multicast(dsts), splt_dirs, splt_sizes)
@@ -579,8 +590,36 @@ class FeatureExtractor:
         X[:, n_flow + 2] = self._request_codes(raw, srcs, dsts) \
             if self.requests is not None and self.requests.matched else 0.0
         X[:, n_flow + 3:] = context_features(np.asarray(self.tracker.observe_batch(raw, srcs, dsts), dtype=np.float64))
-        self._stats, self._names = [], []
+        self._stats, self._metered, self._names = [], [], []
         return X
+
+    def _numbers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The batch's _RAW_NUMERIC values and early packets' directions and sizes (float64), from the
+        meter's blocks and from whole flows' packed statistics alike."""
+        n = len(self._stats)
+        raw = np.empty((n, len(_RAW_NUMERIC)))
+        dirs, sizes = np.empty((n, SPLT_PACKETS)), np.empty((n, SPLT_PACKETS))
+        metered = np.fromiter(self._metered, dtype=bool, count=n)
+        if metered.any():
+            block = np.frombuffer(b"".join(s for s, m in zip(self._stats, self._metered, strict=True) if m),
+                                  dtype=flow_block_dtype(SPLT_PACKETS))
+            for name, i in _R.items():
+                if name == "application_is_guessed":
+                    continue
+                column = block[name].astype(np.float64)
+                if name in _SUMS_OF_SQUARES:  # as NFlow computes it (too few values: left as the meter has it)
+                    count, lost = _SUMS_OF_SQUARES[name]
+                    values = block[count].astype(np.float64) - lost
+                    column = np.where(values > 0, np.sqrt(column / np.maximum(values, 1.0)), column)
+                raw[metered, i] = column
+            dirs[metered], sizes[metered] = block["splt_direction"], block["splt_ps"]
+        if not metered.all():
+            packed = np.frombuffer(b"".join(s for s, m in zip(self._stats, self._metered, strict=True) if not m),
+                                   dtype="<f8").reshape(-1, _STATS.size // 8)
+            whole = ~metered
+            raw[whole] = packed[:, :len(_RAW_NUMERIC)]
+            dirs[whole], sizes[whole] = packed[:, len(_RAW_NUMERIC):-SPLT_PACKETS], packed[:, -SPLT_PACKETS:]
+        return raw, dirs, sizes
 
     def _request_codes(self, raw: np.ndarray, srcs: list[str], dsts: list[str]) -> np.ndarray:
         code = self.requests.code  # type: ignore[union-attr]
@@ -604,8 +643,8 @@ class FeatureExtractor:
 
 
 def pack_statistics(flow: Any) -> bytes:
-    """What the features read of one NFStream flow, packed (float64): its statistics and early packets.
-    Called in the meter process (metered_flow_with_statistics) or, for a flow that comes whole, by ``add``."""
+    """What the features read of a whole NFStream flow (not one the meter reduced), packed (float64): its
+    statistics and early packets."""
     try:
         splt = (*flow.splt_direction, *flow.splt_ps)
     except AttributeError:  # metered without early packets: none known
@@ -614,8 +653,10 @@ def pack_statistics(flow: Any) -> bytes:
 
 
 def metered_flow_with_statistics(flow: Any) -> MeteredFlow:
-    """What the main pass's meter sends of a flow when it is scored (MeterConfig.reduce)."""
-    return MeteredFlow(*flow_attributes(flow), pack_statistics(flow))
+    """What the main pass's meter sends of a flow when it is scored (MeterConfig.reduce): the record's
+    values and, as the classifier's statistics, the flow's block of NFStream's C numbers (see
+    iotscan.source.flow_block_dtype), decoded a batch at a time by ``take``."""
+    return MeteredFlow(*flow_attributes(flow), flow.block)
 
 
 

@@ -58,8 +58,8 @@ FLOW_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in FLOW_FIELDS)
 # The NFStream attributes a flow record is built from (see flow_record). The main pass's meter sends
 # each flow as a MeteredFlow of these instead of the NFlow itself: a tuple of values is a fifth as
 # costly to unpickle as NFStream's 94-slot object, and the main process unpickles every flow. The
-# last field, ``statistics``, carries what the classifier reads of the flow, packed as bytes
-# (iotscan.features.pack_statistics), or None when nothing is scored.
+# last field, ``statistics``, carries what the classifier reads of the flow: the meter's block of
+# NFStream's C numbers for it, as bytes (iotscan.source.flow_block_dtype), or None when nothing is scored.
 FLOW_ATTRIBUTES: tuple[str, ...] = (
     "src_ip", "src_mac", "src_port", "dst_ip", "dst_mac", "dst_port", "protocol", "ip_version", "vlan_id",
     "tunnel_id", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "bidirectional_duration_ms",

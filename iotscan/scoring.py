@@ -281,11 +281,13 @@ class ScoringStage(Stage):
         if self._model is None:
             self._model, _ = load_flow_model()
         if self._threads is None:
-            # One OpenMP thread: batches are small and the meter process has the other core; more threads
-            # only add a synchronisation per tree (ten times slower on a busy machine).
+            # One thread for OpenMP (the models) and BLAS (the reasons' matrix product): batches are small and
+            # the meters need the other cores. More OpenMP threads add a synchronisation per tree (ten times
+            # slower on a busy machine); OpenBLAS's idle threads spin after each product, and on 2 cores took
+            # 1.2 s of CPU from the meter on the benchmark capture.
             from threadpoolctl import threadpool_limits
 
-            self._threads = threadpool_limits(limits=1, user_api="openmp")
+            self._threads = threadpool_limits(limits=1)
         return self._model
 
     def begin(self, source: SourceInfo) -> None:

@@ -190,9 +190,9 @@ def test_context_features_are_marked() -> None:
 
 
 def test_flows_packed_by_the_meter_give_the_rows_and_records_of_whole_flows() -> None:
-    """The main pass's meter sends each flow as a MeteredFlow with its statistics packed (what `analyze` and
-    training read); `inspect` and the unit tests hand whole NFStream flows to the same code. Both must give
-    the same feature rows, bit for bit, and the same records."""
+    """The main pass's meter sends each flow as a MeteredFlow with its block of NFStream's C numbers (what
+    `analyze` and training read); the unit tests hand whole flows to the same code. Both must give the same
+    feature rows, bit for bit, and the same records."""
     capture = str(SAMPLES / "mirai-c2-irc.pcap")
 
     def meter(reduce: object) -> tuple[list, np.ndarray]:
@@ -208,6 +208,8 @@ def test_flows_packed_by_the_meter_give_the_rows_and_records_of_whole_flows() ->
     assert len(whole) > 100 and not isinstance(whole[0], MeteredFlow)
     assert all(type(f) is MeteredFlow and len(f.statistics) > 400 for f in packed)
     assert np.array_equal(a, b)
+    # the meter's block holds sums of squared deviations: the conversion to NFlow's deviations is exercised
+    assert col(a, "stddev_ps").any() and col(a, "log_stddev_piat_ms").any() and col(a, "dst2src_stddev_ps").any()
     assert col(a, "early0_size").any() and col(a, "src_log_flows_120s").max() > np.log1p(5)
     assert [flow_record(f, capture, "x") for f in whole] == [flow_record(f, capture, "x") for f in packed]
 
