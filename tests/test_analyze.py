@@ -221,6 +221,13 @@ def test_refuses_to_overwrite_an_input(tmp_path: Path) -> None:
     assert capture.read_bytes() == before
 
 
+def test_dash_output_is_stdout(tmp_path: Path) -> None:
+    proc = run_iotscan("analyze", SAMPLES / "web-sqli.pcap", "-o", "-", "--no-score", cwd=tmp_path, check_code=0)
+    records = ndjson(proc.stdout)
+    assert records[-1]["event_type"] == "summary" and records[-1]["flows"] > 0
+    assert not (tmp_path / "-").exists()
+
+
 def test_bad_option_is_a_usage_error() -> None:
     proc = run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "--format", "xml")
     assert proc.returncode == 2

@@ -29,8 +29,13 @@ _SUFFIX_FORMATS = {".csv": Format.csv, ".json": Format.json, ".ndjson": Format.n
 FORMAT_OPTION = typer.Option(None, "--format", "-f", case_sensitive=False,
                              help="Output format. Default: table on a terminal, else ndjson "
                                   "(with -o, from the file's suffix).")
-OUTPUT_OPTION = typer.Option(None, "--output", "-o", dir_okay=False,
-                             help="Write records to FILE instead of stdout.")
+def stdout_dash(output: Path | None) -> Path | None:
+    """`-o -` is stdout, as for other Unix tools (not a file named "-")."""
+    return None if output is not None and str(output) == "-" else output
+
+
+OUTPUT_OPTION = typer.Option(None, "--output", "-o", dir_okay=False, callback=stdout_dash,
+                             help="Write records to FILE instead of stdout ('-': stdout).")
 BPF_OPTION = typer.Option(None, "--bpf", help="BPF filter applied before metering, e.g. 'not port 53'.")
 IDLE_OPTION = typer.Option(120, "--idle-timeout", min=1, help="Seconds without packets after which a flow ends.")
 ACTIVE_OPTION = typer.Option(1800, "--active-timeout", min=1, help="Seconds after which a long flow is cut.")

@@ -27,6 +27,7 @@ from iotscan.cli.common import (
     main_pass_config,
     open_output,
     resolve_format,
+    stdout_dash,
 )
 from iotscan.console import Reporter, stderr
 from iotscan.live import LiveLimits, LiveRun, preflight
@@ -46,8 +47,9 @@ _HELP = (
 def live(
     interface: str = typer.Argument(..., help="Interface to capture on: eth0, wlan0, br-lan ('any': all)."),
     fmt: Format | None = FORMAT_OPTION,
-    output: Path | None = typer.Option(None, "--output", "-o", dir_okay=False,
-                                       help="Append records to FILE (created if absent) instead of stdout."),
+    output: Path | None = typer.Option(None, "--output", "-o", dir_okay=False, callback=stdout_dash,
+                                       help="Append records to FILE (created if absent) instead of stdout "
+                                            "('-': stdout)."),
     bpf: str | None = BPF_OPTION,
     idle_timeout: int = IDLE_OPTION,
     active_timeout: int = ACTIVE_OPTION,
