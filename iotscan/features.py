@@ -23,8 +23,8 @@ A flow's feature row has two parts:
 
 Context is causal: a flow sees the flows that expired before it in the same capture (flows reach
 the tracker in expiry order, which follows their last packet). What the features read of a flow
-travels from the meter packed as bytes (:func:`pack_statistics`, in the meter process), so a batch
-of rows becomes one numpy array without touching a Python number per statistic; per flow, Python
+comes from the meter as one bytes block of NFStream's C numbers (iotscan.source.flow_block_dtype),
+so a batch of rows becomes one numpy array without a Python number per statistic; per flow, Python
 does only the tracker's few dictionary updates, and every derived value is computed with numpy on
 a batch of rows (:meth:`FeatureExtractor.take`).
 
@@ -239,9 +239,9 @@ class ContextTracker:
         return len(self.src) + len(self.dst) + len(self.svc) + len(self.chan)
 
     def observe_batch(self, raw: np.ndarray, srcs: Sequence[str], dsts: Sequence[str]) -> list[list[float]]:
-        """``observe`` for a batch of flows in expiry order: their statistics (rows of unpacked
-        pack_statistics) and addresses; the per-flow inputs are computed with numpy first (log1p by the
-        math module, as training always did: numpy's may differ in the last bit)."""
+        """``observe`` for a batch of flows in expiry order: their _RAW_NUMERIC rows and addresses; the
+        per-flow inputs are computed with numpy first (log1p by the math module, as before: numpy's may
+        differ in the last bit)."""
         def c(name: str) -> np.ndarray:
             return raw[:, _R[name]]
 
@@ -657,8 +657,6 @@ def metered_flow_with_statistics(flow: Any) -> MeteredFlow:
     values and, as the classifier's statistics, the flow's block of NFStream's C numbers (see
     iotscan.source.flow_block_dtype), decoded a batch at a time by ``take``."""
     return MeteredFlow(*flow_attributes(flow), flow.block)
-
-
 
 
 def _codes(names: list[str], code: Any) -> np.ndarray:

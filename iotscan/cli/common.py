@@ -89,7 +89,7 @@ def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str |
                      snaplen: int = 1536) -> MeterConfig:
     """The meter settings of the main pass, the same for `analyze` and `live` (flow ids, and the
     features the model was trained on, depend on them)."""
-    # what the classifier's features read: early packets, and statistics packed by the meter
+    # what the classifier's features read: early packets, and each flow's block of statistics from the meter
     from iotscan.features import METER_SETTINGS, metered_flow_with_statistics
 
     return MeterConfig(source=source, live=live, bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,
