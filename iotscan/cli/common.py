@@ -92,8 +92,10 @@ def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str |
     # what the classifier's features read: early packets, and each flow's block of statistics from the meter
     from iotscan.features import METER_SETTINGS, metered_flow_with_statistics
 
+    # unscored, the meter computes no statistics: nothing else reads them
     return MeterConfig(source=source, live=live, bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,
-                       max_flows=max_flows, snaplen=snaplen, splt=METER_SETTINGS["splt"] if score else 0,
+                       max_flows=max_flows, snaplen=snaplen, statistics=score,
+                       splt=METER_SETTINGS["splt"] if score else 0,
                        reduce=metered_flow_with_statistics if score else metered_flow)
 
 
