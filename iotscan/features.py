@@ -10,7 +10,8 @@ A flow's feature row has two parts:
   a 54-byte SYN, one taken at the receiver the same SYN padded to 60, and the model must not
   learn which side of the wire a capture came from; and the signature its HTTP requests (an
   exploit), DNS queries (a tunnel) or TCP flags (a scan probe) matched, read by the request pass
-  (iotscan/request_pass.py) beside the main one;
+  (iotscan/request_pass.py) beside the main one, and the signature a flow between the same two
+  hosts matched within minutes of it;
 * context: what the flow's source, its destination host (the victim's view), its service
   (destination host, port, protocol) and its channel (source, service) did recently, kept by
   :class:`ContextTracker` as exponentially decayed counters over capture time (in the manner of
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 
 # Bump whenever a feature's meaning, order or the meter settings below change: models record it and
 # refuse to load under another version (exit 4) instead of scoring garbage.
-FEATURE_SCHEMA_VERSION = 4
+FEATURE_SCHEMA_VERSION = 5
 
 # Meter settings the features rely on (recorded in models); training extraction and `analyze` both meter
 # with them, and have the meter send each flow as metered_flow_with_statistics makes it.
@@ -134,6 +135,11 @@ CATEGORICAL = ["app_code", "category_code"]
 # The code of the signature the flow's requests, queries or TCP flags matched (0: none or not read): a match
 # makes the flow an attack whatever the detector says (see iotscan.scoring.attack_scores).
 REQUEST_SIGNATURE = "request_signature"
+# The code of a signature that a flow between the same two hosts (this one or another) matched while this one
+# was active or shortly before or after (see request_pass.PAIR_AFTER_MATCH_MS): marks an exploit's callbacks
+# and downloads, a scanner's other probes. Decides as the flow's own match does, after it.
+PAIR_SIGNATURE = "pair_signature"
+SIGNATURE_FEATURES = [REQUEST_SIGNATURE, PAIR_SIGNATURE]
 
 
 def _windowed(prefix: str, stats: Sequence[str]) -> list[str]:
@@ -150,22 +156,23 @@ _CHAN_STATS = ("log_flows", "fail_share", "bytes_std")
 _BEACON = ["chan_log_repeats", "chan_log_mean_interval_s", "chan_interval_cv", "chan_size_dev", "beacon_score"]
 
 FEATURE_NAMES: list[str] = [
-    *_PER_FLOW, *CATEGORICAL, REQUEST_SIGNATURE,
+    *_PER_FLOW, *CATEGORICAL, *SIGNATURE_FEATURES,
     *_windowed("src", _SRC_STATS), *_windowed("dst", _DST_STATS), *_windowed("svc", _SVC_STATS),
     *_windowed("chan", _CHAN_STATS), *_BEACON,
 ]
-CONTEXT_FEATURES: frozenset[str] = frozenset(FEATURE_NAMES[len(_PER_FLOW) + len(CATEGORICAL) + 1:])
+_FIRST_CONTEXT = len(_PER_FLOW) + len(CATEGORICAL) + len(SIGNATURE_FEATURES)  # column
+CONTEXT_FEATURES: frozenset[str] = frozenset(FEATURE_NAMES[_FIRST_CONTEXT:])
 # What the per-flow baseline (a random forest on NFStream statistics alone) may use.
 STATISTICS_FEATURES: list[str] = [n for n in _PER_FLOW if not n.startswith("early")
                                   and n not in ("early_direction_changes", "app_guessed", "log_packet_rate")]
 # What the attack detector sees: every feature but the nDPI application fields and the beacon features
-# (and the request signature, which decides by itself).
+# (and the signatures, which decide by themselves).
 # Measured leave one source out (see training/flows-card-notes.md), both let the detector learn which
 # network a flow came from -- each source has its own applications, and benign IoT heartbeats look like
 # beacons -- and leaving them out raised recall per attack capture at 1% benign false positives from
 # 0.14 to 0.39. They are still computed: the family model (which names an attack already detected) uses them.
 DETECTOR_FEATURES: list[str] = [n for n in FEATURE_NAMES
-                                 if n not in (*CATEGORICAL, "app_guessed", REQUEST_SIGNATURE, *_BEACON)]
+                                 if n not in (*CATEGORICAL, "app_guessed", *SIGNATURE_FEATURES, *_BEACON)]
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
 # Raw accumulators per key and window, in the tracker's state order (see ContextTracker).
@@ -587,9 +594,13 @@ class FeatureExtractor:
         else:
             X[:, n_flow:n_flow + 2] = 0.0
             self.names.extend(zip(map(master_app, apps), (c or "Unknown" for c in cats), strict=True))
-        X[:, n_flow + 2] = self._request_codes(raw, srcs, dsts) \
-            if self.requests is not None and self.requests.matched else 0.0
-        X[:, n_flow + 3:] = context_features(np.asarray(self.tracker.observe_batch(raw, srcs, dsts), dtype=np.float64))
+        signatures = slice(n_flow + len(CATEGORICAL), _FIRST_CONTEXT)
+        if self.requests is not None and self.requests.matched:
+            X[:, signatures] = self._request_codes(raw, srcs, dsts)
+        else:
+            X[:, signatures] = 0.0
+        context = self.tracker.observe_batch(raw, srcs, dsts)
+        X[:, _FIRST_CONTEXT:] = context_features(np.asarray(context, dtype=np.float64))
         self._stats, self._metered, self._names = [], [], []
         return X
 
@@ -622,12 +633,15 @@ class FeatureExtractor:
         return raw, dirs, sizes
 
     def _request_codes(self, raw: np.ndarray, srcs: list[str], dsts: list[str]) -> np.ndarray:
-        code = self.requests.code  # type: ignore[union-attr]
+        """(rows, 2): each flow's own signature code (TCP and UDP flows) and its pair's."""
+        findings = self.requests
+        assert findings is not None
         columns = (raw[:, _R[name]].astype(np.int64).tolist() for name in (
             "src_port", "dst_port", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "protocol"))
-        return np.array([code(src, sport, dst, dport, first, last) if proto in (6, 17) else 0
+        return np.array([(findings.code(src, sport, dst, dport, first, last) if proto in (6, 17) else 0,
+                          findings.pair_code(src, dst, first, last) if findings.by_pair else 0)
                          for src, dst, sport, dport, first, last, proto in zip(srcs, dsts, *columns, strict=True)],
-                        dtype=np.float32)
+                        dtype=np.float32).reshape(-1, 2)
 
     def _multicast(self, dsts: list[str]) -> np.ndarray:
         cache = self._multicast_cache
@@ -718,7 +732,7 @@ REASON_GROUPS: list[tuple[str, list[str]]] = _reason_groups([
     ("unusual TCP flags (SYN/RST/FIN pattern)", ["*2*_*_share", "log_*_syn", "log_*_rst"]),
     ("unusual timing or packet rate", ["log_*duration_ms", "log_*piat_ms", "log_response_delay_ms",
                                        "log_packet_rate"]),
-    ("application unusual for benign traffic", ["app_code", "category_code", "app_guessed", REQUEST_SIGNATURE]),
+    ("application unusual for benign traffic", ["app_code", "category_code", "app_guessed", *SIGNATURE_FEATURES]),
     ("port unusual for benign traffic", ["*port_class", "src_port_below_dst"]),
     ("protocol", ["proto_*", "ip_v6", "dst_multicast"]),
 ])

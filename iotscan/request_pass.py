@@ -19,6 +19,7 @@ flow is one small integer.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections.abc import Iterable
@@ -56,6 +57,13 @@ REQUEST_FILTER = f"({PROBE_FILTER}) or (udp dst port 53) or ({HTTP_FILTER})"
 MAX_REQUESTS_PER_FLOW = 32  # keep-alive connections and reused DNS sockets carry several; the first ones tell
 MAX_HEAD_BYTES = 4096  # of one request segment
 MAX_FINDINGS = 100_000  # flows with a match kept per source; beyond, the oldest endpoints are forgotten
+# A match also marks the two hosts' other flows (an exploit's callbacks and downloads, a scanner's other
+# probes), as Suricata's xbits tracked by ip_pair do: the flows active between this long before the match ...
+PAIR_BEFORE_MATCH_MS = 60_000
+# ... and this long after it. The first is shorter than the default idle timeout (120 s): on an interface a
+# flow expires, and is scored, at least that long after its last packet, so a match this soon after is known.
+# Both define the pair_signature feature: a change needs a new FEATURE_SCHEMA_VERSION and model.
+PAIR_AFTER_MATCH_MS = 120_000
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,12 @@ class RequestSignature:
     min_count: int = 1  # requests of one flow that must match: one odd DNS name is no tunnel
 
     @property
+    def marks_pair(self) -> bool:
+        """Whether a match marks the two hosts' other flows: not a DNS one, whose hosts are a client and
+        its resolver, which carries every name the client looks up."""
+        return self.where != "dns"
+
+    @property
     def reason(self) -> str:
         """What a person reads first about a flow that matched."""
         if self.where == "dns":
@@ -78,6 +92,11 @@ class RequestSignature:
             return f"TCP flags no connection uses: {self.name}"
         kind = "a scanner" if self.family == "scan" else "an exploit"
         return f"HTTP request matched {kind} signature: {self.name}"
+
+    @property
+    def pair_reason(self) -> str:
+        """What a person reads first about another flow of two hosts one of whose flows matched."""
+        return f"a flow between the same two hosts matched a signature within minutes: {self.name}"
 
 
 def _signatures_path() -> Path:
@@ -238,16 +257,19 @@ class RequestPlugin(NFPlugin):
 
 @dataclass
 class RequestFindings:
-    """The flows of a source whose requests matched a signature, by (client, server) endpoints.
+    """The flows of a source whose requests matched a signature, by (client, server) endpoints, and the
+    times of the matches that mark a pair of hosts (RequestSignature.marks_pair), by pair.
 
     Filled by the pass's thread while the main one reads it on a live interface: each operation is
-    one dict or list call, atomic under the GIL. At most MAX_FINDINGS are kept (the oldest endpoints
-    go first), so a capture that never ends stays bounded.
+    one dict or list call, atomic under the GIL. At most MAX_FINDINGS matches are kept in each table
+    (the oldest endpoints or pairs go first), so a capture that never ends stays bounded.
     """
 
     by_endpoints: dict[tuple[str, int, str, int], list[tuple[int, int]]] = field(default_factory=dict)
+    by_pair: dict[tuple[str, str], list[tuple[int, int]]] = field(default_factory=dict)  # sorted by time
     matched: int = 0
     kept: int = 0
+    pair_kept: int = 0
     forgotten: int = 0  # matches let go for newer ones
 
     def add(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, code: int) -> None:
@@ -258,6 +280,13 @@ class RequestFindings:
             oldest = self.by_endpoints.pop(next(iter(self.by_endpoints)))
             self.kept -= len(oldest)
             self.forgotten += len(oldest)
+        sig = signature(code)
+        if sig is not None and sig.marks_pair:
+            times = self.by_pair.setdefault(_pair(src_ip, dst_ip), [])
+            bisect.insort(times, (first_ms, code))  # the pass's flows expire roughly, not exactly, in time order
+            self.pair_kept += 1
+            while self.pair_kept > MAX_FINDINGS:
+                self.pair_kept -= len(self.by_pair.pop(next(iter(self.by_pair))))
 
     def collect(self, matches: Iterable[tuple[str, int, str, int, int, int]]) -> RequestFindings:
         """Add the pass's matches (see _match) as they come; this object at the end."""
@@ -273,6 +302,20 @@ class RequestFindings:
                 if first_ms <= seen_ms <= last_ms:
                     return code
         return 0
+
+    def pair_code(self, src_ip: str, dst_ip: str, first_ms: int, last_ms: int) -> int:
+        """The code of the earliest match marking the flow's two hosts while the flow was active, or up
+        to PAIR_BEFORE_MATCH_MS after its end or PAIR_AFTER_MATCH_MS before its start (any protocol);
+        0 if none."""
+        times = self.by_pair.get(_pair(src_ip, dst_ip))
+        if not times:
+            return 0
+        i = bisect.bisect_left(times, (first_ms - PAIR_AFTER_MATCH_MS,))
+        return times[i][1] if i < len(times) and times[i][0] <= last_ms + PAIR_BEFORE_MATCH_MS else 0
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a <= b else (b, a)
 
 
 def _match(flow: Any) -> tuple[str, int, str, int, int, int] | None:

@@ -14,7 +14,8 @@ validation data, a family classifier applied to the flows judged attacks, the nD
 the typical benign feature values the reasons are measured against. A flow whose HTTP request, DNS
 queries or TCP flags matched a signature (the request pass, beside the main one: a second pass over
 a file, a second capture on an interface) is an attack of the signature's family with score 1,
-whatever the detector says.
+whatever the detector says; so are the other flows of its two hosts around it (an exploit's
+callbacks, a scanner's other probes: see request_pass.PAIR_AFTER_MATCH_MS), unless the match was a DNS one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from iotscan.features import (
     FEATURE_NAMES,
     FEATURE_SCHEMA_VERSION,
     METER_SETTINGS,
+    PAIR_SIGNATURE,
     REQUEST_SIGNATURE,
     FeatureExtractor,
     feature_index,
@@ -53,6 +55,7 @@ _BENIGN = {"verdict": "benign", "score": None, "family": None, "reasons": None} 
 _MIN_DROP = 0.05  # log-odds a group must account for to be named
 _CELL_BITS = 4  # a group's deviation bin, log2 robust units, 0..15: 15 groups fit in 60 bits
 _SIGNATURE_COL = FEATURE_NAMES.index(REQUEST_SIGNATURE)
+_PAIR_COL = FEATURE_NAMES.index(PAIR_SIGNATURE)
 # Families by rule (see rule_families). The decayed counts of the 5 s window hold about 7 s of flows
 # at a steady rate: 54 of them is about 7.5 new flows a second, sustained.
 FLOOD_FLOWS_5S = 54.0  # to one host
@@ -111,7 +114,7 @@ def attack_scores(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
         return np.empty(0)
     raw = model["detector"].predict_proba(X[:, _detector_columns(model)])[:, 1]
     xs, ys = model["calibration"]
-    return np.where(X[:, _SIGNATURE_COL] > 0, 1.0, np.interp(raw, xs, ys))
+    return np.where(_signed(X), 1.0, np.interp(raw, xs, ys))
 
 
 def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
@@ -128,7 +131,7 @@ def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     ruled = rule_families(X)
     named = ruled != ""
     out[named] = ruled[named]
-    for i in np.flatnonzero(X[:, _SIGNATURE_COL] > 0):
+    for i in np.flatnonzero(_signed(X)):
         out[i] = _signature_of(X[i])[0]
     return out
 
@@ -167,11 +170,20 @@ def rule_families(X: np.ndarray) -> np.ndarray:
     return out
 
 
+def _signed(X: np.ndarray) -> np.ndarray:
+    """Rows decided by a signature: the flow's own request matched one, or a flow of its two hosts did."""
+    return (X[:, _SIGNATURE_COL] > 0) | (X[:, _PAIR_COL] > 0)
+
+
 def _signature_of(row: np.ndarray) -> tuple[str, str]:
-    """(family, reason) of a row whose request matched a signature (codes come from this iotscan's list)."""
-    sig = signature(int(row[_SIGNATURE_COL]))
+    """(family, reason) of a row decided by a signature (see _signed): its own match's, else its pair's
+    (codes come from this iotscan's list)."""
+    own = signature(int(row[_SIGNATURE_COL]))
+    if own is not None:
+        return own.family, own.reason
+    sig = signature(int(row[_PAIR_COL]))
     assert sig is not None
-    return sig.family, sig.reason
+    return sig.family, sig.pair_reason
 
 
 def _forest_votes(forest: Any, X: np.ndarray) -> np.ndarray:
@@ -218,7 +230,7 @@ def explain(model: dict[str, Any], X: np.ndarray) -> list[list[str]]:
     ruled = rule_families(X)
     for i in np.flatnonzero(ruled != ""):  # what made the family: the detector's reasons do not say it
         out[i] = [RULE_REASONS[ruled[i]], *out[i][:MAX_REASONS - 1]]
-    for i in np.flatnonzero(X[:, _SIGNATURE_COL] > 0):  # the signature first: it decided
+    for i in np.flatnonzero(_signed(X)):  # the signature first: it decided
         out[i] = [_signature_of(X[i])[1], *[p for p in out[i] if p not in _RULE_PHRASES][:MAX_REASONS - 1]]
     return out
 

@@ -284,6 +284,13 @@ def test_live_reads_requests_exploit_and_dns_tunnel_are_attacks():
         http_client = _port(client)
         client.close()
         conn.close()
+        # then an ordinary request between the same two hosts: the exploit's match marks it too
+        client = socket.create_connection(tcp.getsockname(), timeout=5)
+        conn, _ = tcp.accept()
+        client.sendall(b"GET /index.html HTTP/1.1\r\nHost: cam\r\n\r\n")
+        conn.recv(4096)
+        client.close()
+        conn.close()
         # a dnscat2-like tunnel to 127.0.0.1:53 (nobody listens: the queries are on the wire all the same)
         for i in range(4):
             name = f"{i:02x}{'0123456789abcdef' * 2}.t.example.org"  # a 34-hex-digit label
@@ -296,10 +303,13 @@ def test_live_reads_requests_exploit_and_dns_tunnel_are_attacks():
     assert code == 0, err.decode(errors="replace")
     records = [r for _, r in live.records]
     _check_end(records, "duration")
-    (http_flow,) = _flows(records, tcp_port)
+    http_flow, later_flow = sorted(_flows(records, tcp_port), key=lambda r: r["first_seen_ms"])
     assert http_flow["src_port"] == http_client
     assert (http_flow["verdict"], http_flow["family"], http_flow["score"]) == ("attack", "exploit", 1.0)
     assert http_flow["reasons"][0] == "HTTP request matched an exploit signature: path traversal"
+    assert (later_flow["verdict"], later_flow["family"], later_flow["score"]) == ("attack", "exploit", 1.0)
+    assert later_flow["reasons"][0] == \
+        "a flow between the same two hosts matched a signature within minutes: path traversal"
     (dns_flow,) = _flows(records, 53)
     assert dns_flow["src_port"] == dns_port and dns_flow["src2dst_packets"] == 4
     assert (dns_flow["verdict"], dns_flow["family"], dns_flow["score"]) == ("attack", "c2", 1.0)

@@ -13,6 +13,8 @@ import pytest
 from iotscan.errors import IotscanError
 from iotscan.request_pass import (
     METHODS,
+    PAIR_AFTER_MATCH_MS,
+    PAIR_BEFORE_MATCH_MS,
     SIGNATURES,
     RequestFindings,
     RequestPlugin,
@@ -126,6 +128,41 @@ def test_findings_stay_bounded_forgetting_the_oldest(monkeypatch: pytest.MonkeyP
     assert f.code("10.0.0.2", 40004, "10.0.0.1", 80, 0, 2_000) == 1
 
 
+def test_a_match_marks_the_two_hosts_flows_around_it_in_either_direction() -> None:
+    f = RequestFindings()
+    f.add("10.0.0.2", 40000, "10.0.0.1", 80, 100_000, 1)  # path traversal, from .2 to .1
+    pair = f.pair_code
+    assert pair("10.0.0.2", "10.0.0.1", 90_000, 110_000) == 1  # the matching flow itself
+    assert pair("10.0.0.1", "10.0.0.2", 150_000, 160_000) == 1  # a callback the other way, after it
+    assert pair("10.0.0.2", "10.0.0.1", 0, 100_000 - PAIR_BEFORE_MATCH_MS) == 1  # ended just soon enough before
+    assert pair("10.0.0.2", "10.0.0.1", 0, 100_000 - PAIR_BEFORE_MATCH_MS - 1) == 0
+    assert pair("10.0.0.2", "10.0.0.1", 100_000 + PAIR_AFTER_MATCH_MS, 10**9) == 1  # started just soon enough after
+    assert pair("10.0.0.2", "10.0.0.1", 100_000 + PAIR_AFTER_MATCH_MS + 1, 10**9) == 0
+    assert pair("10.0.0.2", "10.0.0.3", 90_000, 110_000) == 0  # another host
+    # matches arrive in the order the pass's flows expire, not in time order: the earliest in the window wins
+    f.add("10.0.0.2", 40001, "10.0.0.1", 80, 50_000, 11)
+    assert pair("10.0.0.1", "10.0.0.2", 40_000, 200_000) == 11 and pair("10.0.0.1", "10.0.0.2", 171_000, 171_000) == 1
+
+
+def test_a_dns_match_marks_no_pair() -> None:
+    # a tunnel's two hosts are the client and its resolver, which carries every name the client looks up
+    f = RequestFindings()
+    tunnel = next(code for code, s in enumerate(SIGNATURES, start=1) if s.where == "dns")
+    f.add("10.0.0.2", 53000, "10.0.0.53", 53, 1_000, tunnel)
+    assert f.code("10.0.0.2", 53000, "10.0.0.53", 53, 0, 2_000) == tunnel
+    assert f.pair_code("10.0.0.2", "10.0.0.53", 0, 2_000) == 0 and not f.by_pair
+    assert [s.marks_pair for s in SIGNATURES] == [s.where != "dns" for s in SIGNATURES]
+
+
+def test_marked_pairs_stay_bounded_forgetting_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("iotscan.request_pass.MAX_FINDINGS", 3)
+    f = RequestFindings()
+    for host in range(1, 6):
+        f.add("10.0.0.2", 40000, f"10.0.1.{host}", 80, 1_000, 1)
+    assert f.pair_kept == 3 and len(f.by_pair) == 3
+    assert f.pair_code("10.0.0.2", "10.0.1.1", 0, 2_000) == 0 and f.pair_code("10.0.0.2", "10.0.1.5", 0, 2_000) == 1
+
+
 def test_fuzzed_requests_never_raise() -> None:
     rng = random.Random(7)
     base = b"GET /cgi-bin/a.cgi?x=1;wget%20h HTTP/1.1\r\nUser-Agent: ${jndi:x}\r\n\r\n"
@@ -165,6 +202,16 @@ def test_sample_exploits_are_attacks_with_the_signature_as_reason() -> None:
     for r in [r for group in by_reason.values() for r in group]:
         assert r["verdict"] == "attack" and r["family"] == "exploit" and r["score"] == 1.0
         assert r["protocol"] == 6 and r["dst_port"] in (80, 8080)
+
+
+def test_the_other_flows_of_an_exploits_hosts_are_attacks_with_the_pair_as_reason() -> None:
+    # the SQL-injection capture's two requests without SQL come from the same client within seconds
+    proc = run_iotscan("analyze", SAMPLES / "web-sqli.pcap", "-f", "ndjson", "--no-devices", check_code=0)
+    flows = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
+    marked = [r for r in flows if r["reasons"] and r["reasons"][0].startswith("a flow between the same two hosts")]
+    assert len(flows) == 9 and len(marked) == 2
+    assert all(r["verdict"] == "attack" and r["family"] == "exploit" and r["score"] == 1.0 for r in flows)
+    assert marked[0]["reasons"][0].endswith(": SQL injection")
 
 
 def test_benign_samples_have_no_signature() -> None:
@@ -387,3 +434,7 @@ def test_shared_tcp_scan_probes_are_read() -> None:
     assert found.matched == 3
     assert {signature(code).name for matches in found.by_endpoints.values() for _, code in matches} == \
         {"NULL/FIN/XMAS probe"}
+    # ... which come from the same scanner to the same host: analyze names all seven scan flows
+    proc = run_iotscan("analyze", path, "-f", "ndjson", "--no-devices", check_code=0)
+    flows = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
+    assert len(flows) == 7 and all(r["verdict"] == "attack" and r["family"] == "scan" for r in flows)

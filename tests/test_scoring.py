@@ -65,7 +65,7 @@ def test_scores_are_probabilities_and_reasons_are_words(bundled: tuple[dict, dic
     rng = np.random.default_rng(0)
     X = rng.normal(size=(50, len(FEATURE_NAMES))).astype(np.float32)
     X[:, [FEATURE_NAMES.index("app_code"), FEATURE_NAMES.index("category_code")]] = 0
-    X[:, FEATURE_NAMES.index("request_signature")] = 0
+    X[:, [FEATURE_NAMES.index("request_signature"), FEATURE_NAMES.index("pair_signature")]] = 0
     s = attack_scores(model, X)
     assert s.shape == (50,) and np.all((s >= 0) & (s <= 1))
     reasons = explain(model, X[:5])
@@ -77,14 +77,15 @@ def test_detector_ignores_application_and_beacon_features(bundled: tuple[dict, d
     model, _ = bundled
     assert model["detector_features"] == DETECTOR_FEATURES
     left_out = [FEATURE_NAMES.index(n) for n in FEATURE_NAMES if n not in DETECTOR_FEATURES]
-    signature_col = FEATURE_NAMES.index("request_signature")  # decides by itself (see test_request_pass.py)
+    # the signatures decide by themselves (see test_request_pass.py)
+    signature_cols = [FEATURE_NAMES.index("request_signature"), FEATURE_NAMES.index("pair_signature")]
     assert {FEATURE_NAMES[i] for i in left_out} == {"app_code", "category_code", "app_guessed", "chan_log_repeats",
                                                    "chan_log_mean_interval_s", "chan_interval_cv", "chan_size_dev",
-                                                   "beacon_score", "request_signature"}
-    left_out.remove(signature_col)
+                                                   "beacon_score", "request_signature", "pair_signature"}
+    left_out = [i for i in left_out if i not in signature_cols]
     rng = np.random.default_rng(1)
     X = rng.normal(size=(200, len(FEATURE_NAMES))).astype(np.float32)
-    X[:, signature_col] = 0
+    X[:, signature_cols] = 0
     changed = X.copy()
     changed[:, left_out] = rng.uniform(0, 50, size=(200, len(left_out)))
     assert np.array_equal(attack_scores(model, X), attack_scores(model, changed))
@@ -100,15 +101,21 @@ def test_a_request_signature_makes_an_exploit_whatever_the_detector_says(bundled
     rng = np.random.default_rng(2)
     X = rng.normal(size=(20, len(FEATURE_NAMES))).astype(np.float32)
     X[:, [FEATURE_NAMES.index("app_code"), FEATURE_NAMES.index("category_code")]] = 0
-    col = FEATURE_NAMES.index("request_signature")
-    X[:, col] = 0
-    X[::2, col] = 3  # SQL injection
+    col, pair = FEATURE_NAMES.index("request_signature"), FEATURE_NAMES.index("pair_signature")
+    X[:, [col, pair]] = 0
+    X[::2, col] = X[::2, pair] = 3  # SQL injection
     scores = attack_scores(model, X)
     assert np.all(scores[::2] == 1.0) and np.all(scores[1::2] < 1.0)
     assert set(attack_families(model, X[::2]).tolist()) == {"exploit"}
     reasons = explain(model, X)
     assert all(r[0] == "HTTP request matched an exploit signature: SQL injection" for r in reasons[::2])
     assert not any(p.startswith("HTTP request") for r in reasons[1::2] for p in r)
+    # another flow of the same two hosts matched: the same decision, with the pair as the reason
+    X[1::2, pair] = 10  # nmap service probe
+    assert np.all(attack_scores(model, X) == 1.0)
+    assert attack_families(model, X).tolist() == ["exploit", "scan"] * 10
+    assert all(r[0] == "a flow between the same two hosts matched a signature within minutes: nmap service probe"
+               for r in explain(model, X)[1::2])
 
 
 def test_floods_and_guessing_are_named_by_rule(bundled: tuple[dict, dict]) -> None:
