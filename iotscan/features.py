@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 # Bump whenever a feature's meaning, order or the meter settings below change: models record it and
 # refuse to load under another version (exit 4) instead of scoring garbage.
-FEATURE_SCHEMA_VERSION = 5
+FEATURE_SCHEMA_VERSION = 6  # 6: request signatures 14-22 (probes, bot commands, refused logins, files), named_signature
 
 # Meter settings the features rely on (recorded in models); training extraction and `analyze` both meter
 # with them, and have the meter send each flow as metered_flow_with_statistics makes it.
@@ -139,7 +139,10 @@ REQUEST_SIGNATURE = "request_signature"
 # was active or shortly before or after (see request_pass.PAIR_AFTER_MATCH_MS): marks an exploit's callbacks
 # and downloads, a scanner's other probes. Decides as the flow's own match does, after it.
 PAIR_SIGNATURE = "pair_signature"
-SIGNATURE_FEATURES = [REQUEST_SIGNATURE, PAIR_SIGNATURE]
+# The code of an exploit's signature whose request, received by one of the flow's hosts, named the other (a
+# download, a callback: see request_pass.MAX_NAMED_HOSTS) around the flow's time. Decides after the pair's.
+NAMED_SIGNATURE = "named_signature"
+SIGNATURE_FEATURES = [REQUEST_SIGNATURE, PAIR_SIGNATURE, NAMED_SIGNATURE]
 
 
 def _windowed(prefix: str, stats: Sequence[str]) -> list[str]:
@@ -174,6 +177,7 @@ STATISTICS_FEATURES: list[str] = [n for n in _PER_FLOW if not n.startswith("earl
 DETECTOR_FEATURES: list[str] = [n for n in FEATURE_NAMES
                                  if n not in (*CATEGORICAL, "app_guessed", *SIGNATURE_FEATURES, *_BEACON)]
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
+_MATCHED_PROTOCOLS = frozenset((1, 6, 17, 58))  # ICMP, TCP, UDP, ICMPv6: what the request pass matches
 
 # Raw accumulators per key and window, in the tracker's state order (see ContextTracker).
 _SRC_ACC = ("w", "fail", "unans", "new_host", "new_port", "b", "bb")
@@ -633,15 +637,16 @@ class FeatureExtractor:
         return raw, dirs, sizes
 
     def _request_codes(self, raw: np.ndarray, srcs: list[str], dsts: list[str]) -> np.ndarray:
-        """(rows, 2): each flow's own signature code (TCP and UDP flows) and its pair's."""
+        """(rows, 3): each flow's own signature code (TCP, UDP and ICMP flows: a pass matches no other), its
+        pair's and its named hosts'."""
         findings = self.requests
         assert findings is not None
         columns = (raw[:, _R[name]].astype(np.int64).tolist() for name in (
             "src_port", "dst_port", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "protocol"))
-        return np.array([(findings.code(src, sport, dst, dport, first, last) if proto in (6, 17) else 0,
-                          findings.pair_code(src, dst, first, last) if findings.by_pair else 0)
+        codes, matched = findings.codes, _MATCHED_PROTOCOLS
+        return np.array([codes(src, sport, dst, dport, first, last, proto in matched)
                          for src, dst, sport, dport, first, last, proto in zip(srcs, dsts, *columns, strict=True)],
-                        dtype=np.float32).reshape(-1, 2)
+                        dtype=np.float32).reshape(-1, 3)
 
     def _multicast(self, dsts: list[str]) -> np.ndarray:
         cache = self._multicast_cache

@@ -9,8 +9,9 @@ passes' BPF filters do not follow them either).
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
-TCP, UDP = 6, 17
+ICMP, TCP, UDP, ICMP6 = 1, 6, 17, 58
 _PORTS = struct.Struct("!HH")
 MAX_NAME_JUMPS = 32  # DNS name compression pointers followed per name
 
@@ -41,12 +42,35 @@ def udp_payload(ip_packet: bytes) -> tuple[int, int, bytes] | None:
     return sport, dport, ip_packet[offset + 8:]
 
 
-def tcp_segment(ip_packet: bytes) -> tuple[int, bytes] | None:
-    """(flags byte, payload) of a TCP segment, or None."""
+class TcpSegment(NamedTuple):
+    flags: int
+    window: int
+    dont_fragment: bool  # the IPv4 header's DF bit (False over IPv6, which has none)
+    payload: bytes
+
+
+def tcp_segment(ip_packet: bytes) -> TcpSegment | None:
+    """The header fields and payload of a TCP segment, or None."""
     offset = transport_offset(ip_packet, TCP, 20)
     if offset is None:
         return None
-    return ip_packet[offset + 13], ip_packet[offset + (ip_packet[offset + 12] >> 4) * 4:]
+    return TcpSegment(ip_packet[offset + 13], int.from_bytes(ip_packet[offset + 14:offset + 16], "big"),
+                      ip_packet[0] >> 4 == 4 and bool(ip_packet[6] & 0x40),
+                      ip_packet[offset + (ip_packet[offset + 12] >> 4) * 4:])
+
+
+def echo_request_data(ip_packet: bytes) -> int | None:
+    """How many data bytes an ICMP (or ICMPv6) echo request carries, by its IP header's length (a
+    short frame's Ethernet padding is no data); None for any other packet."""
+    offset = transport_offset(ip_packet, ICMP, 8)
+    if offset is not None:
+        total, echo = int.from_bytes(ip_packet[2:4], "big"), 8
+    else:
+        offset = transport_offset(ip_packet, ICMP6, 8)
+        if offset is None:
+            return None
+        total, echo = 40 + int.from_bytes(ip_packet[4:6], "big"), 128
+    return max(total - offset - 8, 0) if ip_packet[offset] == echo else None
 
 
 def read_dns_name(msg: bytes, offset: int) -> tuple[str, int]:

@@ -1,17 +1,26 @@
-"""The request pass: HTTP requests, DNS queries and odd TCP flags matched against signatures, beside
-the main pass.
+"""The request pass: the few packets whose bytes name an attack -- HTTP requests, DNS queries, scanners'
+probes, bots' commands, refused logins -- matched against signatures, beside the main pass.
 
 A web exploit (path traversal, command, SQL or script injection, a log4j lookup, a probe for secret
 files) is in the request, not in the flow's sizes and timing: to flow statistics and context it is
 one ordinary short HTTP exchange. A DNS tunnel is in its query names and types: nDPI hands over only
-a flow's first name, and a tunnel's first query can look ordinary. A NULL, FIN or XMAS scan is in
-one packet's flags: a TCP segment with none of SYN, ACK and RST, which no connection sends. nDPI
-does not hand the request target over through NFStream, and a plugin on the main pass would run for
+a flow's first name, and a tunnel's first query can look ordinary. A scanner's probe is in one
+packet's header: a TCP segment with none of SYN, ACK and RST (NULL, FIN, XMAS), which no connection
+sends; the raw SYN of nmap and masscan (window 1024, no DF: Suricata's ET SCAN NMAP -sS rule); nmap's
+host-discovery ping without data (Snort's ICMP PING NMAP rule). An IoT bot on IRC names its CPU in
+its nick, so that its herder knows which binary to push. Password guessing shows in the server's
+refusals: an MQTT broker's CONNACK refusing the credentials, a telnet server's "Login incorrect";
+fail2ban's defaults decide how many make an attack (5 between the same two hosts within 10 minutes).
+SSH hides its refusals, so there the count is of connections, with the threshold of Suricata's ET
+SCAN Potential SSH Scan rule (5 within 2 minutes), between the same two hosts. A shell script or a
+Windows executable sent raw over TCP is a loader's, a reverse shell's or a stager's (nDPI flags the
+first as a possible exploit).
+
+nDPI does not hand these bytes over through NFStream, and a plugin on the main pass would run for
 every packet (+57% time), so a second pass over the same file (see iotscan.source.SidePass) reads
-only TCP segments whose payload starts with an HTTP method, UDP datagrams to port 53 and TCP
-segments without SYN, ACK and RST: a BPF filter drops every other packet in C. Over IPv6 the filter
-finds the TCP header behind the fixed header only, so packets with IPv6 extension headers are not
-read. Signatures are data (iotscan/data/request_signatures.json).
+only the packets REQUEST_FILTER lets through: a BPF filter drops every other packet in C. Over IPv6
+the filter finds the TCP header behind the fixed header only, so packets with IPv6 extension headers
+are not read. Signatures are data (iotscan/data/request_signatures.json).
 
 The parsers read untrusted bytes: every packet is parsed inside a catch-all, and what is kept per
 flow is one small integer.
@@ -22,6 +31,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -31,28 +41,50 @@ from urllib.parse import unquote_plus
 
 from nfstream.plugin import NFPlugin
 
-from iotscan.packets import read_dns_name, tcp_segment, udp_payload
+from iotscan.packets import echo_request_data, read_dns_name, tcp_segment, udp_payload
 from iotscan.source import MeterConfig, SidePass, side_pass
 
 METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC")
+IRC_COMMANDS = (b"NICK", b"USER")  # an IRC client's registration: a bot's first lines to its channel
+SSH_IDENTIFICATION = b"SSH-"  # the line each side of an SSH connection starts with: one per connection
+# A segment that starts a file: a script ("#!") or a Windows executable ("MZ"), sent raw over a connection by a
+# loader, a reverse shell or an exploit kit's stager (or as an HTTP download's body, when the headers went alone)
+FILE_STARTS = (b"#!", b"MZ")
+TELNET_PORTS = (23, 2323)  # Mirai's
 # The first 4 TCP payload bytes, after the TCP options. libpcap's tcp[] indexes IPv4 only, so over
 # IPv6 the offset is counted from the fixed header: a packet with extension headers is not read.
 _PAYLOAD_START = "tcp[((tcp[12:1] & 0xf0) >> 2):4]"
 _PAYLOAD_START6 = "ip6[(40 + ((ip6[52:1] & 0xf0) >> 2)):4]"
 
 
-def _starts_with_method(start: str) -> str:
-    return "(" + " or ".join(f"{start} = 0x{m.hex()}" for m in METHODS) + ")"
+def _payload_starts(start: str) -> str:
+    """A request's, an IRC registration's or an SSH identification's first four bytes, a file's first two,
+    or an MQTT CONNACK (type 2, length 2) refusing a login (return code 4, bad user name or password, or 5,
+    not authorized)."""
+    prefixes = " or ".join(f"{start} = 0x{m.hex()}" for m in (*METHODS, *IRC_COMMANDS, SSH_IDENTIFICATION))
+    files = " or ".join(f"{start} & 0xffff0000 = 0x{m.hex()}0000" for m in FILE_STARTS)
+    return f"({prefixes} or {files} or {start} & 0xffff00fe = 0x20020004)"
 
 
-HTTP_FILTER = f"(ip and tcp and {_starts_with_method(_PAYLOAD_START)}) or " \
-              f"(ip6 and ip6[6] = 6 and {_starts_with_method(_PAYLOAD_START6)})"
+PAYLOAD_FILTER = f"(ip and tcp and {_payload_starts(_PAYLOAD_START)}) or " \
+                 f"(ip6 and ip6[6] = 6 and {_payload_starts(_PAYLOAD_START6)})"
 # TCP segments with none of SYN, ACK and RST (0x16): only the first segment of a connection lacks ACK,
 # and it carries SYN (or, answering a stray segment, RST)
 PROBE_FILTER = "(ip and tcp and tcp[13] & 0x16 = 0) or (ip6 and ip6[6] = 6 and ip6[53] & 0x16 = 0)"
-# HTTP last: libpcap's optimizer mishandles an expression after one with a packet-dependent offset
-# (the probes were never matched behind it); a test compares the whole filter with its parts
-REQUEST_FILTER = f"({PROBE_FILTER}) or (udp dst port 53) or ({HTTP_FILTER})"
+# SYNs (without ACK) of window 1024 and, over IPv4, without DF: what nmap's and masscan's raw probes send
+SYN_FILTER = "(ip and tcp and tcp[13] & 0x12 = 2 and tcp[14:2] = 1024 and ip[6] & 0x40 = 0) or " \
+             "(ip6 and ip6[6] = 6 and ip6[53] & 0x12 = 2 and ip6[54:2] = 1024)"
+# echo requests without data (ordinary pings carry some: 56 bytes from Linux, 32 from Windows)
+ECHO_FILTER = "(icmp and icmp[0] = 8 and ip[2:2] = ((ip[0] & 0xf) << 2) + 8) or " \
+              "(ip6 and ip6[6] = 58 and ip6[40] = 128 and ip6[4:2] = 8)"
+# what a telnet server sends (segments with data)
+_TELNET_SOURCE = " or ".join(f"tcp src port {port}" for port in TELNET_PORTS)
+TELNET_FILTER = f"(ip and ({_TELNET_SOURCE}) and ip[2:2] - ((ip[0] & 0xf) << 2) - ((tcp[12] & 0xf0) >> 2) > 0) or " \
+                f"(ip6 and ({_TELNET_SOURCE}) and ip6[4:2] - ((ip6[52] & 0xf0) >> 2) > 0)"
+# The payload tests last: libpcap's optimizer mishandles an expression after one with a packet-dependent
+# offset (the probes were never matched behind it); a test compares the whole filter with its parts
+REQUEST_FILTER = f"({PROBE_FILTER}) or ({SYN_FILTER}) or ({ECHO_FILTER}) or ({TELNET_FILTER}) or " \
+                 f"(udp dst port 53) or ({PAYLOAD_FILTER})"
 
 MAX_REQUESTS_PER_FLOW = 32  # keep-alive connections and reused DNS sockets carry several; the first ones tell
 MAX_HEAD_BYTES = 4096  # of one request segment
@@ -64,18 +96,45 @@ PAIR_BEFORE_MATCH_MS = 60_000
 # flow expires, and is scored, at least that long after its last packet, so a match this soon after is known.
 # Both define the pair_signature feature: a change needs a new FEATURE_SCHEMA_VERSION and model.
 PAIR_AFTER_MATCH_MS = 120_000
+# An exploit request often names the host the victim is to call next: the loader it downloads from, the LDAP
+# server of a log4j lookup. The flows between the request's server and each IPv4 literal in the request
+# (at most this many) are marked as the pair's are.
+MAX_NAMED_HOSTS = 4
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w.])")
+
+
+# What each kind of signature reads ("where" in the signatures file), and what a person reads first
+# about a flow that matched one of that kind
+_REASONS = {
+    "target": "HTTP request matched {kind} signature: {name}",  # the request target
+    "head": "HTTP request matched {kind} signature: {name}",  # the request line and headers
+    "body": "HTTP request matched {kind} signature: {name}",  # what follows the headers in the request's segment
+    "dns": "DNS queries matched a tunnel signature: {name}",  # a query: "example.com a"
+    "tcp-flags": "TCP flags no connection uses: {name}",  # a segment's flags without SYN, ACK and RST: "fpu"
+    "syn": "a scanning tool's probe: {name}",  # a SYN's header (see SYN_FILTER): "window 1024 df 0"
+    "echo": "a scanning tool's probe: {name}",  # an echo request (see ECHO_FILTER): "echo-request data 0"
+    "line": "a bot's command to its controller: {name}",  # a segment starting with an IRC registration
+    "ssh": "{name}",  # an SSH identification line: "ssh-2.0-openssh_9.6"
+    "file": "{name}",  # a segment starting with "#!" or "mz" (FILE_STARTS), lower-cased
+    "reply": "{name}",  # a server's segment: an MQTT CONNACK ("mqtt connack 5"), a telnet server's text
+}
+# What each family's tools are called in the reasons of HTTP signatures
+_TOOL = {"scan": "a scanner", "bruteforce": "a password guesser"}
 
 
 @dataclass(frozen=True)
 class RequestSignature:
     name: str
     family: str
-    # "target" (the request target), "head" (request line and headers), "body" (what follows the headers in
-    # the request's segment), "dns" (a query) or "tcp-flags"
-    where: str
+    where: str  # what it reads: see _REASONS
     needs: tuple[str, ...]  # the pattern is tried only when the text holds one of these (none: always)
     pattern: re.Pattern[str]  # lower case, searched in lower-cased text
-    min_count: int = 1  # requests of one flow that must match: one odd DNS name is no tunnel
+    min_count: int = 1  # packets of one flow that must match: one odd DNS name is no tunnel
+    # matching flows between the same two hosts that must come within pair_window_ms: one refused login
+    # is a typo, five within minutes are guesses
+    min_pair_count: int = 1
+    pair_window_ms: int = 0
 
     @property
     def marks_pair(self) -> bool:
@@ -86,17 +145,26 @@ class RequestSignature:
     @property
     def reason(self) -> str:
         """What a person reads first about a flow that matched."""
-        if self.where == "dns":
-            return f"DNS queries matched a tunnel signature: {self.name}"
-        if self.where == "tcp-flags":
-            return f"TCP flags no connection uses: {self.name}"
-        kind = "a scanner" if self.family == "scan" else "an exploit"
-        return f"HTTP request matched {kind} signature: {self.name}"
+        reason = _REASONS[self.where].format(kind=_TOOL.get(self.family, "an exploit"), name=self.name)
+        if self.min_pair_count > 1:
+            reason += f", {self.min_pair_count} or more between the same two hosts within " \
+                      f"{self.pair_window_ms // 60_000} minutes"
+        return reason
 
     @property
     def pair_reason(self) -> str:
         """What a person reads first about another flow of two hosts one of whose flows matched."""
         return f"a flow between the same two hosts matched a signature within minutes: {self.name}"
+
+    @property
+    def names_hosts(self) -> bool:
+        """Whether the hosts a matching request names are marked: an exploit's, whose victim calls them."""
+        return self.family == "exploit" and self.where in ("target", "head", "body")
+
+    @property
+    def named_reason(self) -> str:
+        """What a person reads first about a flow between an exploited host and a host the exploit named."""
+        return f"the other host was named in an exploit request this host received within minutes: {self.name}"
 
 
 def _signatures_path() -> Path:
@@ -108,9 +176,13 @@ def _signatures_path() -> Path:
 
 def _load() -> list[RequestSignature]:
     data = json.loads(_signatures_path().read_text())
-    return [RequestSignature(s["name"], s["family"], s["where"], tuple(s["needs"]), re.compile(s["pattern"]),
-                             s.get("min_count", 1))
-            for s in data["signatures"]]
+    signatures = [RequestSignature(s["name"], s["family"], s["where"], tuple(s["needs"]), re.compile(s["pattern"]),
+                                   s.get("min_count", 1), s.get("min_pair_count", 1), s.get("pair_window_s", 0) * 1000)
+                  for s in data["signatures"]]
+    unknown = {s.where for s in signatures} - _REASONS.keys()
+    if unknown:
+        raise ValueError(f"request signatures: unknown 'where' {sorted(unknown)}")
+    return signatures
 
 
 # Loaded at import, so the meter process (a fork) has them compiled; a broken file is a broken install.
@@ -118,8 +190,14 @@ SIGNATURES: list[RequestSignature] = _load()
 # (code, signature) of HTTP requests, the target ones first: the head is decoded only when they all miss
 _HTTP = sorted(((c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where in ("target", "head", "body")),
                key=lambda cs: cs[1].where != "target")
-_DNS = [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == "dns"]
-_FLAGS = [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == "tcp-flags"]
+
+
+def _of_kind(where: str) -> list[tuple[int, RequestSignature]]:
+    return [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == where]
+
+
+_DNS, _FLAGS, _SYN, _ECHO, _LINE, _SSH, _FILE, _REPLY = (
+    _of_kind(w) for w in ("dns", "tcp-flags", "syn", "echo", "line", "ssh", "file", "reply"))
 # TCP flag bits by the letter tcp-flags signatures read them as ("fpu": FIN, PSH and URG)
 FLAG_LETTERS = ((0x01, "f"), (0x02, "s"), (0x04, "r"), (0x08, "p"), (0x10, "a"), (0x20, "u"), (0x40, "e"),
                 (0x80, "c"))
@@ -206,22 +284,51 @@ def flag_text(flags: int) -> str:
     return "".join(letter for bit, letter in FLAG_LETTERS if flags & bit)
 
 
+def named_hosts(payload: bytes) -> tuple[str, ...]:
+    """The IPv4 literals an HTTP request segment names (decoded as its signatures read it), first ones
+    first, at most MAX_NAMED_HOSTS."""
+    found = dict.fromkeys(_IPV4.findall(_decoded(payload[:MAX_HEAD_BYTES].decode("latin-1"))))
+    return tuple(found)[:MAX_NAMED_HOSTS]
+
+
+def reply_text(payload: bytes) -> str:
+    """The text reply signatures read of a server's segment: "mqtt connack <return code>" for an MQTT
+    CONNACK, else the lower-cased text (a telnet server's)."""
+    if payload[:2] == b"\x20\x02" and len(payload) >= 4:
+        return f"mqtt connack {payload[3]}"
+    return payload[:MAX_HEAD_BYTES].decode("latin-1").lower()
+
+
 def match_packet(ip_packet: bytes) -> int:
     """The code of the signature one packet of the pass matches (an HTTP request segment, a DNS
-    query, a TCP segment's flags), or 0."""
+    query, a probe's header, a bot's command, a server's reply), or 0."""
     segment = tcp_segment(ip_packet)
     if segment is not None:
-        flags, payload = segment
-        if payload[:4] in METHODS:
-            return match_request(payload)
-        return _first_match(_FLAGS, flag_text(flags))
+        start = segment.payload[:4]
+        if start in METHODS:
+            return match_request(segment.payload)
+        if start in IRC_COMMANDS:
+            return _first_match(_LINE, segment.payload[:MAX_HEAD_BYTES].decode("latin-1").lower())
+        if start == SSH_IDENTIFICATION:
+            return _first_match(_SSH, segment.payload[:255].split(b"\r\n", 1)[0].decode("latin-1").lower())
+        if start[:2] in FILE_STARTS:
+            return _first_match(_FILE, segment.payload[:MAX_HEAD_BYTES].decode("latin-1").lower())
+        if not segment.flags & 0x16:  # none of SYN, ACK and RST
+            return _first_match(_FLAGS, flag_text(segment.flags))
+        if segment.flags & 0x12 == 0x02:  # a SYN
+            return _first_match(_SYN, f"window {segment.window} df {int(segment.dont_fragment)}")
+        return _first_match(_REPLY, reply_text(segment.payload)) if segment.payload else 0
+    data = echo_request_data(ip_packet)
+    if data is not None:
+        return _first_match(_ECHO, f"echo-request data {data}")
     text = dns_query(ip_packet)
     return match_query(text) if text is not None else 0
 
 
 class RequestPlugin(NFPlugin):
     """``flow.udps.request_signature``: the code of the first signature that the flow's requests
-    matched, as many times as it asks (``min_count``) among the first MAX_REQUESTS_PER_FLOW.
+    matched, as many times as it asks (``min_count``) among the first MAX_REQUESTS_PER_FLOW; and
+    ``flow.udps.named_hosts``: the hosts the matching request names, for an exploit's signature.
 
     With ``expire_on_match`` (a live interface) a flow leaves the meter at its match, so the finding
     is known long before the main pass's copy of the flow expires and is scored.
@@ -236,6 +343,7 @@ class RequestPlugin(NFPlugin):
         flow.udps.request_signature = 0
         flow.udps.requests_read = 0
         flow.udps.signature_hits = {}
+        flow.udps.named_hosts = ()
         self.on_update(packet, flow)
 
     def on_update(self, packet: Any, flow: Any) -> None:
@@ -247,8 +355,11 @@ class RequestPlugin(NFPlugin):
             code = match_packet(packet.ip_packet)
             if code:
                 hits = udps.signature_hits[code] = udps.signature_hits.get(code, 0) + 1
-                if hits >= SIGNATURES[code - 1].min_count:
+                sig = SIGNATURES[code - 1]
+                if hits >= sig.min_count:
                     udps.request_signature = code
+                    if sig.names_hosts:
+                        udps.named_hosts = named_hosts(tcp_segment(packet.ip_packet).payload)
                     if self.expire_on_match:
                         flow.expiration_id = -1  # NFStream's custom expiration
         except Exception:  # untrusted bytes: a malformed packet must not end the pass
@@ -260,6 +371,11 @@ class RequestFindings:
     """The flows of a source whose requests matched a signature, by (client, server) endpoints, and the
     times of the matches that mark a pair of hosts (RequestSignature.marks_pair), by pair.
 
+    A signature that asks for several matching flows between two hosts (min_pair_count) holds its
+    matches back until enough have come within its window; then they count, and so does every later
+    one within the window of the last. An exploit's match also marks, by_named, the pairs of its
+    server (the exploited host) and each host its request names.
+
     Filled by the pass's thread while the main one reads it on a live interface: each operation is
     one dict or list call, atomic under the GIL. At most MAX_FINDINGS matches are kept in each table
     (the oldest endpoints or pairs go first), so a capture that never ends stays bounded.
@@ -267,28 +383,70 @@ class RequestFindings:
 
     by_endpoints: dict[tuple[str, int, str, int], list[tuple[int, int]]] = field(default_factory=dict)
     by_pair: dict[tuple[str, str], list[tuple[int, int]]] = field(default_factory=dict)  # sorted by time
+    by_named: dict[tuple[str, str], list[tuple[int, int]]] = field(default_factory=dict)  # sorted by time
+    # matches held back, by (pair, code): (first_ms, endpoints), and until when a pair's matches count at once
+    held: dict[tuple[tuple[str, str], int], deque[tuple[int, tuple[str, int, str, int]]]] = \
+        field(default_factory=dict)
+    counting_until: dict[tuple[tuple[str, str], int], int] = field(default_factory=dict)
     matched: int = 0
     kept: int = 0
     pair_kept: int = 0
+    named_kept: int = 0
+    held_kept: int = 0
     forgotten: int = 0  # matches let go for newer ones
 
-    def add(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, code: int) -> None:
+    def add(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, code: int,
+            named: tuple[str, ...] = ()) -> None:
         self.matched += 1
+        sig = signature(code)
+        for host in named:  # the request went from src to dst: dst is the exploited host
+            if host not in (src_ip, dst_ip):
+                _mark(self.by_named, dst_ip, host, first_ms, code)
+                self.named_kept = _bounded(self.by_named, self.named_kept + 1)
+        endpoints = (src_ip, src_port, dst_ip, dst_port)
+        counted = self._counted(sig, code, endpoints, first_ms) if sig and sig.min_pair_count > 1 \
+            else [(first_ms, endpoints)]
+        for seen_ms, seen in counted:
+            self._keep(seen, seen_ms, code, sig)
+
+    def _counted(self, sig: RequestSignature, code: int, endpoints: tuple[str, int, str, int],
+                 first_ms: int) -> list[tuple[int, tuple[str, int, str, int]]]:
+        """The matches of a signature asking for several between two hosts that count now: this one
+        when it comes within the window of the last that counted, all those held back when it makes
+        enough, else none (it is held back)."""
+        key = (_pair(endpoints[0], endpoints[2]), code)
+        if first_ms <= self.counting_until.get(key, -1):
+            self.counting_until[key] = max(self.counting_until[key], first_ms + sig.pair_window_ms)
+            return [(first_ms, endpoints)]
+        held = self.held.setdefault(key, deque())
+        held.append((first_ms, endpoints))
+        self.held_kept += 1
+        while held and held[0][0] < first_ms - sig.pair_window_ms:
+            held.popleft()
+            self.held_kept -= 1
+        if len(held) < sig.min_pair_count:
+            self.held_kept = _bounded(self.held, self.held_kept)
+            return []
+        del self.held[key]
+        self.held_kept -= len(held)
+        self.counting_until[key] = first_ms + sig.pair_window_ms
+        while len(self.counting_until) > MAX_FINDINGS:
+            del self.counting_until[next(iter(self.counting_until))]
+        return list(held)
+
+    def _keep(self, endpoints: tuple[str, int, str, int], first_ms: int, code: int,
+              sig: RequestSignature | None) -> None:
         self.kept += 1
-        self.by_endpoints.setdefault((src_ip, src_port, dst_ip, dst_port), []).append((first_ms, code))
+        self.by_endpoints.setdefault(endpoints, []).append((first_ms, code))
         while self.kept > MAX_FINDINGS:
             oldest = self.by_endpoints.pop(next(iter(self.by_endpoints)))
             self.kept -= len(oldest)
             self.forgotten += len(oldest)
-        sig = signature(code)
         if sig is not None and sig.marks_pair:
-            times = self.by_pair.setdefault(_pair(src_ip, dst_ip), [])
-            bisect.insort(times, (first_ms, code))  # the pass's flows expire roughly, not exactly, in time order
-            self.pair_kept += 1
-            while self.pair_kept > MAX_FINDINGS:
-                self.pair_kept -= len(self.by_pair.pop(next(iter(self.by_pair))))
+            _mark(self.by_pair, endpoints[0], endpoints[2], first_ms, code)
+            self.pair_kept = _bounded(self.by_pair, self.pair_kept + 1)
 
-    def collect(self, matches: Iterable[tuple[str, int, str, int, int, int]]) -> RequestFindings:
+    def collect(self, matches: Iterable[tuple[Any, ...]]) -> RequestFindings:
         """Add the pass's matches (see _match) as they come; this object at the end."""
         for match in matches:
             self.add(*match)
@@ -307,24 +465,56 @@ class RequestFindings:
         """The code of the earliest match marking the flow's two hosts while the flow was active, or up
         to PAIR_BEFORE_MATCH_MS after its end or PAIR_AFTER_MATCH_MS before its start (any protocol);
         0 if none."""
-        times = self.by_pair.get(_pair(src_ip, dst_ip))
-        if not times:
-            return 0
-        i = bisect.bisect_left(times, (first_ms - PAIR_AFTER_MATCH_MS,))
-        return times[i][1] if i < len(times) and times[i][0] <= last_ms + PAIR_BEFORE_MATCH_MS else 0
+        return _earliest(self.by_pair.get(_pair(src_ip, dst_ip)), first_ms, last_ms)
+
+    def named_code(self, src_ip: str, dst_ip: str, first_ms: int, last_ms: int) -> int:
+        """The same as pair_code, for a flow between an exploited host and a host its exploit named."""
+        return _earliest(self.by_named.get(_pair(src_ip, dst_ip)), first_ms, last_ms)
+
+    def codes(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int,
+              own: bool) -> tuple[int, int, int]:
+        """code (if ``own``: the flow's protocol is one the pass matches), pair_code and named_code at once:
+        this runs for every flow scored."""
+        pair = (src_ip, dst_ip) if src_ip <= dst_ip else (dst_ip, src_ip)
+        return (self.code(src_ip, src_port, dst_ip, dst_port, first_ms, last_ms) if own else 0,
+                _earliest(self.by_pair.get(pair), first_ms, last_ms),
+                _earliest(self.by_named.get(pair), first_ms, last_ms))
 
 
 def _pair(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 
 
-def _match(flow: Any) -> tuple[str, int, str, int, int, int] | None:
-    """What leaves the pass's meter of a flow: its endpoints, start and signature code if it matched
-    (RequestFindings.add's arguments), else nothing."""
+def _mark(table: dict[tuple[str, str], list[tuple[int, int]]], a: str, b: str, at_ms: int, code: int) -> None:
+    """Marks the pair of hosts a, b at at_ms with code."""
+    bisect.insort(table.setdefault(_pair(a, b), []), (at_ms, code))  # matches come roughly, not exactly, in time order
+
+
+def _bounded(table: dict[Any, Any], kept: int) -> int:
+    """Drops a table's oldest keys until it holds at most MAX_FINDINGS entries (``kept``: how many it holds,
+    over all keys); returns how many it holds then."""
+    while kept > MAX_FINDINGS:
+        kept -= len(table.pop(next(iter(table))))
+    return kept
+
+
+def _earliest(times: list[tuple[int, int]] | None, first_ms: int, last_ms: int) -> int:
+    """The code of the earliest of a pair's marks (``times``) from PAIR_AFTER_MATCH_MS before first_ms to
+    PAIR_BEFORE_MATCH_MS after last_ms; 0 if none."""
+    if not times:
+        return 0
+    i = bisect.bisect_left(times, (first_ms - PAIR_AFTER_MATCH_MS,))
+    return times[i][1] if i < len(times) and times[i][0] <= last_ms + PAIR_BEFORE_MATCH_MS else 0
+
+
+def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...]] | None:
+    """What leaves the pass's meter of a flow: its endpoints, start, signature code and named hosts if it
+    matched (RequestFindings.add's arguments), else nothing."""
     code = getattr(flow.udps, "request_signature", 0)
     if not code:
         return None
-    return flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, flow.bidirectional_first_seen_ms, code
+    return (flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, flow.bidirectional_first_seen_ms, code,
+            flow.udps.named_hosts)
 
 
 def request_pass(source: str, config: MeterConfig) -> tuple[SidePass, RequestFindings]:

@@ -11,11 +11,12 @@ beyond that the reader waits too).
 The model is a dict (see iotscan/training/train.py): a binary detector (attack vs benign), a
 calibration curve mapping its probability to the probability of attack, the threshold chosen on
 validation data, a family classifier applied to the flows judged attacks, the nDPI vocabulary and
-the typical benign feature values the reasons are measured against. A flow whose HTTP request, DNS
-queries or TCP flags matched a signature (the request pass, beside the main one: a second pass over
-a file, a second capture on an interface) is an attack of the signature's family with score 1,
-whatever the detector says; so are the other flows of its two hosts around it (an exploit's
-callbacks, a scanner's other probes: see request_pass.PAIR_AFTER_MATCH_MS), unless the match was a DNS one.
+the typical benign feature values the reasons are measured against. A flow whose packets matched a
+signature (an HTTP request, DNS queries, a scanner's probe, a bot's command, refused logins: the
+request pass, beside the main one: a second pass over a file, a second capture on an interface) is
+an attack of the signature's family with score 1, whatever the detector says; so are the other flows
+of its two hosts around it (an exploit's callbacks, a scanner's other probes: see
+request_pass.PAIR_AFTER_MATCH_MS), unless the match was a DNS one; and so is an ICMP flood (icmp_flood).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from iotscan.features import (
     FEATURE_NAMES,
     FEATURE_SCHEMA_VERSION,
     METER_SETTINGS,
+    NAMED_SIGNATURE,
     PAIR_SIGNATURE,
     REQUEST_SIGNATURE,
     FeatureExtractor,
@@ -40,7 +42,7 @@ from iotscan.features import (
 )
 from iotscan.modelstore import bundled_model, load_model, verified_card
 from iotscan.pipeline import Event, SourceInfo, Stage
-from iotscan.request_pass import MAX_FINDINGS, RequestFindings, request_pass, signature
+from iotscan.request_pass import MAX_FINDINGS, SIGNATURES, RequestFindings, request_pass
 from iotscan.source import SidePass
 
 MODEL_NAME = "flows"
@@ -54,8 +56,12 @@ MAX_REASONS = 3
 _BENIGN = {"verdict": "benign", "score": None, "family": None, "reasons": None}  # key order as VERDICT_FIELDS
 _MIN_DROP = 0.05  # log-odds a group must account for to be named
 _CELL_BITS = 4  # a group's deviation bin, log2 robust units, 0..15: 15 groups fit in 60 bits
-_SIGNATURE_COL = FEATURE_NAMES.index(REQUEST_SIGNATURE)
-_PAIR_COL = FEATURE_NAMES.index(PAIR_SIGNATURE)
+# The signature columns, in the order they decide: the flow's own match, its pair's, its named hosts'
+_SIGNATURE_COLS = [FEATURE_NAMES.index(n) for n in (REQUEST_SIGNATURE, PAIR_SIGNATURE, NAMED_SIGNATURE)]
+# By signature code (0: none), for whole batches: the family, and the reason by column
+_SIGNATURE_FAMILY = np.array(["", *(s.family for s in SIGNATURES)], dtype=object)
+_SIGNATURE_REASONS = [np.array(["", *(getattr(s, kind) for s in SIGNATURES)], dtype=object)
+                      for kind in ("reason", "pair_reason", "named_reason")]
 # Families by rule (see rule_families). The decayed counts of the 5 s window hold about 7 s of flows
 # at a steady rate: 54 of them is about 7.5 new flows a second, sustained.
 FLOOD_FLOWS_5S = 54.0  # to one host
@@ -64,13 +70,20 @@ SCANNER_FLOWS = 10.0  # a source with at least this many recent flows (120 s win
 SCANNER_NEW_SHARE = 0.3  # ... of which this share went to ports or hosts new to it, is scanning
 GUESSES_5S = 15.0  # connections of one client to one service: about 2 a second, sustained
 GUESS_MAX_MS = 10_000
+# An ICMP flow at a flood ping's rate is an attack whatever the detector says: ping -f sends 100 echo
+# requests a second or more (ping(8)), and no benign capture here has an ICMP flow of even 30 a second.
+# A flood is one flow, so the flows-per-host rule above never sees it.
+ICMP_FLOOD_RATE = 100.0  # packets a second, over the flow's life and one second more (log_packet_rate)
+ICMP_FLOOD_PACKETS = 1_000  # ten seconds of it
 RULE_REASONS = {"dos": "a flood of one host, mostly from this source (DoS)",
                 "ddos": "a flood of one host from many sources (DDoS)",
                 "bruteforce": "one client reconnecting to one service about twice a second or more (password guessing)"}
-_RULE_PHRASES = frozenset(RULE_REASONS.values())
+ICMP_FLOOD_REASON = "ICMP at a flood ping's rate (100 packets a second or more)"
+_RULE_PHRASES = frozenset((*RULE_REASONS.values(), ICMP_FLOOD_REASON))
 _RULE_COLUMNS = {n: FEATURE_NAMES.index(n) for n in (
     "dst_log_flows_5s", "src_log_flows_5s", "src_log_flows_120s", "src_new_port_share_120s", "src_new_host_share_120s",
-    "chan_log_flows_5s", "proto_tcp", "one_way", "log_dst2src_packets", "log_duration_ms")}
+    "chan_log_flows_5s", "proto_tcp", "one_way", "log_dst2src_packets", "log_duration_ms",
+    "proto_icmp", "log_packets", "log_packet_rate")}
 _REQUIRED_KEYS = ("feature_schema_version", "feature_names", "detector", "detector_features", "calibration",
                   "threshold", "family_model", "families", "vocabulary", "reference", "scale", "reason_groups")
 
@@ -114,12 +127,13 @@ def attack_scores(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
         return np.empty(0)
     raw = model["detector"].predict_proba(X[:, _detector_columns(model)])[:, 1]
     xs, ys = model["calibration"]
-    return np.where(_signed(X), 1.0, np.interp(raw, xs, ys))
+    return np.where(_decided(X), 1.0, np.interp(raw, xs, ys))
 
 
 def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
-    """The family of each row (rows assumed to be attacks): a matched signature's, else the family a
-    rule gives floods and password guessing (see rule_families), else the family model's most likely one."""
+    """The family of each row (rows assumed to be attacks): a matched signature's (but a scan signature's
+    flow that the flood rule names is a flood), else the family a rule gives floods and password guessing
+    (see rule_families), else the family model's most likely one."""
     families = np.asarray(model["families"], dtype=object)
     if len(X) == 0:
         return np.empty(0, dtype=object)
@@ -131,8 +145,10 @@ def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     ruled = rule_families(X)
     named = ruled != ""
     out[named] = ruled[named]
-    for i in np.flatnonzero(_signed(X)):
-        out[i] = _signature_of(X[i])[0]
+    family = _SIGNATURE_FAMILY[_deciding_code(X)[0]]
+    # a probe at a flood's rate is a flood: hping3 and its kin send scanners' packets
+    signed = (family != "") & ~((family == "scan") & ((ruled == "dos") | (ruled == "ddos")))
+    out[signed] = family[signed]
     return out
 
 
@@ -167,23 +183,35 @@ def rule_families(X: np.ndarray) -> np.ndarray:
     out = np.full(len(X), "", dtype=object)
     out[guessing] = "bruteforce"
     out[flood] = np.where(own_share[flood] >= ONE_SOURCE_SHARE, "dos", "ddos")
+    out[icmp_flood(X) & ~flood] = "dos"
     return out
 
 
+def icmp_flood(X: np.ndarray) -> np.ndarray:
+    """Rows of ICMP flows at a flood ping's rate (ICMP_FLOOD_RATE, for ICMP_FLOOD_PACKETS or more)."""
+    return (X[:, _RULE_COLUMNS["proto_icmp"]] == 1) \
+        & (X[:, _RULE_COLUMNS["log_packets"]] >= np.log1p(ICMP_FLOOD_PACKETS)) \
+        & (X[:, _RULE_COLUMNS["log_packet_rate"]] >= np.log1p(ICMP_FLOOD_RATE))
+
+
 def _signed(X: np.ndarray) -> np.ndarray:
-    """Rows decided by a signature: the flow's own request matched one, or a flow of its two hosts did."""
-    return (X[:, _SIGNATURE_COL] > 0) | (X[:, _PAIR_COL] > 0)
+    """Rows decided by a signature: the flow's own packets matched one, a flow of its two hosts did, or an
+    exploit request one of its hosts received named the other."""
+    return (X[:, _SIGNATURE_COLS] > 0).any(axis=1)
 
 
-def _signature_of(row: np.ndarray) -> tuple[str, str]:
-    """(family, reason) of a row decided by a signature (see _signed): its own match's, else its pair's
-    (codes come from this iotscan's list)."""
-    own = signature(int(row[_SIGNATURE_COL]))
-    if own is not None:
-        return own.family, own.reason
-    sig = signature(int(row[_PAIR_COL]))
-    assert sig is not None
-    return sig.family, sig.pair_reason
+def _deciding_code(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's deciding signature code (0: none; codes beyond this iotscan's list read as none) and the
+    column it came from (0 own, 1 pair, 2 named)."""
+    codes = X[:, _SIGNATURE_COLS]
+    codes = np.where(codes <= len(SIGNATURES), codes, 0).astype(np.intp)
+    column = np.argmax(codes > 0, axis=1)  # the first that holds one
+    return codes[np.arange(len(codes)), column], column
+
+
+def _decided(X: np.ndarray) -> np.ndarray:
+    """Rows that are attacks whatever the detector says: a signature's, or an ICMP flood's."""
+    return _signed(X) | icmp_flood(X)
 
 
 def _forest_votes(forest: Any, X: np.ndarray) -> np.ndarray:
@@ -228,10 +256,13 @@ def explain(model: dict[str, Any], X: np.ndarray) -> list[list[str]]:
     phrases = [[groups[k][0] for k in order[:, j] if drops[k, j] > _MIN_DROP] for j in range(n)]
     out = [phrases[i] for i in inverse.ravel()]
     ruled = rule_families(X)
+    flooding = icmp_flood(X)
     for i in np.flatnonzero(ruled != ""):  # what made the family: the detector's reasons do not say it
-        out[i] = [RULE_REASONS[ruled[i]], *out[i][:MAX_REASONS - 1]]
-    for i in np.flatnonzero(_signed(X)):  # the signature first: it decided
-        out[i] = [_signature_of(X[i])[1], *[p for p in out[i] if p not in _RULE_PHRASES][:MAX_REASONS - 1]]
+        out[i] = [ICMP_FLOOD_REASON if flooding[i] else RULE_REASONS[ruled[i]], *out[i][:MAX_REASONS - 1]]
+    code, column = _deciding_code(X)
+    reason = np.choose(column, [reasons[code] for reasons in _SIGNATURE_REASONS])
+    for i in np.flatnonzero(code > 0):  # the signature first: it decided
+        out[i] = [reason[i], *[p for p in out[i] if p not in _RULE_PHRASES][:MAX_REASONS - 1]]
     return out
 
 

@@ -259,21 +259,31 @@ def _packet_sockets() -> int:
         return len(f.readlines()) - 1  # a header line, then one per packet socket of this namespace
 
 
+def _live_with_request_pass(duration: str, probe: socket.socket, *socks: socket.socket) -> LiveProcess:
+    """iotscan live on the ports of these sockets, once its main capture and its request pass's both run."""
+    sockets_before = _packet_sockets()
+    live = LiveProcess("--duration", duration, "--format", "ndjson", "--stats-interval", "1", "--bpf",
+                       _bpf(*socks, probe))
+    try:
+        live.wait_ready(_port(probe))
+        deadline = time.monotonic() + 20
+        while _packet_sockets() < sockets_before + 2:  # the main capture and the request pass's
+            assert time.monotonic() < deadline, "the request pass did not start capturing"
+            time.sleep(0.1)
+    except BaseException:
+        live.kill()
+        raise
+    return live
+
+
 def test_live_reads_requests_exploit_and_dns_tunnel_are_attacks():
     """The request pass on a live interface: a second capture, whose matches reach the flows' records."""
     udp, tcp, probe = _listeners()
     dns_client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     dns_client.bind(("127.0.0.1", 0))
-    tcp_port, probe_port, dns_port = map(_port, (tcp, probe, dns_client))
-    sockets_before = _packet_sockets()
-    live = LiveProcess("--duration", "10", "--format", "ndjson", "--stats-interval", "1", "--bpf",
-                       _bpf(tcp, probe, dns_client))
+    tcp_port, dns_port = map(_port, (tcp, dns_client))
+    live = _live_with_request_pass("10", probe, tcp, dns_client)
     try:
-        live.wait_ready(probe_port)
-        deadline = time.monotonic() + 20
-        while _packet_sockets() < sockets_before + 2:  # the main capture and the request pass's
-            assert time.monotonic() < deadline, "the request pass did not start capturing"
-            time.sleep(0.1)
         client = socket.create_connection(tcp.getsockname(), timeout=5)
         conn, _ = tcp.accept()
         client.sendall(b"GET /cgi-bin/../../../../etc/passwd HTTP/1.1\r\nHost: cam\r\n\r\n")
@@ -314,6 +324,51 @@ def test_live_reads_requests_exploit_and_dns_tunnel_are_attacks():
     assert dns_flow["src_port"] == dns_port and dns_flow["src2dst_packets"] == 4
     assert (dns_flow["verdict"], dns_flow["family"], dns_flow["score"]) == ("attack", "c2", 1.0)
     assert dns_flow["reasons"][0] == "DNS queries matched a tunnel signature: DNS tunnel (encoded names)"
+
+
+def test_live_reads_bot_commands_and_refused_logins():
+    """The request pass's other kinds on a live interface: an IoT bot registering on IRC, and a broker
+    refusing five logins from one client (counted across its connections before any counts)."""
+    udp, irc, probe = _listeners()
+    broker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    broker.bind(("127.0.0.1", 0))
+    broker.listen(8)
+    irc_port, broker_port = _port(irc), _port(broker)
+    live = _live_with_request_pass("8", probe, irc, broker)
+    try:
+        bot = socket.create_connection(irc.getsockname(), timeout=5)
+        conn, _ = irc.accept()
+        bot.sendall(b"NICK X86|b9d80f\r\nUSER b9d80f 0 * :x86\r\n")
+        conn.settimeout(5)
+        conn.recv(4096)
+        bot.close()
+        conn.close()
+        for _ in range(5):  # MQTT CONNECT guesses, each refused (CONNACK, return code 5: not authorized)
+            client = socket.create_connection(broker.getsockname(), timeout=5)
+            conn, _ = broker.accept()
+            client.sendall(b"\x10\x10\x00\x04MQTT\x04\xc2\x00\x3c\x00\x00\x00\x00\x00\x00")
+            conn.settimeout(5)
+            conn.recv(4096)
+            conn.sendall(b"\x20\x02\x00\x05")
+            client.recv(16)
+            client.close()
+            conn.close()
+        code, err = live.finish()
+    finally:
+        live.kill()
+        for s in (udp, irc, probe, broker):
+            s.close()
+    assert code == 0, err.decode(errors="replace")
+    records = [r for _, r in live.records]
+    _check_end(records, "duration")
+    (irc_flow,) = _flows(records, irc_port)
+    assert (irc_flow["verdict"], irc_flow["family"], irc_flow["score"]) == ("attack", "c2", 1.0)
+    assert irc_flow["reasons"][0] == "a bot's command to its controller: IRC bot nick naming its CPU"
+    guesses = _flows(records, broker_port)
+    assert len(guesses) == 5
+    for flow in guesses:
+        assert (flow["verdict"], flow["family"], flow["score"]) == ("attack", "bruteforce", 1.0)
+        assert flow["reasons"][0] == "MQTT login refused, 5 or more between the same two hosts within 10 minutes"
 
 
 def test_sigint_flushes_active_flows():

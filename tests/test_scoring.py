@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,19 @@ from iotscan.errors import ModelError
 from iotscan.features import DETECTOR_FEATURES, FEATURE_NAMES, FEATURE_SCHEMA_VERSION
 from iotscan.modelstore import bundled_model, load_model, save_model, sha256_file
 from iotscan.scoring import (
+    ICMP_FLOOD_REASON,
     RULE_REASONS,
     ScoringStage,
     attack_families,
     attack_scores,
     explain,
+    icmp_flood,
     load_flow_model,
     rule_families,
 )
 from tests.conftest import REPO, SAMPLES, assert_no_traceback, ndjson, run_iotscan
 from tests.test_features import extract, make_flow
+from tests.test_request_pass import _ether, _ip4
 
 FAMILIES = {"ddos", "dos", "scan", "bruteforce", "c2", "exploit", "spoofing"}
 
@@ -78,10 +82,11 @@ def test_detector_ignores_application_and_beacon_features(bundled: tuple[dict, d
     assert model["detector_features"] == DETECTOR_FEATURES
     left_out = [FEATURE_NAMES.index(n) for n in FEATURE_NAMES if n not in DETECTOR_FEATURES]
     # the signatures decide by themselves (see test_request_pass.py)
-    signature_cols = [FEATURE_NAMES.index("request_signature"), FEATURE_NAMES.index("pair_signature")]
+    signature_cols = [FEATURE_NAMES.index(n) for n in ("request_signature", "pair_signature", "named_signature")]
     assert {FEATURE_NAMES[i] for i in left_out} == {"app_code", "category_code", "app_guessed", "chan_log_repeats",
                                                    "chan_log_mean_interval_s", "chan_interval_cv", "chan_size_dev",
-                                                   "beacon_score", "request_signature", "pair_signature"}
+                                                   "beacon_score", "request_signature", "pair_signature",
+                                                   "named_signature"}
     left_out = [i for i in left_out if i not in signature_cols]
     rng = np.random.default_rng(1)
     X = rng.normal(size=(200, len(FEATURE_NAMES))).astype(np.float32)
@@ -102,7 +107,7 @@ def test_a_request_signature_makes_an_exploit_whatever_the_detector_says(bundled
     X = rng.normal(size=(20, len(FEATURE_NAMES))).astype(np.float32)
     X[:, [FEATURE_NAMES.index("app_code"), FEATURE_NAMES.index("category_code")]] = 0
     col, pair = FEATURE_NAMES.index("request_signature"), FEATURE_NAMES.index("pair_signature")
-    X[:, [col, pair]] = 0
+    X[:, [col, pair, FEATURE_NAMES.index("named_signature")]] = 0
     X[::2, col] = X[::2, pair] = 3  # SQL injection
     scores = attack_scores(model, X)
     assert np.all(scores[::2] == 1.0) and np.all(scores[1::2] < 1.0)
@@ -116,6 +121,16 @@ def test_a_request_signature_makes_an_exploit_whatever_the_detector_says(bundled
     assert attack_families(model, X).tolist() == ["exploit", "scan"] * 10
     assert all(r[0] == "a flow between the same two hosts matched a signature within minutes: nmap service probe"
                for r in explain(model, X)[1::2])
+    # a flow between the exploited host and a host its request named: after the own and the pair's
+    named = FEATURE_NAMES.index("named_signature")
+    X[:, pair] = 0
+    X[1::2, named] = 5  # JNDI lookup (log4j)
+    assert np.all(attack_scores(model, X) == 1.0)
+    assert attack_families(model, X).tolist() == ["exploit"] * 20
+    reasons = explain(model, X)
+    assert all(r[0] == "HTTP request matched an exploit signature: SQL injection" for r in reasons[::2])
+    assert all(r[0] == "the other host was named in an exploit request this host received within minutes: "
+               "JNDI lookup (log4j)" for r in reasons[1::2])
 
 
 def test_floods_and_guessing_are_named_by_rule(bundled: tuple[dict, dict]) -> None:
@@ -153,6 +168,44 @@ def test_floods_and_guessing_are_named_by_rule(bundled: tuple[dict, dict]) -> No
         f.dst2src_first_seen_ms = f.bidirectional_first_seen_ms + 1
         f.bidirectional_last_seen_ms = f.bidirectional_first_seen_ms + 600
     assert np.all(rule_families(extract(guesses)) == "")
+
+
+def _icmp_capture(path: Path, echoes: int, per_second: float) -> None:
+    """Echo requests of 56 data bytes (ping's) from 10.0.0.2 to 10.0.0.1 at this rate, each answered."""
+    frames, times = [], []
+    for i in range(echoes):
+        for icmp_type, src, dst in ((8, 2, 1), (0, 1, 2)):
+            frames.append(_ether(_ip4(1, src, dst, struct.pack("!BBHHH", icmp_type, 0, 0, 7, i) + bytes(56)),
+                                 0x0800, None))
+            times.append(i / per_second)
+    with path.open("wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for t, frame in zip(times, frames, strict=True):
+            f.write(struct.pack("<IIII", 1_700_000_000 + int(t), int(t % 1 * 1e6), len(frame), len(frame)) + frame)
+
+
+def test_an_icmp_flood_is_a_dos_whatever_the_detector_says(tmp_path: Path, bundled: tuple[dict, dict]) -> None:
+    # hping3 --icmp --faster, or ping -f: one flow of thousands of echoes (the flows-per-host rule never sees it)
+    flood = tmp_path / "icmp-flood.pcap"
+    _icmp_capture(flood, 3000, 500.0)
+    ping = tmp_path / "ping.pcap"  # ping(8) at its pace: one a second for a minute
+    _icmp_capture(ping, 60, 1.0)
+    proc = run_iotscan("analyze", flood, ping, "-f", "ndjson", "--no-devices", check_code=0)
+    flows = {Path(r["source"]).name: r for r in ndjson(proc.stdout) if r["event_type"] == "flow"}
+    assert flows["icmp-flood.pcap"]["packets"] == 6000
+    assert (flows["icmp-flood.pcap"]["verdict"], flows["icmp-flood.pcap"]["family"],
+            flows["icmp-flood.pcap"]["score"]) == ("attack", "dos", 1.0)
+    assert flows["icmp-flood.pcap"]["reasons"][0] == ICMP_FLOOD_REASON
+    assert flows["ping.pcap"]["verdict"] == "benign"
+    # the rule's edges, on feature rows: 1,000 packets or more at 100 a second or more
+    model, _ = bundled
+    rows = [make_flow("10.0.0.2", "10.0.0.1", 0, 100.0, proto=1, packets=n, nbytes=84 * n, duration_ms=ms)
+            for n, ms in ((1000, 8_000), (999, 1_000), (5000, 60_000), (1000, 1_000))]
+    tcp = make_flow("10.0.0.2", "10.0.0.1", 80, 100.0, packets=5000, nbytes=60 * 5000, duration_ms=1_000)
+    X = extract([*rows, tcp])
+    assert icmp_flood(X).tolist() == [True, False, False, True, False]
+    assert np.all(attack_scores(model, X[icmp_flood(X)]) == 1.0)
+    assert set(attack_families(model, X[icmp_flood(X)]).tolist()) == {"dos"}
 
 
 def test_synflood_is_flagged_as_ddos(scored: dict[str, list[dict]]) -> None:

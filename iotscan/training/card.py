@@ -22,6 +22,7 @@ from iotscan.features import (
     WINDOWS_S,
 )
 from iotscan.request_pass import PAIR_AFTER_MATCH_MS, PAIR_BEFORE_MATCH_MS, SIGNATURES
+from iotscan.scoring import ICMP_FLOOD_PACKETS, ICMP_FLOOD_RATE
 from iotscan.training.dataset import CaptureTable
 from iotscan.training.evaluate import MODEL_TITLES, MODELS
 from iotscan.training.manifest import FAMILIES
@@ -209,14 +210,22 @@ def card_markdown(card: dict[str, Any]) -> str:
         signatures = ", ".join(card["model"].get("request_signatures", []))
         lines[-1:-1] = ["", f"The detector leaves out {len(left_out)} of them ({names}): the application and beacon "
                         "features taught it which network a flow came from (see the notes), and the signature "
-                        "features decide by themselves: a flow whose HTTP request, DNS queries or TCP flags matched "
-                        f"a signature (read by the request pass: {signatures}) is an attack of the signature's "
-                        "family with score 1 (`request_signature`), and so is every flow of the same two hosts active "
+                        "features decide by themselves: a flow whose packets read by the request pass (HTTP "
+                        "requests, DNS queries, scanners' probes, bots' commands, servers refusing logins, files sent "
+                        f"raw) matched a signature ({signatures}) is an attack of the signature's "
+                        "family with score 1 (`request_signature`; a signature may ask for several matching flows "
+                        "between the same two hosts within minutes first), and so is every flow of the same two hosts "
+                        "active "
                         f"from {PAIR_BEFORE_MATCH_MS // 1000} s before the match to {PAIR_AFTER_MATCH_MS // 1000} s "
                         "after it, unless the match was a DNS one (`pair_signature`, see the notes; a match after a "
                         "flow's end delays no scoring: on a file the request pass has read it all before the first "
                         "flow is scored, and on an interface a flow is scored at least the idle timeout (120 s by "
-                        "default) after its last packet). The family model uses all; before it is asked, floods "
+                        "default) after its last packet); and so is every flow, as long around the match, between the "
+                        "host an exploit request reached and an address the request names (`named_signature`: a "
+                        "log4j lookup's LDAP server, a command injection's download host). So is an ICMP flow at a "
+                        "flood ping's rate "
+                        f"({ICMP_FLOOD_RATE:.0f} packets a second or more, {ICMP_FLOOD_PACKETS:,} packets or more; "
+                        "`iotscan.scoring.icmp_flood`). The family model uses all; before it is asked, floods "
                         "(dos, ddos) and password guessing (bruteforce) are named by rule from the context features "
                         "(`iotscan.scoring.rule_families`, see the notes)."]
     th = card["threshold_choice"]
