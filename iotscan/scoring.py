@@ -194,12 +194,6 @@ def icmp_flood(X: np.ndarray) -> np.ndarray:
         & (X[:, _RULE_COLUMNS["log_packet_rate"]] >= np.log1p(ICMP_FLOOD_RATE))
 
 
-def _signed(X: np.ndarray) -> np.ndarray:
-    """Rows decided by a signature: the flow's own packets matched one, a flow of its two hosts did, or an
-    exploit request one of its hosts received named the other."""
-    return (X[:, _SIGNATURE_COLS] > 0).any(axis=1)
-
-
 def _deciding_code(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each row's deciding signature code (0: none; codes beyond this iotscan's list read as none) and the
     column it came from (0 own, 1 pair, 2 named)."""
@@ -210,8 +204,10 @@ def _deciding_code(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _decided(X: np.ndarray) -> np.ndarray:
-    """Rows that are attacks whatever the detector says: a signature's, or an ICMP flood's."""
-    return _signed(X) | icmp_flood(X)
+    """Rows that are attacks whatever the detector says: a signature's (the flow's own packets matched one, a
+    flow of its two hosts did, or an exploit request one of its hosts received named the other), or an ICMP
+    flood's."""
+    return (_deciding_code(X)[0] > 0) | icmp_flood(X)
 
 
 def _forest_votes(forest: Any, X: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from iotscan.features import (
 )
 from iotscan.request_pass import PAIR_AFTER_MATCH_MS, PAIR_BEFORE_MATCH_MS, SIGNATURES
 from iotscan.scoring import ICMP_FLOOD_PACKETS, ICMP_FLOOD_RATE
+from iotscan.source import MeterConfig
 from iotscan.training.dataset import CaptureTable
 from iotscan.training.evaluate import MODEL_TITLES, MODELS
 from iotscan.training.manifest import FAMILIES
@@ -219,8 +220,9 @@ def card_markdown(card: dict[str, Any]) -> str:
                         f"from {PAIR_BEFORE_MATCH_MS // 1000} s before the match to {PAIR_AFTER_MATCH_MS // 1000} s "
                         "after it, unless the match was a DNS one (`pair_signature`, see the notes; a match after a "
                         "flow's end delays no scoring: on a file the request pass has read it all before the first "
-                        "flow is scored, and on an interface a flow is scored at least the idle timeout (120 s by "
-                        "default) after its last packet); and so is every flow, as long around the match, between the "
+                        "flow is scored, and on an interface a flow is scored at least the idle timeout "
+                        f"({MeterConfig.idle_timeout} s by default) after its last packet); and so is every flow, "
+                        "as long around the match, between the "
                         "host an exploit request reached and an address the request names (`named_signature`: a "
                         "log4j lookup's LDAP server, a command injection's download host). So is an ICMP flow at a "
                         "flood ping's rate "
