@@ -411,14 +411,16 @@ class RequestFindings:
 
     def _counted(self, sig: RequestSignature, code: int, endpoints: tuple[str, int, str, int],
                  first_ms: int) -> list[tuple[int, tuple[str, int, str, int]]]:
-        """The matches of a signature asking for several between two hosts that count now: this one
+        """The matches of a signature asking for several flows between two hosts that count now: this one
         when it comes within the window of the last that counted, all those held back when it makes
-        enough, else none (it is held back)."""
+        enough, else none (it is held back, unless its connection already is)."""
         key = (_pair(endpoints[0], endpoints[2]), code)
         if first_ms <= self.counting_until.get(key, -1):
             self.counting_until[key] = max(self.counting_until[key], first_ms + sig.pair_window_ms)
             return [(first_ms, endpoints)]
         held = self.held.setdefault(key, deque())
+        if any(seen == endpoints for _, seen in held):
+            return []  # the same connection again (on an interface a flow leaves the pass at each match): one
         held.append((first_ms, endpoints))
         self.held_kept += 1
         while held and held[0][0] < first_ms - sig.pair_window_ms:

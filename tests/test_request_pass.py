@@ -231,6 +231,10 @@ def test_refused_logins_count_from_the_fifth_within_ten_minutes() -> None:
     spread = RequestFindings()
     _refusals(spread, [0, 200, 400, 600, 800, 1000], refused)  # never five within ten minutes
     assert spread.kept == 0 and spread.held_kept == 4
+    again = RequestFindings()  # five refusals in one connection (live, a flow leaves the pass at each): one
+    for t in range(5):
+        again.add("10.0.0.1", 23, "10.0.0.9", 40000, t * 1000, refused)
+    assert again.kept == 0 and again.held_kept == 1
     other = RequestFindings()  # five refusals, each from another client: no guessing between two hosts
     for host in range(5):
         other.add("10.0.0.1", 1883, f"10.0.0.{20 + host}", 40000, host * 1000, refused)
