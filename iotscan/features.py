@@ -36,6 +36,7 @@ dropped.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import struct
 from collections import OrderedDict
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 
 # Bump whenever a feature's meaning, order or the meter settings below change: models record it and
 # refuse to load under another version (exit 4) instead of scoring garbage.
-FEATURE_SCHEMA_VERSION = 6  # 6: request signatures 14-22 (probes, bot commands, refused logins, files), named_signature
+FEATURE_SCHEMA_VERSION = 7  # 6: request signatures 14-22, named_signature; 7: intercepted
 
 # Meter settings the features rely on (recorded in models); training extraction and `analyze` both meter
 # with them, and have the meter send each flow as metered_flow_with_statistics makes it.
@@ -102,7 +103,7 @@ _NO_SPLT = (-1,) * SPLT_PACKETS + (0,) * SPLT_PACKETS
 # What is read of the flow itself besides its statistics: addresses and names for the tracker and the
 # codes, and nDPI's guess flag, which the meter's block does not hold.
 _get_names = attrgetter("src_ip", "dst_ip", "application_name", "application_category_name",
-                        "application_is_guessed")
+                        "application_is_guessed", "src_mac", "dst_mac")
 # Standard deviations, which the meter's block holds as sums of squared deviations (see flow_block_dtype):
 # name -> (the packet count of its direction, how many fewer values there are than packets).
 _SUMS_OF_SQUARES = {f"{d}_stddev_{kind}": (f"{d}_packets", lost) for d in ("bidirectional", "src2dst", "dst2src")
@@ -143,6 +144,9 @@ PAIR_SIGNATURE = "pair_signature"
 # download, a callback: see request_pass.MAX_NAMED_HOSTS) around the flow's time. Decides after the pair's.
 NAMED_SIGNATURE = "named_signature"
 SIGNATURE_FEATURES = [REQUEST_SIGNATURE, PAIR_SIGNATURE, NAMED_SIGNATURE]
+# 1 when the flow went to a local host through the MAC another local host sends from, while the host itself
+# sends from its own (see LinkTracker): ARP spoofing's man in the middle. Decides as a signature does.
+INTERCEPTED = "intercepted"
 
 
 def _windowed(prefix: str, stats: Sequence[str]) -> list[str]:
@@ -159,11 +163,11 @@ _CHAN_STATS = ("log_flows", "fail_share", "bytes_std")
 _BEACON = ["chan_log_repeats", "chan_log_mean_interval_s", "chan_interval_cv", "chan_size_dev", "beacon_score"]
 
 FEATURE_NAMES: list[str] = [
-    *_PER_FLOW, *CATEGORICAL, *SIGNATURE_FEATURES,
+    *_PER_FLOW, *CATEGORICAL, *SIGNATURE_FEATURES, INTERCEPTED,
     *_windowed("src", _SRC_STATS), *_windowed("dst", _DST_STATS), *_windowed("svc", _SVC_STATS),
     *_windowed("chan", _CHAN_STATS), *_BEACON,
 ]
-_FIRST_CONTEXT = len(_PER_FLOW) + len(CATEGORICAL) + len(SIGNATURE_FEATURES)  # column
+_FIRST_CONTEXT = len(_PER_FLOW) + len(CATEGORICAL) + len(SIGNATURE_FEATURES) + 1  # column (after INTERCEPTED)
 CONTEXT_FEATURES: frozenset[str] = frozenset(FEATURE_NAMES[_FIRST_CONTEXT:])
 # What the per-flow baseline (a random forest on NFStream statistics alone) may use.
 STATISTICS_FEATURES: list[str] = [n for n in _PER_FLOW if not n.startswith("early")
@@ -175,7 +179,7 @@ STATISTICS_FEATURES: list[str] = [n for n in _PER_FLOW if not n.startswith("earl
 # beacons -- and leaving them out raised recall per attack capture at 1% benign false positives from
 # 0.14 to 0.39. They are still computed: the family model (which names an attack already detected) uses them.
 DETECTOR_FEATURES: list[str] = [n for n in FEATURE_NAMES
-                                 if n not in (*CATEGORICAL, "app_guessed", *SIGNATURE_FEATURES, *_BEACON)]
+                                 if n not in (*CATEGORICAL, "app_guessed", *SIGNATURE_FEATURES, INTERCEPTED, *_BEACON)]
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 _MATCHED_PROTOCOLS = frozenset((1, 6, 17, 58))  # ICMP, TCP, UDP, ICMPv6: what the request pass matches
 
@@ -534,6 +538,54 @@ def _failed(raw: np.ndarray) -> np.ndarray:
     return ((d_pk == 0) | (tcp & (refused | no_synack))).astype(np.float64)
 
 
+class LinkTracker:
+    """The MAC each local host sends from, and the local host each MAC sends for, as flows show them
+    (a flow's MACs are its first packet's); flags a flow sent to a local host through the MAC another
+    host of its /24 sends from, while the host itself sends from another: the man in the middle of ARP
+    spoofing (arpwatch's "changed ethernet address", read from flows). A router's MAC carries flows to
+    remote hosts, which send from it too; a Wi-Fi extender that translates MACs carries its clients'
+    flows both ways. "Local" is a private IPv4 address. Each table keeps at most MAX_KEYS entries, the
+    first learned dropped first (a host re-learned on its next flow).
+    """
+
+    def __init__(self, max_keys: int = MAX_KEYS) -> None:
+        self.max_keys = max_keys
+        self.own: OrderedDict[str, str] = OrderedDict()  # local IP -> the MAC it sends from
+        self.sender: OrderedDict[str, str] = OrderedDict()  # MAC -> the local IP it sends for
+        self._private: dict[str, bool] = {}
+
+    def _is_private(self, ip: str) -> bool:
+        hit = self._private.get(ip)
+        if hit is None:
+            if len(self._private) > 65536:  # bounded: a spoofed flood has a new address per flow
+                self._private.clear()
+            try:
+                address = ipaddress.ip_address(ip)
+                hit = address.version == 4 and address.is_private
+            except ValueError:
+                hit = False
+            self._private[ip] = hit
+        return hit
+
+    def observe_batch(self, srcs: Sequence[str], src_macs: Sequence[str], dsts: Sequence[str],
+                      dst_macs: Sequence[str]) -> np.ndarray:
+        """1.0 for the flows (in expiry order) sent to a local host through another local host's MAC."""
+        own, sender, out = self.own, self.sender, np.zeros(len(srcs))
+        for i, (src, src_mac, dst, dst_mac) in enumerate(zip(srcs, src_macs, dsts, dst_macs, strict=True)):
+            if src_mac and own.get(src) != src_mac and self._is_private(src):
+                own[src] = src_mac
+                sender[src_mac] = src
+                for table in (own, sender):
+                    if len(table) > self.max_keys:
+                        del table[next(iter(table))]
+            dst_own = own.get(dst)
+            if dst_own is not None and dst_mac and dst_mac != dst_own:
+                other = sender.get(dst_mac)
+                if other is not None and other != dst and other.rpartition(".")[0] == dst.rpartition(".")[0]:
+                    out[i] = 1.0
+        return out
+
+
 class FeatureExtractor:
     """Collects flows of one capture or interface and turns them into feature rows, a batch at a time.
 
@@ -548,6 +600,7 @@ class FeatureExtractor:
     def __init__(self, vocabulary: dict[str, list[str]] | None = None,
                  tracker: ContextTracker | None = None) -> None:
         self.tracker = tracker or ContextTracker()
+        self.links = LinkTracker()
         self.vocabulary: dict[str, list[str]] | None = None
         self._app_index: dict[str, int] | None = None
         self._cat_index: dict[str, int] | None = None
@@ -555,7 +608,7 @@ class FeatureExtractor:
             self.use_vocabulary(vocabulary)
         self._stats: list[bytes] = []  # per flow: the meter's block, or a whole flow's packed statistics
         self._metered: list[bool] = []  # which of the two
-        self._names: list[tuple[str, str, str, str, Any]] = []  # see _get_names
+        self._names: list[tuple[str, str, str, str, Any, str, str]] = []  # see _get_names
         self._multicast_cache: dict[str, bool] = {}
         self.names: list[tuple[str, str]] = []  # (master app, category) per row, when vocabulary is None
         self.requests: RequestFindings | None = None
@@ -586,7 +639,8 @@ class FeatureExtractor:
         n = len(self._stats)
         if n == 0:
             return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
-        srcs, dsts, apps, cats, guessed = (list(column) for column in zip(*self._names, strict=True))
+        srcs, dsts, apps, cats, guessed, src_macs, dst_macs = (list(column)
+                                                               for column in zip(*self._names, strict=True))
         raw, splt_dirs, splt_sizes = self._numbers()
         raw[:, _R["application_is_guessed"]] = guessed
         X = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
@@ -598,11 +652,12 @@ class FeatureExtractor:
         else:
             X[:, n_flow:n_flow + 2] = 0.0
             self.names.extend(zip(map(master_app, apps), (c or "Unknown" for c in cats), strict=True))
-        signatures = slice(n_flow + len(CATEGORICAL), _FIRST_CONTEXT)
+        signatures = slice(n_flow + len(CATEGORICAL), _FIRST_CONTEXT - 1)
         if self.requests is not None and self.requests.matched:
             X[:, signatures] = self._request_codes(raw, srcs, dsts)
         else:
             X[:, signatures] = 0.0
+        X[:, _FIRST_CONTEXT - 1] = self.links.observe_batch(srcs, src_macs, dsts, dst_macs)
         context = self.tracker.observe_batch(raw, srcs, dsts)
         X[:, _FIRST_CONTEXT:] = context_features(np.asarray(context, dtype=np.float64))
         self._stats, self._metered, self._names = [], [], []
@@ -737,7 +792,8 @@ REASON_GROUPS: list[tuple[str, list[str]]] = _reason_groups([
     ("unusual TCP flags (SYN/RST/FIN pattern)", ["*2*_*_share", "log_*_syn", "log_*_rst"]),
     ("unusual timing or packet rate", ["log_*duration_ms", "log_*piat_ms", "log_response_delay_ms",
                                        "log_packet_rate"]),
-    ("application unusual for benign traffic", ["app_code", "category_code", "app_guessed", *SIGNATURE_FEATURES]),
+    ("application unusual for benign traffic", ["app_code", "category_code", "app_guessed", *SIGNATURE_FEATURES,
+                                                INTERCEPTED]),
     ("port unusual for benign traffic", ["*port_class", "src_port_below_dst"]),
     ("protocol", ["proto_*", "ip_v6", "dst_multicast"]),
 ])

@@ -16,7 +16,8 @@ signature (an HTTP request, DNS queries, a scanner's probe, a bot's command, ref
 request pass, beside the main one: a second pass over a file, a second capture on an interface) is
 an attack of the signature's family with score 1, whatever the detector says; so are the other flows
 of its two hosts around it (an exploit's callbacks, a scanner's other probes: see
-request_pass.PAIR_AFTER_MATCH_MS), unless the match was a DNS one; and so is an ICMP flood (icmp_flood).
+request_pass.PAIR_AFTER_MATCH_MS), unless the match was a DNS one; and so are an ICMP flood (icmp_flood) and a
+flow sent through another local host's MAC (features.LinkTracker: ARP spoofing).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from iotscan.errors import ModelError
 from iotscan.features import (
     FEATURE_NAMES,
     FEATURE_SCHEMA_VERSION,
+    INTERCEPTED,
     METER_SETTINGS,
     NAMED_SIGNATURE,
     PAIR_SIGNATURE,
@@ -79,7 +81,9 @@ RULE_REASONS = {"dos": "a flood of one host, mostly from this source (DoS)",
                 "ddos": "a flood of one host from many sources (DDoS)",
                 "bruteforce": "one client reconnecting to one service about twice a second or more (password guessing)"}
 ICMP_FLOOD_REASON = "ICMP at a flood ping's rate (100 packets a second or more)"
+INTERCEPTED_REASON = "sent to a local host through the MAC another local host sends from (ARP spoofing)"
 _RULE_PHRASES = frozenset((*RULE_REASONS.values(), ICMP_FLOOD_REASON))
+_INTERCEPTED_COL = FEATURE_NAMES.index(INTERCEPTED)
 _RULE_COLUMNS = {n: FEATURE_NAMES.index(n) for n in (
     "dst_log_flows_5s", "src_log_flows_5s", "src_log_flows_120s", "src_new_port_share_120s", "src_new_host_share_120s",
     "chan_log_flows_5s", "proto_tcp", "one_way", "log_dst2src_packets", "log_duration_ms",
@@ -132,8 +136,9 @@ def attack_scores(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
 
 def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     """The family of each row (rows assumed to be attacks): a matched signature's (but a scan signature's
-    flow that the flood rule names is a flood), else the family a rule gives floods and password guessing
-    (see rule_families), else the family model's most likely one."""
+    flow that the flood rule names is a flood), else spoofing for a flow through another host's MAC, else
+    the family a rule gives floods and password guessing (see rule_families), else the family model's most
+    likely one."""
     families = np.asarray(model["families"], dtype=object)
     if len(X) == 0:
         return np.empty(0, dtype=object)
@@ -145,6 +150,7 @@ def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     ruled = rule_families(X)
     named = ruled != ""
     out[named] = ruled[named]
+    out[X[:, _INTERCEPTED_COL] > 0] = "spoofing"
     family = _SIGNATURE_FAMILY[_deciding_code(X)[0]]
     # a probe at a flood's rate is a flood: hping3 and its kin send scanners' packets
     signed = (family != "") & ~((family == "scan") & ((ruled == "dos") | (ruled == "ddos")))
@@ -205,9 +211,9 @@ def _deciding_code(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _decided(X: np.ndarray) -> np.ndarray:
     """Rows that are attacks whatever the detector says: a signature's (the flow's own packets matched one, a
-    flow of its two hosts did, or an exploit request one of its hosts received named the other), or an ICMP
-    flood's."""
-    return (_deciding_code(X)[0] > 0) | icmp_flood(X)
+    flow of its two hosts did, or an exploit request one of its hosts received named the other), an ICMP
+    flood's, or a flow through another host's MAC (features.LinkTracker)."""
+    return (_deciding_code(X)[0] > 0) | icmp_flood(X) | (X[:, _INTERCEPTED_COL] > 0)
 
 
 def _forest_votes(forest: Any, X: np.ndarray) -> np.ndarray:
@@ -255,6 +261,8 @@ def explain(model: dict[str, Any], X: np.ndarray) -> list[list[str]]:
     flooding = icmp_flood(X)
     for i in np.flatnonzero(ruled != ""):  # what made the family: the detector's reasons do not say it
         out[i] = [ICMP_FLOOD_REASON if flooding[i] else RULE_REASONS[ruled[i]], *out[i][:MAX_REASONS - 1]]
+    for i in np.flatnonzero(X[:, _INTERCEPTED_COL] > 0):
+        out[i] = [INTERCEPTED_REASON, *out[i][:MAX_REASONS - 1]]
     code, column = _deciding_code(X)
     reason = np.choose(column, [reasons[code] for reasons in _SIGNATURE_REASONS])
     for i in np.flatnonzero(code > 0):  # the signature first: it decided

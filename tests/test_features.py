@@ -35,7 +35,7 @@ def make_flow(src: str, dst: str, dport: int, first_s: float, *, proto: int = 6,
     back = 1 if answered else 0
     n_splt = features.SPLT_PACKETS
     f = SimpleNamespace(
-        protocol=proto, ip_version=4, src_port=sport, dst_port=dport, src_ip=src, dst_ip=dst,
+        protocol=proto, ip_version=4, src_port=sport, dst_port=dport, src_ip=src, dst_ip=dst, src_mac="", dst_mac="",
         bidirectional_first_seen_ms=int(first_s * 1000), bidirectional_last_seen_ms=int(first_s * 1000) + duration_ms,
         bidirectional_duration_ms=duration_ms, bidirectional_packets=packets + back,
         bidirectional_bytes=nbytes + 60 * back, src2dst_packets=packets, src2dst_bytes=nbytes,
@@ -73,6 +73,35 @@ def test_feature_list_is_pinned_and_clean() -> None:
     grouped = [n for _, names in REASON_GROUPS for n in names]
     assert sorted(grouped) == sorted(FEATURE_NAMES)
     assert isinstance(features.FEATURE_SCHEMA_VERSION, int)
+
+
+def test_a_flow_sent_through_another_local_hosts_mac_is_intercepted() -> None:
+    # arpspoof on .16 between a sensor (.71) and its hub (.27): the sensor's flows to the hub go to .16's MAC
+    hub, sensor, spoofer, router = "aa:00:00:00:00:27", "aa:00:00:00:00:71", "aa:00:00:00:00:16", "aa:00:00:00:00:01"
+
+    def flow(src: str, src_mac: str, dst: str, dst_mac: str, t: float) -> SimpleNamespace:
+        f = make_flow(src, dst, 1883, t)
+        f.src_mac, f.dst_mac = src_mac, dst_mac
+        return f
+
+    flows = [
+        flow("192.168.28.71", sensor, "192.168.28.27", spoofer, 100.0),  # the hub not yet seen sending: unknown
+        flow("192.168.28.27", hub, "192.168.28.71", sensor, 101.0),  # the hub sends from its own MAC
+        flow("192.168.28.16", spoofer, "192.168.28.71", sensor, 102.0),  # so does the spoofer
+        flow("192.168.28.71", sensor, "192.168.28.27", spoofer, 103.0),  # to the hub through the spoofer's MAC
+        flow("192.168.28.71", sensor, "192.168.28.27", hub, 104.0),  # to the hub's own MAC
+        flow("192.168.28.1", router, "192.168.28.71", sensor, 105.0),  # the router, from its own MAC
+        flow("192.168.28.71", sensor, "93.184.216.34", router, 106.0),  # a remote host, through the router
+        flow("192.168.28.71", sensor, "192.168.28.1", router, 107.0),  # the router itself
+        flow("192.168.29.5", "aa:00:00:00:00:05", "192.168.28.71", sensor, 108.0),  # another /24 ...
+        flow("192.168.28.71", sensor, "192.168.28.27", "aa:00:00:00:00:05", 109.0),  # ... is no local host of it
+    ]
+    assert col(extract(flows), "intercepted").tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    # bounded: the tables keep the last learned hosts
+    tracker = features.LinkTracker(max_keys=3)
+    tracker.observe_batch([f"10.0.0.{i}" for i in range(10)], [f"aa:00:00:00:00:{i:02x}" for i in range(10)],
+                          ["10.0.1.1"] * 10, [""] * 10)
+    assert len(tracker.own) == 3 and len(tracker.sender) == 3 and "10.0.0.9" in tracker.own
 
 
 def test_scan_from_one_source_shows_in_its_context() -> None:

@@ -15,6 +15,7 @@ from iotscan.features import DETECTOR_FEATURES, FEATURE_NAMES, FEATURE_SCHEMA_VE
 from iotscan.modelstore import bundled_model, load_model, save_model, sha256_file
 from iotscan.scoring import (
     ICMP_FLOOD_REASON,
+    INTERCEPTED_REASON,
     RULE_REASONS,
     ScoringStage,
     attack_families,
@@ -82,11 +83,12 @@ def test_detector_ignores_application_and_beacon_features(bundled: tuple[dict, d
     assert model["detector_features"] == DETECTOR_FEATURES
     left_out = [FEATURE_NAMES.index(n) for n in FEATURE_NAMES if n not in DETECTOR_FEATURES]
     # the signatures decide by themselves (see test_request_pass.py)
-    signature_cols = [FEATURE_NAMES.index(n) for n in ("request_signature", "pair_signature", "named_signature")]
+    signature_cols = [FEATURE_NAMES.index(n) for n in ("request_signature", "pair_signature", "named_signature",
+                                                       "intercepted")]
     assert {FEATURE_NAMES[i] for i in left_out} == {"app_code", "category_code", "app_guessed", "chan_log_repeats",
                                                    "chan_log_mean_interval_s", "chan_interval_cv", "chan_size_dev",
                                                    "beacon_score", "request_signature", "pair_signature",
-                                                   "named_signature"}
+                                                   "named_signature", "intercepted"}
     left_out = [i for i in left_out if i not in signature_cols]
     rng = np.random.default_rng(1)
     X = rng.normal(size=(200, len(FEATURE_NAMES))).astype(np.float32)
@@ -107,7 +109,7 @@ def test_a_request_signature_makes_an_exploit_whatever_the_detector_says(bundled
     X = rng.normal(size=(20, len(FEATURE_NAMES))).astype(np.float32)
     X[:, [FEATURE_NAMES.index("app_code"), FEATURE_NAMES.index("category_code")]] = 0
     col, pair = FEATURE_NAMES.index("request_signature"), FEATURE_NAMES.index("pair_signature")
-    X[:, [col, pair, FEATURE_NAMES.index("named_signature")]] = 0
+    X[:, [col, pair, FEATURE_NAMES.index("named_signature"), FEATURE_NAMES.index("intercepted")]] = 0
     X[::2, col] = X[::2, pair] = 3  # SQL injection
     scores = attack_scores(model, X)
     assert np.all(scores[::2] == 1.0) and np.all(scores[1::2] < 1.0)
@@ -206,6 +208,34 @@ def test_an_icmp_flood_is_a_dos_whatever_the_detector_says(tmp_path: Path, bundl
     assert icmp_flood(X).tolist() == [True, False, False, True, False]
     assert np.all(attack_scores(model, X[icmp_flood(X)]) == 1.0)
     assert set(attack_families(model, X[icmp_flood(X)]).tolist()) == {"dos"}
+
+
+def test_flows_through_a_spoofers_mac_are_spoofing(tmp_path: Path) -> None:
+    # arpspoof on .16 between a sensor (.71) and its hub (.27), forwarding: the sensor's flows to the hub go
+    # to .16's MAC; both the hub and .16 have sent from their own MACs before
+    macs = {16: b"\xaa\0\0\0\0\x16", 27: b"\xaa\0\0\0\0\x27", 71: b"\xaa\0\0\0\0\x71"}
+
+    def frame(src: int, dst: int, dst_mac: bytes, sport: int) -> bytes:
+        udp = struct.pack("!HHHH", sport, 5683, 12, 0) + b"coap"
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, bytes([192, 168, 28, src]),
+                         bytes([192, 168, 28, dst])) + udp
+        return dst_mac + macs[src] + b"\x08\x00" + ip
+
+    frames = [frame(27, 71, macs[71], 40000), frame(16, 71, macs[71], 40001)]
+    frames += [frame(71, 27, macs[16], 41000 + i) for i in range(3)]  # intercepted
+    frames.append(frame(71, 27, macs[27], 42000))  # straight to the hub
+    capture = tmp_path / "arp-spoofed.pcap"
+    with capture.open("wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i, fr in enumerate(frames):
+            f.write(struct.pack("<IIII", 1_700_000_000 + i, 0, len(fr), len(fr)) + fr)
+    proc = run_iotscan("analyze", capture, "-f", "ndjson", "--no-devices", check_code=0)
+    flows = {r["src_port"]: r for r in ndjson(proc.stdout) if r["event_type"] == "flow"}
+    for port in (41000, 41001, 41002):
+        assert (flows[port]["verdict"], flows[port]["family"], flows[port]["score"]) == ("attack", "spoofing", 1.0)
+        assert flows[port]["reasons"][0] == INTERCEPTED_REASON
+    assert flows[42000]["family"] != "spoofing" and INTERCEPTED_REASON not in (flows[42000]["reasons"] or [])
+    assert all(flows[port]["family"] != "spoofing" for port in (40000, 40001))
 
 
 def test_synflood_is_flagged_as_ddos(scored: dict[str, list[dict]]) -> None:

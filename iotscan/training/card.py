@@ -227,7 +227,10 @@ def card_markdown(card: dict[str, Any]) -> str:
                         "log4j lookup's LDAP server, a command injection's download host). So is an ICMP flow at a "
                         "flood ping's rate "
                         f"({ICMP_FLOOD_RATE:.0f} packets a second or more, {ICMP_FLOOD_PACKETS:,} packets or more; "
-                        "`iotscan.scoring.icmp_flood`). The family model uses all; before it is asked, floods "
+                        "`iotscan.scoring.icmp_flood`), and a flow sent to a local host through the MAC another "
+                        "local host sends from, while the host sends from its own (`intercepted`: ARP spoofing, see "
+                        "`iotscan.features.LinkTracker`): spoofing. The family model uses all; before it is asked, "
+                        "floods "
                         "(dos, ddos) and password guessing (bruteforce) are named by rule from the context features "
                         "(`iotscan.scoring.rule_families`, see the notes)."]
     th = card["threshold_choice"]
