@@ -167,7 +167,10 @@ FEATURE_NAMES: list[str] = [
     *_windowed("src", _SRC_STATS), *_windowed("dst", _DST_STATS), *_windowed("svc", _SVC_STATS),
     *_windowed("chan", _CHAN_STATS), *_BEACON,
 ]
-_FIRST_CONTEXT = len(_PER_FLOW) + len(CATEGORICAL) + len(SIGNATURE_FEATURES) + 1  # column (after INTERCEPTED)
+# columns, by name: the signature codes, the link check and the first context feature
+_SIGNATURE_COLUMNS = slice(FEATURE_NAMES.index(SIGNATURE_FEATURES[0]), FEATURE_NAMES.index(SIGNATURE_FEATURES[-1]) + 1)
+_INTERCEPTED_COLUMN = FEATURE_NAMES.index(INTERCEPTED)
+_FIRST_CONTEXT = _INTERCEPTED_COLUMN + 1
 CONTEXT_FEATURES: frozenset[str] = frozenset(FEATURE_NAMES[_FIRST_CONTEXT:])
 # What the per-flow baseline (a random forest on NFStream statistics alone) may use.
 STATISTICS_FEATURES: list[str] = [n for n in _PER_FLOW if not n.startswith("early")
@@ -652,12 +655,11 @@ class FeatureExtractor:
         else:
             X[:, n_flow:n_flow + 2] = 0.0
             self.names.extend(zip(map(master_app, apps), (c or "Unknown" for c in cats), strict=True))
-        signatures = slice(n_flow + len(CATEGORICAL), _FIRST_CONTEXT - 1)
         if self.requests is not None and self.requests.matched:
-            X[:, signatures] = self._request_codes(raw, srcs, dsts)
+            X[:, _SIGNATURE_COLUMNS] = self._request_codes(raw, srcs, dsts)
         else:
-            X[:, signatures] = 0.0
-        X[:, _FIRST_CONTEXT - 1] = self.links.observe_batch(srcs, src_macs, dsts, dst_macs)
+            X[:, _SIGNATURE_COLUMNS] = 0.0
+        X[:, _INTERCEPTED_COLUMN] = self.links.observe_batch(srcs, src_macs, dsts, dst_macs)
         context = self.tracker.observe_batch(raw, srcs, dsts)
         X[:, _FIRST_CONTEXT:] = context_features(np.asarray(context, dtype=np.float64))
         self._stats, self._metered, self._names = [], [], []
