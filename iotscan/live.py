@@ -328,13 +328,15 @@ class LiveRun:
             attacks = Table(title="Latest attacks", box=box.SIMPLE_HEAD, title_style="bold red",
                             title_justify="left")
             for name in ("time", "src", "dst", "app", "family", "score"):
-                attacks.add_column(name)
+                attacks.add_column(name, no_wrap=True)
+            attacks.add_column("why", overflow="ellipsis", no_wrap=True)  # the first reason
             for r in reversed(self.monitor.latest_attacks):
                 attacks.add_row(time.strftime("%H:%M:%S", time.localtime(r["last_seen_ms"] / 1000)),
                                 escape(f"{r['src_ip']}:{r['src_port']}"),
                                 escape(f"{r['dst_ip']}:{r['dst_port']}"),
                                 escape(r.get("app") or ""), escape(str(r.get("family") or "")),
-                                f"{r['score']:.2f}" if isinstance(r.get("score"), float) else "")
+                                f"{r['score']:.2f}" if isinstance(r.get("score"), float) else "",
+                                escape((r.get("reasons") or [""])[0]))
         else:
             attacks = Text("No attacks seen.", style="green")
         counters = Table.grid(padding=(0, 3))

@@ -11,6 +11,7 @@ import gc
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -105,6 +106,7 @@ class RunState:
     packets: int = 0
     flows: int = 0
     attacks: int = 0
+    attack_families: Counter[str] = field(default_factory=Counter)
     warnings: list[dict[str, str]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
@@ -210,7 +212,9 @@ class Analysis:
             self.state.flows += 1
             if record.get("verdict") == "attack":
                 self.state.attacks += 1
-                if fail_family in ("attack", record.get("family")):
+                family = record.get("family")
+                self.state.attack_families[family or "unknown"] += 1
+                if fail_family in ("attack", family):
                     self.state.fail_hits += 1
             if self.emit_flows:
                 write(record)
@@ -287,6 +291,7 @@ class Analysis:
         elapsed = time.monotonic() - self.state.started
         summary = summary_record(
             packets=self.state.packets, flows=self.state.flows, devices=devices, attacks=self.state.attacks,
+            attack_families=dict(self.state.attack_families.most_common()),
             elapsed_s=round(elapsed, 3), packets_per_s=round(self.state.packets / elapsed, 1) if elapsed else 0.0,
             warnings=self.state.warnings, errors=self.state.errors, inputs=self.state.inputs)
         for stage in self.stages:

@@ -85,6 +85,7 @@ SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("flows", "flow records written"),
     ("devices", "device records written"),
     ("attacks", "flows with verdict attack"),
+    ("attack_families", "flows with verdict attack per family, most first ({} when none or nothing was scored)"),
     ("elapsed_s", "wall-clock seconds"),
     ("packets_per_s", "packets / elapsed_s"),
     ("warnings", "list of {source, code, message}: truncated files, skipped link types, flow cap..."),

@@ -10,7 +10,8 @@ import csv
 import heapq
 import io
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 import orjson
@@ -23,6 +24,12 @@ from rich.table import Table
 from iotscan.records import FLOW_FIELD_NAMES
 
 FORMATS = ("table", "ndjson", "json", "csv")
+# Distinct sources and targets counted per attack family in the table: beyond, shown as "N+" (a spoofed
+# flood has one source per flow, and the table holds only bounded things)
+DISTINCT_CAP = 10_000
+# The flow tables' columns, most wanted first: on a narrow terminal the last ones are left out
+ATTACK_COLUMNS = ("flow_id", "src", "dst", "verdict", "why", "app", "bytes", "packets", "server_name")
+BUSIEST_COLUMNS = ("flow_id", "src", "dst", "bytes", "app", "verdict", "packets", "server_name")
 _ORJSON_OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
@@ -126,8 +133,28 @@ def _appending_to_content(out: IO[bytes]) -> bool:
         return False
 
 
+class _FamilyTally:
+    """One attack family's flows, distinct sources and targets (at most DISTINCT_CAP of each) and first reasons."""
+
+    def __init__(self) -> None:
+        self.flows = 0
+        self.sources: set[str] = set()
+        self.targets: set[str] = set()
+        self.reasons: Counter[str] = Counter()  # reasons are a small fixed vocabulary (see scoring.explain)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.flows += 1
+        for seen, address in ((self.sources, record["src_ip"]), (self.targets, record["dst_ip"])):
+            if len(seen) < DISTINCT_CAP:
+                seen.add(address)
+        reasons = record.get("reasons")
+        if reasons:
+            self.reasons[reasons[0]] += 1
+
+
 class TableSink:
-    """What a person at a terminal wants: attacks first, the busiest flows, devices, a summary panel."""
+    """What a person at a terminal wants: attacks first (per family, then the highest-scored flows with the
+    reason for each), the busiest flows, devices, a summary panel."""
 
     TOP = 20
 
@@ -135,6 +162,7 @@ class TableSink:
         self.out = out
         self.busiest: list[tuple[int, int, dict[str, Any]]] = []  # min-heap on bytes
         self.attacks: list[tuple[float, int, dict[str, Any]]] = []  # min-heap on score
+        self.families: dict[str, _FamilyTally] = {}
         self.devices: list[dict[str, Any]] = []
         self.apps: Counter[str] = Counter()
         self.app_bytes: Counter[str] = Counter()
@@ -155,6 +183,11 @@ class TableSink:
         _push_top(self.busiest, (record["bytes"], self.seq, record), self.TOP)
         if record.get("verdict") == "attack":
             _push_top(self.attacks, (record.get("score") or 0.0, self.seq, record), self.TOP)
+            family = record.get("family") or "unknown"
+            tally = self.families.get(family)
+            if tally is None:
+                tally = self.families[family] = _FamilyTally()
+            tally.add(record)
 
     def close(self, summary: dict[str, Any]) -> None:
         text = io.StringIO()
@@ -162,8 +195,17 @@ class TableSink:
         console = Console(file=text, force_terminal=terminal, width=self.width or (None if terminal else 200),
                           highlight=False)
         if self.attacks:
+            console.print(family_table(self.families))
             attacks = [r for _, _, r in sorted(self.attacks, reverse=True)]
-            console.print(_flow_table("Attack flows (highest score first)", attacks, verdicts=True))
+            total = sum(t.flows for t in self.families.values())
+            shown = f"top {len(attacks)} of {total:,}, " if total > len(attacks) else ""
+            table, columns = _flow_table(f"Attack flows ({shown}highest score first)", attacks, console.width,
+                                         ATTACK_COLUMNS)
+            console.print(table)
+            if "why" not in columns:  # too narrow for the column: the reasons under the table
+                for r in attacks:
+                    console.print(f"{r['flow_id']}: {escape('; '.join(r.get('reasons') or []))}")
+                console.print()
             commands = [r["inspect"] for r in attacks if r.get("inspect")]
             if commands:  # analyze --explain
                 console.print("Their packets, flow by flow:", style="bold")
@@ -173,9 +215,10 @@ class TableSink:
         if self.devices:
             console.print(device_table(self.devices))
         if self.busiest:
+            scored = any("verdict" in r for _, _, r in self.busiest)
             console.print(_flow_table(f"Busiest flows (top {min(self.TOP, len(self.busiest))} by bytes)",
-                                      [r for _, _, r in sorted(self.busiest, reverse=True)],
-                                      verdicts=any("verdict" in r for _, _, r in self.busiest)))
+                                      [r for _, _, r in sorted(self.busiest, reverse=True)], console.width,
+                                      BUSIEST_COLUMNS if scored else [c for c in BUSIEST_COLUMNS if c != "verdict"])[0])
         if self.apps:
             apps = Table(title="Applications", box=box.SIMPLE_HEAD)
             apps.add_column("app")
@@ -218,28 +261,68 @@ def _endpoint(ip: str, port: int, protocol: int) -> str:
     return f"{address} {_PROTOCOL_NAMES.get(protocol, protocol)}"
 
 
-def _flow_table(title: str, records: list[dict[str, Any]], verdicts: bool) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
-    # Minimum widths keep identifiers whole (they are copied into `iotscan inspect`); long addresses
-    # fold, long names are shortened.
-    table.add_column("flow_id", no_wrap=True, min_width=19)
-    table.add_column("src", min_width=15, overflow="fold")
-    table.add_column("dst", min_width=15, overflow="fold")
-    table.add_column("app", min_width=8, max_width=24, overflow="ellipsis")
-    table.add_column("server_name", min_width=10, max_width=30, overflow="ellipsis")
-    table.add_column("packets", justify="right", no_wrap=True, min_width=7)
-    table.add_column("bytes", justify="right", no_wrap=True, min_width=8)
-    if verdicts:
-        table.add_column("verdict", no_wrap=True, min_width=17)
-    for r in records:
-        row = [escape(str(v)) for v in (
-            r["flow_id"], _endpoint(r["src_ip"], r["src_port"], r["protocol"]),
-            _endpoint(r["dst_ip"], r["dst_port"], r["protocol"]), r.get("app") or "", r.get("server_name") or "",
-            f"{r['packets']:,}", _human_bytes(r["bytes"]))]
-        if verdicts:
-            row.append(_verdict_cell(r))
-        table.add_row(*row)
+def family_table(families: dict[str, _FamilyTally]) -> Table:
+    table = Table(title="Attacks by family", box=box.SIMPLE_HEAD, title_style="bold red")
+    table.add_column("family", no_wrap=True)
+    for name in ("flows", "sources", "targets"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("most common first reason", overflow="fold")
+
+    def distinct(seen: set[str]) -> str:
+        return f"{len(seen):,}+" if len(seen) >= DISTINCT_CAP else f"{len(seen):,}"
+
+    for family, tally in sorted(families.items(), key=lambda ft: -ft[1].flows):
+        reason = tally.reasons.most_common(1)[0][0] if tally.reasons else ""
+        table.add_row(escape(family), f"{tally.flows:,}", distinct(tally.sources), distinct(tally.targets),
+                      escape(reason))
     return table
+
+
+@dataclass(frozen=True)
+class _Column:
+    name: str
+    min_width: int
+    cell: Callable[[dict[str, Any]], str]  # the cell's Rich markup
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+_FLOW_COLUMNS = {c.name: c for c in (
+    # Minimum widths keep identifiers whole (they are copied into `iotscan inspect`); long addresses fold,
+    # long names are shortened
+    _Column("flow_id", 19, lambda r: escape(str(r["flow_id"])), {"no_wrap": True}),
+    _Column("src", 15, lambda r: escape(_endpoint(r["src_ip"], r["src_port"], r["protocol"])), {"overflow": "fold"}),
+    _Column("dst", 15, lambda r: escape(_endpoint(r["dst_ip"], r["dst_port"], r["protocol"])), {"overflow": "fold"}),
+    _Column("app", 8, lambda r: escape(r.get("app") or ""), {"max_width": 24, "overflow": "ellipsis"}),
+    _Column("server_name", 10, lambda r: escape(r.get("server_name") or ""), {"max_width": 30, "overflow": "ellipsis"}),
+    _Column("packets", 7, lambda r: f"{r['packets']:,}", {"justify": "right", "no_wrap": True}),
+    _Column("bytes", 8, lambda r: _human_bytes(r["bytes"]), {"justify": "right", "no_wrap": True}),
+    _Column("verdict", 17, lambda r: _verdict_cell(r), {"no_wrap": True}),
+    # the first reason: the one that pushed the score most, or the signature that decided
+    _Column("why", 20, lambda r: escape((r.get("reasons") or [""])[0]), {"overflow": "fold"}),
+)}
+_FLOW_ORDER = tuple(_FLOW_COLUMNS)
+
+
+def _flow_table(title: str, records: list[dict[str, Any]], width: int, wanted: Sequence[str]
+                ) -> tuple[Table, list[str]]:
+    """The flows, with the ``wanted`` columns (most wanted first) that fit in ``width``, in table order
+    (on a narrow terminal the least wanted go rather than the verdict being cut off), and the names of
+    the columns shown."""
+    padding = 2
+    shown: list[str] = []
+    used = 0
+    for name in wanted:
+        need = _FLOW_COLUMNS[name].min_width + padding
+        if not shown or used + need <= width:
+            shown.append(name)
+            used += need
+    columns = [_FLOW_COLUMNS[name] for name in _FLOW_ORDER if name in shown]
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+    for c in columns:
+        table.add_column(c.name, min_width=c.min_width, **c.options)
+    for r in records:
+        table.add_row(*(c.cell(r) for c in columns))
+    return table, shown
 
 
 def _verdict_cell(record: dict[str, Any]) -> str:

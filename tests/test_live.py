@@ -8,6 +8,7 @@ goes to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import shutil
@@ -21,9 +22,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from rich.console import Console
 
+from iotscan.live import LiveLimits, LiveRun, _Sample
 from iotscan.records import LIVE_SUMMARY_FIELDS, STATS_FIELD_NAMES
-from tests.conftest import REPO, assert_no_traceback, dns_query_message, ndjson, run_iotscan
+from iotscan.sinks import NdjsonSink
+from iotscan.source import MeterConfig
+from tests.conftest import REPO, SAMPLES, assert_no_traceback, dns_query_message, ndjson, run_iotscan
 
 pytestmark = [
     pytest.mark.root,
@@ -704,3 +709,20 @@ def test_doctor_without_privileges_says_what_to_run():
     assert proc.returncode >= 3
     assert b"fix: Run iotscan as root (sudo)" in proc.stdout
     assert b"setcap cap_net_raw,cap_net_admin=eip" in proc.stdout
+
+
+def test_live_view_shows_why_for_the_latest_attacks() -> None:
+    """The view's latest attacks (here, scored flows of a sample capture) carry family, score and first reason."""
+    records = ndjson(run_iotscan("analyze", SAMPLES / "web-sqli.pcap", "-f", "ndjson", "--no-devices",
+                                 check_code=0).stdout)
+    attacks = [r for r in records if r.get("verdict") == "attack"]
+    assert attacks
+    run = LiveRun(NdjsonSink(io.BytesIO()), [], MeterConfig(source="lo"), LiveLimits())
+    run._last_view = _Sample(time.monotonic(), 0, 0, 0)
+    run.monitor.latest_attacks.extend(attacks)
+    out = io.StringIO()
+    Console(file=out, width=200).print(run._render())
+    text = out.getvalue()
+    assert "Latest attacks" in text and " why " in text
+    for r in attacks[-3:]:
+        assert r["reasons"][0] in text and f"{r['score']:.2f}" in text

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import struct
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
+from iotscan import sinks
 from iotscan.errors import ModelError
 from iotscan.features import DETECTOR_FEATURES, FEATURE_NAMES, FEATURE_SCHEMA_VERSION
 from iotscan.modelstore import bundled_model, load_model, save_model, sha256_file
@@ -25,6 +29,7 @@ from iotscan.scoring import (
     load_flow_model,
     rule_families,
 )
+from iotscan.sinks import TableSink
 from tests.conftest import REPO, SAMPLES, assert_no_traceback, ndjson, run_iotscan
 from tests.test_features import extract, make_flow
 from tests.test_request_pass import _ether, _ip4
@@ -266,8 +271,11 @@ def test_mirai_c2_is_flagged(scored: dict[str, list[dict]]) -> None:
 
 def test_summary_counts_attacks(scored: dict[str, list[dict]]) -> None:
     summary = scored["_summary"][0]
-    attacks = sum(r["verdict"] == "attack" for name, flows in scored.items() if name != "_summary" for r in flows)
-    assert summary["attacks"] == attacks > 0
+    families = Counter(r["family"] for name, flows in scored.items() if name != "_summary" for r in flows
+                       if r["verdict"] == "attack")
+    assert summary["attacks"] == sum(families.values()) > 0
+    assert summary["attack_families"] == dict(families) and len(families) >= 3  # ddos, exploit, c2 at least
+    assert list(summary["attack_families"].values()) == sorted(families.values(), reverse=True)
 
 
 def test_fail_on_no_score_and_threshold() -> None:
@@ -289,7 +297,8 @@ def test_fail_on_no_score_and_threshold() -> None:
 def test_table_shows_attacks_first_and_csv_has_verdicts(tmp_path: Path) -> None:
     proc = run_iotscan("analyze", SAMPLES / "synflood-spoofed.pcap", "-f", "table", "--no-devices", check_code=0)
     text = proc.stdout.decode()
-    assert text.index("Attack flows") < text.index("Busiest flows") and "ddos" in text
+    assert text.index("Attacks by family") < text.index("Attack flows") < text.index("Busiest flows")
+    assert "ddos" in text and "top 20 of" in text
     out = tmp_path / "flows.csv"
     run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "--no-devices", "-o", out, check_code=0)
     header = out.read_text().splitlines()[0].split(",")
@@ -370,3 +379,61 @@ def test_model_info_prints_the_card() -> None:
     assert "Leave one source out" in text and "SHA-256 verified" in text
     card = json.loads(run_iotscan("model", "info", "--json", check_code=0).stdout)
     assert card["sha256"] == sha256_file(bundled_model("flows"))
+
+
+def _table(records: list[dict], width: int) -> str:
+    sink = TableSink(io.BytesIO(), width=width)
+    for r in records[:-1]:
+        sink.write(r)
+    sink.close(records[-1])
+    return sink.out.getvalue().decode()
+
+
+def test_table_says_why_per_attack_and_per_family() -> None:
+    """The table names each family's flows, distinct sources and targets and most common first reason, and
+    each attack flow's first reason: in a column when the terminal is wide enough, else under the table."""
+    records = ndjson(run_iotscan("analyze", SAMPLES / "log4j-exploit.pcap", SAMPLES / "synflood-spoofed.pcap",
+                                 "-f", "ndjson", "--no-devices", check_code=0).stdout)
+    attacks = [r for r in records if r.get("verdict") == "attack"]
+    by_family = Counter(r["family"] for r in attacks)
+    assert by_family.keys() == {"ddos", "exploit"}
+    wide = _table(records, 240)
+    rollup = wide[wide.index("Attacks by family"):wide.index("Attack flows")]
+    for family, flows in by_family.items():
+        rows = [line.split() for line in rollup.splitlines() if line.split()[:1] == [family]]
+        assert len(rows) == 1 and rows[0][1] == f"{flows:,}", rollup
+        sources = {r["src_ip"] for r in attacks if r["family"] == family}
+        targets = {r["dst_ip"] for r in attacks if r["family"] == family}
+        assert rows[0][2:4] == [f"{len(sources):,}", f"{len(targets):,}"]
+    assert "a flood of one host from many sources (DDoS)" in rollup
+    listed = wide[wide.index("Attack flows"):wide.index("Busiest flows")]
+    assert " why " in listed.splitlines()[2] and "JNDI" in listed
+    narrow = _table(records, 80)
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    listed = narrow[narrow.index("Attack flows"):narrow.index("Busiest flows")]
+    by_id = {str(r["flow_id"]): r for r in attacks}
+    rows = [line.split() for line in listed.splitlines() if line.split()[:1] and line.split()[0] in by_id]
+    assert len(rows) == 20 and min(by_id[row[0]]["score"] for row in rows) == max(r["score"] for r in attacks
+                                                                                 if str(r["flow_id"]) not in
+                                                                                 {row[0] for row in rows})
+    for row in rows:  # the verdict is never cut off, and the reasons follow the table
+        r = by_id[row[0]]
+        assert " ".join(row).endswith(f"attack {r['family']} {r['score']:.2f}")
+        assert f"{r['flow_id']}: {'; '.join(r['reasons'])}" in " ".join(listed.split())
+
+
+def test_family_tally_caps_distinct_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sinks, "DISTINCT_CAP", 3)
+    tally = sinks._FamilyTally()
+    for i in range(10):
+        tally.add({"src_ip": f"10.0.0.{i}", "dst_ip": "10.0.1.1", "reasons": ["r1" if i % 3 else "r2"]})
+    assert tally.flows == 10 and len(tally.sources) == 3 and len(tally.targets) == 1
+    table = sinks.family_table({"ddos": tally})
+    text = _render(table)
+    assert "3+" in text and " 1 " in text and "r1" in text and "r2" not in text
+
+
+def _render(table: object) -> str:
+    out = io.StringIO()
+    Console(file=out, width=120).print(table)
+    return out.getvalue()
