@@ -330,6 +330,14 @@ def _replicated_capture(source: Path, target: Path, copies: int) -> None:
                 out.write(struct.pack("<IIII", sec + copy * 86400, usec, incl, orig) + payload)
 
 
+def _alive(process: psutil.Process) -> bool:
+    """Running: a process that has exited but is not reaped yet is a zombie, which is_running() still counts."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _children(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -340,7 +348,7 @@ def _children(pid: int) -> list[psutil.Process]:
 @needs_tshark
 def test_sigint_ends_tshark_and_exits_130(tmp_path):
     capture = tmp_path / "big.pcap"
-    _replicated_capture(MIRAI, capture, 40)  # 160,000 packets: tshark needs several seconds
+    _replicated_capture(MIRAI, capture, 80)  # 320,000 packets: tshark needs several seconds
     # A flow of the last copy: tshark has the whole capture to read before it is complete.
     last = max(flow_records(MIRAI), key=lambda r: r["first_seen_ms"])
     args = ["--5tuple", f"{last['src_ip']}:{last['src_port']}-{last['dst_ip']}:{last['dst_port']}/tcp"]
@@ -354,7 +362,7 @@ def test_sigint_ends_tshark_and_exits_130(tmp_path):
         time.sleep(0.05)
     assert tshark is not None, "tshark never started"
     time.sleep(0.5)
-    assert tshark.is_running() and proc.poll() is None, "inspect finished before it could be interrupted"
+    assert _alive(tshark) and proc.poll() is None, "inspect finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err.decode()[-2000:]
