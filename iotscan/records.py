@@ -77,7 +77,9 @@ def metered_flow(flow: Any) -> MeteredFlow:
 
 # Fields later stages add to flow records (devices, scoring); listed so CSV writers know them.
 DEVICE_LINK_FIELDS = ("src_device", "dst_device")
-VERDICT_FIELDS = ("verdict", "score", "family", "reasons")
+# evidence_community_id: for an attack marked by another flow's signature match (a flow of the same two hosts
+# matched, or an exploit request one of them received named the other), that flow's community_id
+VERDICT_FIELDS = ("verdict", "score", "family", "reasons", "evidence_community_id")
 
 SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("event_type", "always \"summary\", the last record of every run"),

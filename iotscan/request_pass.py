@@ -100,6 +100,10 @@ PAIR_AFTER_MATCH_MS = 120_000
 # server of a log4j lookup. The flows between the request's server and each IPv4 literal in the request
 # (at most this many) are marked as the pair's are.
 MAX_NAMED_HOSTS = 4
+# A matching flow as the pass saw it (src_ip, src_port, dst_ip, dst_port, protocol; src sent its first packet
+# the filter let through), and a mark of a pair of hosts: (match time ms, signature code, the matching flow)
+Flow5 = tuple[str, int, str, int, int]
+Mark = tuple[int, int, Flow5]
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w.])")
 
@@ -382,11 +386,11 @@ class RequestFindings:
     """
 
     by_endpoints: dict[tuple[str, int, str, int], list[tuple[int, int]]] = field(default_factory=dict)
-    by_pair: dict[tuple[str, str], list[tuple[int, int]]] = field(default_factory=dict)  # sorted by time
-    by_named: dict[tuple[str, str], list[tuple[int, int]]] = field(default_factory=dict)  # sorted by time
+    # (time, code, the matching flow's Flow5) of each mark, sorted by time
+    by_pair: dict[tuple[str, str], list[Mark]] = field(default_factory=dict)
+    by_named: dict[tuple[str, str], list[Mark]] = field(default_factory=dict)
     # matches held back, by (pair, code): (first_ms, endpoints), and until when a pair's matches count at once
-    held: dict[tuple[tuple[str, str], int], deque[tuple[int, tuple[str, int, str, int]]]] = \
-        field(default_factory=dict)
+    held: dict[tuple[tuple[str, str], int], deque[tuple[int, Flow5]]] = field(default_factory=dict)
     counting_until: dict[tuple[tuple[str, str], int], int] = field(default_factory=dict)
     matched: int = 0
     kept: int = 0
@@ -396,32 +400,30 @@ class RequestFindings:
     forgotten: int = 0  # matches let go for newer ones
 
     def add(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, code: int,
-            named: tuple[str, ...] = ()) -> None:
+            named: tuple[str, ...] = (), protocol: int = 6) -> None:
         self.matched += 1
         sig = signature(code)
+        flow = (src_ip, src_port, dst_ip, dst_port, protocol)
         for host in named:  # the request went from src to dst: dst is the exploited host
             if host not in (src_ip, dst_ip):
-                _mark(self.by_named, dst_ip, host, first_ms, code)
+                _mark(self.by_named, dst_ip, host, (first_ms, code, flow))
                 self.named_kept = _bounded(self.by_named, self.named_kept + 1)
-        endpoints = (src_ip, src_port, dst_ip, dst_port)
-        counted = self._counted(sig, code, endpoints, first_ms) if sig and sig.min_pair_count > 1 \
-            else [(first_ms, endpoints)]
+        counted = self._counted(sig, code, flow, first_ms) if sig and sig.min_pair_count > 1 else [(first_ms, flow)]
         for seen_ms, seen in counted:
             self._keep(seen, seen_ms, code, sig)
 
-    def _counted(self, sig: RequestSignature, code: int, endpoints: tuple[str, int, str, int],
-                 first_ms: int) -> list[tuple[int, tuple[str, int, str, int]]]:
+    def _counted(self, sig: RequestSignature, code: int, flow: Flow5, first_ms: int) -> list[tuple[int, Flow5]]:
         """The matches of a signature asking for several flows between two hosts that count now: this one
         when it comes within the window of the last that counted, all those held back when it makes
         enough, else none (it is held back, unless its connection already is)."""
-        key = (_pair(endpoints[0], endpoints[2]), code)
+        key = (_pair(flow[0], flow[2]), code)
         if first_ms <= self.counting_until.get(key, -1):
             self.counting_until[key] = max(self.counting_until[key], first_ms + sig.pair_window_ms)
-            return [(first_ms, endpoints)]
+            return [(first_ms, flow)]
         held = self.held.setdefault(key, deque())
-        if any(seen == endpoints for _, seen in held):
+        if any(seen == flow for _, seen in held):
             return []  # the same connection again (on an interface a flow leaves the pass at each match): one
-        held.append((first_ms, endpoints))
+        held.append((first_ms, flow))
         self.held_kept += 1
         while held and held[0][0] < first_ms - sig.pair_window_ms:
             held.popleft()
@@ -436,16 +438,15 @@ class RequestFindings:
             del self.counting_until[next(iter(self.counting_until))]
         return list(held)
 
-    def _keep(self, endpoints: tuple[str, int, str, int], first_ms: int, code: int,
-              sig: RequestSignature | None) -> None:
+    def _keep(self, flow: Flow5, first_ms: int, code: int, sig: RequestSignature | None) -> None:
         self.kept += 1
-        self.by_endpoints.setdefault(endpoints, []).append((first_ms, code))
+        self.by_endpoints.setdefault(flow[:4], []).append((first_ms, code))
         while self.kept > MAX_FINDINGS:
             oldest = self.by_endpoints.pop(next(iter(self.by_endpoints)))
             self.kept -= len(oldest)
             self.forgotten += len(oldest)
         if sig is not None and sig.marks_pair:
-            _mark(self.by_pair, endpoints[0], endpoints[2], first_ms, code)
+            _mark(self.by_pair, flow[0], flow[2], (first_ms, code, flow))
             self.pair_kept = _bounded(self.by_pair, self.pair_kept + 1)
 
     def collect(self, matches: Iterable[tuple[Any, ...]]) -> RequestFindings:
@@ -473,6 +474,12 @@ class RequestFindings:
         """The same as pair_code, for a flow between an exploited host and a host its exploit named."""
         return _earliest(self.by_named.get(_pair(src_ip, dst_ip)), first_ms, last_ms)
 
+    def marking_flow(self, src_ip: str, dst_ip: str, first_ms: int, last_ms: int, named: bool) -> Flow5 | None:
+        """The flow whose match gave a flow its pair_code (or, ``named``, its named_code): the one a person
+        looks at next. None if there is no such mark."""
+        mark = _earliest_mark((self.by_named if named else self.by_pair).get(_pair(src_ip, dst_ip)), first_ms, last_ms)
+        return mark[2] if mark is not None else None
+
     def codes(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int,
               own: bool) -> tuple[int, int, int]:
         """code (if ``own``: the flow's protocol is one the pass matches), pair_code and named_code at once:
@@ -487,9 +494,9 @@ def _pair(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 
 
-def _mark(table: dict[tuple[str, str], list[tuple[int, int]]], a: str, b: str, at_ms: int, code: int) -> None:
-    """Marks the pair of hosts a, b at at_ms with code."""
-    bisect.insort(table.setdefault(_pair(a, b), []), (at_ms, code))  # matches come roughly, not exactly, in time order
+def _mark(table: dict[tuple[str, str], list[Mark]], a: str, b: str, mark: Mark) -> None:
+    """Marks the pair of hosts a, b."""
+    bisect.insort(table.setdefault(_pair(a, b), []), mark)  # matches come roughly, not exactly, in time order
 
 
 def _bounded(table: dict[Any, Any], kept: int) -> int:
@@ -500,23 +507,29 @@ def _bounded(table: dict[Any, Any], kept: int) -> int:
     return kept
 
 
-def _earliest(times: list[tuple[int, int]] | None, first_ms: int, last_ms: int) -> int:
-    """The code of the earliest of a pair's marks (``times``) from PAIR_AFTER_MATCH_MS before first_ms to
-    PAIR_BEFORE_MATCH_MS after last_ms; 0 if none."""
-    if not times:
-        return 0
-    i = bisect.bisect_left(times, (first_ms - PAIR_AFTER_MATCH_MS,))
-    return times[i][1] if i < len(times) and times[i][0] <= last_ms + PAIR_BEFORE_MATCH_MS else 0
+def _earliest_mark(marks: list[Mark] | None, first_ms: int, last_ms: int) -> Mark | None:
+    """The earliest of a pair's marks from PAIR_AFTER_MATCH_MS before first_ms to PAIR_BEFORE_MATCH_MS after
+    last_ms; None if none."""
+    if not marks:
+        return None
+    i = bisect.bisect_left(marks, (first_ms - PAIR_AFTER_MATCH_MS,))
+    return marks[i] if i < len(marks) and marks[i][0] <= last_ms + PAIR_BEFORE_MATCH_MS else None
 
 
-def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...]] | None:
+def _earliest(marks: list[Mark] | None, first_ms: int, last_ms: int) -> int:
+    """The code of _earliest_mark; 0 if none."""
+    mark = _earliest_mark(marks, first_ms, last_ms)
+    return mark[1] if mark is not None else 0
+
+
+def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int] | None:
     """What leaves the pass's meter of a flow: its endpoints, start, signature code and named hosts if it
     matched (RequestFindings.add's arguments), else nothing."""
     code = getattr(flow.udps, "request_signature", 0)
     if not code:
         return None
     return (flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, flow.bidirectional_first_seen_ms, code,
-            flow.udps.named_hosts)
+            flow.udps.named_hosts, flow.protocol)
 
 
 def request_pass(source: str, config: MeterConfig) -> tuple[SidePass, RequestFindings]:

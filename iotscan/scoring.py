@@ -44,6 +44,7 @@ from iotscan.features import (
 )
 from iotscan.modelstore import bundled_model, load_model, verified_card
 from iotscan.pipeline import Event, SourceInfo, Stage
+from iotscan.records import community_id
 from iotscan.request_pass import MAX_FINDINGS, SIGNATURES, RequestFindings, request_pass
 from iotscan.source import SidePass
 
@@ -55,7 +56,8 @@ LIVE_MAX_DELAY_S = 1.0
 # reader waits for it instead, so memory stays bounded on a capture whose pass takes long.
 HELD_FOR_REQUESTS = 16_384
 MAX_REASONS = 3
-_BENIGN = {"verdict": "benign", "score": None, "family": None, "reasons": None}  # key order as VERDICT_FIELDS
+# key order as VERDICT_FIELDS
+_BENIGN = {"verdict": "benign", "score": None, "family": None, "reasons": None, "evidence_community_id": None}
 _MIN_DROP = 0.05  # log-odds a group must account for to be named
 _CELL_BITS = 4  # a group's deviation bin, log2 robust units, 0..15: 15 groups fit in 60 bits
 # The signature columns, in the order they decide: the flow's own match, its pair's, its named hosts'
@@ -449,8 +451,22 @@ class ScoringStage(Stage):
             record["verdict"] = "attack"
             record["family"] = family
             record["reasons"] = why
+        if len(attack) and extractor.requests is not None:
+            self._link_evidence([pending[i][0] for i in attack.tolist()], X[attack], extractor.requests)
         self.scored += len(pending)
         return pending
+
+    @staticmethod
+    def _link_evidence(records: list[dict[str, Any]], X: np.ndarray, findings: RequestFindings) -> None:
+        """evidence_community_id of the attacks a signature decided through another flow (pair_signature,
+        named_signature): that flow's, so a person goes from the marked flow to the request that matched."""
+        code, column = _deciding_code(X)
+        for i in np.flatnonzero((code > 0) & (column > 0)).tolist():
+            r = records[i]
+            flow = findings.marking_flow(r["src_ip"], r["dst_ip"], r["first_seen_ms"], r["last_seen_ms"],
+                                         named=column[i] == 2)
+            if flow is not None:
+                r["evidence_community_id"] = community_id(flow[0], flow[2], flow[4], flow[1], flow[3])
 
     def end(self, source: SourceInfo) -> None:
         self._abandon_requests()

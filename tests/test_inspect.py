@@ -365,7 +365,7 @@ def test_sigint_ends_tshark_and_exits_130(tmp_path):
     assert _alive(tshark) and proc.poll() is None, "inspect finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, err.decode()[-2000:]
+    assert proc.returncode == 130, (err.decode()[-2000:], out.decode()[-600:])
     assert b"Traceback" not in err
     assert not tshark.is_running(), "tshark outlived inspect"
     summary = ndjson(out)[-1]

@@ -177,6 +177,13 @@ def test_an_exploit_marks_its_victims_flows_to_the_hosts_its_request_names() -> 
     assert named("172.16.238.10", "172.16.238.10", 100_275, 118_000) == 0 and len(f.by_named) == 1  # not itself
     assert named("172.16.238.10", "172.16.238.11", 100_000 + PAIR_AFTER_MATCH_MS + 1, 10**9) == 0
     assert f.pair_code("172.16.238.10", "172.16.238.11", 100_275, 118_000) == 0  # no pair of its own
+    # what a person looks at next: the request that named the host (the marked flows' evidence_community_id)
+    request_flow = ("172.16.238.1", 1984, "172.16.238.10", 8080, 6)
+    assert f.marking_flow("172.16.238.11", "172.16.238.10", 119_000, 119_100, named=True) == request_flow
+    assert f.marking_flow("172.16.238.1", "172.16.238.10", 100_000, 100_100, named=False) == request_flow
+    assert f.marking_flow("172.16.238.10", "172.16.238.11", 100_275, 118_000, named=False) is None
+    assert f.marking_flow("172.16.238.10", "172.16.238.11", 100_000 + PAIR_AFTER_MATCH_MS + 1, 10**9,
+                          named=True) is None
 
 
 def test_named_hosts_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:

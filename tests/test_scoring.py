@@ -278,6 +278,30 @@ def test_summary_counts_attacks(scored: dict[str, list[dict]]) -> None:
     assert list(summary["attack_families"].values()) == sorted(families.values(), reverse=True)
 
 
+def test_marked_attacks_link_to_the_flow_that_matched(scored: dict[str, list[dict]]) -> None:
+    """An attack a signature decided through another flow (its two hosts' flow matched, or an exploit request
+    named one of them) carries that flow's community_id; it is an attack of the capture decided by its own
+    packets, for the same signature. No other flow carries one."""
+    marked_reasons = ("a flow between the same two hosts matched a signature within minutes: ",
+                      "the other host was named in an exploit request this host received within minutes: ")
+    linked = 0
+    for name, flows in scored.items():
+        if name == "_summary":
+            continue
+        by_cid = {r["community_id"]: r for r in flows if r["community_id"]}
+        for r in flows:
+            marked = r["verdict"] == "attack" and r["reasons"][0].startswith(marked_reasons)
+            if not marked:
+                assert r["evidence_community_id"] is None, r
+                continue
+            evidence = by_cid[r["evidence_community_id"]]
+            assert evidence["verdict"] == "attack" and not evidence["reasons"][0].startswith(marked_reasons)
+            assert evidence["reasons"][0].endswith(r["reasons"][0].split(": ", 1)[1]), (r, evidence)
+            assert evidence["community_id"] != r["community_id"]
+            linked += 1
+    assert linked >= 100  # the IRC bot's other flows, the log4j victim's, the SQL injection's
+
+
 def test_fail_on_no_score_and_threshold() -> None:
     proc = run_iotscan("analyze", SAMPLES / "synflood-spoofed.pcap", "-f", "ndjson", "--no-devices",
                        "--fail-on", "ddos")
