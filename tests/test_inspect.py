@@ -348,12 +348,16 @@ def _children(pid: int) -> list[psutil.Process]:
 @needs_tshark
 def test_sigint_ends_tshark_and_exits_130(tmp_path):
     capture = tmp_path / "big.pcap"
-    _replicated_capture(MIRAI, capture, 80)  # 320,000 packets: tshark needs several seconds
+    _replicated_capture(MIRAI, capture, 40)  # 160,000 packets: tshark needs several seconds
     # A flow of the last copy: tshark has the whole capture to read before it is complete.
     last = max(flow_records(MIRAI), key=lambda r: r["first_seen_ms"])
     args = ["--5tuple", f"{last['src_ip']}:{last['src_port']}-{last['dst_ip']}:{last['dst_port']}/tcp"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "iotscan", "inspect", str(capture), *args, "-f", "ndjson"],
+    # A Ctrl-C as a terminal sends it: pytest run as a background job of a non-interactive shell ignores
+    # SIGINT, and its children would inherit that, so the child first takes Python's own handler back.
+    run_with_sigint = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+                      "sys.argv = ['iotscan', *sys.argv[1:]]; from iotscan.cli import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", run_with_sigint, "inspect", str(capture), *args, "-f", "ndjson"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env)
     tshark = None
     deadline = time.monotonic() + 60
