@@ -122,8 +122,9 @@ class LiveMonitor(Stage):
     """The last stage: counts flows for --count, remembers the latest attacks and the devices seen."""
 
     def __init__(self, count: int | None, on_count: Callable[[], None], on_begin: Callable[[], None],
-                 summary_fields: Callable[[], dict[str, Any]]) -> None:
+                 summary_fields: Callable[[], dict[str, Any]], attacks_only: bool = False) -> None:
         self.count = count or 0
+        self.attacks_only = attacks_only  # --count counts the records written: only attacks then
         self.on_count = on_count
         self.on_begin = on_begin
         self.summary_fields = summary_fields
@@ -142,8 +143,10 @@ class LiveMonitor(Stage):
             if record is None:  # heartbeat
                 yield record, flow
                 continue
-            self.flows += 1
-            if record.get("verdict") == "attack":
+            attack = record.get("verdict") == "attack"
+            if attack or not self.attacks_only:
+                self.flows += 1
+            if attack:
                 latest_attacks.append(record)
             # Devices: the device stage's ids when it runs, else the MACs of local senders.
             device = record.get(src_link)
@@ -196,15 +199,15 @@ class LiveRun:
 
     def __init__(self, sink: Sink, stages: Sequence[Stage], config: MeterConfig, limits: LiveLimits,
                  *, reporter: Reporter | None = None, fail_on: str | None = None,
-                 view_console: Console | None = None) -> None:
+                 view_console: Console | None = None, attacks_only: bool = False) -> None:
         self.config = replace(config, live=True)
         self.interface = config.source
         self.limits = limits
         self.sink = _LockedSink(sink)
         self.monitor = LiveMonitor(limits.count, lambda: self.stop("count"), self._keep_source,
-                                   self._summary_fields)
+                                   self._summary_fields, attacks_only=attacks_only)
         self.analysis = Analysis(self.sink, stages=[*stages, self.monitor], reporter=reporter,
-                                 fail_on=fail_on)
+                                 fail_on=fail_on, attacks_only=attacks_only)
         self.view_console = view_console
         self.stop_reason: str | None = None
         self.started = time.monotonic()

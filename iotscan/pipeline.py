@@ -126,12 +126,13 @@ class Analysis:
     """One run of iotscan over sources, writing records to a sink."""
 
     def __init__(self, sink: Sink, stages: Sequence[Stage] = (), reporter: Reporter | None = None,
-                 fail_on: str | None = None, emit_flows: bool = True) -> None:
+                 fail_on: str | None = None, emit_flows: bool = True, attacks_only: bool = False) -> None:
         self.sink = sink
         self.stages = list(stages)
         self.reporter = reporter or Reporter(quiet=True)
         self.fail_on = fail_on
         self.emit_flows = emit_flows
+        self.attacks_only = attacks_only  # write only the flow records judged attacks (--attacks-only)
         self.state = RunState()
         self.live = False  # capturing an interface: a stop is how the run ends, not an interruption
         self._current: FlowSource | None = None
@@ -206,6 +207,7 @@ class Analysis:
             events = stage.run(events)
         write = self.sink.write
         fail_family = self.fail_on
+        emit_all, emit_attacks = self.emit_flows and not self.attacks_only, self.emit_flows
         for record, _flow in events:
             if record is None:
                 continue
@@ -216,7 +218,9 @@ class Analysis:
                 self.state.attack_families[family or "unknown"] += 1
                 if fail_family in ("attack", family):
                     self.state.fail_hits += 1
-            if self.emit_flows:
+                if emit_attacks:
+                    write(record)
+            elif emit_all:
                 write(record)
 
     def _report_warnings(self, info: SourceInfo, report: SourceReport) -> str:

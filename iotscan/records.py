@@ -84,7 +84,7 @@ VERDICT_FIELDS = ("verdict", "score", "family", "reasons", "evidence_community_i
 SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("event_type", "always \"summary\", the last record of every run"),
     ("packets", "packets read"),
-    ("flows", "flow records written"),
+    ("flows", "flows metered (each written as a record, unless --attacks-only keeps only the attacks)"),
     ("devices", "device records written"),
     ("attacks", "flows with verdict attack"),
     ("attack_families", "flows with verdict attack per family, most first ({} when none or nothing was scored)"),
@@ -110,7 +110,7 @@ STATS_FIELDS: tuple[tuple[str, str], ...] = (
     ("elapsed_s", "seconds since the capture started"),
     ("interval_s", "seconds since the previous stats record (or the start)"),
     ("packets", "packets metered since the start"),
-    ("flows", "flow records written since the start"),
+    ("flows", "flows metered since the start (each written as a record, unless --attacks-only)"),
     ("active_flows", "flows in the meter's table now, not yet written"),
     ("attacks", "flows with verdict attack since the start"),
     ("dropped_packets", "packets the kernel dropped since the start (iotscan did not keep up)"),

@@ -197,13 +197,15 @@ def _check_tcp_bytes(flow: dict, upload: int, download: int) -> None:
     assert flow["packets"] == flow["src2dst_packets"] + flow["dst2src_packets"]
 
 
-def _check_end(records: list[dict], stop_reason: str) -> dict:
+def _check_end(records: list[dict], stop_reason: str, every_flow: bool = True) -> dict:
+    """The summary comes last and once, with the stop reason; with ``every_flow`` (not --attacks-only), it
+    counts the flow records written."""
     assert records, "no records"
     summary = records[-1]
     assert summary["event_type"] == "summary", records[-3:]
     assert [r for r in records if r["event_type"] == "summary"] == [summary]
     assert summary["stop_reason"] == stop_reason, summary
-    assert summary["flows"] == sum(r["event_type"] == "flow" for r in records)
+    assert not every_flow or summary["flows"] == sum(r["event_type"] == "flow" for r in records)
     kinds = [r["event_type"] for r in records if r["event_type"] in ("flow", "device")]
     assert kinds == sorted(kinds, key=lambda k: k == "device"), "device records come after every flow"
     assert summary["devices"] == kinds.count("device")
@@ -264,11 +266,12 @@ def _packet_sockets() -> int:
         return len(f.readlines()) - 1  # a header line, then one per packet socket of this namespace
 
 
-def _live_with_request_pass(duration: str, probe: socket.socket, *socks: socket.socket) -> LiveProcess:
+def _live_with_request_pass(duration: str, probe: socket.socket, *socks: socket.socket,
+                            extra: tuple[str, ...] = ()) -> LiveProcess:
     """iotscan live on the ports of these sockets, once its main capture and its request pass's both run."""
     sockets_before = _packet_sockets()
     live = LiveProcess("--duration", duration, "--format", "ndjson", "--stats-interval", "1", "--bpf",
-                       _bpf(*socks, probe))
+                       _bpf(*socks, probe), *extra)
     try:
         live.wait_ready(_port(probe))
         deadline = time.monotonic() + 20
@@ -333,13 +336,16 @@ def test_live_reads_requests_exploit_and_dns_tunnel_are_attacks():
 
 def test_live_reads_bot_commands_and_refused_logins():
     """The request pass's other kinds on a live interface: an IoT bot registering on IRC, and a broker
-    refusing five logins from one client (counted across its connections before any counts)."""
+    refusing five logins from one client (counted across its connections before any counts). With
+    --attacks-only, only attacks are written: a flow of two other hosts is metered, not written."""
     udp, irc, probe = _listeners()
     broker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     broker.bind(("127.0.0.1", 0))
     broker.listen(8)
+    quiet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a service of another loopback address
+    quiet.bind(("127.0.0.3", 0))
     irc_port, broker_port = _port(irc), _port(broker)
-    live = _live_with_request_pass("8", probe, irc, broker)
+    live = _live_with_request_pass("8", probe, irc, broker, quiet, extra=("--attacks-only",))
     try:
         bot = socket.create_connection(irc.getsockname(), timeout=5)
         conn, _ = irc.accept()
@@ -358,14 +364,22 @@ def test_live_reads_bot_commands_and_refused_logins():
             client.recv(16)
             client.close()
             conn.close()
+        # and an exchange of two other loopback addresses, which the bot's signature does not mark
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other.bind(("127.0.0.2", 0))
+        other.sendto(b"status?", quiet.getsockname())
+        quiet.settimeout(5)
+        _, asker = quiet.recvfrom(64)
+        quiet.sendto(b"ok", asker)
+        other.close()
         code, err = live.finish()
     finally:
         live.kill()
-        for s in (udp, irc, probe, broker):
+        for s in (udp, irc, probe, broker, quiet):
             s.close()
     assert code == 0, err.decode(errors="replace")
     records = [r for _, r in live.records]
-    _check_end(records, "duration")
+    _check_end(records, "duration", every_flow=False)
     (irc_flow,) = _flows(records, irc_port)
     assert (irc_flow["verdict"], irc_flow["family"], irc_flow["score"]) == ("attack", "c2", 1.0)
     assert irc_flow["reasons"][0] == "a bot's command to its controller: IRC bot nick naming its CPU"
@@ -374,6 +388,12 @@ def test_live_reads_bot_commands_and_refused_logins():
     for flow in guesses:
         assert (flow["verdict"], flow["family"], flow["score"]) == ("attack", "bruteforce", 1.0)
         assert flow["reasons"][0] == "MQTT login refused, 5 or more between the same two hosts within 10 minutes"
+    written = [r for r in records if r["event_type"] == "flow"]
+    assert all(r["verdict"] == "attack" for r in written)  # the probes' flows too: their hosts are the bot's
+    assert "127.0.0.2" not in {r["src_ip"] for r in written}
+    summary = records[-1]
+    assert summary["attacks"] == len(written) and summary["flows"] == len(written) + 1
+    assert summary["attack_families"]["bruteforce"] == 5
 
 
 def test_sigint_flushes_active_flows():

@@ -302,6 +302,22 @@ def test_marked_attacks_link_to_the_flow_that_matched(scored: dict[str, list[dic
     assert linked >= 100  # the IRC bot's other flows, the log4j victim's, the SQL injection's
 
 
+def test_attacks_only_writes_the_attacks_and_counts_every_flow(scored: dict[str, list[dict]]) -> None:
+    records = ndjson(run_iotscan("analyze", SAMPLES, "-f", "ndjson", "--no-devices", "--attacks-only",
+                                 check_code=0).stdout)
+    attacks = {r["flow_id"] for name, flows in scored.items() if name != "_summary" for r in flows
+               if r["verdict"] == "attack"}
+    flows = [r for r in records if r["event_type"] == "flow"]
+    assert {r["flow_id"] for r in flows} == attacks and len(flows) == len(attacks)
+    summary, everything = records[-1], scored["_summary"][0]
+    assert (summary["flows"], summary["attacks"], summary["attack_families"]) == \
+        (everything["flows"], everything["attacks"], everything["attack_families"]) and summary["flows"] > len(flows)
+    proc = run_iotscan("analyze", SAMPLES / "web-sqli.pcap", "--attacks-only", "--no-score")
+    assert proc.returncode == 2 and b"--attacks-only" in proc.stderr
+    assert_no_traceback(proc)
+    assert len(proc.stderr.decode().strip().splitlines()) == 1
+
+
 def test_fail_on_no_score_and_threshold() -> None:
     proc = run_iotscan("analyze", SAMPLES / "synflood-spoofed.pcap", "-f", "ndjson", "--no-devices",
                        "--fail-on", "ddos")

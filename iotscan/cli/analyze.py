@@ -9,6 +9,7 @@ import typer
 from iotscan.cli import app
 from iotscan.cli.common import (
     ACTIVE_OPTION,
+    ATTACKS_ONLY_OPTION,
     BPF_OPTION,
     FAIL_ON_OPTION,
     FORMAT_OPTION,
@@ -23,6 +24,7 @@ from iotscan.cli.common import (
     TRUST_MODEL_OPTION,
     Format,
     build_stages,
+    check_attacks_only,
     flow_columns,
     main_pass_config,
     open_output,
@@ -49,11 +51,13 @@ def analyze(
     model: Path | None = MODEL_OPTION,
     trust_model: bool = TRUST_MODEL_OPTION,
     no_score: bool = NO_SCORE_OPTION,
+    attacks_only: bool = ATTACKS_ONLY_OPTION,
     explain: bool = typer.Option(False, "--explain", help="Give every attack flow the ready-to-run `iotscan "
                                  "inspect` command that shows its packets (field `inspect`; listed in the table)."),
 ) -> None:
     """Extract every flow of the captures, fingerprint devices and score flows, in one pass."""
     fmt = resolve_format(fmt, output)
+    check_attacks_only(attacks_only, no_score)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
                           threshold=threshold)
     if explain:
@@ -65,7 +69,7 @@ def analyze(
     out = open_output(output, paths)
     columns = flow_columns(devices=not no_devices, score=not no_score) + (("inspect",) if explain else ())
     sink = make_sink(fmt.value, out, columns=columns)
-    analysis = Analysis(sink, stages=stages, reporter=Reporter(quiet), fail_on=fail_on)
+    analysis = Analysis(sink, stages=stages, reporter=Reporter(quiet), fail_on=fail_on, attacks_only=attacks_only)
     try:
         analysis.run_files(paths, config)
     finally:

@@ -58,6 +58,15 @@ MODEL_OPTION = typer.Option(None, "--model", dir_okay=False,
 TRUST_MODEL_OPTION = typer.Option(False, "--trust-model",
                                   help="Load --model without verification: a model file is a pickle and runs code.")
 NO_SCORE_OPTION = typer.Option(False, "--no-score", help="Skip scoring (no verdict, score, family, reasons).")
+ATTACKS_ONLY_OPTION = typer.Option(
+    False, "--attacks-only",
+    help="Write only the flow records judged attacks (device records and the summary still follow): an alert "
+         "stream for a SIEM. summary.flows still counts every flow.")
+
+
+def check_attacks_only(attacks_only: bool, no_score: bool) -> None:
+    if attacks_only and no_score:
+        raise InputError("--attacks-only needs the verdicts that --no-score skips: give one or the other")
 
 
 def resolve_format(fmt: Format | None, output: Path | None) -> Format:

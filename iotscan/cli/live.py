@@ -10,6 +10,7 @@ import typer
 from iotscan.cli import app
 from iotscan.cli.common import (
     ACTIVE_OPTION,
+    ATTACKS_ONLY_OPTION,
     BPF_OPTION,
     FAIL_ON_OPTION,
     FORMAT_OPTION,
@@ -23,6 +24,7 @@ from iotscan.cli.common import (
     TRUST_MODEL_OPTION,
     Format,
     build_stages,
+    check_attacks_only,
     flow_columns,
     main_pass_config,
     open_output,
@@ -71,9 +73,11 @@ def live(
     model: Path | None = MODEL_OPTION,
     trust_model: bool = TRUST_MODEL_OPTION,
     no_score: bool = NO_SCORE_OPTION,
+    attacks_only: bool = ATTACKS_ONLY_OPTION,
 ) -> None:
     """Capture an interface and write each flow as it ends, with devices and verdicts, until stopped."""
     fmt = resolve_format(fmt, output)
+    check_attacks_only(attacks_only, no_score)
     # The view is on stderr: shown unless records are streaming onto the same terminal.
     writes_to_terminal = output is None and sys.stdout.isatty() and fmt != Format.table
     show_view = not quiet and stderr.is_terminal and not writes_to_terminal and \
@@ -90,7 +94,7 @@ def live(
         sink = make_sink(fmt.value, out, columns=flow_columns(devices=not no_devices, score=not no_score),
                          flush_each=True)
         run = LiveRun(sink, stages, config, limits, reporter=Reporter(quiet), fail_on=fail_on,
-                      view_console=stderr if show_view else None)
+                      view_console=stderr if show_view else None, attacks_only=attacks_only)
         code = run.run()
     finally:
         if output is not None:

@@ -32,7 +32,8 @@ from iotscan.training.train import library_versions, utc_now
 TARGETS = {"attack_recall_per_capture": 0.95, "benign_fpr_per_flow": 0.01, "family_accuracy_per_capture": 0.80}
 CONTEXT_NOTE = (
     "Context is causal: a flow's context features are computed from the flows of the same capture that "
-    "expired before it (and itself); scoring is not delayed to look ahead. Windows: decayed counters with "
+    "expired before it (and itself); scoring is not delayed to look ahead (measured: no gain, see the notes). "
+    "Windows: decayed counters with "
     f"half-lives of {', '.join(f'{w:g} s' for w in WINDOWS_S)} of capture time, per source, destination host, "
     f"service (host, port, protocol) and channel (source, service); at most {MAX_KEYS:,} keys per table, "
     f"{SET_CAP} recent peers per key, keys idle for {KEY_TTL_S:g} s dropped.")
@@ -204,7 +205,7 @@ def card_markdown(card: dict[str, Any]) -> str:
               "load). Per flow: NFStream statistics (sizes, timing, TCP flags, direction balance), the sizes and "
               "directions of the first packets, the nDPI application and category as codes of a fixed vocabulary "
               "(unknown names -> other), port classes (well-known / registered / ephemeral); no addresses, MACs, "
-              "raw ports or absolute times. Context: " + card["features"]["context"], ""]
+              "raw ports or absolute times. " + card["features"]["context"], ""]
     left_out = card["features"].get("detector_left_out")
     if left_out:
         names = ", ".join(f"`{n}`" for n in left_out)
