@@ -356,7 +356,12 @@ class LiveRun:
         if self.limits.duration_s:
             limits.append(f"stops after {self.limits.duration_s:g} s")
         if self.limits.count:
-            limits.append(f"after {self.limits.count:,} flows")
+            limits.append(f"after {self.limits.count:,} {'attacks' if self.monitor.attacks_only else 'flows'}")
         header = Text.from_markup(f"[bold]iotscan live[/] {escape(self.interface)}   {elapsed}   "
                                   f"{'; '.join(limits) or 'Ctrl-C stops'}", style="cyan")
-        return Group(header, attacks, counters)
+        families = dict(state.attack_families)  # one C-level copy: the flow loop adds to it meanwhile
+        if not families:
+            return Group(header, attacks, counters)
+        by_family = Text.from_markup("attacks by family: " + ", ".join(
+            f"[bold red]{escape(family)}[/] {n:,}" for family, n in sorted(families.items(), key=lambda fn: -fn[1])))
+        return Group(header, attacks, counters, by_family)

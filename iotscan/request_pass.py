@@ -389,7 +389,7 @@ class RequestFindings:
     # (time, code, the matching flow's Flow5) of each mark, sorted by time
     by_pair: dict[tuple[str, str], list[Mark]] = field(default_factory=dict)
     by_named: dict[tuple[str, str], list[Mark]] = field(default_factory=dict)
-    # matches held back, by (pair, code): (first_ms, endpoints), and until when a pair's matches count at once
+    # matches held back, by (pair, code): (first_ms, flow), and until when a pair's matches count at once
     held: dict[tuple[tuple[str, str], int], deque[tuple[int, Flow5]]] = field(default_factory=dict)
     counting_until: dict[tuple[tuple[str, str], int], int] = field(default_factory=dict)
     matched: int = 0

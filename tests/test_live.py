@@ -732,7 +732,8 @@ def test_doctor_without_privileges_says_what_to_run():
 
 
 def test_live_view_shows_why_for_the_latest_attacks() -> None:
-    """The view's latest attacks (here, scored flows of a sample capture) carry family, score and first reason."""
+    """The view's latest attacks (here, scored flows of a sample capture) carry family, score and first reason;
+    the attacks so far are counted by family."""
     records = ndjson(run_iotscan("analyze", SAMPLES / "web-sqli.pcap", "-f", "ndjson", "--no-devices",
                                  check_code=0).stdout)
     attacks = [r for r in records if r.get("verdict") == "attack"]
@@ -740,9 +741,11 @@ def test_live_view_shows_why_for_the_latest_attacks() -> None:
     run = LiveRun(NdjsonSink(io.BytesIO()), [], MeterConfig(source="lo"), LiveLimits())
     run._last_view = _Sample(time.monotonic(), 0, 0, 0)
     run.monitor.latest_attacks.extend(attacks)
+    run.analysis.state.attack_families.update(r["family"] for r in attacks)
     out = io.StringIO()
     Console(file=out, width=200).print(run._render())
     text = out.getvalue()
     assert "Latest attacks" in text and " why " in text
+    assert f"attacks by family: exploit {len(attacks)}" in text
     for r in attacks[-3:]:
         assert r["reasons"][0] in text and f"{r['score']:.2f}" in text
