@@ -61,8 +61,9 @@ def live(
     duration: float | None = typer.Option(None, "--duration", min=0.1,
                                           help="Stop after SECONDS, as cleanly as Ctrl-C."),
     count: int | None = typer.Option(None, "--count", min=1,
-                                     help="Stop once FLOWS flow records are written; the flows still active "
-                                          "then are flushed too, so a few more may follow."),
+                                     help="Stop once FLOWS flow records are written (attack records, with "
+                                          "--attacks-only); the flows still active then are flushed too, so a "
+                                          "few more may follow."),
     stats_interval: float | None = typer.Option(
         None, "--stats-interval", min=1.0,
         help="Write a 'stats' record every SECONDS: packets, flows, active flows, kernel drops, rates."),
