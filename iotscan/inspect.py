@@ -1144,6 +1144,7 @@ class InspectCommandStage(Stage):
     """`analyze --explain`: every attack flow of a capture file gets its `iotscan inspect` command."""
 
     def __init__(self, idle_timeout: int = 120, active_timeout: int = 1800) -> None:
+        super().__init__()
         self.idle_timeout, self.active_timeout = idle_timeout, active_timeout
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:

@@ -123,6 +123,7 @@ class LiveMonitor(Stage):
 
     def __init__(self, count: int | None, on_count: Callable[[], None], on_begin: Callable[[], None],
                  summary_fields: Callable[[], dict[str, Any]], attacks_only: bool = False) -> None:
+        super().__init__()
         self.count = count or 0
         self.attacks_only = attacks_only  # --count counts the records written: only attacks then
         self.on_count = on_count
@@ -167,6 +168,7 @@ class LiveMonitor(Stage):
             yield record, flow
 
     def summarize(self, summary: dict[str, Any]) -> None:
+        super().summarize(summary)
         summary.update(self.summary_fields())
 
 

@@ -80,7 +80,15 @@ os.register_at_fork(after_in_child=_gc_in_child)
 
 
 class Stage:
-    """Base class of enrichment and scoring stages; every hook is optional."""
+    """Base class of enrichment and scoring stages; every hook is optional. What a stage warns of (warn())
+    joins the summary's warnings."""
+
+    def __init__(self) -> None:
+        self.warnings: list[dict[str, str]] = []
+
+    def warn(self, source: str, code: str, message: str) -> None:
+        """A warning for the summary, shaped as the run's own (RunState.warn)."""
+        self.warnings.append({"source": source, "code": code, "message": message})
 
     def begin(self, source: SourceInfo) -> None:
         pass
@@ -95,7 +103,9 @@ class Stage:
         return []
 
     def summarize(self, summary: dict[str, Any]) -> None:
-        pass
+        """Add to the summary record: by default, the stage's warnings."""
+        if self.warnings:
+            summary.setdefault("warnings", []).extend(self.warnings)
 
 
 @dataclass

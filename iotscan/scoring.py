@@ -299,6 +299,7 @@ class ScoringStage(Stage):
 
     def __init__(self, model_path: Path | None = None, trusted: bool = False, threshold: float | None = None,
                  batch_rows: int = BATCH_ROWS) -> None:
+        super().__init__()
         self._model: dict[str, Any] | None = None
         if model_path is None:
             # The bundled model is verified against its card now (a tampered or mismatched model stops
@@ -318,7 +319,6 @@ class ScoringStage(Stage):
         self._source: SourceInfo | None = None
         self._requests: SidePass | None = None
         self._findings: RequestFindings | None = None
-        self.warnings: list[dict[str, str]] = []
         self.scored = 0
 
     @property
@@ -387,15 +387,13 @@ class ScoringStage(Stage):
         job.end()
         name = self._source.name if self._source is not None else ""
         if job.error is not None:
-            self.warnings.append({"source": name, "code": "request_pass",
-                                  "message": f"request pass failed (no HTTP or DNS signatures): {job.error}"})
+            self.warn(name, "request_pass", f"request pass failed (no HTTP or DNS signatures): {job.error}")
             return None
         findings = self._findings
         if findings is not None and findings.forgotten:
-            self.warnings.append({"source": name, "code": "request_signatures_capped",
-                                  "message": f"{findings.forgotten:,} of {findings.matched:,} flows matching request "
-                                             f"signatures were forgotten for newer ones (at most {MAX_FINDINGS:,} "
-                                             "are kept)"})
+            self.warn(name, "request_signatures_capped",
+                      f"{findings.forgotten:,} of {findings.matched:,} flows matching request signatures were "
+                      f"forgotten for newer ones (at most {MAX_FINDINGS:,} are kept)")
         return findings
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
@@ -476,7 +474,6 @@ class ScoringStage(Stage):
         return []
 
     def summarize(self, summary: dict[str, Any]) -> None:
-        if self.warnings:
-            summary.setdefault("warnings", []).extend(self.warnings)
+        super().summarize(summary)
         summary["model"] = {"name": self.card.get("model_file", MODEL_NAME), "sha256": self.card.get("sha256"),
                             "threshold": self.threshold}

@@ -17,8 +17,10 @@ import orjson
 import pytest
 from conftest import NDPI_PCAPS, REPO, SAMPLES, assert_no_traceback, ndjson, require_shared, run_iotscan
 
-from iotscan.pipeline import _gc_paced
+from iotscan.cli.common import main_pass_config
+from iotscan.pipeline import Analysis, SourceInfo, Stage, _gc_paced
 from iotscan.records import FLOW_FIELD_NAMES, SUMMARY_FIELDS, community_id
+from iotscan.sinks import NdjsonSink
 
 SAMPLE_FILES = sorted(SAMPLES.glob("*.pcap"))
 
@@ -373,3 +375,20 @@ def test_garbage_collector_is_paced_by_events_and_forks_get_it_back() -> None:
     assert not gc.isenabled()
     events.close()
     assert gc.isenabled()
+
+
+class _Warner(Stage):
+    """A stage that warns once per source, as the device and scoring stages do when a side pass fails."""
+
+    def end(self, source: SourceInfo) -> None:
+        self.warn(source.name, "side_pass", f"{Path(source.name).name}: a stage's warning")
+
+
+def test_stage_warnings_join_the_summary() -> None:
+    out = io.BytesIO()
+    analysis = Analysis(NdjsonSink(out), stages=[_Warner()])
+    analysis.run_files([SAMPLES / "web-sqli.pcap", SAMPLES / "log4j-exploit.pcap"], main_pass_config("", score=False))
+    summary = analysis.finish()
+    assert [(w["code"], w["message"]) for w in summary["warnings"]] == [
+        ("side_pass", "web-sqli.pcap: a stage's warning"), ("side_pass", "log4j-exploit.pcap: a stage's warning")]
+    assert ndjson(out.getvalue())[-1] == orjson.loads(orjson.dumps(summary))

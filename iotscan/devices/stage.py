@@ -44,6 +44,7 @@ class DeviceStage(Stage):
     def __init__(self, model: DeviceModel | None = None, *, use_model: bool = True,
                  model_path: Path | None = None, trust_model: bool = False, identity_pass: bool = True,
                  signatures: Signatures | None = None) -> None:
+        super().__init__()
         self.signatures = signatures or load_signatures()
         self.model = model
         self._model_path: Path | None = None
@@ -57,7 +58,6 @@ class DeviceStage(Stage):
         self.devices: dict[str, DeviceActivity] = {}
         self.hints = IdentityHints()
         self.gateways: dict[str, set[str]] = {}  # MAC -> local devices whose Internet traffic it carries
-        self.warnings: list[dict[str, str]] = []
         self.identity_seconds = 0.0
         self._ip_kind: dict[str, int] = {}
         self._unicast: dict[str, bool] = {}
@@ -184,9 +184,8 @@ class DeviceStage(Stage):
         if len(self.devices) >= MAX_DEVICES:
             if not self._full:
                 self._full = True
-                self.warnings.append({"source": "", "code": "device_cap",
-                                      "message": f"more than {MAX_DEVICES:,} local MACs: later ones are not "
-                                                 "fingerprinted (spoofed source MACs?)"})
+                self.warn("", "device_cap", f"more than {MAX_DEVICES:,} local MACs: later ones are not "
+                                            "fingerprinted (spoofed source MACs?)")
             return None
         act = self.devices[mac] = DeviceActivity()
         return act
@@ -241,12 +240,10 @@ class DeviceStage(Stage):
             return
         ended = job.end()
         if job.error is not None:
-            self.warnings.append({"source": source.name, "code": "identity_pass",
-                                  "message": f"DHCP/mDNS/SSDP pass failed (devices rely on flows): {job.error}"})
+            self.warn(source.name, "identity_pass", f"DHCP/mDNS/SSDP pass failed (devices rely on flows): {job.error}")
         elif not ended:  # a stopped live pass: what it read is not waited for any longer
-            self.warnings.append({"source": source.name, "code": "identity_pass",
-                                  "message": f"DHCP/mDNS/SSDP pass did not stop within {SIDE_PASS_STOP_S:g} s "
-                                             "(devices rely on flows)"})
+            self.warn(source.name, "identity_pass",
+                      f"DHCP/mDNS/SSDP pass did not stop within {SIDE_PASS_STOP_S:g} s (devices rely on flows)")
         elif job.result is not None:
             self.hints.merge(job.result)
         self.identity_seconds += time.monotonic() - started
@@ -271,11 +268,6 @@ class DeviceStage(Stage):
         records = fingerprint_devices(devices, self.signatures, self.model)
         records.sort(key=lambda d: (d["first_seen_ms"], d["mac"]))
         return records
-
-    def summarize(self, summary: dict[str, Any]) -> None:
-        if self.warnings:
-            summary.setdefault("warnings", []).extend(self.warnings)
-
 
 def _device_ips(act: DeviceActivity, served: int, gateways: dict[str, set[str]],
                 devices: dict[str, DeviceActivity]) -> list[str]:
