@@ -36,6 +36,7 @@ dropped.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import struct
@@ -470,6 +471,8 @@ def _port_class(port: np.ndarray) -> np.ndarray:
     return np.select([port == 0, port < 1024, port < 49152], [0.0, 1.0, 2.0], 3.0)
 
 
+# Memoized with a bound: a spoofed flood has a new address per flow.
+@functools.lru_cache(maxsize=65536)
 def _is_multicast(ip: str) -> bool:
     if ":" in ip:
         return ip[:2].lower() == "ff"
@@ -555,27 +558,13 @@ class LinkTracker:
         self.max_keys = max_keys
         self.own: OrderedDict[str, str] = OrderedDict()  # local IP -> the MAC it sends from
         self.sender: OrderedDict[str, str] = OrderedDict()  # MAC -> the local IP it sends for
-        self._private: dict[str, bool] = {}
-
-    def _is_private(self, ip: str) -> bool:
-        hit = self._private.get(ip)
-        if hit is None:
-            if len(self._private) > 65536:  # bounded: a spoofed flood has a new address per flow
-                self._private.clear()
-            try:
-                address = ipaddress.ip_address(ip)
-                hit = address.version == 4 and address.is_private
-            except ValueError:
-                hit = False
-            self._private[ip] = hit
-        return hit
 
     def observe_batch(self, srcs: Sequence[str], src_macs: Sequence[str], dsts: Sequence[str],
                       dst_macs: Sequence[str]) -> np.ndarray:
         """1.0 for the flows (in expiry order) sent to a local host through another local host's MAC."""
         own, sender, out = self.own, self.sender, np.zeros(len(srcs))
         for i, (src, src_mac, dst, dst_mac) in enumerate(zip(srcs, src_macs, dsts, dst_macs, strict=True)):
-            if src_mac and own.get(src) != src_mac and self._is_private(src):
+            if src_mac and own.get(src) != src_mac and _is_private_ipv4(src):
                 own[src] = src_mac
                 sender[src_mac] = src
                 for table in (own, sender):
@@ -587,6 +576,15 @@ class LinkTracker:
                 if other is not None and other != dst and other.rpartition(".")[0] == dst.rpartition(".")[0]:
                     out[i] = 1.0
         return out
+
+
+@functools.lru_cache(maxsize=65536)  # bounded: a spoofed flood has a new address per flow
+def _is_private_ipv4(ip: str) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return address.version == 4 and address.is_private
 
 
 class FeatureExtractor:
@@ -612,7 +610,6 @@ class FeatureExtractor:
         self._stats: list[bytes] = []  # per flow: the meter's block, or a whole flow's packed statistics
         self._metered: list[bool] = []  # which of the two
         self._names: list[tuple[str, str, str, str, Any, str, str]] = []  # see _get_names
-        self._multicast_cache: dict[str, bool] = {}
         self.names: list[tuple[str, str]] = []  # (master app, category) per row, when vocabulary is None
         self.requests: RequestFindings | None = None
 
@@ -648,7 +645,8 @@ class FeatureExtractor:
         raw[:, _R["application_is_guessed"]] = guessed
         X = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
         n_flow = len(_PER_FLOW)
-        X[:, :n_flow] = per_flow_features(raw, self._multicast(dsts), splt_dirs, splt_sizes)
+        multicast = np.fromiter(map(_is_multicast, dsts), dtype=np.float64, count=len(dsts))
+        X[:, :n_flow] = per_flow_features(raw, multicast, splt_dirs, splt_sizes)
         if self._app_index is not None:
             X[:, n_flow] = _codes(apps, lambda a: self._app_index.get(master_app(a), 0))
             X[:, n_flow + 1] = _codes(cats, lambda c: self._cat_index.get(c or "Unknown", 0))
@@ -705,17 +703,6 @@ class FeatureExtractor:
                          for src, dst, sport, dport, first, last, proto in zip(srcs, dsts, *columns, strict=True)],
                         dtype=np.float32).reshape(-1, 3)
 
-    def _multicast(self, dsts: list[str]) -> np.ndarray:
-        cache = self._multicast_cache
-        if len(cache) > 65536:  # bounded: a spoofed flood has a new address per flow
-            cache.clear()
-        out = np.empty(len(dsts), dtype=np.float64)
-        for i, dst in enumerate(dsts):
-            hit = cache.get(dst)
-            if hit is None:
-                hit = cache[dst] = _is_multicast(dst)
-            out[i] = hit
-        return out
 
 
 def pack_statistics(flow: Any) -> bytes:
