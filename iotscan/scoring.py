@@ -22,6 +22,7 @@ flow sent through another local host's MAC (features.LinkTracker: ARP spoofing).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +46,7 @@ from iotscan.features import (
 from iotscan.modelstore import bundled_model, load_model, verified_card
 from iotscan.pipeline import Event, SourceInfo, Stage
 from iotscan.records import community_id
-from iotscan.request_pass import MAX_FINDINGS, SIGNATURES, RequestFindings, request_pass
+from iotscan.request_pass import MAX_FINDINGS, SIGNATURES, Flow5, RequestFindings, request_pass
 from iotscan.source import SidePass
 
 MODEL_NAME = "flows"
@@ -294,6 +295,12 @@ def _membership(model: dict[str, Any]) -> np.ndarray:
 
 # -- the stage ------------------------------------------------------------------------------------
 
+# One signature match marks many flows (a scanner's probes, an exploit's downloads): its id is hashed once.
+@functools.lru_cache(maxsize=4096)
+def _flow5_community_id(flow: Flow5) -> str | None:
+    return community_id(flow[0], flow[2], flow[4], flow[1], flow[3])
+
+
 class ScoringStage(Stage):
     """Adds verdict, score, family and reasons to every flow record."""
 
@@ -464,7 +471,7 @@ class ScoringStage(Stage):
             flow = findings.marking_flow(r["src_ip"], r["dst_ip"], r["first_seen_ms"], r["last_seen_ms"],
                                          named=column[i] == 2)
             if flow is not None:
-                r["evidence_community_id"] = community_id(flow[0], flow[2], flow[4], flow[1], flow[3])
+                r["evidence_community_id"] = _flow5_community_id(flow)
 
     def end(self, source: SourceInfo) -> None:
         self._abandon_requests()
