@@ -212,9 +212,19 @@ class Analysis:
     def _drain(self, source: FlowSource, info: SourceInfo) -> None:
         name = info.name
         base = os.path.basename(name)
-        events: Iterator[Event] = (TICK if f is None else (flow_record(f, name, base), f) for f in _gc_paced(source))
+        paced = _gc_paced(source)
+        events: Iterator[Event] = (TICK if f is None else (flow_record(f, name, base), f) for f in paced)
         for stage in self.stages:
             events = stage.run(events)
+        try:
+            self._write(events)
+        finally:
+            # A stage's failure leaves the chain unclosed while its traceback lives: the meter would capture
+            # on (or block on its full queue, and the exit wait for it) and the collector stay paused.
+            source.close()
+            paced.close()
+
+    def _write(self, events: Iterator[Event]) -> None:
         write = self.sink.write
         fail_family = self.fail_on
         emit_all, emit_attacks = self.emit_flows and not self.attacks_only, self.emit_flows

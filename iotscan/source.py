@@ -483,6 +483,7 @@ class FlowSource:
         self._stop = self._ctx.Event()
         self.report = SourceReport()
         self.pid: int | None = None
+        self._meter: tuple[Any, Any] | None = None  # (process, queue) while it runs
 
     def counter(self, index: int) -> int:
         return int(self._counters[index])
@@ -497,6 +498,7 @@ class FlowSource:
                                  daemon=True, name="iotscan-meter")
         proc.start()
         self.pid = proc.pid
+        self._meter = (proc, channel)
         try:
             while True:
                 try:
@@ -521,14 +523,27 @@ class FlowSource:
                 self.report = payload
                 return
         finally:
-            if proc.is_alive():
-                self._stop.set()
-                proc.join(timeout=2.0)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join(timeout=2.0)
-            channel.cancel_join_thread()
-            channel.close()
+            self._end_meter(grace_s=2.0)
+
+    def close(self) -> None:
+        """End the meter now if it still runs: when a stage fails, the iteration is abandoned without being
+        closed, and the meter would block on its full queue while the exit waits for it."""
+        self._end_meter(grace_s=0.0)
+
+    def _end_meter(self, grace_s: float) -> None:
+        """Ask a running meter to stop and wait ``grace_s`` for it (it flushes its flows), then kill it."""
+        if self._meter is None:
+            return
+        proc, channel = self._meter
+        self._meter = None
+        if proc.is_alive() and grace_s:
+            self._stop.set()
+            proc.join(timeout=grace_s)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=2.0)
+        channel.cancel_join_thread()
+        channel.close()
 
 
 def _real_interpreter() -> str:

@@ -8,7 +8,9 @@ goes to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import gc
 import io
+import multiprocessing as mp
 import os
 import queue
 import shutil
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -25,6 +28,7 @@ import pytest
 from rich.console import Console
 
 from iotscan.live import LiveLimits, LiveRun, _Sample
+from iotscan.pipeline import Analysis, Event, SourceInfo, Stage
 from iotscan.records import LIVE_SUMMARY_FIELDS, STATS_FIELD_NAMES
 from iotscan.sinks import NdjsonSink
 from iotscan.source import MeterConfig
@@ -749,3 +753,29 @@ def test_live_view_shows_why_for_the_latest_attacks() -> None:
     assert f"attacks by family: exploit {len(attacks)}" in text
     for r in attacks[-3:]:
         assert r["reasons"][0] in text and f"{r['score']:.2f}" in text
+
+
+class _FailingStage(Stage):
+    """A stage with a bug: it fails at its first event (a flow, or a quiet link's heartbeat)."""
+
+    def run(self, events: Iterator[Event]) -> Iterator[Event]:
+        for _ in events:
+            raise RuntimeError("a stage's bug")
+        yield from ()
+
+
+def test_a_failing_stage_ends_the_meter() -> None:
+    """When a stage fails, the source's iteration is abandoned unclosed (the traceback holds it): the meter
+    must still end, or it captures on and the exit waits for it (a hang after the one-line error), and the
+    cyclic collector must be on again."""
+    analysis = Analysis(NdjsonSink(io.BytesIO()), stages=[_FailingStage()])
+    config = MeterConfig(source="lo", live=True)
+    try:
+        analysis.run_interface(SourceInfo(name="lo", config=config))
+    except RuntimeError as exc:
+        failure = exc  # its traceback keeps the abandoned iteration alive, as on the CLI's way to its exit
+    else:
+        pytest.fail("the stage's error was lost")
+    assert str(failure) == "a stage's bug"
+    assert [p.name for p in mp.active_children()] == []
+    assert gc.isenabled()  # the event loop pauses the collector: a failure gives it back
