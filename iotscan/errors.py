@@ -36,6 +36,12 @@ class InputError(IotscanError):
     exit_code = ExitCode.USAGE
 
 
+class OutputError(IotscanError):
+    """The output cannot be written: a missing directory, no permission, a full disk, a lost mount."""
+
+    exit_code = ExitCode.USAGE
+
+
 class CaptureError(IotscanError):
     """Capturing or reading packets failed (privileges, interface, dead meter)."""
 

@@ -223,6 +223,21 @@ def test_refuses_to_overwrite_an_input(tmp_path: Path) -> None:
     assert capture.read_bytes() == before
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device whose writes fail: disk full)")
+@pytest.mark.parametrize("fmt", ["ndjson", "json", "csv", "table"])
+def test_a_full_disk_is_a_one_line_output_error(fmt: str) -> None:
+    """Writes that fail (every one, as on a full disk), to a file or to stdout, end the run with exit 2 and one
+    line naming the output, not an internal error, and nothing more at exit (stdout's last flush)."""
+    to_file = run_iotscan("analyze", SAMPLES / "web-sqli.pcap", "-f", fmt, "-o", "/dev/full", check_code=2)
+    with open("/dev/full", "wb") as full:
+        to_stdout = subprocess.run([sys.executable, "-m", "iotscan", "analyze", str(SAMPLES / "web-sqli.pcap"),
+                                    "-f", fmt], stdout=full, stderr=subprocess.PIPE, cwd=REPO, timeout=300)
+    assert to_stdout.returncode == 2, to_stdout.stderr.decode()
+    for proc, name in ((to_file, "/dev/full"), (to_stdout, "stdout")):
+        _one_error_line(proc, f"{name}: cannot write output: No space left on device")
+        assert len(proc.stderr.decode().splitlines()) == 1, proc.stderr.decode()
+
+
 def test_dash_output_is_stdout(tmp_path: Path) -> None:
     proc = run_iotscan("analyze", SAMPLES / "web-sqli.pcap", "-o", "-", "--no-score", cwd=tmp_path, check_code=0)
     records = ndjson(proc.stdout)

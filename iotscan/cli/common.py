@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import typer
 
-from iotscan.errors import InputError
+from iotscan.errors import InputError, OutputError
 from iotscan.pipeline import Stage
 from iotscan.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, metered_flow
 from iotscan.source import DEFAULT_MAX_FLOWS, MeterConfig
@@ -77,10 +78,65 @@ def resolve_format(fmt: Format | None, output: Path | None) -> Format:
     return Format.table if sys.stdout.isatty() else Format.ndjson
 
 
-def open_output(output: Path | None, inputs: Sequence[str | os.PathLike[str]] = (), append: bool = False) -> IO[bytes]:
+_T = TypeVar("_T")
+
+
+class OutputStream(io.BufferedIOBase):
+    """Where the records go (stdout or a file): a write that fails, at open or later (a full disk, a lost
+    mount), ends the run with a one-line error and exit code 2 rather than a bug report."""
+
+    def __init__(self, raw: IO[bytes], name: str, owned: bool) -> None:
+        super().__init__()
+        self.raw, self.name, self.owned = raw, name, owned
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self.raw.seekable()
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def isatty(self) -> bool:
+        return self.raw.isatty()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        return self._guard(self.raw.write, data)
+
+    def flush(self) -> None:
+        if not self.raw.closed:
+            self._guard(self.raw.flush)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            super().close()  # flushes
+        finally:
+            if self.owned:
+                self._guard(self.raw.close)
+
+    def _guard(self, call: Callable[..., _T], *args: bytes) -> _T:
+        try:
+            return call(*args)
+        except OSError as exc:
+            if self.raw is sys.stdout.buffer:
+                # the interpreter flushes stdout again on its way out: let that go nowhere, quietly
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.raw.fileno())
+                os.close(devnull)
+            raise OutputError(f"{self.name}: cannot write output: {exc.strerror or exc}") from exc
+
+
+def open_output(output: Path | None, inputs: Sequence[str | os.PathLike[str]] = (),
+                append: bool = False) -> OutputStream:
     """stdout, or FILE; refuses to write over any input the user gave."""
     if output is None:
-        return sys.stdout.buffer
+        return OutputStream(sys.stdout.buffer, "stdout", owned=False)
     for given in inputs:
         try:
             if Path(given).is_file() and output.exists() and os.path.samefile(given, output):
@@ -88,9 +144,9 @@ def open_output(output: Path | None, inputs: Sequence[str | os.PathLike[str]] = 
         except OSError:
             continue
     try:
-        return output.open("ab" if append else "wb")
+        return OutputStream(output.open("ab" if append else "wb"), str(output), owned=True)
     except OSError as exc:
-        raise InputError(f"{output}: cannot write output: {exc.strerror or exc}") from exc
+        raise OutputError(f"{output}: cannot write output: {exc.strerror or exc}") from exc
 
 
 def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str | None = None,
