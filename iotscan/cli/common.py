@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO
 
 import typer
 
@@ -78,9 +78,6 @@ def resolve_format(fmt: Format | None, output: Path | None) -> Format:
     return Format.table if sys.stdout.isatty() else Format.ndjson
 
 
-_T = TypeVar("_T")
-
-
 class OutputStream(io.BufferedIOBase):
     """Where the records go (stdout or a file): a write that fails, at open or later (a full disk, a lost
     mount), ends the run with a one-line error and exit code 2 rather than a bug report."""
@@ -105,11 +102,17 @@ class OutputStream(io.BufferedIOBase):
         return self.raw.fileno()
 
     def write(self, data: bytes) -> int:  # type: ignore[override]
-        return self._guard(self.raw.write, data)
+        try:  # written out: once per record
+            return self.raw.write(data)
+        except OSError as exc:
+            raise self._failed(exc) from exc
 
     def flush(self) -> None:
         if not self.raw.closed:
-            self._guard(self.raw.flush)
+            try:
+                self.raw.flush()
+            except OSError as exc:
+                raise self._failed(exc) from exc
 
     def close(self) -> None:
         if self.closed:
@@ -118,18 +121,18 @@ class OutputStream(io.BufferedIOBase):
             super().close()  # flushes
         finally:
             if self.owned:
-                self._guard(self.raw.close)
+                try:
+                    self.raw.close()
+                except OSError as exc:
+                    raise self._failed(exc) from exc
 
-    def _guard(self, call: Callable[..., _T], *args: bytes) -> _T:
-        try:
-            return call(*args)
-        except OSError as exc:
-            if self.raw is sys.stdout.buffer:
-                # the interpreter flushes stdout again on its way out: let that go nowhere, quietly
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, self.raw.fileno())
-                os.close(devnull)
-            raise OutputError(f"{self.name}: cannot write output: {exc.strerror or exc}") from exc
+    def _failed(self, exc: OSError) -> OutputError:
+        if self.raw is sys.stdout.buffer:
+            # the interpreter flushes stdout again on its way out: let that go nowhere, quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.raw.fileno())
+            os.close(devnull)
+        return OutputError(f"{self.name}: cannot write output: {exc.strerror or exc}")
 
 
 def open_output(output: Path | None, inputs: Sequence[str | os.PathLike[str]] = (),
