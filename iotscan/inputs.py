@@ -1,12 +1,25 @@
-"""Finding the captures a user pointed at, recognised by their magic bytes, not their names."""
+"""Finding the captures a user pointed at, recognised by their magic bytes, not their names.
+
+iotscan reads a capture more than once (the main pass and the side passes), so what can be read only once
+-- stdin ("-"), a pipe or FIFO -- and what libpcap cannot read -- a gzip, bzip2 or xz compressed capture --
+is first copied, decompressed, to a temporary file (removed after its analysis).
+"""
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import os
+import stat
 import struct
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import sys
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO
 
 from iotscan.errors import InputError
 
@@ -51,12 +64,31 @@ def link_type_name(link_type: int) -> str:
     return f"{link_type} ({LINK_TYPE_NAMES.get(link_type, 'unknown')})"
 
 
+# Compressed files by their magic bytes: the kind, and how to read them decompressed.
+_COMPRESSED: dict[bytes, tuple[str, Callable[[Path], IO[bytes]]]] = {
+    b"\x1f\x8b": ("gzip", gzip.open),
+    b"BZh": ("bzip2", bz2.open),
+    b"\xfd7zXZ\x00": ("xz", lzma.open),
+}
+# What reading a damaged compressed stream (or a failing pipe) raises: the part before the damage is kept.
+_DAMAGED_STREAM = (EOFError, zlib.error, lzma.LZMAError, OSError)
+_SPOOL_CHUNK = 1 << 20
+STDIN = "-"
+
+
 @dataclass(frozen=True)
 class CaptureFile:
-    path: Path
+    path: Path  # what libpcap opens: the file itself, or its temporary copy when spooled
     format: str  # "pcap" or "pcapng"
     link_types: tuple[int, ...]
     size: int
+    name: str = ""  # as the user gave it, when ``path`` is a temporary copy of it ("-", a pipe, a .gz file)
+    spooled: bool = False  # ``path`` is a temporary copy, to remove once analysed
+    warning: str = ""  # what went wrong while copying it (a damaged compressed stream)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or str(self.path)
 
     @property
     def unsupported_link_types(self) -> tuple[int, ...]:
@@ -112,8 +144,9 @@ def sniff(path: Path) -> CaptureFile:
             if size == 0:
                 raise InputError("empty file (0 bytes)")
             if fmt is None:
-                if head[:2] == b"\x1f\x8b":
-                    raise InputError("compressed file (gzip): decompress it first")
+                kind = next((k for magic, (k, _) in _COMPRESSED.items() if head.startswith(magic)), None)
+                if kind:  # analyze and devices decompress it (see expand); libpcap, which reads it here, cannot
+                    raise InputError(f"compressed file ({kind}): decompress it first")
                 raise InputError(f"not a pcap or pcapng capture (magic bytes {head[:4].hex() or 'none'})")
             if fmt == "pcap":
                 if len(head) < 24:
@@ -146,6 +179,91 @@ def _looks_like_capture(path: Path) -> bool:
         return False
 
 
+def _compression(path: Path) -> tuple[str, Callable[[Path], IO[bytes]]] | None:
+    try:
+        with path.open("rb") as f:
+            head = f.read(6)
+    except OSError:
+        return None  # sniff says why
+    return next((kind for magic, kind in _COMPRESSED.items() if head.startswith(magic)), None)
+
+
+def spool(stream: IO[bytes], name: str, what: str) -> CaptureFile | InputProblem:
+    """Copy a stream (stdin, a pipe, a decompressing reader) to a temporary file, a chunk at a time, and sniff
+    the copy. A stream damaged part way keeps what came before the damage, with a warning."""
+    fd, tmp = tempfile.mkstemp(prefix="iotscan-", suffix=".cap")
+    path = Path(tmp)
+    try:
+        return _copy(stream, fd, path, name, what)
+    except BaseException:  # a second Ctrl-C while copying
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _copy(stream: IO[bytes], fd: int, path: Path, name: str, what: str) -> CaptureFile | InputProblem:
+    # read1: what one read of the source gives, so that little is lost when a later one fails
+    read = getattr(stream, "read1", stream.read)
+    damage: Exception | None = None
+    problem = ""
+    head = b""
+    size = 0
+    with os.fdopen(fd, "wb", buffering=0) as out:  # chunks are large: no buffer, so a failed write shows here
+        while True:
+            try:
+                chunk = read(_SPOOL_CHUNK)
+            except _DAMAGED_STREAM as exc:
+                damage = exc
+                break
+            if not chunk:
+                break
+            try:
+                view = memoryview(chunk)
+                while view:  # an unbuffered write may take part of it
+                    view = view[out.write(view):]
+            except OSError as exc:
+                problem = f"cannot copy {what} to a temporary file in {tempfile.gettempdir()}: {exc.strerror or exc}"
+                break
+            size += len(chunk)
+            if len(head) < 4:
+                head += chunk[:4]
+                if len(head) >= 4 and _capture_format(head) is None:
+                    break  # not a capture (sniff says so from the first bytes): the rest need not be copied
+    if not problem and not size:
+        problem = f"cannot read {what}: {damage}" if damage else f"{what} is empty (0 bytes)"
+    if not problem:
+        try:
+            warning = f"{what} is damaged after {size:,} bytes ({damage}): flows up to the damage are reported" \
+                if damage else ""
+            return replace(sniff(path), name=name, spooled=True, warning=warning)
+        except InputError as exc:
+            problem = exc.message
+    path.unlink(missing_ok=True)
+    return InputProblem(name, problem)
+
+
+def _spooled(raw: str | os.PathLike[str], path: Path) -> CaptureFile | InputProblem | None:
+    """stdin, a pipe or a compressed file, copied to a temporary file; None for anything else."""
+    if str(raw) == STDIN:
+        if sys.stdin is None or sys.stdin.isatty():
+            return InputProblem(STDIN, "stdin is a terminal: pipe a capture into iotscan, e.g. "
+                                       "zcat capture.pcap.gz | iotscan analyze -")
+        return spool(sys.stdin.buffer, STDIN, "stdin")
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # sniff says why
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):  # a pipe, a FIFO, /dev/stdin: readable once
+        with path.open("rb") as stream:
+            return spool(stream, str(path), "the pipe")
+    if stat.S_ISREG(mode):
+        compressed = _compression(path)
+        if compressed is not None:
+            kind, opener = compressed
+            with opener(path) as stream:
+                return spool(stream, str(path), f"the {kind} stream")
+    return None
+
+
 def expand(paths: Iterable[str | os.PathLike[str]]) -> Iterator[CaptureFile | InputProblem]:
     """Yield each capture named by the paths (directories recursively, sorted), or the problem with it.
 
@@ -169,6 +287,10 @@ def expand(paths: Iterable[str | os.PathLike[str]]) -> Iterator[CaptureFile | In
                         yield InputProblem(str(child), exc.message)
             if not found:
                 yield InputProblem(str(path), "directory holds no pcap or pcapng captures")
+            continue
+        spooled = _spooled(raw, path)
+        if spooled is not None:
+            yield spooled
             continue
         try:
             yield sniff(path)

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from iotscan.errors import CaptureError, InputError
-from iotscan.pipeline import Event, Stage
+from iotscan.pipeline import Event, SourceInfo, Stage
 from iotscan.records import community_id, flow_record, summary_record
 from iotscan.source import FlowSource, MeterConfig
 
@@ -1146,8 +1146,19 @@ class InspectCommandStage(Stage):
     def __init__(self, idle_timeout: int = 120, active_timeout: int = 1800) -> None:
         super().__init__()
         self.idle_timeout, self.active_timeout = idle_timeout, active_timeout
+        self._readable = True
+
+    def begin(self, source: SourceInfo) -> None:
+        # stdin, a pipe or a compressed file was read from a temporary copy, gone by the time a person inspects
+        self._readable = source.capture is None or not source.capture.spooled
+        if not self._readable:
+            self.warn(source.name, "explain", "no inspect commands for this input: inspect reads a capture file, "
+                                              "so save or decompress it first")
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
+        if not self._readable:
+            yield from events
+            return
         for event in events:
             record = event[0]
             if record is not None and record.get("verdict") == "attack":

@@ -153,18 +153,28 @@ class Analysis:
         """Analyse capture files and directories; a bad input is reported and the others still run."""
         with self.reporter.progress() as progress, _interruptible(self):
             for item in expand(paths):
-                if self.state.interrupted:
+                if self.state.interrupted:  # Ctrl-C, perhaps while stdin or a pipe was being copied
+                    if isinstance(item, CaptureFile) and item.spooled:
+                        item.path.unlink(missing_ok=True)
                     break
                 if isinstance(item, InputProblem):
                     self._fail(item.path, item.message)
                     continue
-                info = SourceInfo(name=str(item.path), config=replace(config, source=str(item.path)),
+                info = SourceInfo(name=item.display_name, config=replace(config, source=str(item.path)),
                                   capture=item)
                 for lt in item.unsupported_link_types:
                     self.state.warn(info.name, "link_type",
                                     f"packets with unsupported link type {link_type_name(lt)} are skipped")
+                if item.warning:
+                    self._warn(info.name, "truncated", item.warning)
                 progress.track(self._file_poller(info))
-                self.run_source(info)
+                try:
+                    self.run_source(info)
+                finally:
+                    if item.spooled:  # the temporary copy of stdin, a pipe or a compressed file
+                        item.path.unlink(missing_ok=True)
+                if item.warning and self.state.inputs[-1]["status"] == "ok":
+                    self.state.inputs[-1]["status"] = "truncated"
                 progress.track(None)
         return self.state
 

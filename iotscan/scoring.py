@@ -375,7 +375,7 @@ class ScoringStage(Stage):
         the findings known by then (a flow is scored when it expires, long after its requests)."""
         info = self._source
         if info is not None and self._requests is None:
-            self._requests, self._findings = request_pass(info.name, info.config)
+            self._requests, self._findings = request_pass(info.config.source, info.config)
             self._requests.start()
             if info.config.live and self._extractor is not None:
                 self._extractor.requests = self._findings

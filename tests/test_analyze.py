@@ -168,7 +168,7 @@ def _pcap_header(link_type: int) -> bytes:
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("empty.pcap", b"", "empty file"),
     ("notes.pcap", b"these are not packets\n" * 10, "not a pcap or pcapng capture"),
-    ("archive.pcap.gz", b"\x1f\x8b\x08\x00" + b"\x00" * 40, "compressed file"),
+    ("archive.pcap.gz", b"\x1f\x8b\x08\x00" + b"\x00" * 40, "cannot read the gzip stream"),
     ("header.pcap", _pcap_header(1)[:10], "header is incomplete"),
     ("sll2.pcap", _pcap_header(276) + struct.pack("<IIII", 0, 0, 4, 4) + b"\x00" * 4, "unsupported link type 276"),
 ])
@@ -236,6 +236,112 @@ def test_a_full_disk_is_a_one_line_output_error(fmt: str) -> None:
     for proc, name in ((to_file, "/dev/full"), (to_stdout, "stdout")):
         _one_error_line(proc, f"{name}: cannot write output: No space left on device")
         assert len(proc.stderr.decode().splitlines()) == 1, proc.stderr.decode()
+
+
+# -- stdin, pipes and compressed captures: read once into a temporary file ---------------------------
+
+LOG4J = SAMPLES / "log4j-exploit.pcap"
+
+
+def _spooled_run(tmp_path: Path, *args: str | Path, code: int = 0, **kwargs) -> tuple[list[dict], dict, str]:
+    """analyze with its temporary files in a directory of the test's, which must be empty again after."""
+    spool_dir = tmp_path / "tmp"
+    spool_dir.mkdir(exist_ok=True)
+    proc = run_iotscan("analyze", *args, "-f", "ndjson", env={"TMPDIR": str(spool_dir)}, **kwargs)
+    assert_no_traceback(proc)
+    assert proc.returncode == code, proc.stderr.decode()
+    assert list(spool_dir.iterdir()) == []  # the copy is removed
+    flows, summary = split(ndjson(proc.stdout))
+    return flows, summary, proc.stderr.decode()
+
+
+def _same_flows(flows: list[dict], source: str) -> None:
+    """The flows of LOG4J read directly, with another source (and so other flow ids): scored, exploits found."""
+    plain, _ = split(analyze(LOG4J)[0])
+
+    def key(r: dict) -> bytes:
+        return orjson.dumps({k: v for k, v in r.items() if k not in ("source", "flow_id")}, option=orjson.OPT_SORT_KEYS)
+
+    assert sorted(map(key, flows)) == sorted(map(key, plain))
+    assert {f["source"] for f in flows} == {source}
+    assert any(f["verdict"] == "attack" and f["family"] == "exploit" for f in flows)
+
+
+@pytest.mark.parametrize("codec", ["gzip", "bz2", "lzma"])
+def test_compressed_capture_is_read_decompressed(tmp_path: Path, codec: str) -> None:
+    module = __import__(codec)
+    packed = tmp_path / f"log4j.pcap.{codec}"
+    packed.write_bytes(module.compress(LOG4J.read_bytes()))
+    flows, summary, _ = _spooled_run(tmp_path, packed)
+    _same_flows(flows, str(packed))
+    assert summary["warnings"] == []  # the side passes (requests, identities) read the copy too
+    assert [i["status"] for i in summary["inputs"]] == ["ok"]
+
+
+def test_damaged_gzip_keeps_the_flows_before_the_damage(tmp_path: Path) -> None:
+    import gzip
+
+    whole = SAMPLES / "hue-bridge-setup.pcap"
+    packed = gzip.compress(whole.read_bytes())
+    cut = tmp_path / "cut.pcap.gz"
+    cut.write_bytes(packed[: len(packed) // 2])
+    flows, summary, _ = _spooled_run(tmp_path, cut)
+    full, _ = split(analyze(whole)[0])
+    assert 0 < len(flows) < len(full)
+    assert any(w["code"] == "truncated" and "the gzip stream is damaged after" in w["message"]
+               for w in summary["warnings"])
+    assert [i["status"] for i in summary["inputs"]] == ["truncated"]
+    # nothing decompresses at all: an error for that input
+    junk = tmp_path / "junk.gz"
+    junk.write_bytes(b"\x1f\x8b" + bytes(range(64)))
+    _, summary, err = _spooled_run(tmp_path, junk, code=2)
+    assert summary["errors"] == [{"source": str(junk), "message": "cannot read the gzip stream: Unknown compression "
+                                  "method"}]
+    assert err.count("iotscan: error:") == 1
+
+
+def test_stdin_dash_is_read(tmp_path: Path) -> None:
+    flows, summary, _ = _spooled_run(tmp_path, "-", input=LOG4J.read_bytes())
+    _same_flows(flows, "-")
+    assert summary["inputs"][0]["source"] == "-" and summary["warnings"] == []
+    # the copy is gone once analysed: --explain has no inspect command to give, and says so
+    flows, summary, _ = _spooled_run(tmp_path, "-", "--explain", input=LOG4J.read_bytes())
+    assert not any("inspect" in f for f in flows)
+    assert [w["code"] for w in summary["warnings"]] == ["explain"]
+    _, summary, _ = _spooled_run(tmp_path, "-", code=2, input=b"")
+    assert summary["errors"] == [{"source": "-", "message": "stdin is empty (0 bytes)"}]
+    _, summary, _ = _spooled_run(tmp_path, "-", code=2, input=b"# not a capture\n" * 100_000)
+    assert summary["errors"][0]["message"].startswith("not a pcap or pcapng capture")
+
+
+def test_stdin_that_is_a_terminal_is_refused(tmp_path: Path) -> None:
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        _, summary, err = _spooled_run(tmp_path, "-", code=2, stdin=terminal)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert "stdin is a terminal" in summary["errors"][0]["message"] and "iotscan: error: -: stdin is a terminal" in err
+
+
+def test_fifo_is_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "capture.fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f'cat "{LOG4J}" > "{fifo}"'])
+    try:
+        flows, _, _ = _spooled_run(tmp_path, fifo)
+    finally:
+        writer.wait(timeout=60)
+    _same_flows(flows, str(fifo))
+
+
+def test_endless_device_that_is_no_capture_stops_at_once(tmp_path: Path) -> None:
+    """/dev/zero never ends: only its first bytes are copied, enough to say it is no capture."""
+    _, summary, _ = _spooled_run(tmp_path, "/dev/zero", code=2, timeout=60)
+    assert summary["errors"] == [{"source": "/dev/zero", "message": "not a pcap or pcapng capture (magic bytes "
+                                  "00000000)"}]
 
 
 def test_dash_output_is_stdout(tmp_path: Path) -> None:

@@ -89,7 +89,7 @@ class DeviceStage(Stage):
         info = self._info
         if not self.identity_pass or info is None or self._identity is not None:
             return
-        job = identity_pass(info.name, info.config)
+        job = identity_pass(info.config.source, info.config)
         job.start()
         self._identity = job
 
