@@ -191,7 +191,10 @@ def _compression(path: Path) -> tuple[str, Callable[[Path], IO[bytes]]] | None:
 def spool(stream: IO[bytes], name: str, what: str) -> CaptureFile | InputProblem:
     """Copy a stream (stdin, a pipe, a decompressing reader) to a temporary file, a chunk at a time, and sniff
     the copy. A stream damaged part way keeps what came before the damage, with a warning."""
-    fd, tmp = tempfile.mkstemp(prefix="iotscan-", suffix=".cap")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="iotscan-", suffix=".cap")
+    except OSError as exc:  # no writable temporary directory at all
+        return InputProblem(name, f"cannot copy {what} to a temporary file: {exc.strerror or exc}")
     path = Path(tmp)
     try:
         return _copy(stream, fd, path, name, what)
