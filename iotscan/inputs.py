@@ -291,11 +291,16 @@ def expand(paths: Iterable[str | os.PathLike[str]]) -> Iterator[CaptureFile | In
             if not found:
                 yield InputProblem(str(path), "directory holds no pcap or pcapng captures")
             continue
-        spooled = _spooled(raw, path)
-        if spooled is not None:
-            yield spooled
-            continue
-        try:
-            yield sniff(path)
-        except InputError as exc:
-            yield InputProblem(str(path), exc.message)
+        yield capture_file(raw)
+
+
+def capture_file(raw: str | os.PathLike[str]) -> CaptureFile | InputProblem:
+    """The capture a path (not a directory) names, copied first if it must be (see the module), or the problem."""
+    path = Path(raw)
+    spooled = _spooled(raw, path)
+    if spooled is not None:
+        return spooled
+    try:
+        return sniff(path)
+    except InputError as exc:
+        return InputProblem(str(path), exc.message)

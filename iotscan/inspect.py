@@ -83,15 +83,16 @@ class FiveTuple:
         return record["protocol"] == self.protocol and ours in (theirs, reverse)
 
 
-def five_tuple_bpf(t: FiveTuple) -> str:
-    """A BPF filter passing the packets of a 5-tuple (both directions, also 802.1Q-tagged), so that the
-    flow pass meters nothing else. Tunnelled packets do not pass: find_flows then meters everything."""
+def five_tuple_bpf(t: FiveTuple, vlan: bool = True) -> str:
+    """A BPF filter passing the packets of a 5-tuple (both directions, with ``vlan`` also 802.1Q-tagged: link
+    types without Ethernet framing reject that), so that the flow pass meters nothing else. Tunnelled packets
+    do not pass: find_flows then meters everything."""
     ipv6 = ":" in t.src_ip
     proto = {**_PORT_PROTOCOLS, 1: "icmp", 58: "icmp6"}.get(t.protocol, f"{'ip6' if ipv6 else 'ip'} proto {t.protocol}")
     match = f"{proto} and host {t.src_ip} and host {t.dst_ip}"
     if t.protocol in _PORT_PROTOCOLS:
         match += f" and port {t.src_port} and port {t.dst_port}"
-    return f"({match}) or (vlan and {match})"
+    return f"({match}) or (vlan and {match})" if vlan else match
 
 
 def _endpoint(ip: str, port: int) -> str:
@@ -230,9 +231,15 @@ def find_flows(capture: str, selector: FlowSelector, config: MeterConfig, stop_a
     5-tuple was tunnelled, say), the capture is metered again without it.
     """
     if selector.five_tuple is not None and not config.bpf:
-        found = _find_flows(capture, selector, replace(config, bpf=five_tuple_bpf(selector.five_tuple)), stop_after)
-        if found:
-            return FlowLookup(found, saw_every_packet=False)
+        for vlan in (True, False):
+            try:
+                found = _find_flows(capture, selector, replace(config, bpf=five_tuple_bpf(selector.five_tuple, vlan)),
+                                    stop_after)
+            except InputError:  # "vlan" rejected (Linux cooked, raw IP...): the plain filter, else no filter
+                continue
+            if found:
+                return FlowLookup(found, saw_every_packet=False)
+            break
     return FlowLookup(_find_flows(capture, selector, config, stop_after), saw_every_packet=not config.bpf)
 
 
@@ -656,8 +663,9 @@ def inspect_capture(capture: str, selector: FlowSelector, config: MeterConfig, t
     """The whole of `iotscan inspect` but option parsing: find the flows, write each flow record before
     its packets, then the summary. Returns False when interrupted (Ctrl-C, or SIGTERM raised as one).
 
-    ``pick``: of several matching flows, the N-th (1-based); ``warn``: called with each warning for a
-    person (the summary carries them too).
+    ``capture`` is the capture as the user named it (flow ids and messages use it); the file read is
+    ``config.source`` (the same, or a decompressed copy). ``pick``: of several matching flows, the N-th
+    (1-based); ``warn``: called with each warning for a person (the summary carries them too).
     """
     started = time.monotonic()
     try:
@@ -687,7 +695,8 @@ def inspect_capture(capture: str, selector: FlowSelector, config: MeterConfig, t
             "showing all of them; --index N or --first picks one")})
     stats = ReadStats()
     interrupted = False
-    packets = read_flow_packets(tools, capture, lookup, stats, limit=limit, payload=payload, any_time=any_time)
+    packets = read_flow_packets(tools, config.source, lookup, stats, limit=limit, payload=payload,
+                                any_time=any_time)
     try:
         shown: set[int] = set()
         for packet in packets:
@@ -1149,8 +1158,9 @@ class InspectCommandStage(Stage):
         self._readable = True
 
     def begin(self, source: SourceInfo) -> None:
-        # stdin, a pipe or a compressed file was read from a temporary copy, gone by the time a person inspects
-        self._readable = source.capture is None or not source.capture.spooled
+        # stdin or a pipe was read from a temporary copy, gone by the time a person inspects (a compressed file
+        # is copied again by inspect)
+        self._readable = source.capture is None or not source.capture.spooled or os.path.isfile(source.name)
         if not self._readable:
             self.warn(source.name, "explain", "no inspect commands for this input: inspect reads a capture file, "
                                               "so save or decompress it first")

@@ -232,6 +232,30 @@ def test_flow_ids_from_analyze_output_and_explain_command(tmp_path):
     assert inspect_command(ntp, idle_timeout=30).endswith(" --idle-timeout 30")
 
 
+@needs_tshark
+def test_explain_commands_work_on_a_compressed_linux_cooked_capture(tmp_path):
+    """log4j-exploit.pcap is Linux cooked (no Ethernet framing: the 5-tuple's VLAN-aware filter is refused, and
+    was an error), here gzip-compressed (inspect reads it decompressed, as analyze did): each attack's
+    --explain command shows its packets, and the temporary copy is removed."""
+    import gzip
+
+    packed = tmp_path / "log4j.pcap.gz"
+    packed.write_bytes(gzip.compress((SAMPLES / "log4j-exploit.pcap").read_bytes()))
+    spool_dir = tmp_path / "tmp"
+    spool_dir.mkdir()
+    env = {"TMPDIR": str(spool_dir)}
+    proc = run_iotscan("analyze", packed, "--explain", "-f", "ndjson", "-q", check_code=0, env=env)
+    attacks = [r for r in ndjson(proc.stdout) if r.get("inspect")]
+    assert len(attacks) >= 2
+    for r in attacks[:2]:
+        argv = shlex.split(r["inspect"])
+        assert argv[2] == str(packed)
+        flows, packets, summary = inspect(*argv[2:], env=env)
+        assert [f["flow_id"] for f in flows] == [r["flow_id"]] and len(packets) == r["packets"]
+        assert summary["warnings"] == []
+    assert list(spool_dir.iterdir()) == []
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from iotscan.cli.common import (
 )
 from iotscan.console import Reporter
 from iotscan.errors import ExitCode, InputError
-from iotscan.inputs import sniff
+from iotscan.inputs import InputProblem, capture_file
 from iotscan.inspect import FlowSelector, PacketTableSink, find_tshark, inspect_capture
 from iotscan.sinks import JsonSink, NdjsonSink, Sink
 from iotscan.source import MeterConfig
@@ -69,23 +69,27 @@ def inspect_flow(
     if first and index not in (None, 1):
         raise InputError("give either --first or --index, not both")
     selector = FlowSelector.parse(flow, five_tuple)
-    try:
-        sniff(capture)
-    except InputError as exc:
-        raise InputError(f"{capture}: {exc.message}") from None
-    tools = find_tshark()  # before the flow pass: no point metering without tshark
-    config = MeterConfig(source=str(capture), idle_timeout=idle_timeout, active_timeout=active_timeout,
+    item = capture_file(capture)  # a compressed capture, stdin or a pipe: a temporary copy
+    if isinstance(item, InputProblem):
+        raise InputError(f"{item.path}: {item.message}")
+    config = MeterConfig(source=str(item.path), idle_timeout=idle_timeout, active_timeout=active_timeout,
                          max_flows=max_flows, statistics=False)
-    out = open_output(output, [capture])
     try:
-        with _sigterm_as_interrupt():
-            completed = inspect_capture(str(capture), selector, config, tools, _make_sink(fmt, out),
-                                        pick=1 if first else index, limit=limit, payload=payload, any_time=any_time,
-                                        # the table's footer shows the warnings; else stderr, on a terminal
-                                        warn=None if fmt == Format.table else Reporter(quiet).warn)
+        tools = find_tshark()  # before the flow pass: no point metering without tshark
+        out = open_output(output, [capture])
+        try:
+            with _sigterm_as_interrupt():
+                completed = inspect_capture(item.display_name, selector, config, tools, _make_sink(fmt, out),
+                                            pick=1 if first else index, limit=limit, payload=payload,
+                                            any_time=any_time,
+                                            # the table's footer shows the warnings; else stderr, on a terminal
+                                            warn=None if fmt == Format.table else Reporter(quiet).warn)
+        finally:
+            if output is not None:
+                out.close()
     finally:
-        if output is not None:
-            out.close()
+        if item.spooled:
+            item.path.unlink(missing_ok=True)
     if not completed:
         raise typer.Exit(int(ExitCode.INTERRUPTED))
 
