@@ -7,10 +7,12 @@ contract (README, "Output contract"); later stages add fields, never rename thes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import socket
 import struct
+import time
 from collections import namedtuple
 from operator import attrgetter
 from typing import Any
@@ -23,6 +25,8 @@ FLOW_FIELDS: tuple[tuple[str, str], ...] = (
     ("flow_id", "64-bit id, stable for the same capture, unique within a run"),
     ("community_id", "Community ID v1 (null for ICMP: NFStream does not expose ICMP type and code)"),
     ("source", "capture file or interface the flow came from"),
+    ("timestamp", "first packet, ISO 8601 UTC to the millisecond, as Suricata's EVE: Elastic and Splunk read it "
+                  "as the event's time"),
     ("first_seen_ms", "first packet, epoch milliseconds"),
     ("last_seen_ms", "last packet, epoch milliseconds"),
     ("duration_ms", "last_seen_ms - first_seen_ms"),
@@ -164,6 +168,17 @@ def community_id(src_ip: str, dst_ip: str, protocol: int, src_port: int, dst_por
     return _community.render(_community.hash(tpl))
 
 
+@functools.lru_cache(maxsize=4096)  # flows end roughly in time order: many share a second
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def iso_timestamp(epoch_ms: int) -> str:
+    """Epoch milliseconds as ISO 8601 UTC: "2017-07-06T13:40:07.419Z"."""
+    seconds, ms = divmod(epoch_ms, 1000)
+    return f"{_utc_second(seconds)}.{ms:03d}Z"
+
+
 def flow_id(source_name: str, key: str, first_seen_ms: int) -> int:
     """A 63-bit id from the capture's name, the flow key and its start: the same flow gets the same id
     in every run over the same capture (so `iotscan inspect` can find it again)."""
@@ -188,6 +203,7 @@ def flow_record(flow: Any, source: str, source_name: str) -> dict[str, Any]:
         "flow_id": flow_id(source_name, f"{key}|{flow.vlan_id}|{flow.tunnel_id}", first),
         "community_id": cid,
         "source": source,
+        "timestamp": iso_timestamp(first),
         "first_seen_ms": first,
         "last_seen_ms": flow.bidirectional_last_seen_ms,
         "duration_ms": flow.bidirectional_duration_ms,

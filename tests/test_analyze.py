@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import os
 import re
@@ -51,6 +52,9 @@ def test_sample_flows_follow_the_contract(sample: Path) -> None:
         assert flow["bytes"] == flow["src2dst_bytes"] + flow["dst2src_bytes"]
         assert flow["last_seen_ms"] - flow["first_seen_ms"] == flow["duration_ms"] >= 0
         assert 1_000_000_000_000 < flow["first_seen_ms"] < 2_000_000_000_000  # epoch milliseconds
+        # the same instant as Suricata's EVE writes it, which Elastic and Splunk take as the event's time
+        assert dt.datetime.strptime(flow["timestamp"], "%Y-%m-%dT%H:%M:%S.%f%z") == dt.datetime.fromtimestamp(
+            flow["first_seen_ms"] / 1000, dt.timezone.utc)
         if flow["protocol"] in (6, 17):
             assert flow["community_id"].startswith("1:")
     assert len({f["flow_id"] for f in flows}) == len(flows), "flow_id must be unique within a run"
