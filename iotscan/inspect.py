@@ -46,7 +46,7 @@ from typing import IO, Any
 
 from iotscan.errors import CaptureError, InputError
 from iotscan.pipeline import Event, SourceInfo, Stage
-from iotscan.records import community_id, flow_record, summary_record
+from iotscan.records import community_id, flow_record, iso_timestamp_text, summary_record
 from iotscan.source import FlowSource, MeterConfig
 
 INSTALL_HINT = "install it with: sudo apt-get install tshark (or run ./install.sh)"
@@ -1016,12 +1016,12 @@ LAYER_FIELDS = {
 
 # The frame facts every packet record has (README, "inspect"); the layers' fields follow them.
 PACKET_FIELDS: tuple[tuple[str, str], ...] = (
+    ("timestamp", "capture time, ISO 8601 UTC to the microsecond (as flow records, to the millisecond)"),
     ("event_type", "always \"packet\""),
     ("flow_id", "the flow the packet belongs to (as in analyze's flow records)"),
     ("community_id", "the flow's Community ID"),
     ("source", "capture file"),
     ("frame_number", "Wireshark's frame number in the capture (Go to packet)"),
-    ("timestamp", "capture time, epoch seconds (float, microseconds or better)"),
     ("timestamp_ms", "capture time, epoch milliseconds (as first_seen_ms of flow records)"),
     ("direction", "src2dst (from the flow's initiator) or dst2src"),
     ("length", "bytes on the wire"),
@@ -1039,12 +1039,12 @@ def packet_record(packet: Any, flow: dict[str, Any], payload: bool = False,
     raw_ts = str(packet.sniff_timestamp)
     layers = [layer.layer_name for layer in packet.layers if layer.layer_name != _REASSEMBLY]
     record: dict[str, Any] = {
+        "timestamp": iso_timestamp_text(raw_ts),
         "event_type": "packet",
         "flow_id": flow["flow_id"],
         "community_id": flow["community_id"],
         "source": flow["source"],
         "frame_number": renumber(int(packet.number)),
-        "timestamp": float(raw_ts),
         "timestamp_ms": _timestamp_ms(raw_ts),
         "direction": None,
         "length": int(packet.length),
@@ -1224,7 +1224,7 @@ class PacketTableSink:
         self.console = Console(file=self.buffer, force_terminal=self.terminal, width=self.width, highlight=False,
                                soft_wrap=False)
         self.flow: dict[str, Any] | None = None
-        self.first_packet_s: dict[int, float] = {}  # flow_id -> time of its first packet shown
+        self.first_packet_s: dict[int, dt.datetime] = {}  # flow_id -> time of its first packet shown
 
     def _flush(self) -> None:
         self.out.write(self.buffer.getvalue().encode())
@@ -1246,9 +1246,10 @@ class PacketTableSink:
         from rich.tree import Tree
 
         arrow = {"src2dst": "[cyan]→[/]", "dst2src": "[magenta]←[/]"}.get(r.get("direction") or "", "?")
-        first = self.first_packet_s.setdefault(r["flow_id"], r["timestamp"])
-        when = dt.datetime.fromtimestamp(r["timestamp"], dt.timezone.utc).strftime("%H:%M:%S.%f")
-        rel = f"+{r['timestamp'] - first:.6f}s"
+        at = dt.datetime.strptime(r["timestamp"], "%Y-%m-%dT%H:%M:%S.%f%z")
+        first = self.first_packet_s.setdefault(r["flow_id"], at)
+        when = at.strftime("%H:%M:%S.%f")
+        rel = f"+{(at - first).total_seconds():.6f}s"
         head = (f"[bold]#{r['frame_number']}[/]  {when}  [dim]{rel}[/]  {arrow}  {r['length']:,} B  "
                 f"[dim]{escape(' / '.join(r['layers']))}[/]")
         tree = Tree(head, guide_style="dim")

@@ -21,12 +21,13 @@ from communityid import CommunityID
 
 # (name, meaning). Order is the CSV column order and the JSON key order.
 FLOW_FIELDS: tuple[tuple[str, str], ...] = (
+    # first, as in Suricata's EVE: Elastic and Splunk (which looks for a time in an event's first characters)
+    # take it as the event's time
+    ("timestamp", "first packet, ISO 8601 UTC to the millisecond"),
     ("event_type", "always \"flow\""),
     ("flow_id", "64-bit id, stable for the same capture, unique within a run"),
     ("community_id", "Community ID v1 (null for ICMP: NFStream does not expose ICMP type and code)"),
     ("source", "capture file or interface the flow came from"),
-    ("timestamp", "first packet, ISO 8601 UTC to the millisecond, as Suricata's EVE: Elastic and Splunk read it "
-                  "as the event's time"),
     ("first_seen_ms", "first packet, epoch milliseconds"),
     ("last_seen_ms", "last packet, epoch milliseconds"),
     ("duration_ms", "last_seen_ms - first_seen_ms"),
@@ -174,9 +175,16 @@ def _utc_second(seconds: int) -> str:
 
 
 def iso_timestamp(epoch_ms: int) -> str:
-    """Epoch milliseconds as ISO 8601 UTC: "2017-07-06T13:40:07.419Z"."""
+    """Epoch milliseconds as ISO 8601 UTC, as Suricata's EVE writes times: "2017-07-06T13:40:07.419Z"."""
     seconds, ms = divmod(epoch_ms, 1000)
     return f"{_utc_second(seconds)}.{ms:03d}Z"
+
+
+def iso_timestamp_text(epoch: str) -> str:
+    """Epoch seconds written as text ("1472729311.407793000", as tshark gives them) as ISO 8601 UTC to the
+    microsecond, without a float's rounding: "2016-09-01T11:28:31.407793Z"."""
+    seconds, _, fraction = epoch.partition(".")
+    return f"{_utc_second(int(seconds))}.{(fraction + '000000')[:6]}Z"
 
 
 def flow_id(source_name: str, key: str, first_seen_ms: int) -> int:
@@ -199,11 +207,11 @@ def flow_record(flow: Any, source: str, source_name: str) -> dict[str, Any]:
     first = flow.bidirectional_first_seen_ms
     key = cid or f"{proto}:{src_ip}:{src_port}-{dst_ip}:{dst_port}"
     return {
+        "timestamp": iso_timestamp(first),
         "event_type": "flow",
         "flow_id": flow_id(source_name, f"{key}|{flow.vlan_id}|{flow.tunnel_id}", first),
         "community_id": cid,
         "source": source,
-        "timestamp": iso_timestamp(first),
         "first_seen_ms": first,
         "last_seen_ms": flow.bidirectional_last_seen_ms,
         "duration_ms": flow.bidirectional_duration_ms,

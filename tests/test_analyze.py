@@ -130,7 +130,7 @@ def test_directory_input_and_all_formats(tmp_path: Path) -> None:
 
     out = tmp_path / "flows.csv"  # the format follows the output file's suffix
     run_iotscan("analyze", SAMPLES / "tplink-hs110-setup.pcap", "-o", out, check_code=0)
-    assert out.read_text().startswith("event_type,flow_id,community_id")
+    assert out.read_text().startswith("timestamp,event_type,flow_id,community_id")
 
 
 def test_bpf_filter_and_invalid_bpf() -> None:

@@ -78,7 +78,7 @@ def test_dns_query_and_answers():
     assert query["direction"] == "src2dst" and response["direction"] == "dst2src"
     assert (query["length"], response["length"]) == (80, 414)
     assert query["layers"] == ["eth", "ip", "udp", "dns"]
-    assert query["timestamp"] == pytest.approx(1472729311.407793) and query["timestamp_ms"] == 1472729311407
+    assert query["timestamp"] == "2016-09-01T11:28:31.407793Z" and query["timestamp_ms"] == 1472729311407
     assert query["dns_query"] == "devs.tplinkcloud.com" and query["dns_qtype"] == "A"
     assert query["dns_response"] is False and query["dns_id"] == 3
     assert response["dns_response"] is True and response["dns_rcode"] == 0

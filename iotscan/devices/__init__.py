@@ -9,6 +9,7 @@ from __future__ import annotations
 
 # The device record contract (README, "Devices"): these names are fixed; more fields may follow.
 DEVICE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("timestamp", "first packet of the device's first flow, ISO 8601 UTC to the millisecond (as flows have it)"),
     ("event_type", "always \"device\""),
     ("mac", "the device's MAC address"),
     ("ips", "local addresses the device sent from, most used first"),

@@ -34,6 +34,7 @@ from iotscan.devices.behaviour import (
 from iotscan.devices.signatures import MacVendor, Match, Signatures
 from iotscan.errors import ModelError
 from iotscan.modelstore import bundled_model, load_model, verified_card
+from iotscan.records import iso_timestamp
 
 TYPE_THRESHOLD = 0.4
 WEAK_TYPE_THRESHOLD = 0.25
@@ -265,6 +266,7 @@ def fingerprint(mac: str, activity: DeviceActivity, hints: Mapping[str, Mapping[
     weighted.sort(key=lambda t: -t[0])
     evidence = [e for _, e in weighted[:MAX_EVIDENCE]]
     return {
+        "timestamp": iso_timestamp(activity.first_ms) if activity.flows else None,
         "event_type": "device",
         "mac": mac,
         "ips": list(ips),
