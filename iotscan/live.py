@@ -35,7 +35,7 @@ from rich.text import Text
 from iotscan.console import Reporter, error
 from iotscan.errors import CaptureError, ExitCode
 from iotscan.pipeline import Analysis, Event, SourceInfo, Stage
-from iotscan.records import DEVICE_LINK_FIELDS, STATS_FIELD_NAMES, is_local_address
+from iotscan.records import DEVICE_LINK_FIELDS, STATS_FIELD_NAMES, is_local_address, iso_timestamp
 from iotscan.sinks import Sink
 from iotscan.source import ACTIVE, DROPPED, IFDROPPED, PACKETS, PRIVILEGE_FIX, FlowSource, MeterConfig
 
@@ -308,8 +308,9 @@ class LiveRun:
         assert last is not None
         self._last_stats = sample
         span = max(now - last.at, 1e-6)
+        made_ms = int(time.time() * 1000)
         values = (
-            "stats", self.interface, int(time.time() * 1000), round(now - self.started, 3), round(span, 3),
+            iso_timestamp(made_ms), "stats", self.interface, made_ms, round(now - self.started, 3), round(span, 3),
             sample.packets, sample.flows, self._counter(ACTIVE), self.analysis.state.attacks, sample.dropped,
             self._counter(IFDROPPED), round((sample.packets - last.packets) / span, 1),
             round((sample.flows - last.flows) / span, 1), round((sample.dropped - last.dropped) / span, 1),

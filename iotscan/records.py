@@ -109,6 +109,7 @@ LIVE_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
 
 # `iotscan live --stats-interval S` writes one of these every S seconds, between the flow records.
 STATS_FIELDS: tuple[tuple[str, str], ...] = (
+    ("timestamp", "when the record was made, ISO 8601 UTC to the millisecond (as flow records)"),
     ("event_type", "always \"stats\""),
     ("source", "the interface"),
     ("timestamp_ms", "when the record was made, epoch milliseconds"),

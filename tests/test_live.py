@@ -29,7 +29,7 @@ from rich.console import Console
 
 from iotscan.live import LiveLimits, LiveRun, _Sample
 from iotscan.pipeline import Analysis, Event, SourceInfo, Stage
-from iotscan.records import LIVE_SUMMARY_FIELDS, STATS_FIELD_NAMES
+from iotscan.records import LIVE_SUMMARY_FIELDS, STATS_FIELD_NAMES, iso_timestamp
 from iotscan.sinks import NdjsonSink
 from iotscan.source import MeterConfig
 from tests.conftest import REPO, SAMPLES, assert_no_traceback, dns_query_message, ndjson, run_iotscan
@@ -259,6 +259,7 @@ def test_live_flows_have_right_ports_and_bytes_and_summary_last():
     for r in stats:
         assert tuple(r) == STATS_FIELD_NAMES
         assert r["source"] == "lo"
+        assert r["timestamp"] == iso_timestamp(r["timestamp_ms"])
     assert [r["packets"] for r in stats] == sorted(r["packets"] for r in stats)
     assert stats[-1]["packets"] <= summary["packets"]
     assert summary["packets"] >= 5 + 2 + 6  # UDP, TCP (handshake, data, close) and probes
