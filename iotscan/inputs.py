@@ -144,9 +144,9 @@ def sniff(path: Path) -> CaptureFile:
             if size == 0:
                 raise InputError("empty file (0 bytes)")
             if fmt is None:
-                kind = next((k for magic, (k, _) in _COMPRESSED.items() if head.startswith(magic)), None)
-                if kind:  # analyze and devices decompress it (see expand); libpcap, which reads it here, cannot
-                    raise InputError(f"compressed file ({kind}): decompress it first")
+                compressed = _compressed(head)
+                if compressed:  # capture_file decompresses once: this one was compressed twice
+                    raise InputError(f"compressed file ({compressed[0]}): decompress it first")
                 raise InputError(f"not a pcap or pcapng capture (magic bytes {head[:4].hex() or 'none'})")
             if fmt == "pcap":
                 if len(head) < 24:
@@ -179,12 +179,8 @@ def _looks_like_capture(path: Path) -> bool:
         return False
 
 
-def _compression(path: Path) -> tuple[str, Callable[[Path], IO[bytes]]] | None:
-    try:
-        with path.open("rb") as f:
-            head = f.read(6)
-    except OSError:
-        return None  # sniff says why
+def _compressed(head: bytes) -> tuple[str, Callable[[Path], IO[bytes]]] | None:
+    """The compression a file's first bytes show (its kind and opener), or None."""
     return next((kind for magic, kind in _COMPRESSED.items() if head.startswith(magic)), None)
 
 
@@ -253,17 +249,18 @@ def _spooled(raw: str | os.PathLike[str], path: Path) -> CaptureFile | InputProb
         return spool(sys.stdin.buffer, STDIN, "stdin")
     try:
         mode = path.stat().st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):  # a pipe, a FIFO, /dev/stdin: readable once
+            with path.open("rb") as stream:
+                return spool(stream, str(path), "the pipe")
+        if stat.S_ISREG(mode):
+            with path.open("rb") as f:
+                compressed = _compressed(f.read(6))
+            if compressed is not None:
+                kind, opener = compressed
+                with opener(path) as stream:
+                    return spool(stream, str(path), f"the {kind} stream")
     except OSError:
-        return None  # sniff says why
-    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):  # a pipe, a FIFO, /dev/stdin: readable once
-        with path.open("rb") as stream:
-            return spool(stream, str(path), "the pipe")
-    if stat.S_ISREG(mode):
-        compressed = _compression(path)
-        if compressed is not None:
-            kind, opener = compressed
-            with opener(path) as stream:
-                return spool(stream, str(path), f"the {kind} stream")
+        return None  # not there, not readable...: sniff says which
     return None
 
 
