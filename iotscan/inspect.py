@@ -47,7 +47,7 @@ from typing import IO, Any
 from iotscan.errors import CaptureError, InputError
 from iotscan.pipeline import Event, SourceInfo, Stage
 from iotscan.records import community_id, flow_record, iso_timestamp_text, summary_record
-from iotscan.source import FlowSource, MeterConfig
+from iotscan.source import FlowSource, MeterConfig, bpf_forms
 
 INSTALL_HINT = "install it with: sudo apt-get install tshark (or run ./install.sh)"
 TSHARK_ENV = "IOTSCAN_TSHARK"  # explicit path to tshark, for installs outside PATH
@@ -83,16 +83,15 @@ class FiveTuple:
         return record["protocol"] == self.protocol and ours in (theirs, reverse)
 
 
-def five_tuple_bpf(t: FiveTuple, vlan: bool = True) -> str:
-    """A BPF filter passing the packets of a 5-tuple (both directions, with ``vlan`` also 802.1Q-tagged: link
-    types without Ethernet framing reject that), so that the flow pass meters nothing else. Tunnelled packets
-    do not pass: find_flows then meters everything."""
+def five_tuple_bpf(t: FiveTuple) -> str:
+    """A BPF filter passing the packets of a 5-tuple (both directions), so that the flow pass meters nothing
+    else. Tunnelled packets do not pass: find_flows then meters everything."""
     ipv6 = ":" in t.src_ip
     proto = {**_PORT_PROTOCOLS, 1: "icmp", 58: "icmp6"}.get(t.protocol, f"{'ip6' if ipv6 else 'ip'} proto {t.protocol}")
     match = f"{proto} and host {t.src_ip} and host {t.dst_ip}"
     if t.protocol in _PORT_PROTOCOLS:
         match += f" and port {t.src_port} and port {t.dst_port}"
-    return f"({match}) or (vlan and {match})" if vlan else match
+    return match
 
 
 def _endpoint(ip: str, port: int) -> str:
@@ -231,10 +230,9 @@ def find_flows(capture: str, selector: FlowSelector, config: MeterConfig, stop_a
     5-tuple was tunnelled, say), the capture is metered again without it.
     """
     if selector.five_tuple is not None and not config.bpf:
-        for vlan in (True, False):
+        for bpf in bpf_forms(five_tuple_bpf(selector.five_tuple)):
             try:
-                found = _find_flows(capture, selector, replace(config, bpf=five_tuple_bpf(selector.five_tuple, vlan)),
-                                    stop_after)
+                found = _find_flows(capture, selector, replace(config, bpf=bpf), stop_after)
             except InputError:  # "vlan" rejected (Linux cooked, raw IP...): the plain filter, else no filter
                 continue
             if found:

@@ -642,9 +642,7 @@ def side_pass(name: str, path: str, config: MeterConfig, bpf: str, plugin: NFPlu
     gets what ``reduce`` keeps of each flow (the flows themselves without it).
 
     It keeps the main pass's timeouts and narrows its --bpf (``config``); nDPI and flow statistics
-    are off, as the pass only reads payloads. The filter is tried VLAN-aware first ("vlan" shifts the
-    offsets of the expressions after it, so the tagged form catches tagged frames), then as it is, for
-    link types without Ethernet framing, which reject "vlan".
+    are off, as the pass only reads payloads. The filter's forms (bpf_forms) are tried in turn.
     """
     def meter(own: str) -> MeterConfig:
         return MeterConfig(source=path, live=config.live, promisc=config.promisc,
@@ -654,4 +652,11 @@ def side_pass(name: str, path: str, config: MeterConfig, bpf: str, plugin: NFPlu
                            snaplen=max(config.snaplen, snaplen), decode_tunnels=config.decode_tunnels,
                            plugins=(plugin,), reduce=reduce)
 
-    return SidePass(name, [meter(f"({bpf}) or (vlan and {bpf})"), meter(bpf)], collect)
+    return SidePass(name, [meter(form) for form in bpf_forms(bpf)], collect)
+
+
+def bpf_forms(bpf: str) -> tuple[str, str]:
+    """A filter's forms to try in turn: VLAN-aware ("vlan" shifts the offsets of the expressions after it, so
+    the tagged form catches tagged frames), then as it is, for link types without Ethernet framing (Linux
+    cooked, raw IP), which reject "vlan"."""
+    return f"({bpf}) or (vlan and {bpf})", bpf
