@@ -172,10 +172,18 @@ def sniff(path: Path) -> CaptureFile:
 
 
 def _looks_like_capture(path: Path) -> bool:
+    """A capture by its first bytes, compressed or not (a directory's other files, logs.gz included, are not)."""
     try:
         with path.open("rb") as f:
-            return _capture_format(f.read(4)) is not None
-    except OSError:
+            head = f.read(6)
+        if _capture_format(head[:4]) is not None:
+            return True
+        compressed = _compressed(head)
+        if compressed is None:
+            return False
+        with compressed[1](path) as stream:
+            return _capture_format(stream.read(4)) is not None
+    except _DAMAGED_STREAM:
         return False
 
 
@@ -267,8 +275,8 @@ def _spooled(raw: str | os.PathLike[str], path: Path) -> CaptureFile | InputProb
 def expand(paths: Iterable[str | os.PathLike[str]]) -> Iterator[CaptureFile | InputProblem]:
     """Yield each capture named by the paths (directories recursively, sorted), or the problem with it.
 
-    Files named explicitly must be captures; inside directories, files that are not captures are
-    skipped silently (a capture directory often holds logs and notes beside the pcaps).
+    Files named explicitly must be captures; inside directories, files that are not captures (plain or
+    compressed) are skipped silently (a capture directory often holds logs and notes beside the pcaps).
     """
     for raw in paths:
         path = Path(raw)
@@ -278,15 +286,12 @@ def expand(paths: Iterable[str | os.PathLike[str]]) -> Iterator[CaptureFile | In
                 dirs.sort()
                 for name in sorted(files):
                     child = Path(root) / name
-                    if not _looks_like_capture(child):
+                    if not child.is_file() or not _looks_like_capture(child):  # a FIFO there would block
                         continue
                     found = True
-                    try:
-                        yield sniff(child)
-                    except InputError as exc:
-                        yield InputProblem(str(child), exc.message)
+                    yield capture_file(child)
             if not found:
-                yield InputProblem(str(path), "directory holds no pcap or pcapng captures")
+                yield InputProblem(str(path), "directory holds no pcap or pcapng captures (plain or compressed)")
             continue
         yield capture_file(raw)
 

@@ -304,6 +304,22 @@ def test_damaged_gzip_keeps_the_flows_before_the_damage(tmp_path: Path) -> None:
     assert err.count("iotscan: error:") == 1
 
 
+def test_directory_with_compressed_captures(tmp_path: Path) -> None:
+    """An archive folder: a gzipped capture is read, a compressed log and a FIFO (which would block) are
+    skipped."""
+    import gzip
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "day1.pcap.gz").write_bytes(gzip.compress(LOG4J.read_bytes()))
+    (archive / "syslog.gz").write_bytes(gzip.compress(b"Dec  3 12:00:00 host kernel: nothing\n" * 100))
+    os.mkfifo(archive / "pipe")
+    flows, summary, _ = _spooled_run(tmp_path, archive, timeout=120)
+    _same_flows(flows, str(archive / "day1.pcap.gz"))
+    assert [i["source"] for i in summary["inputs"]] == [str(archive / "day1.pcap.gz")]
+    assert summary["errors"] == [] and summary["warnings"] == []
+
+
 def test_stdin_dash_is_read(tmp_path: Path) -> None:
     flows, summary, _ = _spooled_run(tmp_path, "-", input=LOG4J.read_bytes())
     _same_flows(flows, "-")
