@@ -297,7 +297,7 @@ class Analysis:
                 return label, size, 0, ""
             elapsed = max(time.monotonic() - started, 1e-6)
             packets = src.counter(PACKETS)
-            done = bytes_read_by(src.pid, info.name) or 0
+            done = bytes_read_by(src.pid, info.config.source) or 0  # the file read: a copy, for stdin or a .gz
             rates = f"{packets / elapsed:,.0f} pkt/s  {self.state.flows / elapsed:,.0f} flows/s  " \
                     f"{src.counter(ACTIVE):,} active"
             return label, size, done, rates

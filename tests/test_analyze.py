@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -19,7 +20,7 @@ import pytest
 from conftest import NDPI_PCAPS, REPO, SAMPLES, assert_no_traceback, ndjson, require_shared, run_iotscan
 
 from iotscan.cli.common import main_pass_config
-from iotscan.pipeline import Analysis, SourceInfo, Stage, _gc_paced
+from iotscan.pipeline import Analysis, Event, SourceInfo, Stage, _gc_paced
 from iotscan.records import FLOW_FIELD_NAMES, SUMMARY_FIELDS, community_id
 from iotscan.sinks import NdjsonSink
 
@@ -318,6 +319,43 @@ def test_directory_with_compressed_captures(tmp_path: Path) -> None:
     _same_flows(flows, str(archive / "day1.pcap.gz"))
     assert [i["source"] for i in summary["inputs"]] == [str(archive / "day1.pcap.gz")]
     assert summary["errors"] == [] and summary["warnings"] == []
+
+
+class _ProgressProbe(Stage):
+    """Polls the progress bar's poller once flows stream, as the bar's thread does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.analysis: Analysis | None = None
+        self.polled: tuple[str, int | None, int, str] | None = None
+
+    def begin(self, source: SourceInfo) -> None:
+        assert self.analysis is not None
+        self.poll = self.analysis._file_poller(source)
+
+    def run(self, events: Iterator[Event]) -> Iterator[Event]:
+        for event in events:
+            if self.polled is None:
+                self.polled = self.poll()
+            yield event
+
+
+def test_progress_follows_the_copy_of_a_compressed_capture(tmp_path: Path) -> None:
+    """The bar's bytes are how far the meter read the file it reads: the copy, not the .gz it came from. The
+    sample's packets 60 times over, with a flow table of one flow, so that flows stream while the meter reads."""
+    import gzip
+
+    sample = (SAMPLES / "hue-bridge-setup.pcap").read_bytes()
+    plain = sample[:24] + sample[24:] * 60
+    packed = tmp_path / "hue.pcap.gz"
+    packed.write_bytes(gzip.compress(plain, compresslevel=1))
+    probe = _ProgressProbe()
+    analysis = probe.analysis = Analysis(NdjsonSink(io.BytesIO()), stages=[probe])
+    analysis.run_files([packed], main_pass_config("", score=False, max_flows=1))
+    assert probe.polled is not None
+    label, total, done, _ = probe.polled
+    assert label == packed.name and total == len(plain)
+    assert 0 < done < total
 
 
 def test_stdin_dash_is_read(tmp_path: Path) -> None:
