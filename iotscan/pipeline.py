@@ -206,7 +206,8 @@ class Analysis:
         try:
             self._drain(source, info)
         except (InputError, CaptureError) as exc:  # this source is lost; the others still run
-            self._fail(info.name, _strip_source(exc.message, info.name), exc.exit_code)
+            # the meter names the file it read: the name given, or its copy (stdin, a compressed capture)
+            self._fail(info.name, _strip_source(exc.message, info.config.source), exc.exit_code)
             status = "error"
         finally:
             self._current = None
