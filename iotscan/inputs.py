@@ -192,7 +192,11 @@ def _compressed(head: bytes) -> tuple[str, Callable[[Path], IO[bytes]]] | None:
     return next((kind for magic, kind in _COMPRESSED.items() if head.startswith(magic)), None)
 
 
-def spool(stream: IO[bytes], name: str, what: str) -> CaptureFile | InputProblem:
+# Told of each copy as it starts: the name given, and how many bytes are copied so far (for a progress bar).
+OnCopy = Callable[[str, Callable[[], int]], None]
+
+
+def spool(stream: IO[bytes], name: str, what: str, on_copy: OnCopy | None = None) -> CaptureFile | InputProblem:
     """Copy a stream (stdin, a pipe, a decompressing reader) to a temporary file, a chunk at a time, and sniff
     the copy. A stream damaged part way keeps what came before the damage, with a warning."""
     try:
@@ -201,19 +205,22 @@ def spool(stream: IO[bytes], name: str, what: str) -> CaptureFile | InputProblem
         return InputProblem(name, f"cannot copy {what} to a temporary file: {exc.strerror or exc}")
     path = Path(tmp)
     try:
-        return _copy(stream, fd, path, name, what)
+        return _copy(stream, fd, path, name, what, on_copy)
     except BaseException:  # a second Ctrl-C while copying
         path.unlink(missing_ok=True)
         raise
 
 
-def _copy(stream: IO[bytes], fd: int, path: Path, name: str, what: str) -> CaptureFile | InputProblem:
+def _copy(stream: IO[bytes], fd: int, path: Path, name: str, what: str,
+          on_copy: OnCopy | None) -> CaptureFile | InputProblem:
     # read1: what one read of the source gives, so that little is lost when a later one fails
     read = getattr(stream, "read1", stream.read)
     damage: Exception | None = None
     problem = ""
     head = b""
     size = 0
+    if on_copy is not None:
+        on_copy(name, lambda: size)
     with os.fdopen(fd, "wb", buffering=0) as out:  # chunks are large: no buffer, so a failed write shows here
         while True:
             try:
@@ -248,31 +255,32 @@ def _copy(stream: IO[bytes], fd: int, path: Path, name: str, what: str) -> Captu
     return InputProblem(name, problem)
 
 
-def _spooled(raw: str | os.PathLike[str], path: Path) -> CaptureFile | InputProblem | None:
+def _spooled(raw: str | os.PathLike[str], path: Path, on_copy: OnCopy | None) -> CaptureFile | InputProblem | None:
     """stdin, a pipe or a compressed file, copied to a temporary file; None for anything else."""
     if str(raw) == STDIN:
         if sys.stdin is None or sys.stdin.isatty():
             return InputProblem(STDIN, "stdin is a terminal: pipe a capture into iotscan, e.g. "
                                        "zcat capture.pcap.gz | iotscan analyze -")
-        return spool(sys.stdin.buffer, STDIN, "stdin")
+        return spool(sys.stdin.buffer, STDIN, "stdin", on_copy)
     try:
         mode = path.stat().st_mode
         if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):  # a pipe, a FIFO, /dev/stdin: readable once
             with path.open("rb") as stream:
-                return spool(stream, str(path), "the pipe")
+                return spool(stream, str(path), "the pipe", on_copy)
         if stat.S_ISREG(mode):
             with path.open("rb") as f:
                 compressed = _compressed(f.read(6))
             if compressed is not None:
                 kind, opener = compressed
                 with opener(path) as stream:
-                    return spool(stream, str(path), f"the {kind} stream")
+                    return spool(stream, str(path), f"the {kind} stream", on_copy)
     except OSError:
         return None  # not there, not readable...: sniff says which
     return None
 
 
-def expand(paths: Iterable[str | os.PathLike[str]]) -> Iterator[CaptureFile | InputProblem]:
+def expand(paths: Iterable[str | os.PathLike[str]], on_copy: OnCopy | None = None
+           ) -> Iterator[CaptureFile | InputProblem]:
     """Yield each capture named by the paths (directories recursively, sorted), or the problem with it.
 
     Files named explicitly must be captures; inside directories, files that are not captures (plain or
@@ -289,17 +297,17 @@ def expand(paths: Iterable[str | os.PathLike[str]]) -> Iterator[CaptureFile | In
                     if not child.is_file() or not _looks_like_capture(child):  # a FIFO there would block
                         continue
                     found = True
-                    yield capture_file(child)
+                    yield capture_file(child, on_copy)
             if not found:
                 yield InputProblem(str(path), "directory holds no pcap or pcapng captures (plain or compressed)")
             continue
-        yield capture_file(raw)
+        yield capture_file(raw, on_copy)
 
 
-def capture_file(raw: str | os.PathLike[str]) -> CaptureFile | InputProblem:
+def capture_file(raw: str | os.PathLike[str], on_copy: OnCopy | None = None) -> CaptureFile | InputProblem:
     """The capture a path (not a directory) names, copied first if it must be (see the module), or the problem."""
     path = Path(raw)
-    spooled = _spooled(raw, path)
+    spooled = _spooled(raw, path, on_copy)
     if spooled is not None:
         return spooled
     try:

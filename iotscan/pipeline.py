@@ -20,7 +20,7 @@ from nfstream.flow import NFlow
 
 from iotscan.console import Reporter, bytes_read_by, error
 from iotscan.errors import CaptureError, ExitCode, InputError
-from iotscan.inputs import CaptureFile, InputProblem, expand, link_type_name
+from iotscan.inputs import STDIN, CaptureFile, InputProblem, expand, link_type_name
 from iotscan.records import flow_record, summary_record
 from iotscan.sinks import Sink
 from iotscan.source import ACTIVE, PACKETS, FlowSource, MeterConfig, SourceReport
@@ -152,7 +152,11 @@ class Analysis:
     def run_files(self, paths: Iterable[str | os.PathLike[str]], config: MeterConfig) -> RunState:
         """Analyse capture files and directories; a bad input is reported and the others still run."""
         with self.reporter.progress() as progress, _interruptible(self):
-            for item in expand(paths):
+            def copying(name: str, copied: Callable[[], int]) -> None:  # stdin, a pipe, a compressed capture
+                label = f"copying {'stdin' if name == STDIN else _short_label(name)}"
+                progress.track(lambda: (label, None, copied(), ""))
+
+            for item in expand(paths, on_copy=copying):
                 if self.state.interrupted:  # Ctrl-C, perhaps while stdin or a pipe was being copied
                     if isinstance(item, CaptureFile) and item.spooled:
                         item.path.unlink(missing_ok=True)
@@ -288,9 +292,7 @@ class Analysis:
     def _file_poller(self, info: SourceInfo) -> Callable[[], tuple[str, int | None, int, str]]:
         started = time.monotonic()
         size = info.capture.size if info.capture else None
-        label = os.path.basename(info.name)
-        if len(label) > 40:
-            label = label[:37] + "..."
+        label = _short_label(info.name)
 
         def poll() -> tuple[str, int | None, int, str]:
             src = self._current
@@ -342,6 +344,12 @@ class Analysis:
         if self.state.fail_hits:
             return ExitCode.FINDINGS
         return ExitCode.OK
+
+
+def _short_label(name: str) -> str:
+    """A capture's name for the progress bar: its file name, at most 40 characters."""
+    label = os.path.basename(name)
+    return label if len(label) <= 40 else label[:37] + "..."
 
 
 def _strip_source(message: str, source: str) -> str:

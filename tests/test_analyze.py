@@ -12,7 +12,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -20,6 +20,7 @@ import pytest
 from conftest import NDPI_PCAPS, REPO, SAMPLES, assert_no_traceback, ndjson, require_shared, run_iotscan
 
 from iotscan.cli.common import main_pass_config
+from iotscan.inputs import expand
 from iotscan.pipeline import Analysis, Event, SourceInfo, Stage, _gc_paced
 from iotscan.records import FLOW_FIELD_NAMES, SUMMARY_FIELDS, community_id
 from iotscan.sinks import NdjsonSink
@@ -356,6 +357,21 @@ def test_progress_follows_the_copy_of_a_compressed_capture(tmp_path: Path) -> No
     label, total, done, _ = probe.polled
     assert label == packed.name and total == len(plain)
     assert 0 < done < total
+
+
+def test_a_copy_tells_how_far_it_is(tmp_path: Path) -> None:
+    """What the progress bar shows while a compressed capture is decompressed: its name, and the bytes so far."""
+    import gzip
+
+    packed = tmp_path / "log4j.pcap.gz"
+    packed.write_bytes(gzip.compress(LOG4J.read_bytes()))
+    calls: list[tuple[str, Callable[[], int]]] = []
+    items = list(expand([packed, LOG4J], on_copy=lambda name, copied: calls.append((name, copied))))
+    try:
+        assert [name for name, _ in calls] == [str(packed)]  # the plain capture is read as it is
+        assert calls[0][1]() == LOG4J.stat().st_size == items[0].size
+    finally:
+        items[0].path.unlink()
 
 
 def test_stdin_dash_is_read(tmp_path: Path) -> None:
