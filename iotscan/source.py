@@ -35,12 +35,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from nfstream.engine import create_engine, setup_capture, setup_dissector
 from nfstream.engine.engine import setup_filter
-from nfstream.flow import NFlow
+from nfstream.flow import UDPS, NFlow
 from nfstream.meter import get_flow_key_from_pkt
 from nfstream.plugin import NFPlugin
 from nfstream.utils import NFMode
@@ -90,7 +90,7 @@ class MeterConfig:
     # NFStream's 94-slot flows cost the reader more than anything it then did with them: the main pass
     # sends a MeteredFlow (records.metered_flow, or features.metered_flow_with_statistics with the flow's
     # block of C numbers: without plugins, flows are _BlockFlows), a side pass a few fields of a few of
-    # its flows. report.flows counts all.
+    # its flows (with plugins, flows are _PayloadFlows). report.flows counts all.
     reduce: Callable[[NFlow], Any] | None = None
 
 
@@ -106,6 +106,15 @@ class SourceReport:
     read_error: bool = False
     stopped: bool = False
     warnings: list[str] = field(default_factory=list)
+
+
+def _endpoints(ffi: Any, c: Any) -> tuple[str, str, str, str]:
+    """A flow structure's source IP and MAC and destination IP and MAC, as NFlow decodes them."""
+    string = ffi.string
+    return (string(c.src_ip_str).decode("utf-8", errors="ignore"),
+            string(c.src_mac_str).decode("utf-8", errors="ignore"),
+            string(c.dst_ip_str).decode("utf-8", errors="ignore"),
+            string(c.dst_mac_str).decode("utf-8", errors="ignore"))
 
 
 class _BlockFlow(NFlow):
@@ -137,8 +146,7 @@ class _BlockFlow(NFlow):
         def text(chars: Any) -> str:
             return ffi.string(chars).decode("utf-8", errors="ignore")
 
-        self.src_ip, self.src_mac, self.dst_ip, self.dst_mac = (
-            text(c.src_ip_str), text(c.src_mac_str), text(c.dst_ip_str), text(c.dst_mac_str))
+        self.src_ip, self.src_mac, self.dst_ip, self.dst_mac = _endpoints(ffi, c)
         self.src_port, self.dst_port, self.protocol, self.ip_version = c.src_port, c.dst_port, c.protocol, c.ip_version
         self.vlan_id, self.tunnel_id = c.vlan_id, c.tunnel_id
         self.bidirectional_first_seen_ms, self.bidirectional_last_seen_ms, self.bidirectional_duration_ms = (
@@ -161,6 +169,76 @@ class _BlockFlow(NFlow):
         if splt:
             block += ffi.buffer(c.splt_direction, splt)[:] + ffi.buffer(c.splt_ps, 4 * splt)[:]
         self.block = block
+        lib.meter_free_flow(c, n_dissections, splt, 1)
+        del self._C
+        return self
+
+
+class SidePacket(NamedTuple):
+    """What a side pass's plugins read of a packet (NFStream hands them a tuple of 30 fields): its IP
+    packet's bytes, the sender's address and MAC, its direction in the flow (0: from the flow's source)
+    and time (ms)."""
+
+    ip_packet: bytes
+    src_ip: str
+    src_mac: str
+    direction: int
+    time: int
+
+
+class _PayloadFlow(NFlow):
+    """An NFlow of a side pass (plugins that read packets' bytes, then a reduce). NFStream's NFlow with
+    plugins copies some 90 values of its C structure into Python slots when the flow starts and 40 more at
+    every packet, and builds a 30-field packet for the plugins; a side pass's plugins read a packet's bytes
+    and sender (SidePacket), and its reduce the flow's endpoints, start, packets and bytes and the plugins'
+    ``udps``. So this one copies the endpoints once and the counters when it expires. On the benchmark
+    capture the request pass's meter CPU went 0.95 s -> 0.83 s, the identity pass's 0.28 s -> 0.24 s."""
+
+    def __init__(self, packet: Any, ffi: Any, lib: Any, udps: Any, sync: Any, accounting_mode: int,
+                 n_dissections: int, statistics: int, splt: int, dissector: Any, decode_tunnels: int,
+                 system_visibility_mode: int) -> None:
+        self.expiration_id = 0
+        c = self._C = lib.meter_initialize_flow(packet, accounting_mode, statistics, splt, n_dissections,
+                                                dissector, sync)
+        if c == ffi.NULL:
+            raise OSError("Not enough memory for new flow creation.")
+        self.src_ip, self.src_mac, self.dst_ip, self.dst_mac = _endpoints(ffi, c)
+        self.src_port, self.dst_port, self.protocol, self.ip_version = c.src_port, c.dst_port, c.protocol, c.ip_version
+        self.vlan_id, self.bidirectional_first_seen_ms = c.vlan_id, c.bidirectional_first_seen_ms
+        self.udps = UDPS()
+        side_packet = self._side_packet(packet, ffi)
+        for udp in udps:
+            udp.on_init(side_packet, self)
+
+    def _side_packet(self, packet: Any, ffi: Any) -> SidePacket:
+        data = bytes(ffi.buffer(packet.ip_content, packet.ip_content_len))
+        if packet.direction:
+            return SidePacket(data, self.dst_ip, self.dst_mac, 1, packet.time)
+        return SidePacket(data, self.src_ip, self.src_mac, 0, packet.time)
+
+    def update(self, packet: Any, idle_timeout: int, active_timeout: int, ffi: Any, lib: Any, udps: Any, sync: Any,
+               accounting_mode: int, n_dissections: int, statistics: int, splt: int, dissector: Any) -> NFlow | None:
+        ret = lib.meter_update_flow(self._C, packet, idle_timeout, active_timeout, accounting_mode, statistics, splt,
+                                    n_dissections, dissector, sync)
+        if ret > 0:  # idle (1) or active (2) timeout: the packet belongs to the next flow
+            self.expiration_id = ret - 1
+            return self.expire(udps, sync, n_dissections, statistics, splt, ffi, lib, dissector)
+        side_packet = self._side_packet(packet, ffi)
+        for udp in udps:
+            udp.on_update(side_packet, self)
+        if self.expiration_id == -1:  # a plugin ended the flow
+            return self.expire(udps, sync, n_dissections, statistics, splt, ffi, lib, dissector)
+        return None
+
+    def expire(self, udps: Any, sync: Any, n_dissections: int, statistics: int, splt: int, ffi: Any, lib: Any,
+               dissector: Any) -> NFlow:
+        c = self._C
+        lib.meter_expire_flow(c, n_dissections, dissector)
+        self.bidirectional_last_seen_ms, self.bidirectional_duration_ms = (c.bidirectional_last_seen_ms,
+                                                                           c.bidirectional_duration_ms)
+        self.bidirectional_packets, self.bidirectional_bytes = c.bidirectional_packets, c.bidirectional_bytes
+        for udp in udps:
+            udp.on_expire(self)
         lib.meter_free_flow(c, n_dissections, splt, 1)
         del self._C
         return self
@@ -341,7 +419,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
     stats, splt, n_dis, acc, tunnels = cfg.statistics, cfg.splt, cfg.n_dissections, cfg.accounting_mode, \
         cfg.decode_tunnels
     out = _Batcher(channel, cfg.reduce)
-    flow_class = _BlockFlow if cfg.reduce is not None and not udps else NFlow
+    flow_class = NFlow if cfg.reduce is None else _PayloadFlow if udps else _BlockFlow
     cache: OrderedDict[tuple, NFlow] = OrderedDict()  # oldest activity first
     report = SourceReport()
     interface_stats = ffi.new("struct nf_stat *")

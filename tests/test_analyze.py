@@ -14,10 +14,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from conftest import NDPI_PCAPS, REPO, SAMPLES, assert_no_traceback, ndjson, require_shared, run_iotscan
+from nfstream.plugin import NFPlugin
 
 from iotscan.cli.common import main_pass_config
 from iotscan.inputs import expand
@@ -587,3 +589,53 @@ def test_stage_warnings_join_the_summary() -> None:
     assert [(w["code"], w["message"]) for w in summary["warnings"]] == [
         ("side_pass", "web-sqli.pcap: a stage's warning"), ("side_pass", "log4j-exploit.pcap: a stage's warning")]
     assert ndjson(out.getvalue())[-1] == orjson.loads(orjson.dumps(summary))
+
+
+class _PacketLog(NFPlugin):
+    """Keeps what a side pass's plugins may read of each packet (source.SidePacket), per flow."""
+
+    def on_init(self, packet: Any, flow: Any) -> None:
+        flow.udps.packets = []
+        self.on_update(packet, flow)
+
+    def on_update(self, packet: Any, flow: Any) -> None:
+        flow.udps.packets.append((packet.direction, packet.time, packet.src_ip, packet.src_mac, packet.ip_packet))
+
+
+def _flow_log(flow: Any) -> tuple[Any, ...]:
+    """What a side pass's reduce may read of a flow (source._PayloadFlow)."""
+    return (flow.src_ip, flow.src_mac, flow.src_port, flow.dst_ip, flow.dst_mac, flow.dst_port, flow.protocol,
+            flow.ip_version, flow.vlan_id, flow.bidirectional_first_seen_ms, flow.bidirectional_last_seen_ms,
+            flow.bidirectional_duration_ms, flow.bidirectional_packets, flow.bidirectional_bytes, flow.udps.packets)
+
+
+@pytest.mark.parametrize(("capture", "kind"), [
+    ("mirai-c2-irc.pcap", "requests"), ("web-sqli.pcap", "requests"), ("dns-tunnel-dnscat2.pcap", "requests"),
+    ("hue-bridge-setup.pcap", "identity"), ("tplink-hs110-setup.pcap", "identity"),
+    ("edimax-sp2101w-setup.pcap", "identity"), ("edimax-sp2101w-setup.pcap", "log"), ("web-sqli.pcap", "log")])
+def test_side_passes_give_what_nfstream_own_flows_give(capture: str, kind: str) -> None:
+    # a side pass's flows (source._PayloadFlow: endpoints copied once, a small packet for the plugins) hand its
+    # plugins and reduce what NFStream's own streamer and NFlow hand them, flow for flow and packet for packet
+    from nfstream import NFStreamer
+
+    from iotscan import request_pass
+    from iotscan.devices import identity
+    from iotscan.source import MeterConfig, bpf_forms, side_pass
+
+    if kind == "requests":
+        bpf, plugin, reduce, snaplen = (request_pass.REQUEST_FILTER, request_pass.RequestPlugin, request_pass._match,
+                                        request_pass.MAX_HEAD_BYTES + 128)
+    elif kind == "identity":
+        bpf, plugin, reduce, snaplen = identity.IDENTITY_FILTER, identity.IdentityPlugin, identity._hints, 2048
+    else:  # every packet, both directions
+        bpf, plugin, reduce, snaplen = "ip", _PacketLog, _flow_log, 1536
+    path = str(SAMPLES / capture)
+    config = MeterConfig(source=path)
+    ours = side_pass("test", path, config, bpf, plugin(), list, snaplen=snaplen, reduce=reduce).outcome()
+    streamer = NFStreamer(source=path, bpf_filter=bpf_forms(bpf)[0], udps=plugin(), n_dissections=0,
+                          statistical_analysis=False, snapshot_length=snaplen, idle_timeout=config.idle_timeout,
+                          active_timeout=config.active_timeout, n_meters=1)
+    theirs = [kept for kept in map(reduce, streamer) if kept is not None]
+    assert ours and sorted(map(repr, ours)) == sorted(map(repr, theirs))
+    if kind == "log":  # the captures have packets both ways
+        assert {direction for flow in ours for direction, *_ in flow[-1]} == {0, 1}
