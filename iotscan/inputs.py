@@ -2,7 +2,9 @@
 
 iotscan reads a capture more than once (the main pass and the side passes), so what can be read only once
 -- stdin ("-"), a pipe or FIFO -- and what libpcap cannot read -- a gzip, bzip2 or xz compressed capture --
-is first copied, decompressed, to a temporary file (removed after its analysis).
+is first copied, decompressed, to a temporary file (removed after its analysis). Ctrl-C during the copy of
+a stream ends the stream there, as it ends `tcpdump -w - | iotscan analyze -`: what came is analysed; during
+the decompression of a file it stops the copy at once (see CopyInterrupted).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class CaptureFile:
     name: str = ""  # as the user gave it, when ``path`` is a temporary copy of it ("-", a pipe, a .gz file)
     spooled: bool = False  # ``path`` is a temporary copy, to remove once analysed
     warning: str = ""  # what went wrong while copying it (a damaged compressed stream)
+    cut: bool = False  # a stream that Ctrl-C ended while it was copied: what came before is analysed
 
     @property
     def display_name(self) -> str:
@@ -196,59 +199,86 @@ def _compressed(head: bytes) -> tuple[str, Callable[[Path], IO[bytes]]] | None:
 OnCopy = Callable[[str, Callable[[], int]], None]
 
 
-def spool(stream: IO[bytes], name: str, what: str, on_copy: OnCopy | None = None) -> CaptureFile | InputProblem:
+class CopyInterrupted(Exception):
+    """Raised by a Ctrl-C handler (pipeline._interruptible) while copy_in_progress(), to end the copy: a read
+    from a pipe blocks until its writer writes again, and Python retries a read its signal handler let be."""
+
+
+_copying = False  # a copy's read loop runs (in the main thread, where signal handlers run too)
+
+
+def copy_in_progress() -> bool:
+    return _copying
+
+
+def spool(stream: IO[bytes], name: str, what: str, on_copy: OnCopy | None = None,
+          keep_cut: bool = False) -> CaptureFile | InputProblem:
     """Copy a stream (stdin, a pipe, a decompressing reader) to a temporary file, a chunk at a time, and sniff
-    the copy. A stream damaged part way keeps what came before the damage, with a warning."""
+    the copy. A stream damaged part way keeps what came before the damage, with a warning; one that Ctrl-C
+    ends (CopyInterrupted) keeps what came if ``keep_cut`` (a stream that only Ctrl-C ends), else the copy is
+    dropped."""
     try:
         fd, tmp = tempfile.mkstemp(prefix="iotscan-", suffix=".cap")
     except OSError as exc:  # no writable temporary directory at all
         return InputProblem(name, f"cannot copy {what} to a temporary file: {exc.strerror or exc}")
     path = Path(tmp)
     try:
-        return _copy(stream, fd, path, name, what, on_copy)
+        return _copy(stream, fd, path, name, what, on_copy, keep_cut)
     except BaseException:  # a second Ctrl-C while copying
         path.unlink(missing_ok=True)
         raise
 
 
 def _copy(stream: IO[bytes], fd: int, path: Path, name: str, what: str,
-          on_copy: OnCopy | None) -> CaptureFile | InputProblem:
+          on_copy: OnCopy | None, keep_cut: bool) -> CaptureFile | InputProblem:
+    global _copying
     # read1: what one read of the source gives, so that little is lost when a later one fails
     read = getattr(stream, "read1", stream.read)
     damage: Exception | None = None
     problem = ""
+    cut = False
     head = b""
     size = 0
     if on_copy is not None:
         on_copy(name, lambda: size)
     with os.fdopen(fd, "wb", buffering=0) as out:  # chunks are large: no buffer, so a failed write shows here
-        while True:
-            try:
-                chunk = read(_SPOOL_CHUNK)
-            except _DAMAGED_STREAM as exc:
-                damage = exc
-                break
-            if not chunk:
-                break
-            try:
-                view = memoryview(chunk)
-                while view:  # an unbuffered write may take part of it
-                    view = view[out.write(view):]
-            except OSError as exc:
-                problem = f"cannot copy {what} to a temporary file in {tempfile.gettempdir()}: {exc.strerror or exc}"
-                break
-            size += len(chunk)
-            if len(head) < 4:
-                head += chunk[:4]
-                if len(head) >= 4 and _capture_format(head) is None:
-                    break  # not a capture (sniff says so from the first bytes): the rest need not be copied
+        try:
+            _copying = True
+            while True:
+                try:
+                    chunk = read(_SPOOL_CHUNK)
+                except _DAMAGED_STREAM as exc:
+                    damage = exc
+                    break
+                if not chunk:
+                    break
+                try:
+                    view = memoryview(chunk)
+                    while view:  # an unbuffered write may take part of it
+                        view = view[out.write(view):]
+                except OSError as exc:
+                    problem = f"cannot copy {what} to a temporary file in {tempfile.gettempdir()}: " \
+                              f"{exc.strerror or exc}"
+                    break
+                size += len(chunk)
+                if len(head) < 4:
+                    head += chunk[:4]
+                    if len(head) >= 4 and _capture_format(head) is None:
+                        break  # not a capture (sniff says so from the first bytes): the rest need not be copied
+        except CopyInterrupted:
+            cut = True
+            problem = "" if keep_cut else "interrupted by the user"
+        finally:
+            _copying = False
+    if cut:
+        size = path.stat().st_size  # the exception may have come between a write and its count
     if not problem and not size:
         problem = f"cannot read {what}: {damage}" if damage else f"{what} is empty (0 bytes)"
     if not problem:
         try:
             warning = f"{what} is damaged after {size:,} bytes ({damage}): flows up to the damage are reported" \
                 if damage else ""
-            return replace(sniff(path), name=name, spooled=True, warning=warning)
+            return replace(sniff(path), name=name, spooled=True, warning=warning, cut=cut)
         except InputError as exc:
             problem = exc.message
     path.unlink(missing_ok=True)
@@ -261,12 +291,12 @@ def _spooled(raw: str | os.PathLike[str], path: Path, on_copy: OnCopy | None) ->
         if sys.stdin is None or sys.stdin.isatty():
             return InputProblem(STDIN, "stdin is a terminal: pipe a capture into iotscan, e.g. "
                                        "zcat capture.pcap.gz | iotscan analyze -")
-        return spool(sys.stdin.buffer, STDIN, "stdin", on_copy)
+        return spool(sys.stdin.buffer, STDIN, "stdin", on_copy, keep_cut=True)
     try:
         mode = path.stat().st_mode
         if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):  # a pipe, a FIFO, /dev/stdin: readable once
             with path.open("rb") as stream:
-                return spool(stream, str(path), "the pipe", on_copy)
+                return spool(stream, str(path), "the pipe", on_copy, keep_cut=True)
         if stat.S_ISREG(mode):
             with path.open("rb") as f:
                 compressed = _compressed(f.read(6))

@@ -20,7 +20,7 @@ from nfstream.flow import NFlow
 
 from iotscan.console import Reporter, bytes_read_by, error
 from iotscan.errors import CaptureError, ExitCode, InputError
-from iotscan.inputs import STDIN, CaptureFile, InputProblem, expand, link_type_name
+from iotscan.inputs import STDIN, CaptureFile, CopyInterrupted, InputProblem, copy_in_progress, expand, link_type_name
 from iotscan.records import flow_record, summary_record
 from iotscan.sinks import Sink
 from iotscan.source import ACTIVE, PACKETS, FlowSource, MeterConfig, SourceReport
@@ -157,7 +157,8 @@ class Analysis:
                 progress.track(lambda: (label, None, copied(), ""))
 
             for item in expand(paths, on_copy=copying):
-                if self.state.interrupted:  # Ctrl-C, perhaps while stdin or a pipe was being copied
+                cut = isinstance(item, CaptureFile) and item.cut
+                if self.state.interrupted and not cut:  # Ctrl-C, perhaps while a compressed file was copied
                     if isinstance(item, CaptureFile) and item.spooled:
                         item.path.unlink(missing_ok=True)
                     break
@@ -171,6 +172,10 @@ class Analysis:
                                     f"packets with unsupported link type {link_type_name(lt)} are skipped")
                 if item.warning:
                     self._warn(info.name, "truncated", item.warning)
+                if cut:  # the Ctrl-C ended the stream, not its analysis: all that came is analysed
+                    self._warn(info.name, "interrupted", f"Ctrl-C ended the input after {item.size:,} bytes: "
+                               "the flows of what came before are reported")
+                    self.state.interrupted = False
                 progress.track(self._file_poller(info))
                 try:
                     self.run_source(info)
@@ -180,6 +185,11 @@ class Analysis:
                 if item.warning and self.state.inputs[-1]["status"] == "ok":
                     self.state.inputs[-1]["status"] = "truncated"
                 progress.track(None)
+                if cut:  # no further input starts (exit 130, the results are partial)
+                    self.state.interrupted = True
+                    if self.state.inputs[-1]["status"] == "ok":
+                        self.state.inputs[-1]["status"] = "interrupted"
+                    break
         return self.state
 
     @property
@@ -373,6 +383,8 @@ class _interruptible:
         if self.analysis.state.interrupted:  # second Ctrl-C: give up at once
             raise KeyboardInterrupt
         self.analysis.stop()
+        if copy_in_progress():  # stdin or a pipe being copied ends here, a compressed file's copy stops
+            raise CopyInterrupted
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():

@@ -413,6 +413,62 @@ def test_fifo_is_read(tmp_path: Path) -> None:
     _same_flows(flows, str(fifo))
 
 
+def test_ctrl_c_ends_a_stream_and_what_came_is_analysed(tmp_path: Path) -> None:
+    # `tcpdump -w - | iotscan analyze -` ends with Ctrl-C, which reaches iotscan perhaps before its writer has
+    # closed the pipe (here the writer never does): the read must not wait on, and what came is analysed
+    spool_dir, out = tmp_path / "tmp", tmp_path / "out.ndjson"
+    spool_dir.mkdir()
+    data = LOG4J.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(spool_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "iotscan", "analyze", "-", "-f", "ndjson", "-o", str(out)],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size == len(data) for p in spool_dir.iterdir()):  # all of it is copied
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)  # with the pipe still open
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdin.close()
+    assert "Traceback" not in proc.stderr.read().decode()
+    assert proc.returncode == 130  # the results are partial: the stream was cut
+    flows, summary = split(ndjson(out.read_bytes()))
+    _same_flows(flows, "-")
+    assert [i["status"] for i in summary["inputs"]] == ["interrupted"]
+    assert [(w["source"], w["code"]) for w in summary["warnings"]] == [("-", "interrupted"), ("", "interrupted")]
+    assert list(spool_dir.iterdir()) == []
+
+
+def test_ctrl_c_while_a_compressed_file_is_copied_drops_the_copy(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # a file is no stream that only Ctrl-C ends: Ctrl-C stops its decompression at once (the signal handler
+    # raises CopyInterrupted in the copy loop, as the reader does here after the first chunk), nothing is left
+    import tempfile
+
+    from iotscan import inputs
+
+    class Stopped(io.BytesIO):
+        def read1(self, size: int = -1) -> bytes:
+            if self.tell():
+                raise inputs.CopyInterrupted
+            return super().read1(size)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    data = LOG4J.read_bytes()
+    assert inputs.spool(Stopped(data), "x.pcap.gz", "the gzip stream") == \
+        inputs.InputProblem("x.pcap.gz", "interrupted by the user")
+    assert list(tmp_path.iterdir()) == [] and not inputs.copy_in_progress()
+    kept = inputs.spool(Stopped(data), "-", "stdin", keep_cut=True)  # a stream keeps what came
+    assert isinstance(kept, inputs.CaptureFile) and kept.cut and kept.size == len(data)
+    kept.path.unlink()
+
+
 def test_endless_device_that_is_no_capture_stops_at_once(tmp_path: Path) -> None:
     """/dev/zero never ends: only its first bytes are copied, enough to say it is no capture."""
     _, summary, _ = _spooled_run(tmp_path, "/dev/zero", code=2, timeout=60)
