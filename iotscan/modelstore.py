@@ -53,8 +53,9 @@ def read_card(model_path: Path) -> dict[str, Any]:
         raise ModelError(f"{path}: unreadable model card: {exc}") from exc
 
 
-# Unpickling imports scikit-learn; two threads importing its modules at once (the device model loads in
-# a thread while the flow model loads in the main one) can see them half initialised.
+# Unpickling imports the modules of the pickled classes (scikit-learn's, for a model made before iotscan kept
+# its trees as arrays); two threads importing them at once (the device model loads in a thread while the flow
+# model loads in the main one) can see them half initialised.
 _LOAD_LOCK = threading.Lock()
 
 

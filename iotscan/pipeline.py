@@ -45,7 +45,7 @@ def _gc_paced(events: Iterator[Any], every: int = GC_EVERY_EVENTS) -> Iterator[A
     """The events, with Python's cyclic garbage collector paced by events instead of allocations.
 
     Every flow allocates many short-lived containers, so the default collector runs every few flows,
-    and its full collections walk every live object (scikit-learn, the models, the stages' state):
+    and its full collections walk every live object (the libraries, the models, the stages' state):
     15% of analyze's time on the benchmark capture, to free a few thousand cyclic objects per 100,000
     flows. So it is off while events stream and collects fully every ``every`` events, which bounds
     what garbage cycles can hold. Processes forked meanwhile (the meters) get the default back.

@@ -8,9 +8,10 @@ when a flow arrives: on a link that falls silent the last flows wait for the nex
 On a capture file, the first flows also wait for the request pass (up to HELD_FOR_REQUESTS of them;
 beyond that the reader waits too).
 
-The model is a dict (see iotscan/training/train.py): a binary detector (attack vs benign), a
-calibration curve mapping its probability to the probability of attack, the threshold chosen on
-validation data, a family classifier applied to the flows judged attacks, the nDPI vocabulary and
+The model is a dict (see iotscan/training/train.py): a binary detector (attack vs benign; gradient-boosted
+trees, as arrays: iotscan.trees), a calibration curve mapping its probability to the probability of attack,
+the threshold chosen on validation data, a family classifier (a forest) applied to the flows judged attacks,
+the nDPI vocabulary and
 the typical benign feature values the reasons are measured against. A flow whose packets matched a
 signature (an HTTP request, DNS queries, a scanner's probe, a bot's command, refused logins: the
 request pass, beside the main one: a second pass over a file, a second capture on an interface) is
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from iotscan import trees
 from iotscan.errors import ModelError
 from iotscan.features import (
     FEATURE_NAMES,
@@ -120,6 +122,17 @@ def load_flow_model(path: Path | None = None, trusted: bool = False) -> tuple[di
     if missing:
         raise ModelError(f"{path or bundled_model(MODEL_NAME)}: not an iotscan flow model (missing "
                          f"{', '.join(missing)})")
+    try:  # a model trained before iotscan kept its trees as arrays holds scikit-learn's estimators
+        for key in ("detector", "family_model"):
+            model[key] = trees.compact(model[key])
+        family_model = model["family_model"]
+        other_rows = model["detector"].n_features != len(model["detector_features"]) \
+            or (family_model is not None and family_model.n_features != len(FEATURE_NAMES))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ModelError(f"{path or bundled_model(MODEL_NAME)}: not an iotscan flow model ({exc})") from exc
+    if other_rows:
+        raise ModelError(f"{path or bundled_model(MODEL_NAME)}: the model's trees take other rows than its feature "
+                         "list says: a damaged or foreign model")
     if list(model["feature_names"]) != FEATURE_NAMES:
         raise ModelError(f"{path or bundled_model(MODEL_NAME)}: the model's feature list differs from this "
                          "iotscan's: retrain it (iotscan model train)")
@@ -149,7 +162,7 @@ def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     if family_model is None:  # trained on a single family
         out = np.full(len(X), families[0], dtype=object)
     else:
-        out = families[np.argmax(_forest_votes(family_model, X), axis=1)]
+        out = families[np.argmax(family_model.votes(X), axis=1)]
     ruled = rule_families(X)
     named = ruled != ""
     out[named] = ruled[named]
@@ -219,24 +232,15 @@ def _decided(X: np.ndarray) -> np.ndarray:
     return (_deciding_code(X)[0] > 0) | icmp_flood(X) | (X[:, _INTERCEPTED_COL] > 0)
 
 
-def _forest_votes(forest: Any, X: np.ndarray) -> np.ndarray:
-    """The forest's summed class probabilities, tree by tree: RandomForestClassifier.predict_proba
-    goes through joblib for every call, which costs more than the trees themselves on small batches."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    votes = forest.estimators_[0].predict_proba(X, check_input=False)
-    for tree in forest.estimators_[1:]:
-        votes += tree.predict_proba(X, check_input=False)
-    return votes
-
-
-def explain(model: dict[str, Any], X: np.ndarray) -> list[list[str]]:
+def explain(model: dict[str, Any], X: np.ndarray, alike: dict[int, list[str]] | None = None) -> list[list[str]]:
     """Up to MAX_REASONS phrases per row: the feature groups whose replacement by typical benign values
     lowers the detector's log-odds most, after what decided the row's family when it was not the family
     model (a matched signature, or the rule that named a flood or password guessing).
 
     Rows whose groups stray from typical benign values by a similar amount (each group's mean distance,
     in robust units, on a log2 scale) share one computation, on their first row: a flood or a scan is
-    explained once per batch, not once per flow.
+    explained once per batch, not once per flow. ``alike`` keeps those computations (by how the rows stray)
+    from one call to the next: the rows of later calls that stray alike share them too.
     """
     if len(X) == 0:
         return []
@@ -248,17 +252,22 @@ def explain(model: dict[str, Any], X: np.ndarray) -> list[list[str]]:
     cells = np.minimum(np.floor(np.log2(1.0 + deviation)), 2 ** _CELL_BITS - 1).astype(np.int64)
     # the bins packed into one integer: a 1-D unique is far cheaper than one over rows
     signature = cells @ (np.int64(1) << (_CELL_BITS * np.arange(cells.shape[1], dtype=np.int64)))
-    _, first, inverse = np.unique(signature, return_index=True, return_inverse=True)
-    U = X[first]
-    n, g = len(U), len(groups)
-    probes = np.repeat(U[None, :, :], g + 1, axis=0)  # the rows as they are, then one copy per group
-    for k, (_, cols) in enumerate(groups, start=1):
-        probes[k][:, cols] = reference[cols]
-    logit = detector.decision_function(probes.reshape((g + 1) * n, -1)[:, _detector_columns(model)]
-                                       ).reshape(g + 1, n)  # one call
-    drops = logit[0][None, :] - logit[1:]
-    order = np.argsort(-drops, axis=0, kind="stable")[:MAX_REASONS]
-    phrases = [[groups[k][0] for k in order[:, j] if drops[k, j] > _MIN_DROP] for j in range(n)]
+    keys, first, inverse = np.unique(signature, return_index=True, return_inverse=True)
+    known = {} if alike is None else alike
+    todo = [j for j, key in enumerate(keys.tolist()) if key not in known]
+    if todo:
+        U = X[first[todo]]
+        n, g = len(U), len(groups)
+        probes = np.repeat(U[None, :, :], g + 1, axis=0)  # the rows as they are, then one copy per group
+        for k, (_, cols) in enumerate(groups, start=1):
+            probes[k][:, cols] = reference[cols]
+        logit = detector.decision_function(probes.reshape((g + 1) * n, -1)[:, _detector_columns(model)]
+                                           ).reshape(g + 1, n)  # one call
+        drops = logit[0][None, :] - logit[1:]
+        order = np.argsort(-drops, axis=0, kind="stable")[:MAX_REASONS]
+        for j, key in enumerate(keys[todo].tolist()):
+            known[key] = [groups[k][0] for k in order[:, j] if drops[k, j] > _MIN_DROP]
+    phrases = [known[key] for key in keys.tolist()]
     out = [phrases[i] for i in inverse.ravel()]
     ruled = rule_families(X)
     flooding = icmp_flood(X)
@@ -310,8 +319,8 @@ class ScoringStage(Stage):
         self._model: dict[str, Any] | None = None
         if model_path is None:
             # The bundled model is verified against its card now (a tampered or mismatched model stops
-            # the run before it starts) and unpickled at the first batch, once the meter runs: loading
-            # scikit-learn then overlaps metering, and the meter forks from a process without it.
+            # the run before it starts) and unpickled at the first batch, once the meter runs (a model made
+            # before iotscan kept its trees as arrays imports scikit-learn: that then overlaps metering).
             self.card = check_bundled_flow_model()
         else:
             self._model, self.card = load_flow_model(model_path, trusted)
@@ -327,6 +336,10 @@ class ScoringStage(Stage):
         self._requests: SidePass | None = None
         self._findings: RequestFindings | None = None
         self.scored = 0
+        # explanations shared by alike attacks among each run of batch_rows flows of a source (see _reasons)
+        self._alike: dict[int, list[str]] = {}
+        self._alike_run = -1
+        self._source_scored = 0
 
     @property
     def model(self) -> dict[str, Any]:
@@ -360,6 +373,7 @@ class ScoringStage(Stage):
         self._extractor = FeatureExtractor()
         self._abandon_requests()
         self._source = source
+        self._alike, self._alike_run, self._source_scored = {}, -1, 0
 
     def _abandon_requests(self) -> None:
         """A request pass still running belongs to a source that ended or failed: stop it, do not wait."""
@@ -446,7 +460,7 @@ class ScoringStage(Stage):
         scores = attack_scores(model, X)
         attack = np.flatnonzero(scores >= self.threshold)
         families = attack_families(model, X[attack]) if len(attack) else []
-        reasons = explain(model, X[attack]) if len(attack) else []
+        reasons = self._reasons(model, X, attack)
         benign = _BENIGN
         for (record, _), score in zip(pending, np.round(scores, 4).tolist(), strict=True):
             record.update(benign)
@@ -459,7 +473,21 @@ class ScoringStage(Stage):
         if len(attack) and extractor.requests is not None:
             self._link_evidence([pending[i][0] for i in attack.tolist()], X[attack], extractor.requests)
         self.scored += len(pending)
+        self._source_scored += len(pending)
         return pending
+
+    def _reasons(self, model: dict[str, Any], X: np.ndarray, attack: np.ndarray) -> list[list[str]]:
+        """explain() for the attack rows of a batch. Alike attacks share the reasons of the first of them within
+        each run of batch_rows flows of the source, counted from its start, whatever the batches were: a file's
+        first batch holds the flows that came before the request pass ended, and reasons must not depend on when
+        that was."""
+        reasons: list[list[str]] = []
+        runs = (self._source_scored + attack) // self.batch_rows
+        for run in np.unique(runs).tolist():
+            if run != self._alike_run:
+                self._alike, self._alike_run = {}, run
+            reasons += explain(model, X[attack[runs == run]], self._alike)
+        return reasons
 
     @staticmethod
     def _link_evidence(records: list[dict[str, Any]], X: np.ndarray, findings: RequestFindings) -> None:

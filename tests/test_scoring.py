@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -70,6 +73,90 @@ def test_bundled_model_loads_verified_and_small(bundled: tuple[dict, dict]) -> N
     assert path.with_name("flows.card.md").is_file()
 
 
+def _sample_rows() -> tuple[np.ndarray, np.ndarray]:
+    """The feature rows of every flow of the samples (real NFStream), and the number of each one's capture."""
+    from iotscan.cli.common import main_pass_config
+    from iotscan.features import FeatureExtractor
+    from iotscan.source import FlowSource
+
+    rows, captures = [], []
+    for k, path in enumerate(sorted(SAMPLES.glob("*.pcap"))):
+        extractor = FeatureExtractor({"app": ["HTTP", "DNS", "IRC"], "category": ["Web", "Network", "Chat"]})
+        for flow in FlowSource(main_pass_config(str(path), score=True)):
+            if flow is not None:
+                extractor.add(flow)
+        rows.append(extractor.take())
+        captures += [k] * len(rows[-1])
+    return np.concatenate(rows), np.array(captures)
+
+
+def test_trees_as_arrays_give_scikit_learns_numbers() -> None:
+    # the models keep their trees as numpy arrays (iotscan.trees) so that scoring does not import scikit-learn:
+    # the same probabilities, bit for bit, missing values included, for gradient boosting and a forest
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+
+    from iotscan import trees
+
+    X, capture = _sample_rows()
+    rng = np.random.default_rng(0)
+    X[rng.random(X.shape) < 0.02] = np.nan  # some values missing: splits learn where they go
+    names = [p.stem for p in sorted(SAMPLES.glob("*.pcap"))]
+    attack = np.isin(capture, [k for k, name in enumerate(names) if not name.endswith("-setup")])
+    fit = rng.random(len(X)) < 0.5
+    boosted = HistGradientBoostingClassifier(max_iter=15, max_leaf_nodes=15, random_state=0).fit(X[fit], attack[fit])
+    forest = RandomForestClassifier(n_estimators=12, min_samples_leaf=2, random_state=0).fit(X[fit], capture[fit])
+    ours_boosted, ours_forest = trees.compact(boosted), trees.compact(forest)
+    assert isinstance(ours_boosted, trees.BoostedTrees) and isinstance(ours_forest, trees.Forest)
+    assert ours_boosted.trees.missing_left.any()  # the missing values took a branch of their own somewhere
+    np.testing.assert_array_equal(ours_boosted.decision_function(X), boosted.decision_function(X))
+    np.testing.assert_array_equal(ours_boosted.predict_proba(X), boosted.predict_proba(X))
+    np.testing.assert_array_equal(ours_forest.predict_proba(X), forest.predict_proba(X))
+    np.testing.assert_array_equal(ours_forest.classes, forest.classes_)
+    assert len(set(ours_boosted.predict_proba(X)[:, 1].round(3))) > 10  # not a constant
+
+
+def test_a_model_holding_scikit_learn_estimators_still_loads(tmp_path: Path, bundled: tuple[dict, dict]) -> None:
+    # a model trained before iotscan kept its trees as arrays (a user's own): its estimators are converted at load
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+
+    from iotscan import trees
+    from iotscan.scoring import _detector_columns
+
+    X, capture = _sample_rows()
+    attack = capture % 2 == 1
+    model, card = bundled
+    columns = _detector_columns(model)
+    legacy = {k: v for k, v in model.items() if not k.startswith("_")}
+    legacy["detector"] = HistGradientBoostingClassifier(max_iter=10, random_state=0).fit(X[:, columns], attack)
+    legacy["family_model"] = RandomForestClassifier(n_estimators=5, random_state=0).fit(
+        X, capture % len(model["families"]))
+    path = tmp_path / "legacy.joblib"
+    save_model(legacy, path, {k: v for k, v in card.items() if k != "sha256"}, "a legacy model")
+    loaded, _ = load_flow_model(path, trusted=True)
+    assert isinstance(loaded["detector"], trees.BoostedTrees) and isinstance(loaded["family_model"], trees.Forest)
+    np.testing.assert_array_equal(loaded["detector"].predict_proba(X[:, columns]),
+                                  legacy["detector"].predict_proba(X[:, columns]))
+    # trees that take other rows than the model's feature list says are refused, not indexed out of bounds
+    legacy["family_model"] = RandomForestClassifier(n_estimators=2, random_state=0).fit(X[:, :10], attack)
+    save_model(legacy, path, {k: v for k, v in card.items() if k != "sha256"}, "a damaged model")
+    with pytest.raises(ModelError, match="other rows"):
+        load_flow_model(path, trusted=True)
+
+
+def test_scoring_does_not_import_scikit_learn() -> None:
+    # its import (scipy's modules with it) cost 0.8 s of CPU a run: the bundled models hold arrays only
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['iotscan', 'analyze', {str(SAMPLES / 'hue-bridge-setup.pcap')!r}, '-f', 'ndjson', "
+            "'-o', '/dev/null']\n"
+            "try:\n    runpy.run_module('iotscan', run_name='__main__')\nexcept SystemExit as exc:\n"
+            "    assert not exc.code, exc.code\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy'}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout.decode().split() == ["[]"]
+
+
 def test_scores_are_probabilities_and_reasons_are_words(bundled: tuple[dict, dict]) -> None:
     model, _ = bundled
     rng = np.random.default_rng(0)
@@ -105,7 +192,10 @@ def test_detector_ignores_application_and_beacon_features(bundled: tuple[dict, d
     phrases = {p for r in explain(model, X) for p in r}
     assert not any("beacon" in p or p.startswith("application") for p in phrases)
     # the family model still uses them: it names attacks already found
-    assert model["family_model"].n_features_in_ == len(FEATURE_NAMES)
+    family = model["family_model"]
+    assert family.n_features == len(FEATURE_NAMES)
+    split_on = set(family.trees.feature[family.trees.children[0::2] != np.arange(len(family.trees.feature))].tolist())
+    assert split_on & set(left_out)
 
 
 def test_a_request_signature_makes_an_exploit_whatever_the_detector_says(bundled: tuple[dict, dict]) -> None:
@@ -368,9 +458,38 @@ def test_tampered_bundled_model_is_refused(tmp_path: Path) -> None:
     assert b"SHA-256" in proc.stderr and len(proc.stderr.decode().strip().splitlines()) == 1
 
 
+def test_reasons_do_not_depend_on_how_flows_were_batched() -> None:
+    # a file's first batch holds the flows that came before the request pass ended, a matter of timing: alike
+    # attacks share reasons among each run of batch_rows flows, counted from the source's start
+    from iotscan.cli.common import main_pass_config
+    from iotscan.pipeline import SourceInfo
+    from iotscan.records import flow_record
+    from iotscan.source import FlowSource
+
+    path = SAMPLES / "mirai-c2-irc.pcap"  # 408 flows of a bot, alike but not quite
+    config = main_pass_config(str(path), score=True)
+    flows = [f for f in FlowSource(config) if f is not None]
+
+    def reasons(cuts: list[int]) -> list[list[str] | None]:
+        stage = ScoringStage(batch_rows=64)
+        stage.begin(SourceInfo(name=path.name, config=config))
+        assert stage._extractor is not None
+        out = []
+        for start, end in zip([0, *cuts], [*cuts, len(flows)], strict=True):
+            batch = [(flow_record(f, str(path), path.name), f) for f in flows[start:end]]
+            for _, flow in batch:
+                stage._extractor.add(flow)
+            out += [record["reasons"] for record, _ in stage._score(batch)]
+        return out
+
+    by_64 = reasons(list(range(64, len(flows), 64)))
+    assert len(flows) > 300 and sum(r is not None for r in by_64) > 300
+    assert reasons([100, 164, 300]) == reasons([37, 250]) == by_64
+
+
 def test_bundled_model_is_checked_before_the_run_and_unpickled_once_flows_come(tmp_path: Path) -> None:
     """The bundled model is verified (hash, card schema) before any packet is read, but unpickled at the
-    first batch, so loading scikit-learn overlaps metering."""
+    first batch, once the meters run."""
     stage = ScoringStage()
     assert stage._model is None and stage.threshold == stage.card["threshold"]
     assert stage.model["feature_names"] == FEATURE_NAMES and stage._model is not None

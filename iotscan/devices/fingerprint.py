@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from iotscan import trees
 from iotscan.devices.behaviour import (
     FEATURE_SCHEMA_VERSION,
     DeviceActivity,
@@ -60,6 +63,9 @@ class DeviceModel:
     def load(cls, path: Path | None = None, trusted: bool = False) -> DeviceModel:
         model_path = path or bundled_model("devices")
         bundle, card = load_model(model_path, trusted=trusted, schema_version=FEATURE_SCHEMA_VERSION)
+        if "pipeline" in bundle:  # trained before iotscan kept its trees as arrays: scikit-learn's pipeline
+            pipeline = bundle.pop("pipeline")
+            bundle["columns"], bundle["forest"] = dict(pipeline[0].vocabulary_), trees.compact(pipeline[-1])
         return cls(bundle, card, model_path)
 
     @staticmethod
@@ -85,10 +91,16 @@ class DeviceModel:
         """predict() for many devices in one call: a forest costs per call far more than per row."""
         if not rows:
             return []
-        pipeline = self.bundle["pipeline"]
-        labels = [str(label) for label in pipeline.classes_]
+        columns, forest = self.bundle["columns"], self.bundle["forest"]
+        X = np.zeros((len(rows), len(columns)))  # as DictVectorizer: a feature's value in its column
+        for i, row in enumerate(rows):
+            for name, value in row.items():
+                j = columns.get(name)
+                if j is not None:
+                    X[i, j] = value
+        labels = [str(label) for label in forest.classes]
         out = []
-        for probs in pipeline.predict_proba([dict(r) for r in rows]):
+        for probs in forest.predict_proba(X):
             out.append(sorted(zip(labels, map(float, probs), strict=True), key=lambda t: -t[1]))
         return out
 

@@ -101,7 +101,8 @@ class DeviceStage(Stage):
             self._start_identity()
             if self.model is None and self._model_path is not None and self._loader is None:
                 # Unpickled beside the metering, in the main process's idle time, now that the meters
-                # have forked (the pickle imports scikit-learn: a second or more).
+                # have forked (a model made before iotscan kept its trees as arrays imports scikit-learn:
+                # a second or more).
                 self._loader = _ModelLoader(self._model_path, self._trust_model)
                 self._loader.start()
             if event[0] is not None:  # not a heartbeat

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iotscan import trees
 from iotscan.devices.behaviour import (
     FEATURE_SCHEMA_VERSION,
     NUMERIC_FEATURES,
@@ -173,7 +174,9 @@ def fit_bundle(units: list[Unit], seed: int) -> dict[str, Any]:
     for u in units:
         label_info[u.model] = {"vendor": u.vendor, "device_type": u.device_type}
         label_tokens[u.model] |= identity_tokens(u.features or {})
-    return {"feature_schema_version": FEATURE_SCHEMA_VERSION, "pipeline": pipeline, "label_info": label_info,
+    # the vectorizer's columns and the forest's trees as arrays: scoring does not import scikit-learn
+    return {"feature_schema_version": FEATURE_SCHEMA_VERSION, "columns": dict(pipeline[0].vocabulary_),
+            "forest": trees.from_random_forest(pipeline[-1]), "label_info": label_info,
             # Sorted tuples, not sets: set order changes with each process's string hashing, and the
             # same data and seed must give the same model file.
             "label_tokens": {k: tuple(sorted(v)) for k, v in sorted(label_tokens.items())},
@@ -443,7 +446,8 @@ def train(data: Path, out: Path, window_hours: float = WINDOW_HOURS, folds: int 
                     "and kind announced to a vendor cloud, user agents, JA4, registered domains, IEEE OUI "
                     "organisation); no addresses, MACs or absolute times",
         "estimator": f"DictVectorizer + RandomForestClassifier(n_estimators={TREES}, "
-                     "class_weight='balanced_subsample')",
+                     "class_weight='balanced_subsample'), stored as the vectorizer's columns and the trees as "
+                     "numpy arrays (iotscan.trees): fingerprinting does not import scikit-learn",
         "data": {
             "datasets": ["iot-sentinel (Miettinen et al., ICDCS 2017)",
                          "oconnor-lab (Campos, O'Connor et al., CSET 2021)"],

@@ -80,6 +80,8 @@ def build_card(model: dict[str, Any], tables: Sequence[CaptureTable], evaluation
                               "out-of-source scores",
                   "family_model": "RandomForestClassifier on attack flows" if model["family_model"] is not None
                   else f"single family: {model['families'][0]}",
+                  "stored_as": "the fitted trees as numpy arrays (iotscan.trees): scoring does not import "
+                               "scikit-learn",
                   "request_signatures": [sig.name for sig in SIGNATURES],
                   "families": model["families"], "train_config": model["train_config"],
                   "training_rows": model["training_rows"]},

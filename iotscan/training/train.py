@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from iotscan import trees
 from iotscan.features import (
     DETECTOR_FEATURES,
     FEATURE_NAMES,
@@ -255,12 +256,12 @@ def fit_flow_model(tables: Sequence[CaptureTable], cfg: TrainConfig = TrainConfi
         "feature_names": list(FEATURE_NAMES),
         "meter": dict(METER_SETTINGS),
         "vocabulary": vocabulary,
-        "detector": detector,
+        "detector": trees.from_hist_gradient_boosting(detector),  # arrays: scoring never imports scikit-learn
         "detector_features": list(DETECTOR_FEATURES),
         "calibration": calibration,
         "threshold": threshold["threshold"],
         "threshold_choice": threshold,
-        "family_model": family_model,
+        "family_model": trees.compact(family_model),
         "families": families,
         "reference": reference,
         "scale": scale,
