@@ -145,9 +145,14 @@ def attack_scores(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     """Calibrated probability of attack per row."""
     if len(X) == 0:
         return np.empty(0)
-    raw = model["detector"].predict_proba(X[:, _detector_columns(model)])[:, 1]
-    xs, ys = model["calibration"]
-    return np.where(_decided(X), 1.0, np.interp(raw, xs, ys))
+    decided = _decided(X)
+    out = np.ones(len(X))
+    asked = np.flatnonzero(~decided)  # the detector is asked about the others only
+    if len(asked):
+        raw = model["detector"].predict_proba(X[asked][:, _detector_columns(model)])[:, 1]
+        xs, ys = model["calibration"]
+        out[asked] = np.interp(raw, xs, ys)
+    return out
 
 
 def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
@@ -158,19 +163,20 @@ def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     families = np.asarray(model["families"], dtype=object)
     if len(X) == 0:
         return np.empty(0, dtype=object)
-    family_model = model["family_model"]
-    if family_model is None:  # trained on a single family
-        out = np.full(len(X), families[0], dtype=object)
-    else:
-        out = families[np.argmax(family_model.votes(X), axis=1)]
+    out = np.full(len(X), families[0], dtype=object)
     ruled = rule_families(X)
     named = ruled != ""
     out[named] = ruled[named]
-    out[X[:, _INTERCEPTED_COL] > 0] = "spoofing"
+    intercepted = X[:, _INTERCEPTED_COL] > 0
+    out[intercepted] = "spoofing"
     family = _SIGNATURE_FAMILY[_deciding_code(X)[0]]
     # a probe at a flood's rate is a flood: hping3 and its kin send scanners' packets
     signed = (family != "") & ~((family == "scan") & ((ruled == "dos") | (ruled == "ddos")))
     out[signed] = family[signed]
+    family_model = model["family_model"]
+    asked = np.flatnonzero(~(named | intercepted | signed))  # the family model is asked about the others only
+    if family_model is not None and len(asked):
+        out[asked] = families[np.argmax(family_model.votes(X[asked]), axis=1)]
     return out
 
 
