@@ -31,7 +31,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -382,16 +382,19 @@ class RequestFindings:
 
     Filled by the pass's thread while the main one reads it on a live interface: each operation is
     one dict or list call, atomic under the GIL. At most MAX_FINDINGS matches are kept in each table
-    (the oldest endpoints or pairs go first), so a capture that never ends stays bounded.
+    (the oldest endpoints or pairs go first), so a capture that never ends stays bounded. The tables are
+    OrderedDicts, whose oldest key is found at once: a plain dict finds its first key past every key
+    deleted before it, which made a flood of matching flows quadratic (300,000 spoofed scanner SYNs:
+    40 s, most of it here).
     """
 
-    by_endpoints: dict[tuple[str, int, str, int], list[tuple[int, int]]] = field(default_factory=dict)
+    by_endpoints: OrderedDict[tuple[str, int, str, int], list[tuple[int, int]]] = field(default_factory=OrderedDict)
     # (time, code, the matching flow's Flow5) of each mark, sorted by time
-    by_pair: dict[tuple[str, str], list[Mark]] = field(default_factory=dict)
-    by_named: dict[tuple[str, str], list[Mark]] = field(default_factory=dict)
+    by_pair: OrderedDict[tuple[str, str], list[Mark]] = field(default_factory=OrderedDict)
+    by_named: OrderedDict[tuple[str, str], list[Mark]] = field(default_factory=OrderedDict)
     # matches held back, by (pair, code): (first_ms, flow), and until when a pair's matches count at once
-    held: dict[tuple[tuple[str, str], int], deque[tuple[int, Flow5]]] = field(default_factory=dict)
-    counting_until: dict[tuple[tuple[str, str], int], int] = field(default_factory=dict)
+    held: OrderedDict[tuple[tuple[str, str], int], deque[tuple[int, Flow5]]] = field(default_factory=OrderedDict)
+    counting_until: OrderedDict[tuple[tuple[str, str], int], int] = field(default_factory=OrderedDict)
     matched: int = 0
     kept: int = 0
     pair_kept: int = 0
@@ -494,12 +497,12 @@ def _pair(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 
 
-def _mark(table: dict[tuple[str, str], list[Mark]], a: str, b: str, mark: Mark) -> None:
+def _mark(table: OrderedDict[tuple[str, str], list[Mark]], a: str, b: str, mark: Mark) -> None:
     """Marks the pair of hosts a, b."""
     bisect.insort(table.setdefault(_pair(a, b), []), mark)  # matches come roughly, not exactly, in time order
 
 
-def _bounded(table: dict[Any, Any], kept: int) -> int:
+def _bounded(table: OrderedDict[Any, Any], kept: int) -> int:
     """Drops a table's oldest keys until it holds at most MAX_FINDINGS entries (``kept``: how many it holds,
     over all keys); returns how many it holds then."""
     while kept > MAX_FINDINGS:

@@ -2,8 +2,8 @@
 
 scikit-learn trains the models (iotscan/training, iotscan/devices/train.py); what they keep of them is
 their trees as flat arrays, converted here, so that scoring never imports scikit-learn: its import (with
-the scipy modules it pulls in) cost about 0.8 s of CPU on every run, more than scoring a million-packet
-capture's flows. The conversion is exact: the same comparisons (``x <= threshold``; a missing value goes
+the scipy modules it pulls in) cost about 0.8 s of CPU on every run, however small the capture. The
+conversion is exact: the same comparisons (``x <= threshold``; a missing value goes
 the way the tree learned) and the same sums in the same order give the same numbers as scikit-learn's
 ``predict_proba`` (tests/test_scoring.py compares them).
 """
