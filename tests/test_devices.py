@@ -236,6 +236,33 @@ def test_bundled_model_verifies_and_matches_its_card() -> None:
     assert card["sha256"] in md
 
 
+def test_a_device_model_holding_a_scikit_learn_pipeline_still_loads(tmp_path: Path) -> None:
+    # a device model trained before iotscan kept its trees as arrays (a user's own): its DictVectorizer and forest
+    # become columns and array trees at load, with the pipeline's probabilities
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.feature_extraction import DictVectorizer
+    from sklearn.pipeline import make_pipeline
+
+    from iotscan.modelstore import save_model
+
+    bundled = DeviceModel.load()
+    rows = [{"port=tcp/80": 0.5, "oui=tp-link": 1.0, "app=DNS": 0.2}, {"port=udp/1900": 1.0, "hostword=hue": 1.0},
+            {"port=tcp/80": 0.1, "ua=curl": 1.0, "app=DNS": 0.9}, {"port=udp/1900": 0.4, "oui=signify": 1.0}]
+    labels = ["plug", "hub", "plug", "hub"]
+    pipeline = make_pipeline(DictVectorizer(sparse=False), RandomForestClassifier(n_estimators=7, random_state=0))
+    pipeline.fit(rows, labels)
+    legacy = {k: v for k, v in bundled.bundle.items() if k not in ("columns", "forest")}
+    path = tmp_path / "legacy-devices.joblib"
+    save_model({**legacy, "pipeline": pipeline}, path, {k: v for k, v in bundled.card.items() if k != "sha256"},
+               "a legacy device model")
+    loaded = DeviceModel.load(path, trusted=True)
+    assert "pipeline" not in loaded.bundle and set(loaded.bundle["columns"]) == set(pipeline[0].vocabulary_)
+    unseen = [{"port=tcp/80": 0.3, "app=DNS": 0.5, "never=seen": 1.0}, {"oui=signify": 1.0}]
+    expected = pipeline.predict_proba(unseen)
+    for got, probs in zip(loaded.predict_many(unseen), expected, strict=True):
+        assert dict(got) == dict(zip(pipeline.classes_, probs, strict=True))
+
+
 def test_tampered_model_is_refused_with_exit_4(tmp_path: Path) -> None:
     original = bundled_model("devices")
     copy = tmp_path / "devices.joblib"
