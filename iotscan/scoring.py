@@ -149,7 +149,7 @@ def attack_scores(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     out = np.ones(len(X))
     asked = np.flatnonzero(~decided)  # the detector is asked about the others only
     if len(asked):
-        raw = model["detector"].predict_proba(X[asked][:, _detector_columns(model)])[:, 1]
+        raw = model["detector"].predict_proba(X[np.ix_(asked, _detector_columns(model))])[:, 1]
         xs, ys = model["calibration"]
         out[asked] = np.interp(raw, xs, ys)
     return out

@@ -78,8 +78,9 @@ class Trees:
             at[:, :moving] = self.children[2 * nodes + go_left]
         return at[:, self.back]
 
-    def summed(self, X: np.ndarray, start: np.ndarray | float = 0.0) -> np.ndarray:
-        """``start`` plus each tree's leaf value, added tree after tree (scikit-learn's order of sums)."""
+    def summed(self, X: np.ndarray, start: float = 0.0) -> np.ndarray:
+        """``start`` plus each tree's leaf value (a number, or one per class), added tree after tree
+        (scikit-learn's order of sums)."""
         values = self.value[self.leaves(X)]
         total = values[:, 0] + start
         for t in range(1, values.shape[1]):
@@ -115,11 +116,7 @@ class Forest:
 
     def votes(self, X: np.ndarray) -> np.ndarray:
         """(rows, classes): the trees' class probabilities summed."""
-        values = self.trees.value[self.trees.leaves(np.asarray(X, dtype=np.float32))]  # as scikit-learn's trees
-        total = values[:, 0].copy()
-        for t in range(1, values.shape[1]):
-            total += values[:, t]
-        return total
+        return self.trees.summed(np.asarray(X, dtype=np.float32))  # float32 rows, as scikit-learn's trees read
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return self.votes(X) / self.trees.value.dtype.type(len(self.trees.roots))

@@ -63,9 +63,14 @@ class DeviceModel:
     def load(cls, path: Path | None = None, trusted: bool = False) -> DeviceModel:
         model_path = path or bundled_model("devices")
         bundle, card = load_model(model_path, trusted=trusted, schema_version=FEATURE_SCHEMA_VERSION)
-        if "pipeline" in bundle:  # trained before iotscan kept its trees as arrays: scikit-learn's pipeline
-            pipeline = bundle.pop("pipeline")
-            bundle["columns"], bundle["forest"] = dict(pipeline[0].vocabulary_), trees.compact(pipeline[-1])
+        try:
+            if "pipeline" in bundle:  # trained before iotscan kept its trees as arrays: scikit-learn's pipeline
+                pipeline = bundle.pop("pipeline")
+                bundle["columns"], bundle["forest"] = dict(pipeline[0].vocabulary_), trees.compact(pipeline[-1])
+            if not isinstance(bundle["columns"], dict) or not isinstance(bundle["forest"], trees.Forest):
+                raise TypeError("no columns and forest")
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise ModelError(f"{model_path}: not an iotscan device model ({exc})") from exc
         return cls(bundle, card, model_path)
 
     @staticmethod
