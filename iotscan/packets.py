@@ -43,6 +43,7 @@ def udp_payload(ip_packet: bytes) -> tuple[int, int, bytes] | None:
 
 
 class TcpSegment(NamedTuple):
+    src_port: int
     flags: int
     window: int
     dont_fragment: bool  # the IPv4 header's DF bit (False over IPv6, which has none)
@@ -54,7 +55,8 @@ def tcp_segment(ip_packet: bytes) -> TcpSegment | None:
     offset = transport_offset(ip_packet, TCP, 20)
     if offset is None:
         return None
-    return TcpSegment(ip_packet[offset + 13], int.from_bytes(ip_packet[offset + 14:offset + 16], "big"),
+    return TcpSegment(int.from_bytes(ip_packet[offset:offset + 2], "big"), ip_packet[offset + 13],
+                      int.from_bytes(ip_packet[offset + 14:offset + 16], "big"),
                       ip_packet[0] >> 4 == 4 and bool(ip_packet[6] & 0x40),
                       ip_packet[offset + (ip_packet[offset + 12] >> 4) * 4:])
 

@@ -14,7 +14,10 @@ fail2ban's defaults decide how many make an attack (5 between the same two hosts
 SSH hides its refusals, so there the count is of connections, with the threshold of Suricata's ET
 SCAN Potential SSH Scan rule (5 within 2 minutes), between the same two hosts. A shell script or a
 Windows executable sent raw over TCP is a loader's, a reverse shell's or a stager's (nDPI flags the
-first as a possible exploit).
+first as a possible exploit). A slow-headers DoS (slowloris) holds many requests open by sending their
+head a line at a time, seconds apart, and never the blank line that ends it: the pass follows the
+short segments ending a line that come after an unfinished request head (HEAD_LINE_FILTER), and a head
+still unfinished HEAD_HELD_MS after it began, with HEAD_HELD_SEGMENTS segments sent, is held open.
 
 nDPI does not hand these bytes over through NFStream, and a plugin on the main pass would run for
 every packet (+57% time), so a second pass over the same file (see iotscan.source.SidePass) reads
@@ -41,7 +44,7 @@ from urllib.parse import unquote_plus
 
 from nfstream.plugin import NFPlugin
 
-from iotscan.packets import echo_request_data, read_dns_name, tcp_segment, udp_payload
+from iotscan.packets import TcpSegment, echo_request_data, read_dns_name, tcp_segment, udp_payload
 from iotscan.source import MeterConfig, SidePass, side_pass
 
 METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC")
@@ -66,8 +69,12 @@ def _payload_starts(start: str) -> str:
     return f"({prefixes} or {files} or {start} & 0xffff00fe = 0x20020004)"
 
 
-PAYLOAD_FILTER = f"(ip and tcp and {_payload_starts(_PAYLOAD_START)}) or " \
-                 f"(ip6 and ip6[6] = 6 and {_payload_starts(_PAYLOAD_START6)})"
+# TCP payload lengths. BPF ends the whole filter with "no" at a load past the packet's end, so a test that
+# reads the payload comes after its length test: else a shorter segment would be dropped whatever followed.
+_TCP4_DATA = "(ip[2:2] - ((ip[0] & 0xf) << 2) - ((tcp[12] & 0xf0) >> 2))"
+_TCP6_DATA = "(ip6[4:2] - ((ip6[52] & 0xf0) >> 2))"
+PAYLOAD_FILTER = f"(ip and tcp and {_TCP4_DATA} >= 4 and {_payload_starts(_PAYLOAD_START)}) or " \
+                 f"(ip6 and ip6[6] = 6 and {_TCP6_DATA} >= 4 and {_payload_starts(_PAYLOAD_START6)})"
 # TCP segments with none of SYN, ACK and RST (0x16): only the first segment of a connection lacks ACK,
 # and it carries SYN (or, answering a stray segment, RST)
 PROBE_FILTER = "(ip and tcp and tcp[13] & 0x16 = 0) or (ip6 and ip6[6] = 6 and ip6[53] & 0x16 = 0)"
@@ -79,14 +86,28 @@ ECHO_FILTER = "(icmp and icmp[0] = 8 and ip[2:2] = ((ip[0] & 0xf) << 2) + 8) or 
               "(ip6 and ip6[6] = 58 and ip6[40] = 128 and ip6[4:2] = 8)"
 # what a telnet server sends (segments with data)
 _TELNET_SOURCE = " or ".join(f"tcp src port {port}" for port in TELNET_PORTS)
-TELNET_FILTER = f"(ip and ({_TELNET_SOURCE}) and ip[2:2] - ((ip[0] & 0xf) << 2) - ((tcp[12] & 0xf0) >> 2) > 0) or " \
-                f"(ip6 and ({_TELNET_SOURCE}) and ip6[4:2] - ((ip6[52] & 0xf0) >> 2) > 0)"
-# The payload tests last: libpcap's optimizer mishandles an expression after one with a packet-dependent
-# offset (the probes were never matched behind it); a test compares the whole filter with its parts
+TELNET_FILTER = f"(ip and ({_TELNET_SOURCE}) and {_TCP4_DATA} > 0) or (ip6 and ({_TELNET_SOURCE}) and {_TCP6_DATA} > 0)"
+# Short segments that end a line (CRLF): a request head's next lines, when its first segment did not end it.
+# A slow-headers DoS sends one line at a time; other short lines (SMTP, FTP, IRC commands, chunk sizes) match
+# no signature.
+MAX_HEAD_LINE_BYTES = 256
+HEAD_LINE_FILTER = f"(ip and tcp and {_TCP4_DATA} > 0 and {_TCP4_DATA} <= {MAX_HEAD_LINE_BYTES} and " \
+                   f"ip[ip[2:2] - 2:2] = 0x0d0a) or " \
+                   f"(ip6 and ip6[6] = 6 and {_TCP6_DATA} > 0 and {_TCP6_DATA} <= {MAX_HEAD_LINE_BYTES} and " \
+                   f"ip6[38 + ip6[4:2]:2] = 0x0d0a)"
+# The payload tests last: a load past a packet's end ends the whole filter (see _TCP4_DATA), which once kept
+# the probes behind the HTTP expression from ever matching; a test compares the whole filter with its parts
 REQUEST_FILTER = f"({PROBE_FILTER}) or ({SYN_FILTER}) or ({ECHO_FILTER}) or ({TELNET_FILTER}) or " \
-                 f"(udp dst port 53) or ({PAYLOAD_FILTER})"
+                 f"(udp dst port 53) or ({PAYLOAD_FILTER}) or ({HEAD_LINE_FILTER})"
 
 MAX_REQUESTS_PER_FLOW = 32  # keep-alive connections and reused DNS sockets carry several; the first ones tell
+# A request head still unfinished this long after its first segment, with this many segments of it sent, is
+# held open (HAProxy's anti-DoS example: "timeout http-request 5s  # A complete request may never take that
+# long"); the signature then asks for several such requests between two hosts (ModSecurity's slowloris rule:
+# 11 connections of one address reading headers)
+HEAD_HELD_MS = 5_000
+HEAD_HELD_SEGMENTS = 3
+HEAD_END = b"\r\n\r\n"
 MAX_HEAD_BYTES = 4096  # of one request segment
 MAX_FINDINGS = 100_000  # flows with a match kept per source; beyond, the oldest endpoints are forgotten
 # A match also marks the two hosts' other flows (an exploit's callbacks and downloads, a scanner's other
@@ -122,6 +143,7 @@ _REASONS = {
     "ssh": "{name}",  # an SSH identification line: "ssh-2.0-openssh_9.6"
     "file": "{name}",  # a segment starting with "#!" or "mz" (FILE_STARTS), lower-cased
     "reply": "{name}",  # a server's segment: an MQTT CONNACK ("mqtt connack 5"), a telnet server's text
+    "held": "{name}",  # a request head held open (see HEAD_HELD_MS): "request head held open"
 }
 # What each family's tools are called in the reasons of HTTP signatures
 _TOOL = {"scan": "a scanner", "bruteforce": "a password guesser"}
@@ -200,8 +222,9 @@ def _of_kind(where: str) -> list[tuple[int, RequestSignature]]:
     return [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == where]
 
 
-_DNS, _FLAGS, _SYN, _ECHO, _LINE, _SSH, _FILE, _REPLY = (
-    _of_kind(w) for w in ("dns", "tcp-flags", "syn", "echo", "line", "ssh", "file", "reply"))
+_DNS, _FLAGS, _SYN, _ECHO, _LINE, _SSH, _FILE, _REPLY, _HELD = (
+    _of_kind(w) for w in ("dns", "tcp-flags", "syn", "echo", "line", "ssh", "file", "reply", "held"))
+HEAD_HELD_TEXT = "request head held open"
 # TCP flag bits by the letter tcp-flags signatures read them as ("fpu": FIN, PSH and URG)
 FLAG_LETTERS = ((0x01, "f"), (0x02, "s"), (0x04, "r"), (0x08, "p"), (0x10, "a"), (0x20, "u"), (0x40, "e"),
                 (0x80, "c"))
@@ -306,7 +329,17 @@ def reply_text(payload: bytes) -> str:
 def match_packet(ip_packet: bytes) -> int:
     """The code of the signature one packet of the pass matches (an HTTP request segment, a DNS
     query, a probe's header, a bot's command, a server's reply), or 0."""
-    segment = tcp_segment(ip_packet)
+    return read_packet(ip_packet) or 0
+
+
+def read_packet(ip_packet: bytes) -> int | None:
+    """match_packet's code, or None for a segment that none of its signatures reads: a short line that
+    HEAD_LINE_FILTER let through for a request head, outside one."""
+    return _read(ip_packet, tcp_segment(ip_packet))
+
+
+def _read(ip_packet: bytes, segment: TcpSegment | None) -> int | None:
+    """read_packet, with the packet's TCP segment parsed already (None: no TCP)."""
     if segment is not None:
         start = segment.payload[:4]
         if start in METHODS:
@@ -321,7 +354,9 @@ def match_packet(ip_packet: bytes) -> int:
             return _first_match(_FLAGS, flag_text(segment.flags))
         if segment.flags & 0x12 == 0x02:  # a SYN
             return _first_match(_SYN, f"window {segment.window} df {int(segment.dont_fragment)}")
-        return _first_match(_REPLY, reply_text(segment.payload)) if segment.payload else 0
+        if segment.src_port in TELNET_PORTS or segment.payload[:2] == b"\x20\x02":  # a server's, by its filter
+            return _first_match(_REPLY, reply_text(segment.payload))
+        return None
     data = echo_request_data(ip_packet)
     if data is not None:
         return _first_match(_ECHO, f"echo-request data {data}")
@@ -348,6 +383,9 @@ class RequestPlugin(NFPlugin):
         flow.udps.requests_read = 0
         flow.udps.signature_hits = {}
         flow.udps.named_hosts = ()
+        flow.udps.head = None  # an unfinished request head: (its sender's direction, start ms, segments)
+        # when the first packet read came: the match's time (a head line outside a head, not read, may come first)
+        flow.udps.first_read_ms = 0
         self.on_update(packet, flow)
 
     def on_update(self, packet: Any, flow: Any) -> None:
@@ -355,8 +393,15 @@ class RequestPlugin(NFPlugin):
             udps = flow.udps
             if udps.request_signature or udps.requests_read >= MAX_REQUESTS_PER_FLOW:
                 return
+            segment = tcp_segment(packet.ip_packet)
+            code = self._follow_head(segment, packet, udps)
+            if code is None:
+                code = _read(packet.ip_packet, segment)
+                if code is None:  # a short line of no request head: not one of the requests read
+                    return
+            if not udps.requests_read:
+                udps.first_read_ms = packet.time
             udps.requests_read += 1
-            code = match_packet(packet.ip_packet)
             if code:
                 hits = udps.signature_hits[code] = udps.signature_hits.get(code, 0) + 1
                 sig = SIGNATURES[code - 1]
@@ -368,6 +413,30 @@ class RequestPlugin(NFPlugin):
                         flow.expiration_id = -1  # NFStream's custom expiration
         except Exception:  # untrusted bytes: a malformed packet must not end the pass
             return
+
+    @staticmethod
+    def _follow_head(segment: TcpSegment | None, packet: Any, udps: Any) -> int | None:
+        """Follow a request head across segments: a request segment that does not end its head starts one
+        (None: the request is matched as any other packet); a later segment of its sender continues it, or
+        ends it with the blank line. The code of the held-open signature once the head is held open, else
+        0 for a continuation; None for the packets read_packet reads."""
+        if segment is None or not segment.payload:
+            return None
+        if segment.payload[:4] in METHODS:
+            udps.head = None if HEAD_END in segment.payload else (packet.direction, packet.time, 1)
+            return None
+        head = udps.head
+        if head is None or packet.direction != head[0]:
+            return None
+        if HEAD_END in segment.payload or segment.payload.startswith(b"\r\n"):
+            udps.head = None
+            return 0
+        direction, started, segments = head
+        udps.head = (direction, started, segments + 1)
+        if segments + 1 >= HEAD_HELD_SEGMENTS and packet.time - started >= HEAD_HELD_MS:
+            udps.head = None
+            return _first_match(_HELD, HEAD_HELD_TEXT)
+        return 0
 
 
 @dataclass
@@ -531,7 +600,7 @@ def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], in
     code = getattr(flow.udps, "request_signature", 0)
     if not code:
         return None
-    return (flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, flow.bidirectional_first_seen_ms, code,
+    return (flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, flow.udps.first_read_ms, code,
             flow.udps.named_hosts, flow.protocol)
 
 

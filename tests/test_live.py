@@ -401,6 +401,40 @@ def test_live_reads_bot_commands_and_refused_logins():
     assert summary["attack_families"]["bruteforce"] == 5
 
 
+def test_live_slow_request_heads_are_a_slowloris():
+    """A slow-headers DoS on a live interface: eleven connections to one server each send a request head a
+    line at a time, 2 s apart, and never the blank line that ends it (the server never answers)."""
+    udp, tcp, probe = _listeners()
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)  # the kernel completes the handshakes; nobody reads
+    port = _port(server)
+    clients: list[socket.socket] = []
+    live = _live_with_request_pass("16", probe, server)
+    try:
+        for _ in range(11):
+            clients.append(socket.create_connection(server.getsockname(), timeout=5))
+            clients[-1].sendall(b"GET / HTTP/1.1\r\nHost: cam\r\n")
+        for k in range(3):
+            time.sleep(2)
+            for client in clients:
+                client.sendall(b"X-a: %d\r\n" % k)
+        code, err = live.finish()
+    finally:
+        live.kill()
+        for s in (udp, tcp, probe, server, *clients):
+            s.close()
+    assert code == 0, err.decode(errors="replace")
+    records = [r for _, r in live.records]
+    _check_end(records, "duration")
+    slow = _flows(records, port)
+    assert len(slow) == 11
+    for flow in slow:
+        assert (flow["verdict"], flow["family"], flow["score"]) == ("attack", "dos", 1.0)
+        assert flow["reasons"][0] == "HTTP request head held open 5 s or more (slowloris), " \
+                                     "11 or more between the same two hosts within 2 minutes"
+
+
 def test_sigint_flushes_active_flows():
     """With idle and active time-outs far away, the flows can only come out through the flush."""
     udp, tcp, probe = _listeners()

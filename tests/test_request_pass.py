@@ -111,11 +111,12 @@ def test_signature_codes_are_stable_positions() -> None:
                                                  "IRC bot nick naming its CPU", "MQTT login refused", "SSH connection",
                                                  "password guessing tool user agent", "telnet login refused",
                                                  "shell script sent over TCP (a loader or a reverse shell)",
-                                                 "Windows executable sent over TCP (a payload stage)"]
+                                                 "Windows executable sent over TCP (a payload stage)",
+                                                 "HTTP request head held open 5 s or more (slowloris)"]
     assert signature(0) is None and signature(len(SIGNATURES) + 1) is None
     family = {"target": "exploit", "head": "exploit", "body": "exploit", "dns": "c2", "tcp-flags": "scan",
               "syn": "scan", "echo": "scan", "line": "c2", "ssh": "bruteforce", "reply": "bruteforce"}
-    assert [s.family for s in SIGNATURES[20:]] == ["exploit", "c2"]
+    assert [s.family for s in SIGNATURES[20:]] == ["exploit", "c2", "dos"]
     assert all(s.family == family[s.where] for s in SIGNATURES[:9] + SIGNATURES[11:18] + SIGNATURES[19:20])
     assert SIGNATURES[18].family == "bruteforce" and SIGNATURES[18].reason == \
         "HTTP request matched a password guesser signature: password guessing tool user agent"
@@ -266,8 +267,9 @@ def test_fuzzed_requests_never_raise() -> None:
         class udps:
             pass
 
-    class Packet:
+    class Packet:  # a SidePacket's fields that the plugin reads
         ip_packet = b""
+        direction, time = 0, 0
 
     for _ in range(2000):
         data = bytearray(base[: rng.randrange(len(base) + 1)])
@@ -435,8 +437,9 @@ def test_one_encoded_name_is_no_tunnel_three_are() -> None:
         class udps:
             pass
 
-    class Packet:
+    class Packet:  # a SidePacket's fields that the plugin reads
         ip_packet = dns_packet("e0d67c509fb203858ebcb2fe3f88c2aa.baas.nintendo.com")
+        direction, time = 0, 1_000
 
     plugin.on_init(Packet, Flow)
     plugin.on_update(Packet, Flow)
@@ -644,3 +647,64 @@ def test_shared_tcp_scan_probes_are_read() -> None:
     proc = run_iotscan("analyze", path, "-f", "ndjson", "--no-devices", check_code=0)
     flows = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
     assert len(flows) == 7 and all(r["verdict"] == "attack" and r["family"] == "scan" for r in flows)
+
+
+def _tcp_at(client: int, port: int, seq: int, flags: int, payload: bytes = b"", reply: bool = False) -> bytes:
+    """An Ethernet frame of a TCP segment from 10.0.0.<client>:<port> to 10.0.0.1:80 (``reply``: back),
+    unpadded: a 2-byte segment is a 56-byte frame, as a capture taken at the sender holds it."""
+    ports, hosts = ((80, port), (1, client)) if reply else ((port, 80), (client, 1))
+    tcp = struct.pack("!HHIIBBHHH", *ports, seq, 1, 0x50, flags, 65535, 0, 0) + payload
+    return _ether(_ip4(6, *hosts, tcp), 0x0800, None)
+
+
+def _write_timed_pcap(path: Path, frames: list[tuple[float, bytes]], start_s: int = 1_700_000_000) -> None:
+    """A classic pcap (Ethernet) holding each frame at its time (seconds from start_s)."""
+    with path.open("wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for t, frame in sorted(frames, key=lambda tf: tf[0]):
+            f.write(struct.pack("<IIII", start_s + int(t), round((t % 1) * 1e6), len(frame), len(frame)) + frame)
+
+
+def _requests(src: int, count: int, lines: list[bytes], every_s: float, first_port: int = 40000,
+              finished: bool = False) -> list[tuple[float, bytes]]:
+    """``count`` connections from 10.0.0.<src> to port 80, 0.1 s apart, each sending a request head's
+    first lines, then ``lines`` one segment each, every_s apart (``finished``: after the blank line that
+    ends the head, sent alone)."""
+    frames = []
+    for i in range(count):
+        port, t = first_port + i, i * 0.1
+        frames += [(t, _tcp_at(src, port, 0, 0x02)), (t + 0.001, _tcp_at(src, port, 0, 0x12, reply=True)),
+                   (t + 0.002, _tcp_at(src, port, 1, 0x10)),
+                   (t + 0.003, _tcp_at(src, port, 1, 0x18, b"GET / HTTP/1.1\r\nHost: 10.0.0.1\r\n"))]
+        if finished:
+            frames.append((t + 0.004, _tcp_at(src, port, 2, 0x18, b"\r\n")))
+        frames += [(t + 0.01 + (k + 1) * every_s, _tcp_at(src, port, 10 + k, 0x18, line))
+                   for k, line in enumerate(lines)]
+    return frames
+
+
+def test_request_heads_held_open_by_eleven_connections_are_a_slowloris(tmp_path: Path) -> None:
+    held = next(code for code, s in enumerate(SIGNATURES, start=1) if s.where == "held")
+    sig = signature(held)
+    # HAProxy's anti-DoS timeout for a whole request, ModSecurity's count of one address's reading connections
+    assert (sig.family, sig.min_pair_count, sig.pair_window_ms) == ("dos", 11, 120_000)
+    header_lines = [b"X-a: %d\r\n" % k for k in range(4)]
+    capture = tmp_path / "slow-heads.pcap"
+    frames = _requests(3, 11, header_lines, every_s=2.0)  # heads unfinished after 8 s: held open
+    frames += _requests(4, 10, header_lines, every_s=2.0)  # ten: one short of the count
+    frames += _requests(5, 11, header_lines[:1], every_s=8.0)  # 8 s, but two segments of head: a stall
+    frames += _requests(6, 11, header_lines, every_s=1.0)  # 4 s: not yet held open
+    # heads ended by a blank line sent alone (a 2-byte segment), then short lines of a body: no head open
+    frames += _requests(7, 11, [b"line %d\r\n" % k for k in range(4)], every_s=2.0, finished=True)
+    _write_timed_pcap(capture, frames)
+    found = read_requests(str(capture), MeterConfig(source=str(capture)))
+    names = {key: [signature(code).name for _, code in matches] for key, matches in found.by_endpoints.items()}
+    assert names == {("10.0.0.3", 40000 + i, "10.0.0.1", 80): [sig.name] for i in range(11)}
+    proc = run_iotscan("analyze", capture, "-f", "ndjson", "--no-devices", check_code=0)
+    flows = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
+    by_signature = {r["src_ip"] for r in flows if r["reasons"] and sig.name in r["reasons"][0]}
+    assert by_signature == {"10.0.0.3"}  # (55 connections to one host in a second: the model may see a flood)
+    for r in (r for r in flows if r["src_ip"] == "10.0.0.3"):
+        assert (r["verdict"], r["family"], r["score"]) == ("attack", "dos", 1.0)
+        assert r["reasons"][0] == f"{sig.name}, 11 or more between the same two hosts within 2 minutes"
+
