@@ -82,6 +82,12 @@ GUESS_MAX_MS = 10_000
 # A flood is one flow, so the flows-per-host rule above never sees it.
 ICMP_FLOOD_RATE = 100.0  # packets a second, over the flow's life and one second more (log_packet_rate)
 ICMP_FLOOD_PACKETS = 1_000  # ten seconds of it
+# A flood's bystanders: while a host is flooded, its own context (flows to it, their failures, new sources) makes
+# every flow to it look like the flood's, the hub's sensors and the phone polling it too. A flow that is a whole
+# exchange (answered both ways, not failed) from a source that sent at most this share of the host's recent
+# flows is judged without the destination's context (replaced by typical benign values): by itself and its
+# source's. A flood's flows are unanswered, refused or one source's; a distributed one's sources each send many.
+BYSTANDER_MAX_SHARE = 0.1
 RULE_REASONS = {"dos": "a flood of one host, mostly from this source (DoS)",
                 "ddos": "a flood of one host from many sources (DDoS)",
                 "bruteforce": "one client reconnecting to one service about twice a second or more (password guessing)"}
@@ -92,7 +98,10 @@ _INTERCEPTED_COL = FEATURE_NAMES.index(INTERCEPTED)
 _RULE_COLUMNS = {n: FEATURE_NAMES.index(n) for n in (
     "dst_log_flows_5s", "src_log_flows_5s", "src_log_flows_120s", "src_new_port_share_120s", "src_new_host_share_120s",
     "chan_log_flows_5s", "proto_tcp", "one_way", "log_dst2src_packets", "log_duration_ms",
-    "proto_icmp", "log_packets", "log_packet_rate")}
+    "proto_icmp", "log_packets", "log_packet_rate", "failed", "log_src2dst_packets")}
+# The destination host's and service's context (not the flow's own port class or multicast address)
+_DESTINATION_CONTEXT = np.array([i for i, n in enumerate(FEATURE_NAMES) if n.startswith(("dst_", "svc_"))
+                                 and n not in ("dst_port_class", "dst_multicast")], dtype=np.intp)
 _REQUIRED_KEYS = ("feature_schema_version", "feature_names", "detector", "detector_features", "calibration",
                   "threshold", "family_model", "families", "vocabulary", "reference", "scale", "reason_groups")
 
@@ -149,7 +158,12 @@ def attack_scores(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     out = np.ones(len(X))
     asked = np.flatnonzero(~decided)  # the detector is asked about the others only
     if len(asked):
-        raw = model["detector"].predict_proba(X[np.ix_(asked, _detector_columns(model))])[:, 1]
+        rows = X[np.ix_(asked, _detector_columns(model))]
+        bystanders = np.flatnonzero(flood_bystanders(X)[asked])
+        if len(bystanders):
+            positions, values = _destination_reference(model)
+            rows[np.ix_(bystanders, positions)] = values
+        raw = model["detector"].predict_proba(rows)[:, 1]
         xs, ys = model["calibration"]
         out[asked] = np.interp(raw, xs, ys)
     return out
@@ -213,6 +227,19 @@ def rule_families(X: np.ndarray) -> np.ndarray:
     out[flood] = np.where(own_share[flood] >= ONE_SOURCE_SHARE, "dos", "ddos")
     out[icmp_flood(X) & ~flood] = "dos"
     return out
+
+
+def flood_bystanders(X: np.ndarray) -> np.ndarray:
+    """Rows of whole exchanges with a flooded host from a source that sent few of its flows (see
+    BYSTANDER_MAX_SHARE)."""
+    def c(name: str) -> np.ndarray:
+        return X[:, _RULE_COLUMNS[name]]
+
+    flooded = c("dst_log_flows_5s") >= np.log1p(FLOOD_FLOWS_5S)
+    own_share = np.expm1(c("src_log_flows_5s")) / np.maximum(np.expm1(c("dst_log_flows_5s")), 1.0)
+    whole = (c("one_way") == 0) & (c("failed") == 0) & (c("log_dst2src_packets") >= np.log1p(2)) \
+        & (c("log_src2dst_packets") >= np.log1p(2))
+    return flooded & (own_share <= BYSTANDER_MAX_SHARE) & whole
 
 
 def icmp_flood(X: np.ndarray) -> np.ndarray:
@@ -293,6 +320,18 @@ def _detector_columns(model: dict[str, Any]) -> np.ndarray:
     cached = model.get("_detector_columns")
     if cached is None:
         cached = model["_detector_columns"] = np.array(feature_index(model["detector_features"]), dtype=np.intp)
+    return cached
+
+
+def _destination_reference(model: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Where the destination's context is among the detector's columns, and its typical benign values (the
+    model's reference); cached in the model dict."""
+    cached = model.get("_destination_reference")
+    if cached is None:
+        columns = _detector_columns(model)
+        positions = np.flatnonzero(np.isin(columns, _DESTINATION_CONTEXT))
+        values = np.asarray(model["reference"], dtype=np.float32)[columns[positions]]
+        cached = model["_destination_reference"] = (positions, values)
     return cached
 
 

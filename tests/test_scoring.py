@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from iotscan import sinks
+from iotscan import scoring, sinks
 from iotscan.errors import ModelError
 from iotscan.features import DETECTOR_FEATURES, FEATURE_NAMES, FEATURE_SCHEMA_VERSION
 from iotscan.modelstore import bundled_model, load_model, save_model, sha256_file
@@ -28,6 +28,7 @@ from iotscan.scoring import (
     attack_families,
     attack_scores,
     explain,
+    flood_bystanders,
     icmp_flood,
     load_flow_model,
     rule_families,
@@ -265,6 +266,33 @@ def test_floods_and_guessing_are_named_by_rule(bundled: tuple[dict, dict]) -> No
         f.dst2src_first_seen_ms = f.bidirectional_first_seen_ms + 1
         f.bidirectional_last_seen_ms = f.bidirectional_first_seen_ms + 600
     assert np.all(rule_families(extract(guesses)) == "")
+
+
+def test_a_floods_bystanders_are_judged_without_the_floods_context(bundled: tuple[dict, dict],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = bundled
+    threshold = model["threshold"]
+    victim = "10.0.0.5"
+    # a SYN flood of the hub from one source (200 flows a second), while five sensors publish to its broker:
+    # each connection answered, data both ways
+    flood = [make_flow("198.51.100.7", victim, 80, 100.0 + i / 200, sport=10000 + i) for i in range(1000)]
+    sensors = [make_flow(f"10.0.0.{20 + i % 5}", victim, 1883, 101.0 + i / 5, sport=30000 + i, packets=4,
+                         nbytes=300, answered=True, duration_ms=40) for i in range(20)]
+    for f in sensors:
+        f.dst2src_packets, f.dst2src_bytes = 3, 180
+        f.bidirectional_packets, f.bidirectional_bytes = 7, 480
+    flows = sorted(flood + sensors, key=lambda f: f.bidirectional_last_seen_ms)
+    X = extract(flows)
+    sensor_rows = [i for i, f in enumerate(flows) if f.dst_port == 1883]
+    flood_rows = [i for i, f in enumerate(flows) if f.dst_port == 80][100:]
+    bystanders = flood_bystanders(X)
+    assert bystanders[sensor_rows].all() and not bystanders[flood_rows].any()
+    scores = attack_scores(model, X)
+    assert np.mean(scores[flood_rows] >= threshold) > 0.95
+    assert np.all(scores[sensor_rows] < threshold)
+    # judged with the hub's context, the sensors' connections would be the flood's: what the rule is for
+    monkeypatch.setattr(scoring, "BYSTANDER_MAX_SHARE", -1.0)
+    assert np.mean(attack_scores(model, X)[sensor_rows] >= threshold) > 0.9
 
 
 def _icmp_capture(path: Path, echoes: int, per_second: float) -> None:

@@ -235,7 +235,9 @@ def card_markdown(card: dict[str, Any]) -> str:
                         "`iotscan.features.LinkTracker`): spoofing. The family model uses all; before it is asked, "
                         "floods "
                         "(dos, ddos) and password guessing (bruteforce) are named by rule from the context features "
-                        "(`iotscan.scoring.rule_families`, see the notes)."]
+                        "(`iotscan.scoring.rule_families`, see the notes). A whole exchange with a flooded host from "
+                        "a source that sent few of its flows is judged without the destination's context "
+                        "(`iotscan.scoring.flood_bystanders`, see the notes)."]
     th = card["threshold_choice"]
     lines += ["## Threshold", "", f"Threshold **{card['threshold']}**: {th['rule']}. On those validation scores: "
               f"benign FPR {_f(th['validation_benign_fpr'], True)}, attack recall per capture "
