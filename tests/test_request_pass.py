@@ -683,6 +683,24 @@ def _requests(src: int, count: int, lines: list[bytes], every_s: float, first_po
     return frames
 
 
+def test_request_heads_held_open_over_ipv6(tmp_path: Path) -> None:
+    # the filter finds an IPv6 segment's last bytes from the payload length of the fixed header
+    client, server = bytes.fromhex("fd00" + "00" * 13 + "02"), bytes.fromhex("fd00" + "00" * 13 + "01")
+    frames: list[tuple[float, bytes]] = []
+    for i in range(11):
+        port, t = 40000 + i, i * 0.1
+        frames += [(t, _tcp6(client, server, port, 80, 1, 0, 0x02)),
+                   (t + 0.001, _tcp6(server, client, 80, port, 9, 2, 0x12)),
+                   (t + 0.002, _tcp6(client, server, port, 80, 2, 10, 0x18, b"GET / HTTP/1.1\r\nHost: cam\r\n"))]
+        frames += [(t + 2.0 * (k + 1), _tcp6(client, server, port, 80, 30 + k, 10, 0x18, b"X-a: %d\r\n" % k))
+                   for k in range(3)]
+    capture = tmp_path / "slow-heads6.pcap"
+    _write_timed_pcap(capture, frames)
+    found = read_requests(str(capture), MeterConfig(source=str(capture)))
+    held = {signature(code).name for matches in found.by_endpoints.values() for _, code in matches}
+    assert len(found.by_endpoints) == 11 and held == {"HTTP request head held open 5 s or more (slowloris)"}
+
+
 def test_request_heads_held_open_by_eleven_connections_are_a_slowloris(tmp_path: Path) -> None:
     held = next(code for code, s in enumerate(SIGNATURES, start=1) if s.where == "held")
     sig = signature(held)
