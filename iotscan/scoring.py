@@ -151,19 +151,15 @@ def load_flow_model(path: Path | None = None, trusted: bool = False) -> tuple[di
 # -- the model's arithmetic, shared by the stage and `model evaluate` -----------------------------
 
 def attack_scores(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
-    """Calibrated probability of attack per row."""
+    """Calibrated probability of attack per row (a flood's bystanders judged without the destination's
+    context: see as_judged)."""
     if len(X) == 0:
         return np.empty(0)
     decided = _decided(X)
     out = np.ones(len(X))
     asked = np.flatnonzero(~decided)  # the detector is asked about the others only
     if len(asked):
-        rows = X[np.ix_(asked, _detector_columns(model))]
-        bystanders = np.flatnonzero(flood_bystanders(X)[asked])
-        if len(bystanders):
-            positions, values = _destination_reference(model)
-            rows[np.ix_(bystanders, positions)] = values
-        raw = model["detector"].predict_proba(rows)[:, 1]
+        raw = model["detector"].predict_proba(as_judged(model, X)[np.ix_(asked, _detector_columns(model))])[:, 1]
         xs, ys = model["calibration"]
         out[asked] = np.interp(raw, xs, ys)
     return out
@@ -177,6 +173,7 @@ def attack_families(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     families = np.asarray(model["families"], dtype=object)
     if len(X) == 0:
         return np.empty(0, dtype=object)
+    X = as_judged(model, X)
     out = np.full(len(X), families[0], dtype=object)
     ruled = rule_families(X)
     named = ruled != ""
@@ -217,8 +214,8 @@ def rule_families(X: np.ndarray) -> np.ndarray:
 
     scanner = (c("src_log_flows_120s") >= np.log1p(SCANNER_FLOWS)) & (
         (c("src_new_port_share_120s") >= SCANNER_NEW_SHARE) | (c("src_new_host_share_120s") >= SCANNER_NEW_SHARE))
-    flood = (c("dst_log_flows_5s") >= np.log1p(FLOOD_FLOWS_5S)) & ~scanner
-    own_share = np.expm1(c("src_log_flows_5s")) / np.maximum(np.expm1(c("dst_log_flows_5s")), 1.0)
+    flood = _flooded(X) & ~scanner
+    own_share = _own_share(X)
     guessing = (c("chan_log_flows_5s") >= np.log1p(GUESSES_5S)) & (c("proto_tcp") == 1) & (c("one_way") == 0) \
         & (c("log_dst2src_packets") >= np.log1p(3)) & (c("log_duration_ms") < np.log1p(GUESS_MAX_MS)) \
         & ~flood & ~scanner
@@ -235,11 +232,32 @@ def flood_bystanders(X: np.ndarray) -> np.ndarray:
     def c(name: str) -> np.ndarray:
         return X[:, _RULE_COLUMNS[name]]
 
-    flooded = c("dst_log_flows_5s") >= np.log1p(FLOOD_FLOWS_5S)
-    own_share = np.expm1(c("src_log_flows_5s")) / np.maximum(np.expm1(c("dst_log_flows_5s")), 1.0)
     whole = (c("one_way") == 0) & (c("failed") == 0) & (c("log_dst2src_packets") >= np.log1p(2)) \
         & (c("log_src2dst_packets") >= np.log1p(2))
-    return flooded & (own_share <= BYSTANDER_MAX_SHARE) & whole
+    return _flooded(X) & (_own_share(X) <= BYSTANDER_MAX_SHARE) & whole
+
+
+def as_judged(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
+    """The rows as the detector, the family rules and the reasons judge them: a flood's bystanders' (see
+    flood_bystanders) with the destination's context replaced by the model's typical benign values. X
+    itself when there are none."""
+    bystanders = np.flatnonzero(flood_bystanders(X))
+    if not len(bystanders):
+        return X
+    X = X.copy()
+    X[np.ix_(bystanders, _DESTINATION_CONTEXT)] = np.asarray(model["reference"], dtype=X.dtype)[_DESTINATION_CONTEXT]
+    return X
+
+
+def _flooded(X: np.ndarray) -> np.ndarray:
+    """Rows whose destination host receives flows at a flood's rate (FLOOD_FLOWS_5S)."""
+    return X[:, _RULE_COLUMNS["dst_log_flows_5s"]] >= np.log1p(FLOOD_FLOWS_5S)
+
+
+def _own_share(X: np.ndarray) -> np.ndarray:
+    """The share of the destination host's recent flows that the row's source sent."""
+    sent = np.expm1(X[:, _RULE_COLUMNS["src_log_flows_5s"]])
+    return sent / np.maximum(np.expm1(X[:, _RULE_COLUMNS["dst_log_flows_5s"]]), 1.0)
 
 
 def icmp_flood(X: np.ndarray) -> np.ndarray:
@@ -277,6 +295,7 @@ def explain(model: dict[str, Any], X: np.ndarray, alike: dict[int, list[str]] | 
     """
     if len(X) == 0:
         return []
+    X = as_judged(model, X)
     detector = model["detector"]
     reference = np.asarray(model["reference"], dtype=np.float32)
     groups = model["reason_groups"]
@@ -320,18 +339,6 @@ def _detector_columns(model: dict[str, Any]) -> np.ndarray:
     cached = model.get("_detector_columns")
     if cached is None:
         cached = model["_detector_columns"] = np.array(feature_index(model["detector_features"]), dtype=np.intp)
-    return cached
-
-
-def _destination_reference(model: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Where the destination's context is among the detector's columns, and its typical benign values (the
-    model's reference); cached in the model dict."""
-    cached = model.get("_destination_reference")
-    if cached is None:
-        columns = _detector_columns(model)
-        positions = np.flatnonzero(np.isin(columns, _DESTINATION_CONTEXT))
-        values = np.asarray(model["reference"], dtype=np.float32)[columns[positions]]
-        cached = model["_destination_reference"] = (positions, values)
     return cached
 
 
