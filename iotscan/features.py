@@ -547,11 +547,13 @@ def _failed(raw: np.ndarray) -> np.ndarray:
 class LinkTracker:
     """The MAC each local host sends from, and the local host each MAC sends for, as flows show them
     (a flow's MACs are its first packet's); flags a flow sent to a local host through the MAC another
-    host of its /24 sends from, while the host itself sends from another: the man in the middle of ARP
-    spoofing (arpwatch's "changed ethernet address", read from flows). A router's MAC carries flows to
-    remote hosts, which send from it too; a Wi-Fi extender that translates MACs carries its clients'
-    flows both ways. "Local" is a private IPv4 address. Each table keeps at most MAX_KEYS entries, the
-    first learned dropped first (a host re-learned on its next flow).
+    host of its subnet sends from, while the host itself sends from another: the man in the middle of ARP
+    spoofing, or of its IPv6 kin, neighbour-discovery spoofing (arpwatch's "changed ethernet address",
+    read from flows). A router's MAC carries flows to remote hosts, which send from it too; a Wi-Fi
+    extender that translates MACs carries its clients' flows both ways; a Thread border router carries its
+    mesh's flows both ways. "Local" is a private IPv4 address (its subnet: the /24) or an IPv6 unique-local
+    or link-local one (the /64); a global IPv6 address may be on the link or not, so it is none. Each table
+    keeps at most MAX_KEYS entries, the first learned dropped first (a host re-learned on its next flow).
     """
 
     def __init__(self, max_keys: int = MAX_KEYS) -> None:
@@ -564,7 +566,7 @@ class LinkTracker:
         """1.0 for the flows (in expiry order) sent to a local host through another local host's MAC."""
         own, sender, out = self.own, self.sender, np.zeros(len(srcs))
         for i, (src, src_mac, dst, dst_mac) in enumerate(zip(srcs, src_macs, dsts, dst_macs, strict=True)):
-            if src_mac and own.get(src) != src_mac and _is_private_ipv4(src):
+            if src_mac and own.get(src) != src_mac and _local_subnet(src) is not None:
                 own[src] = src_mac
                 sender[src_mac] = src
                 for table in (own, sender):
@@ -573,18 +575,26 @@ class LinkTracker:
             dst_own = own.get(dst)
             if dst_own is not None and dst_mac and dst_mac != dst_own:
                 other = sender.get(dst_mac)
-                if other is not None and other != dst and other.rpartition(".")[0] == dst.rpartition(".")[0]:
+                if other is not None and other != dst and _local_subnet(other) == _local_subnet(dst):
                     out[i] = 1.0
         return out
 
 
+_UNIQUE_LOCAL = ipaddress.IPv6Network("fc00::/7")
+
+
 @functools.lru_cache(maxsize=65536)  # bounded: a spoofed flood has a new address per flow
-def _is_private_ipv4(ip: str) -> bool:
+def _local_subnet(ip: str) -> str | None:
+    """The subnet of a local address (see LinkTracker), as text; None for any other address."""
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
-        return False
-    return address.version == 4 and address.is_private
+        return None
+    if address.version == 4:
+        return ip.rpartition(".")[0] if address.is_private else None
+    if address.is_link_local or address in _UNIQUE_LOCAL:
+        return address.exploded[:19]  # the first four groups
+    return None
 
 
 class FeatureExtractor:

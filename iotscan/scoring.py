@@ -18,7 +18,7 @@ request pass, beside the main one: a second pass over a file, a second capture o
 an attack of the signature's family with score 1, whatever the detector says; so are the other flows
 of its two hosts around it (an exploit's callbacks, a scanner's other probes: see
 request_pass.PAIR_AFTER_MATCH_MS), unless the match was a DNS one; and so are an ICMP flood (icmp_flood) and a
-flow sent through another local host's MAC (features.LinkTracker: ARP spoofing).
+flow sent through another local host's MAC (features.LinkTracker: ARP or neighbour-discovery spoofing).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ RULE_REASONS = {"dos": "a flood of one host, mostly from this source (DoS)",
                 "ddos": "a flood of one host from many sources (DDoS)",
                 "bruteforce": "one client reconnecting to one service about twice a second or more (password guessing)"}
 ICMP_FLOOD_REASON = "ICMP at a flood ping's rate (100 packets a second or more)"
-INTERCEPTED_REASON = "sent to a local host through the MAC another local host sends from (ARP spoofing)"
+INTERCEPTED_REASON = "sent to a local host through the MAC another local host sends from (ARP or ND spoofing)"
 _RULE_PHRASES = frozenset((*RULE_REASONS.values(), ICMP_FLOOD_REASON))
 _INTERCEPTED_COL = FEATURE_NAMES.index(INTERCEPTED)
 _RULE_COLUMNS = {n: FEATURE_NAMES.index(n) for n in (

@@ -104,6 +104,37 @@ def test_a_flow_sent_through_another_local_hosts_mac_is_intercepted() -> None:
     assert len(tracker.own) == 3 and len(tracker.sender) == 3 and "10.0.0.9" in tracker.own
 
 
+def test_neighbour_discovery_spoofing_is_intercepted_on_local_ipv6_links() -> None:
+    # the same man in the middle over IPv6 (parasite6, or a spoofed neighbour advertisement): unique-local and
+    # link-local addresses are local, each /64 a subnet; a global address may be on the link or not: not local
+    hub, sensor, spoofer, border = ("aa:00:00:00:00:27", "aa:00:00:00:00:71", "aa:00:00:00:00:16",
+                                    "aa:00:00:00:00:b0")
+
+    def flow(src: str, src_mac: str, dst: str, dst_mac: str, t: float) -> SimpleNamespace:
+        f = make_flow(src, dst, 5683, t, proto=17)
+        f.src_mac, f.dst_mac, f.ip_version = src_mac, dst_mac, 6
+        return f
+
+    flows = [
+        flow("fd00::27", hub, "fd00::71", sensor, 101.0),
+        flow("fd00::16", spoofer, "fd00::71", sensor, 102.0),
+        flow("fd00::71", sensor, "fd00::27", spoofer, 103.0),  # to the hub through the spoofer's MAC
+        flow("fe80::27", hub, "fe80::71", sensor, 104.0),
+        flow("fe80::16", spoofer, "fe80::71", sensor, 105.0),
+        flow("fe80::71", sensor, "fe80::27", spoofer, 106.0),  # the same on the link-local addresses
+        flow("fd00::71", sensor, "fd00::27", hub, 107.0),  # to the hub's own MAC
+        # a Thread border router sends for its mesh's devices (another /64) and carries their flows both ways
+        flow("fd00:0:0:1::5", border, "fd00::71", sensor, 108.0),
+        flow("fd00:0:0:1::6", border, "fd00::71", sensor, 109.0),
+        flow("fd00::71", sensor, "fd00:0:0:1::5", border, 110.0),
+        # global addresses: a host of another network may answer through the router's MAC
+        flow("2001:db8::27", hub, "2001:db8::71", sensor, 111.0),
+        flow("2001:db8::16", spoofer, "2001:db8::71", sensor, 112.0),
+        flow("2001:db8::71", sensor, "2001:db8::27", spoofer, 113.0),
+    ]
+    assert col(extract(flows), "intercepted").tolist() == [0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+
+
 def test_scan_from_one_source_shows_in_its_context() -> None:
     # one source probes 60 ports of one host, 20 ms apart, none answered; then one ordinary flow elsewhere
     probes = [make_flow("10.0.0.66", "10.0.0.5", 1000 + i, 100.0 + i * 0.02) for i in range(60)]

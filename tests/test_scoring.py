@@ -361,6 +361,32 @@ def test_flows_through_a_spoofers_mac_are_spoofing(tmp_path: Path) -> None:
     assert all(flows[port]["family"] != "spoofing" for port in (40000, 40001))
 
 
+def test_flows_through_a_spoofers_mac_are_spoofing_over_ipv6(tmp_path: Path) -> None:
+    # neighbour-discovery spoofing on fd00::16 between a sensor (fd00::71) and its hub (fd00::27)
+    macs = {0x16: b"\xaa\0\0\0\0\x16", 0x27: b"\xaa\0\0\0\0\x27", 0x71: b"\xaa\0\0\0\0\x71"}
+
+    def frame(src: int, dst: int, dst_mac: bytes, sport: int) -> bytes:
+        udp = struct.pack("!HHHH", sport, 5683, 12, 0) + b"coap"
+        ip6 = struct.pack("!IHBB", 0x60000000, len(udp), 17, 64) + bytes.fromhex(f"fd00{'00' * 13}{src:02x}") \
+            + bytes.fromhex(f"fd00{'00' * 13}{dst:02x}") + udp
+        return dst_mac + macs[src] + b"\x86\xdd" + ip6
+
+    frames = [frame(0x27, 0x71, macs[0x71], 40000), frame(0x16, 0x71, macs[0x71], 40001)]
+    frames += [frame(0x71, 0x27, macs[0x16], 41000 + i) for i in range(3)]  # intercepted
+    frames.append(frame(0x71, 0x27, macs[0x27], 42000))  # straight to the hub
+    capture = tmp_path / "nd-spoofed.pcap"
+    with capture.open("wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i, fr in enumerate(frames):
+            f.write(struct.pack("<IIII", 1_700_000_000 + i, 0, len(fr), len(fr)) + fr)
+    proc = run_iotscan("analyze", capture, "-f", "ndjson", "--no-devices", check_code=0)
+    flows = {r["src_port"]: r for r in ndjson(proc.stdout) if r["event_type"] == "flow"}
+    for port in (41000, 41001, 41002):
+        assert (flows[port]["verdict"], flows[port]["family"], flows[port]["score"]) == ("attack", "spoofing", 1.0)
+        assert flows[port]["reasons"][0] == INTERCEPTED_REASON
+    assert all(flows[port]["family"] != "spoofing" for port in (40000, 40001, 42000))
+
+
 def test_synflood_is_flagged_as_ddos(scored: dict[str, list[dict]]) -> None:
     flows = scored["synflood-spoofed.pcap"]
     attacks = [r for r in flows if r["verdict"] == "attack"]
