@@ -329,17 +329,13 @@ def reply_text(payload: bytes) -> str:
 def match_packet(ip_packet: bytes) -> int:
     """The code of the signature one packet of the pass matches (an HTTP request segment, a DNS
     query, a probe's header, a bot's command, a server's reply), or 0."""
-    return read_packet(ip_packet) or 0
+    return read_packet(ip_packet, tcp_segment(ip_packet)) or 0
 
 
-def read_packet(ip_packet: bytes) -> int | None:
-    """match_packet's code, or None for a segment that none of its signatures reads: a short line that
-    HEAD_LINE_FILTER let through for a request head, outside one."""
-    return _read(ip_packet, tcp_segment(ip_packet))
-
-
-def _read(ip_packet: bytes, segment: TcpSegment | None) -> int | None:
-    """read_packet, with the packet's TCP segment parsed already (None: no TCP)."""
+def read_packet(ip_packet: bytes, segment: TcpSegment | None) -> int | None:
+    """match_packet's code, given the packet's TCP segment parsed already (None: no TCP); None for a segment
+    that none of its signatures reads: a short line that HEAD_LINE_FILTER let through for a request head,
+    outside one."""
     if segment is not None:
         start = segment.payload[:4]
         if start in METHODS:
@@ -396,7 +392,7 @@ class RequestPlugin(NFPlugin):
             segment = tcp_segment(packet.ip_packet)
             code = self._follow_head(segment, packet, udps)
             if code is None:
-                code = _read(packet.ip_packet, segment)
+                code = read_packet(packet.ip_packet, segment)
                 if code is None:  # a short line of no request head: not one of the requests read
                     return
             if not udps.requests_read:

@@ -473,12 +473,17 @@ def test_request_pass_reads_the_shared_dns_tunnels() -> None:
         assert [signature(c).name for c in codes] == [expected]
 
 
-def _write_pcap(path: Path, frames: list[bytes], start_s: int = 1_700_000_000) -> None:
-    """A classic pcap (Ethernet) holding ``frames``, one millisecond apart."""
+def _write_timed_pcap(path: Path, frames: list[tuple[float, bytes]], start_s: int = 1_700_000_000) -> None:
+    """A classic pcap (Ethernet) holding each frame at its time (seconds from start_s)."""
     with path.open("wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for i, frame in enumerate(frames):
-            f.write(struct.pack("<IIII", start_s, i * 1000, len(frame), len(frame)) + frame)
+        for t, frame in sorted(frames, key=lambda tf: tf[0]):
+            f.write(struct.pack("<IIII", start_s + int(t), round((t % 1) * 1e6), len(frame), len(frame)) + frame)
+
+
+def _write_pcap(path: Path, frames: list[bytes]) -> None:
+    """A classic pcap (Ethernet) holding ``frames``, one millisecond apart."""
+    _write_timed_pcap(path, [(i / 1000, frame) for i, frame in enumerate(frames)])
 
 
 def _tcp6(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int,
@@ -655,14 +660,6 @@ def _tcp_at(client: int, port: int, seq: int, flags: int, payload: bytes = b"", 
     ports, hosts = ((80, port), (1, client)) if reply else ((port, 80), (client, 1))
     tcp = struct.pack("!HHIIBBHHH", *ports, seq, 1, 0x50, flags, 65535, 0, 0) + payload
     return _ether(_ip4(6, *hosts, tcp), 0x0800, None)
-
-
-def _write_timed_pcap(path: Path, frames: list[tuple[float, bytes]], start_s: int = 1_700_000_000) -> None:
-    """A classic pcap (Ethernet) holding each frame at its time (seconds from start_s)."""
-    with path.open("wb") as f:
-        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for t, frame in sorted(frames, key=lambda tf: tf[0]):
-            f.write(struct.pack("<IIII", start_s + int(t), round((t % 1) * 1e6), len(frame), len(frame)) + frame)
 
 
 def _requests(src: int, count: int, lines: list[bytes], every_s: float, first_port: int = 40000,

@@ -334,10 +334,9 @@ def test_an_icmp_flood_is_a_dos_whatever_the_detector_says(tmp_path: Path, bundl
 
 
 def _ip_header(version: int, src: int, dst: int, payload: bytes, protocol: int = 17) -> bytes:
-    """An IPv4 header of 192.168.28.<src> to .<dst>, or an IPv6 one of fd00::<src> to fd00::<dst> (hex)."""
+    """An IPv4 packet of 10.0.0.<src> to .<dst>, or an IPv6 one of fd00::<src> to fd00::<dst> (hex)."""
     if version == 4:
-        return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, protocol, 0,
-                           bytes([192, 168, 28, src]), bytes([192, 168, 28, dst])) + payload
+        return _ip4(protocol, src, dst, payload)
     return struct.pack("!IHBB", 0x60000000, len(payload), protocol, 64) + \
         bytes.fromhex(f"fd00{'00' * 13}{src:02x}") + bytes.fromhex(f"fd00{'00' * 13}{dst:02x}") + payload
 
