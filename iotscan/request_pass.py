@@ -8,9 +8,11 @@ a flow's first name, and a tunnel's first query can look ordinary. A scanner's p
 packet's header: a TCP segment with none of SYN, ACK and RST (NULL, FIN, XMAS), which no connection
 sends; the raw SYN of nmap and masscan (window 1024, no DF: Suricata's ET SCAN NMAP -sS rule); nmap's
 host-discovery ping without data (Snort's ICMP PING NMAP rule). An IoT bot on IRC names its CPU in
-its nick, so that its herder knows which binary to push. Password guessing shows in the server's
-refusals: an MQTT broker's CONNACK refusing the credentials, a telnet server's "Login incorrect";
-fail2ban's defaults decide how many make an attack (5 between the same two hosts within 10 minutes).
+its nick, so that its herder knows which binary to push, and a BASHLITE (Gafgyt) bot in its first line
+("BUILD MIPS"); a Mirai bot checks in with the same 4 bytes every time (00 00 00 01, then its id).
+Password guessing shows in the server's refusals: an MQTT broker's CONNACK refusing the credentials, a
+telnet server's "Login incorrect"; fail2ban's defaults decide how many make an attack (5 between the
+same two hosts within 10 minutes).
 SSH hides its refusals, so there the count is of connections, with the threshold of Suricata's ET
 SCAN Potential SSH Scan rule (5 within 2 minutes), between the same two hosts. A shell script or a
 Windows executable sent raw over TCP is a loader's, a reverse shell's or a stager's (nDPI flags the
@@ -48,7 +50,12 @@ from iotscan.packets import TcpSegment, echo_request_data, read_dns_name, tcp_se
 from iotscan.source import MeterConfig, SidePass, side_pass
 
 METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC")
-IRC_COMMANDS = (b"NICK", b"USER")  # an IRC client's registration: a bot's first lines to its channel
+# A bot's first lines to its controller: an IRC client's registration (NICK, USER), a BASHLITE (Gafgyt) bot's
+# "BUILD <its CPU>" (its source: sockprintf(mainCommSock, "BUILD %s", getBuild()))
+BOT_LINE_STARTS = (b"NICK", b"USER", b"BUIL")
+# A Mirai bot's check-in, its first segment to its controller (its source: send(fd_serv, "\x00\x00\x00\x01",
+# 4, MSG_NOSIGNAL), then its id's length and its id)
+BOT_CHECKIN = b"\x00\x00\x00\x01"
 SSH_IDENTIFICATION = b"SSH-"  # the line each side of an SSH connection starts with: one per connection
 # A segment that starts a file: a script ("#!") or a Windows executable ("MZ"), sent raw over a connection by a
 # loader, a reverse shell or an exploit kit's stager (or as an HTTP download's body, when the headers went alone)
@@ -61,10 +68,10 @@ _PAYLOAD_START6 = "ip6[(40 + ((ip6[52:1] & 0xf0) >> 2)):4]"
 
 
 def _payload_starts(start: str) -> str:
-    """A request's, an IRC registration's or an SSH identification's first four bytes, a file's first two,
+    """A request's, a bot's first line's or an SSH identification's first four bytes, a file's first two,
     or an MQTT CONNACK (type 2, length 2) refusing a login (return code 4, bad user name or password, or 5,
     not authorized)."""
-    prefixes = " or ".join(f"{start} = 0x{m.hex()}" for m in (*METHODS, *IRC_COMMANDS, SSH_IDENTIFICATION))
+    prefixes = " or ".join(f"{start} = 0x{m.hex()}" for m in (*METHODS, *BOT_LINE_STARTS, SSH_IDENTIFICATION))
     files = " or ".join(f"{start} & 0xffff0000 = 0x{m.hex()}0000" for m in FILE_STARTS)
     return f"({prefixes} or {files} or {start} & 0xffff00fe = 0x20020004)"
 
@@ -75,6 +82,9 @@ _TCP4_DATA = "(ip[2:2] - ((ip[0] & 0xf) << 2) - ((tcp[12] & 0xf0) >> 2))"
 _TCP6_DATA = "(ip6[4:2] - ((ip6[52] & 0xf0) >> 2))"
 PAYLOAD_FILTER = f"(ip and tcp and {_TCP4_DATA} >= 4 and {_payload_starts(_PAYLOAD_START)}) or " \
                  f"(ip6 and ip6[6] = 6 and {_TCP6_DATA} >= 4 and {_payload_starts(_PAYLOAD_START6)})"
+# A segment of BOT_CHECKIN's 4 bytes and no more
+CHECKIN_FILTER = f"(ip and tcp and {_TCP4_DATA} = 4 and {_PAYLOAD_START} = 0x{BOT_CHECKIN.hex()}) or " \
+                 f"(ip6 and ip6[6] = 6 and {_TCP6_DATA} = 4 and {_PAYLOAD_START6} = 0x{BOT_CHECKIN.hex()})"
 # TCP segments with none of SYN, ACK and RST (0x16): only the first segment of a connection lacks ACK,
 # and it carries SYN (or, answering a stray segment, RST)
 PROBE_FILTER = "(ip and tcp and tcp[13] & 0x16 = 0) or (ip6 and ip6[6] = 6 and ip6[53] & 0x16 = 0)"
@@ -98,7 +108,7 @@ HEAD_LINE_FILTER = f"(ip and tcp and {_TCP4_DATA} > 0 and {_TCP4_DATA} <= {MAX_H
 # The payload tests last: a load past a packet's end ends the whole filter (see _TCP4_DATA), which once kept
 # the probes behind the HTTP expression from ever matching; a test compares the whole filter with its parts
 REQUEST_FILTER = f"({PROBE_FILTER}) or ({SYN_FILTER}) or ({ECHO_FILTER}) or ({TELNET_FILTER}) or " \
-                 f"(udp dst port 53) or ({PAYLOAD_FILTER}) or ({HEAD_LINE_FILTER})"
+                 f"(udp dst port 53) or ({PAYLOAD_FILTER}) or ({HEAD_LINE_FILTER}) or ({CHECKIN_FILTER})"
 
 MAX_REQUESTS_PER_FLOW = 32  # keep-alive connections and reused DNS sockets carry several; the first ones tell
 # A request head still unfinished this long after its first segment, with this many segments of it sent, is
@@ -139,7 +149,8 @@ _REASONS = {
     "tcp-flags": "TCP flags no connection uses: {name}",  # a segment's flags without SYN, ACK and RST: "fpu"
     "syn": "a scanning tool's probe: {name}",  # a SYN's header (see SYN_FILTER): "window 1024 df 0"
     "echo": "a scanning tool's probe: {name}",  # an echo request (see ECHO_FILTER): "echo-request data 0"
-    "line": "a bot's command to its controller: {name}",  # a segment starting with an IRC registration
+    "line": "a bot's command to its controller: {name}",  # a segment starting with BOT_LINE_STARTS
+    "checkin": "a bot's check-in with its controller: {name}",  # a BOT_CHECKIN segment, as hex: "00000001"
     "ssh": "{name}",  # an SSH identification line: "ssh-2.0-openssh_9.6"
     "file": "{name}",  # a segment starting with "#!" or "mz" (FILE_STARTS), lower-cased
     "reply": "{name}",  # a server's segment: an MQTT CONNACK ("mqtt connack 5"), a telnet server's text
@@ -222,8 +233,8 @@ def _of_kind(where: str) -> list[tuple[int, RequestSignature]]:
     return [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == where]
 
 
-_DNS, _FLAGS, _SYN, _ECHO, _LINE, _SSH, _FILE, _REPLY, _HELD = (
-    _of_kind(w) for w in ("dns", "tcp-flags", "syn", "echo", "line", "ssh", "file", "reply", "held"))
+_DNS, _FLAGS, _SYN, _ECHO, _LINE, _CHECKIN, _SSH, _FILE, _REPLY, _HELD = (
+    _of_kind(w) for w in ("dns", "tcp-flags", "syn", "echo", "line", "checkin", "ssh", "file", "reply", "held"))
 HEAD_HELD_TEXT = "request head held open"
 # TCP flag bits by the letter tcp-flags signatures read them as ("fpu": FIN, PSH and URG)
 FLAG_LETTERS = ((0x01, "f"), (0x02, "s"), (0x04, "r"), (0x08, "p"), (0x10, "a"), (0x20, "u"), (0x40, "e"),
@@ -340,8 +351,10 @@ def read_packet(ip_packet: bytes, segment: TcpSegment | None) -> int | None:
         start = segment.payload[:4]
         if start in METHODS:
             return match_request(segment.payload)
-        if start in IRC_COMMANDS:
+        if start in BOT_LINE_STARTS:
             return _first_match(_LINE, segment.payload[:MAX_HEAD_BYTES].decode("latin-1").lower())
+        if segment.payload == BOT_CHECKIN:
+            return _first_match(_CHECKIN, segment.payload.hex())
         if start == SSH_IDENTIFICATION:
             return _first_match(_SSH, segment.payload[:255].split(b"\r\n", 1)[0].decode("latin-1").lower())
         if start[:2] in FILE_STARTS:

@@ -340,17 +340,21 @@ def test_live_reads_requests_exploit_and_dns_tunnel_are_attacks():
 
 
 def test_live_reads_bot_commands_and_refused_logins():
-    """The request pass's other kinds on a live interface: an IoT bot registering on IRC, and a broker
-    refusing five logins from one client (counted across its connections before any counts). With
-    --attacks-only, only attacks are written: a flow of two other hosts is metered, not written."""
+    """The request pass's other kinds on a live interface: an IoT bot registering on IRC, a Mirai and a
+    BASHLITE bot checking in with their controller, and a broker refusing five logins from one client
+    (counted across its connections before any counts). With --attacks-only, only attacks are written: a
+    flow of two other hosts is metered, not written."""
     udp, irc, probe = _listeners()
+    cnc = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # another host's: the IRC bot's match marks no flow to it
+    cnc.bind(("127.0.0.4", 0))
+    cnc.listen(4)
     broker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     broker.bind(("127.0.0.1", 0))
     broker.listen(8)
     quiet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a service of another loopback address
     quiet.bind(("127.0.0.3", 0))
-    irc_port, broker_port = _port(irc), _port(broker)
-    live = _live_with_request_pass("8", probe, irc, broker, quiet, extra=("--attacks-only",))
+    irc_port, broker_port, cnc_port = _port(irc), _port(broker), _port(cnc)
+    live = _live_with_request_pass("8", probe, irc, broker, quiet, cnc, extra=("--attacks-only",))
     try:
         bot = socket.create_connection(irc.getsockname(), timeout=5)
         conn, _ = irc.accept()
@@ -359,6 +363,18 @@ def test_live_reads_bot_commands_and_refused_logins():
         conn.recv(4096)
         bot.close()
         conn.close()
+        bots = []
+        for first, then in ((b"\x00\x00\x00\x01", b"\x06b9d80f"), (b"BUILD MIPS\n", b"PONG\n")):
+            bot = socket.create_connection(cnc.getsockname(), timeout=5)
+            conn, _ = cnc.accept()
+            conn.settimeout(5)
+            bot.sendall(first)  # its own segment, as the bots' own send() calls make it
+            conn.recv(64)
+            bot.sendall(then)
+            conn.recv(64)
+            bots.append(_port(bot))
+            bot.close()
+            conn.close()
         for _ in range(5):  # MQTT CONNECT guesses, each refused (CONNACK, return code 5: not authorized)
             client = socket.create_connection(broker.getsockname(), timeout=5)
             conn, _ = broker.accept()
@@ -380,7 +396,7 @@ def test_live_reads_bot_commands_and_refused_logins():
         code, err = live.finish()
     finally:
         live.kill()
-        for s in (udp, irc, probe, broker, quiet):
+        for s in (udp, irc, probe, broker, quiet, cnc):
             s.close()
     assert code == 0, err.decode(errors="replace")
     records = [r for _, r in live.records]
@@ -388,6 +404,13 @@ def test_live_reads_bot_commands_and_refused_logins():
     (irc_flow,) = _flows(records, irc_port)
     assert (irc_flow["verdict"], irc_flow["family"], irc_flow["score"]) == ("attack", "c2", 1.0)
     assert irc_flow["reasons"][0] == "a bot's command to its controller: IRC bot nick naming its CPU"
+    mirai_port, bashlite_port = bots
+    checkins = {r["src_port"]: r for r in _flows(records, cnc_port)}
+    assert set(checkins) == {mirai_port, bashlite_port}
+    assert all((r["verdict"], r["family"], r["score"]) == ("attack", "c2", 1.0) for r in checkins.values())
+    assert checkins[mirai_port]["reasons"][0] == "a bot's check-in with its controller: Mirai bot check-in"
+    assert checkins[bashlite_port]["reasons"][0] == \
+        "a bot's command to its controller: BASHLITE (Gafgyt) bot check-in naming its CPU"
     guesses = _flows(records, broker_port)
     assert len(guesses) == 5
     for flow in guesses:

@@ -12,6 +12,7 @@ import pytest
 
 from iotscan.errors import IotscanError
 from iotscan.request_pass import (
+    BOT_CHECKIN,
     METHODS,
     PAIR_AFTER_MATCH_MS,
     PAIR_BEFORE_MATCH_MS,
@@ -112,12 +113,15 @@ def test_signature_codes_are_stable_positions() -> None:
                                                  "password guessing tool user agent", "telnet login refused",
                                                  "shell script sent over TCP (a loader or a reverse shell)",
                                                  "Windows executable sent over TCP (a payload stage)",
-                                                 "HTTP request head held open 5 s or more (slowloris)"]
+                                                 "HTTP request head held open 5 s or more (slowloris)",
+                                                 "BASHLITE (Gafgyt) bot check-in naming its CPU", "Mirai bot check-in"]
     assert signature(0) is None and signature(len(SIGNATURES) + 1) is None
     family = {"target": "exploit", "head": "exploit", "body": "exploit", "dns": "c2", "tcp-flags": "scan",
-              "syn": "scan", "echo": "scan", "line": "c2", "ssh": "bruteforce", "reply": "bruteforce"}
-    assert [s.family for s in SIGNATURES[20:]] == ["exploit", "c2", "dos"]
-    assert all(s.family == family[s.where] for s in SIGNATURES[:9] + SIGNATURES[11:18] + SIGNATURES[19:20])
+              "syn": "scan", "echo": "scan", "line": "c2", "checkin": "c2", "ssh": "bruteforce", "reply": "bruteforce"}
+    assert [s.family for s in SIGNATURES[20:23]] == ["exploit", "c2", "dos"]
+    assert all(s.family == family[s.where]
+               for s in SIGNATURES[:9] + SIGNATURES[11:18] + SIGNATURES[19:20] + SIGNATURES[23:])
+    assert SIGNATURES[24].reason == "a bot's check-in with its controller: Mirai bot check-in"
     assert SIGNATURES[18].family == "bruteforce" and SIGNATURES[18].reason == \
         "HTTP request matched a password guesser signature: password guessing tool user agent"
     assert SIGNATURES[16].reason == "MQTT login refused, 5 or more between the same two hosts within 10 minutes"
@@ -493,28 +497,29 @@ def _tcp6(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, fl
     return b"\x02\0\0\0\0\x02" + b"\x02\0\0\0\0\x01" + b"\x86\xdd" + ip6 + tcp
 
 
-@pytest.mark.parametrize(("http_request", "family", "name"), [
-    (b"GET /cgi-bin/../../../../etc/passwd HTTP/1.1\r\nHost: [fd00::1]\r\n\r\n", "exploit", "path traversal"),
-    (b"GET /nice%20ports%2C/Tri%6Eity.txt%2ebak HTTP/1.0\r\n\r\n", "scan", "nmap service probe"),
+@pytest.mark.parametrize(("payload", "family", "reason"), [
+    (b"GET /cgi-bin/../../../../etc/passwd HTTP/1.1\r\nHost: [fd00::1]\r\n\r\n", "exploit",
+     "HTTP request matched an exploit signature: path traversal"),
+    (b"GET /nice%20ports%2C/Tri%6Eity.txt%2ebak HTTP/1.0\r\n\r\n", "scan",
+     "HTTP request matched a scanner signature: nmap service probe"),
+    (BOT_CHECKIN, "c2", "a bot's check-in with its controller: Mirai bot check-in"),  # the filter's own IPv6 part
 ])
-def test_ipv6_http_requests_are_read(tmp_path: Path, http_request: bytes, family: str, name: str) -> None:
+def test_ipv6_requests_are_read(tmp_path: Path, payload: bytes, family: str, reason: str) -> None:
     client, server = bytes.fromhex("fd00" + "00" * 13 + "02"), bytes.fromhex("fd00" + "00" * 13 + "01")
-    request = http_request
-    capture = tmp_path / "ipv6-traversal.pcap"
+    capture = tmp_path / "ipv6-request.pcap"
     _write_pcap(capture, [
         _tcp6(client, server, 40000, 80, 1, 0, 0x02),
         _tcp6(server, client, 80, 40000, 9, 2, 0x12),
         _tcp6(client, server, 40000, 80, 2, 10, 0x10),
-        _tcp6(client, server, 40000, 80, 2, 10, 0x18, request),
-        _tcp6(server, client, 80, 40000, 10, 2 + len(request), 0x18, b"HTTP/1.1 404 Not Found\r\n\r\n"),
+        _tcp6(client, server, 40000, 80, 2, 10, 0x18, payload),
+        _tcp6(server, client, 80, 40000, 10, 2 + len(payload), 0x18, b"HTTP/1.1 404 Not Found\r\n\r\n"),
     ])
     found = read_requests(str(capture), MeterConfig(source=str(capture)))
-    assert [signature(code).name for _, code in found.by_endpoints[("fd00::2", 40000, "fd00::1", 80)]] == [name]
+    assert [signature(code).reason for _, code in found.by_endpoints[("fd00::2", 40000, "fd00::1", 80)]] == [reason]
     proc = run_iotscan("analyze", capture, "-f", "ndjson", "--no-devices", check_code=0)
     [flow] = [r for r in ndjson(proc.stdout) if r["event_type"] == "flow"]
     assert (flow["verdict"], flow["family"], flow["score"]) == ("attack", family, 1.0)
-    kind = "a scanner" if family == "scan" else "an exploit"
-    assert flow["reasons"][0] == f"HTTP request matched {kind} signature: {name}"
+    assert flow["reasons"][0] == reason
 
 
 def _ether(ip_packet: bytes, ethertype: int, vlan: int | None) -> bytes:
@@ -564,6 +569,8 @@ def test_the_whole_filter_lets_each_kind_through(tmp_path: Path, vlan: int | Non
     frames += [_ether(_ip4(6, 10, 1, _tcp(43000 + i, 22, 0x18, b"SSH-2.0-libssh_0.10.6\r\n")), 0x0800, vlan)
                for i in range(5)]
     frames.append(_ether(_ip4(6, 11, 1, _tcp(44000, 33333, 0x18, b"#!/bin/sh\nid\n")), 0x0800, vlan))
+    frames.append(_ether(_ip4(6, 12, 1, _tcp(45000, 666, 0x18, b"BUILD X86\n")), 0x0800, vlan))
+    frames.append(_ether(_ip4(6, 13, 1, _tcp(46000, 23, 0x18, b"\x00\x00\x00\x01")), 0x0800, vlan))
     capture = tmp_path / "each-kind.pcap"
     _write_pcap(capture, frames)
     found = read_requests(str(capture), MeterConfig(source=str(capture)))
@@ -580,7 +587,9 @@ def test_the_whole_filter_lets_each_kind_through(tmp_path: Path, vlan: int | Non
                      **{("10.0.0.1", 23, "10.0.0.9", 42000 + i): "telnet login refused" for i in range(5)},
                      **{("10.0.0.10", 43000 + i, "10.0.0.1", 22): "SSH connection" for i in range(5)},
                      ("10.0.0.11", 44000, "10.0.0.1", 33333):
-                         "shell script sent over TCP (a loader or a reverse shell)"}
+                         "shell script sent over TCP (a loader or a reverse shell)",
+                     ("10.0.0.12", 45000, "10.0.0.1", 666): "BASHLITE (Gafgyt) bot check-in naming its CPU",
+                     ("10.0.0.13", 46000, "10.0.0.1", 23): "Mirai bot check-in"}
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
@@ -614,6 +623,15 @@ def _name(ip_packet: bytes) -> str | None:
     (_ip4(6, 2, 1, _tcp(40000, 8000, 0x18, b"NICK molochtest\r\n")), None),
     (_ip4(6, 2, 1, _tcp(40000, 8000, 0x18, b"USER xxxxx +iw xxxxx :Xxxxxx Xxxx\r\n")), None),
     (_ip4(6, 2, 1, _tcp(40000, 21, 0x18, b"USER anonymous\r\n")), None),  # FTP's USER
+    # a BASHLITE (Gafgyt) bot's first line names its build (its source: sockprintf(..., "BUILD %s", getBuild()))
+    (_ip4(6, 2, 1, _tcp(40000, 666, 0x18, b"BUILD MIPS\n")), "BASHLITE (Gafgyt) bot check-in naming its CPU"),
+    (_ip4(6, 2, 1, _tcp(40000, 23, 0x18, b"BUILD ARM7\r\nPONG\n")), "BASHLITE (Gafgyt) bot check-in naming its CPU"),
+    (_ip4(6, 2, 1, _tcp(40000, 9000, 0x18, b"BUILD 2024.11 started\n")), None),
+    (_ip4(6, 2, 1, _tcp(40000, 9000, 0x18, b"BUILD ARMOR-CI\n")), None),
+    # a Mirai bot's check-in: 4 bytes of their own, then its id's length and id; not other 4-byte words
+    (_ip4(6, 2, 1, _tcp(40000, 23, 0x18, b"\x00\x00\x00\x01")), "Mirai bot check-in"),
+    (_ip4(6, 2, 1, _tcp(40000, 23, 0x18, b"\x00\x00\x00\x01\x06abcdef")), None),
+    (_ip4(6, 2, 1, _tcp(40000, 23, 0x18, b"\x00\x00\x00\x02")), None),
     # a broker refusing credentials (CONNACK return code 4 or 5), a telnet server refusing a login
     (_ip4(6, 1, 2, _tcp(1883, 40000, 0x18, b"\x20\x02\x00\x05")), "MQTT login refused"),
     (_ip4(6, 1, 2, _tcp(1883, 40000, 0x18, b"\x20\x02\x00\x04")), "MQTT login refused"),
