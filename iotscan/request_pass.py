@@ -487,7 +487,7 @@ class RequestFindings:
         flow = (src_ip, src_port, dst_ip, dst_port, protocol)
         for host in named:  # the request went from src to dst: dst is the exploited host
             if host not in (src_ip, dst_ip):
-                _mark(self.by_named, dst_ip, host, (first_ms, code, flow))
+                _mark(self.by_named, _pair(dst_ip, host), (first_ms, code, flow))
                 self.named_kept = _bounded(self.by_named, self.named_kept + 1)
         counted = self._counted(sig, code, flow, first_ms) if sig and sig.min_pair_count > 1 else [(first_ms, flow)]
         for seen_ms, seen in counted:
@@ -527,8 +527,9 @@ class RequestFindings:
             self.kept -= len(oldest)
             self.forgotten += len(oldest)
         if sig is not None and sig.marks_pair:
-            _mark(self.by_pair, flow[0], flow[2], (first_ms, code, flow))
-            self.pair_kept = _bounded(self.by_pair, self.pair_kept + 1)
+            for key in _pair_keys(*flow[:4]):
+                _mark(self.by_pair, key, (first_ms, code, flow))
+                self.pair_kept = _bounded(self.by_pair, self.pair_kept + 1)
 
     def collect(self, matches: Iterable[tuple[Any, ...]]) -> RequestFindings:
         """Add the pass's matches (see _match) as they come; this object at the end."""
@@ -545,20 +546,29 @@ class RequestFindings:
                     return code
         return 0
 
-    def pair_code(self, src_ip: str, dst_ip: str, first_ms: int, last_ms: int) -> int:
-        """The code of the earliest match marking the flow's two hosts while the flow was active, or up
-        to PAIR_BEFORE_MATCH_MS after its end or PAIR_AFTER_MATCH_MS before its start (any protocol);
+    def pair_code(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int) -> int:
+        """The code of the earliest match marking the flow's two hosts (see _pair_keys) while the flow was active,
+        or up to PAIR_BEFORE_MATCH_MS after its end or PAIR_AFTER_MATCH_MS before its start (any protocol);
         0 if none."""
-        return _earliest(self.by_pair.get(_pair(src_ip, dst_ip)), first_ms, last_ms)
+        mark = self._pair_mark(src_ip, src_port, dst_ip, dst_port, first_ms, last_ms)
+        return mark[1] if mark is not None else 0
+
+    def _pair_mark(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int,
+                   last_ms: int) -> Mark | None:
+        marks = [_earliest_mark(self.by_pair.get(key), first_ms, last_ms)
+                 for key in _pair_keys(src_ip, src_port, dst_ip, dst_port)]
+        return min((m for m in marks if m is not None), default=None)
 
     def named_code(self, src_ip: str, dst_ip: str, first_ms: int, last_ms: int) -> int:
         """The same as pair_code, for a flow between an exploited host and a host its exploit named."""
         return _earliest(self.by_named.get(_pair(src_ip, dst_ip)), first_ms, last_ms)
 
-    def marking_flow(self, src_ip: str, dst_ip: str, first_ms: int, last_ms: int, named: bool) -> Flow5 | None:
+    def marking_flow(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int,
+                     named: bool) -> Flow5 | None:
         """The flow whose match gave a flow its pair_code (or, ``named``, its named_code): the one a person
         looks at next. None if there is no such mark."""
-        mark = _earliest_mark((self.by_named if named else self.by_pair).get(_pair(src_ip, dst_ip)), first_ms, last_ms)
+        mark = _earliest_mark(self.by_named.get(_pair(src_ip, dst_ip)), first_ms, last_ms) if named \
+            else self._pair_mark(src_ip, src_port, dst_ip, dst_port, first_ms, last_ms)
         return mark[2] if mark is not None else None
 
     def codes(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int,
@@ -566,8 +576,9 @@ class RequestFindings:
         """code (if ``own``: the flow's protocol is one the pass matches), pair_code and named_code at once:
         this runs for every flow scored."""
         pair = (src_ip, dst_ip) if src_ip <= dst_ip else (dst_ip, src_ip)
-        return (self.code(src_ip, src_port, dst_ip, dst_port, first_ms, last_ms) if own else 0,
-                _earliest(self.by_pair.get(pair), first_ms, last_ms),
+        pair_code = _earliest(self.by_pair.get(pair), first_ms, last_ms) if src_ip != dst_ip \
+            else self.pair_code(src_ip, src_port, dst_ip, dst_port, first_ms, last_ms)  # loopback: see _pair_keys
+        return (self.code(src_ip, src_port, dst_ip, dst_port, first_ms, last_ms) if own else 0, pair_code,
                 _earliest(self.by_named.get(pair), first_ms, last_ms))
 
 
@@ -575,9 +586,18 @@ def _pair(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 
 
-def _mark(table: OrderedDict[tuple[str, str], list[Mark]], a: str, b: str, mark: Mark) -> None:
-    """Marks the pair of hosts a, b."""
-    bisect.insort(table.setdefault(_pair(a, b), []), mark)  # matches come roughly, not exactly, in time order
+def _pair_keys(src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> tuple[tuple[str, str], ...]:
+    """The keys of RequestFindings.by_pair a flow is marked by: its two hosts; but a host's traffic with itself
+    (loopback) is no pair of hosts, and a match there marks the flows that share one of its ports on that host
+    (its service's), not every flow of the host with itself."""
+    if src_ip != dst_ip:
+        return (_pair(src_ip, dst_ip),)
+    return ((src_ip, f"port {src_port}"), (src_ip, f"port {dst_port}"))
+
+
+def _mark(table: OrderedDict[tuple[str, str], list[Mark]], key: tuple[str, str], mark: Mark) -> None:
+    """Marks a pair of hosts (the key of a table of marks)."""
+    bisect.insort(table.setdefault(key, []), mark)  # matches come roughly, not exactly, in time order
 
 
 def _bounded(table: OrderedDict[Any, Any], kept: int) -> int:

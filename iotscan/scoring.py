@@ -548,8 +548,8 @@ class ScoringStage(Stage):
         code, column = _deciding_code(X)
         for i in np.flatnonzero((code > 0) & (column > 0)).tolist():
             r = records[i]
-            flow = findings.marking_flow(r["src_ip"], r["dst_ip"], r["first_seen_ms"], r["last_seen_ms"],
-                                         named=column[i] == 2)
+            flow = findings.marking_flow(r["src_ip"], r["src_port"], r["dst_ip"], r["dst_port"], r["first_seen_ms"],
+                                         r["last_seen_ms"], named=column[i] == 2)
             if flow is not None:
                 r["evidence_community_id"] = _flow5_community_id(flow)
 

@@ -151,7 +151,10 @@ def test_findings_stay_bounded_forgetting_the_oldest(monkeypatch: pytest.MonkeyP
 def test_a_match_marks_the_two_hosts_flows_around_it_in_either_direction() -> None:
     f = RequestFindings()
     f.add("10.0.0.2", 40000, "10.0.0.1", 80, 100_000, 1)  # path traversal, from .2 to .1
-    pair = f.pair_code
+
+    def pair(a: str, b: str, first_ms: int, last_ms: int) -> int:  # ports: another connection of the two hosts
+        return f.pair_code(a, 41000, b, 8080, first_ms, last_ms)
+
     assert pair("10.0.0.2", "10.0.0.1", 90_000, 110_000) == 1  # the matching flow itself
     assert pair("10.0.0.1", "10.0.0.2", 150_000, 160_000) == 1  # a callback the other way, after it
     assert pair("10.0.0.2", "10.0.0.1", 0, 100_000 - PAIR_BEFORE_MATCH_MS) == 1  # ended just soon enough before
@@ -162,6 +165,14 @@ def test_a_match_marks_the_two_hosts_flows_around_it_in_either_direction() -> No
     # matches arrive in the order the pass's flows expire, not in time order: the earliest in the window wins
     f.add("10.0.0.2", 40001, "10.0.0.1", 80, 50_000, 11)
     assert pair("10.0.0.1", "10.0.0.2", 40_000, 200_000) == 11 and pair("10.0.0.1", "10.0.0.2", 171_000, 171_000) == 1
+    # a host's traffic with itself (loopback) is no pair of hosts: a match there marks the flows that share a port
+    # with it on that host (its service's), not every flow of the host with itself
+    f.add("127.0.0.1", 40002, "127.0.0.1", 8080, 100_000, 1)
+    assert f.pair_code("127.0.0.1", 40003, "127.0.0.1", 8080, 90_000, 110_000) == 1  # the service's other flows
+    assert f.pair_code("127.0.0.1", 8080, "127.0.0.1", 40002, 90_000, 110_000) == 1  # its own, either direction
+    assert f.pair_code("127.0.0.1", 40003, "127.0.0.1", 631, 90_000, 110_000) == 0  # another service of the host
+    assert f.marking_flow("127.0.0.1", 40003, "127.0.0.1", 8080, 90_000, 110_000, named=False) == \
+        ("127.0.0.1", 40002, "127.0.0.1", 8080, 6)
 
 
 def test_an_exploit_marks_its_victims_flows_to_the_hosts_its_request_names() -> None:
@@ -181,13 +192,13 @@ def test_an_exploit_marks_its_victims_flows_to_the_hosts_its_request_names() -> 
     assert named("172.16.238.1", "172.16.238.11", 100_275, 118_000) == 0  # the attacker's own flows: the pair's
     assert named("172.16.238.10", "172.16.238.10", 100_275, 118_000) == 0 and len(f.by_named) == 1  # not itself
     assert named("172.16.238.10", "172.16.238.11", 100_000 + PAIR_AFTER_MATCH_MS + 1, 10**9) == 0
-    assert f.pair_code("172.16.238.10", "172.16.238.11", 100_275, 118_000) == 0  # no pair of its own
+    assert f.pair_code("172.16.238.10", 41000, "172.16.238.11", 8080, 100_275, 118_000) == 0  # no pair of its own
     # what a person looks at next: the request that named the host (the marked flows' evidence_community_id)
     request_flow = ("172.16.238.1", 1984, "172.16.238.10", 8080, 6)
-    assert f.marking_flow("172.16.238.11", "172.16.238.10", 119_000, 119_100, named=True) == request_flow
-    assert f.marking_flow("172.16.238.1", "172.16.238.10", 100_000, 100_100, named=False) == request_flow
-    assert f.marking_flow("172.16.238.10", "172.16.238.11", 100_275, 118_000, named=False) is None
-    assert f.marking_flow("172.16.238.10", "172.16.238.11", 100_000 + PAIR_AFTER_MATCH_MS + 1, 10**9,
+    assert f.marking_flow("172.16.238.11", 41000, "172.16.238.10", 8080, 119_000, 119_100, named=True) == request_flow
+    assert f.marking_flow("172.16.238.1", 41000, "172.16.238.10", 8080, 100_000, 100_100, named=False) == request_flow
+    assert f.marking_flow("172.16.238.10", 41000, "172.16.238.11", 8080, 100_275, 118_000, named=False) is None
+    assert f.marking_flow("172.16.238.10", 41000, "172.16.238.11", 8080, 100_000 + PAIR_AFTER_MATCH_MS + 1, 10**9,
                           named=True) is None
 
 
@@ -205,7 +216,7 @@ def test_a_dns_match_marks_no_pair() -> None:
     tunnel = next(code for code, s in enumerate(SIGNATURES, start=1) if s.where == "dns")
     f.add("10.0.0.2", 53000, "10.0.0.53", 53, 1_000, tunnel)
     assert f.code("10.0.0.2", 53000, "10.0.0.53", 53, 0, 2_000) == tunnel
-    assert f.pair_code("10.0.0.2", "10.0.0.53", 0, 2_000) == 0 and not f.by_pair
+    assert f.pair_code("10.0.0.2", 41000, "10.0.0.53", 8080, 0, 2_000) == 0 and not f.by_pair
     assert [s.marks_pair for s in SIGNATURES] == [s.where != "dns" for s in SIGNATURES]
 
 
@@ -215,7 +226,8 @@ def test_marked_pairs_stay_bounded_forgetting_the_oldest(monkeypatch: pytest.Mon
     for host in range(1, 6):
         f.add("10.0.0.2", 40000, f"10.0.1.{host}", 80, 1_000, 1)
     assert f.pair_kept == 3 and len(f.by_pair) == 3
-    assert f.pair_code("10.0.0.2", "10.0.1.1", 0, 2_000) == 0 and f.pair_code("10.0.0.2", "10.0.1.5", 0, 2_000) == 1
+    assert f.pair_code("10.0.0.2", 41000, "10.0.1.1", 8080, 0, 2_000) == 0
+    assert f.pair_code("10.0.0.2", 41000, "10.0.1.5", 8080, 0, 2_000) == 1
 
 
 def _refusals(f: RequestFindings, times_s: list[int], code: int, first_port: int = 40000) -> None:
@@ -235,7 +247,7 @@ def test_refused_logins_count_from_the_fifth_within_ten_minutes() -> None:
     _refusals(f, [400], refused, first_port=40004)  # the fifth within ten minutes: all five count
     assert f.kept == 5 and f.held_kept == 0
     assert all(f.code("10.0.0.9", port, "10.0.0.1", 1883, 0, 500_000) == refused for port in range(40000, 40005))
-    assert f.pair_code("10.0.0.9", "10.0.0.1", 0, 1_000) == refused  # and mark the two hosts' flows
+    assert f.pair_code("10.0.0.9", 41000, "10.0.0.1", 8080, 0, 1_000) == refused  # and mark the two hosts' flows
     _refusals(f, [950], refused, first_port=40005)  # within ten minutes of the last that counted: at once
     assert f.kept == 6
     _refusals(f, [3000], refused, first_port=40006)  # long after: held back again
