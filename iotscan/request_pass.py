@@ -451,7 +451,8 @@ class RequestPlugin(NFPlugin):
 @dataclass
 class RequestFindings:
     """The flows of a source whose requests matched a signature, by (client, server) endpoints, and the
-    times of the matches that mark a pair of hosts (RequestSignature.marks_pair), by pair.
+    times of the matches that mark a pair of hosts (RequestSignature.marks_pair), by pair (_pair_keys: a
+    host's traffic with itself by the match's ports instead).
 
     A signature that asks for several matching flows between two hosts (min_pair_count) holds its
     matches back until enough have come within its window; then they count, and so does every later
@@ -596,7 +597,7 @@ def _pair_keys(src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> tuple[
 
 
 def _mark(table: OrderedDict[tuple[str, str], list[Mark]], key: tuple[str, str], mark: Mark) -> None:
-    """Marks a pair of hosts (the key of a table of marks)."""
+    """Adds a mark to a table of marks under one key (a pair of hosts, or a host's port: see _pair_keys)."""
     bisect.insort(table.setdefault(key, []), mark)  # matches come roughly, not exactly, in time order
 
 
