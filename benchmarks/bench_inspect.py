@@ -30,9 +30,9 @@ from common import alternate, packets_in
 from corpus import OUT, REPO, build
 
 sys.path.insert(0, str(REPO))
+from iotscan.capture.source import FlowSource, MeterConfig
 from iotscan.inspect import FlowSelector, find_flows, flows_filter, record_five_tuple
-from iotscan.records import flow_record
-from iotscan.source import FlowSource, MeterConfig
+from iotscan.output.records import flow_record
 
 PY = sys.executable
 MIN_PACKETS = 20  # a flow worth looking at

@@ -1,6 +1,6 @@
 """Live capture: one interface through the same stages and sinks as `analyze`, until it is stopped.
 
-The meter (iotscan.source) does the capturing in its own process; this module adds what a
+The meter (iotscan.capture.source) does the capturing in its own process; this module adds what a
 long-running capture needs around the one-pass pipeline (iotscan.pipeline.Analysis.run_interface):
 
 * checks before starting: the interface exists, the process may capture (one clear line if not);
@@ -32,12 +32,13 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from iotscan.console import Reporter, error
+from iotscan.capture.source import ACTIVE, DROPPED, IFDROPPED, PACKETS, PRIVILEGE_FIX, FlowSource, MeterConfig
 from iotscan.errors import CaptureError, ExitCode
-from iotscan.pipeline import Analysis, Event, SourceInfo, Stage
-from iotscan.records import DEVICE_LINK_FIELDS, STATS_FIELD_NAMES, is_local_address, iso_timestamp
-from iotscan.sinks import Sink
-from iotscan.source import ACTIVE, DROPPED, IFDROPPED, PACKETS, PRIVILEGE_FIX, FlowSource, MeterConfig
+from iotscan.output.console import Reporter, error
+from iotscan.output.records import DEVICE_LINK_FIELDS, STATS_FIELD_NAMES, is_local_address, iso_timestamp
+from iotscan.output.sinks import Sink
+from iotscan.pipeline import Analysis
+from iotscan.stage import Event, SourceInfo, Stage
 
 ANY_INTERFACE = "any"  # libpcap's pseudo-interface: every interface, Linux cooked headers
 _TICK_S = 0.25  # ticker period: precision of --duration, pace of the view

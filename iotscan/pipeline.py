@@ -16,29 +16,23 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nfstream.flow import NFlow
-
-from iotscan.console import Reporter, bytes_read_by, error
+from iotscan.capture.inputs import (
+    STDIN,
+    CaptureFile,
+    CopyInterrupted,
+    InputProblem,
+    copy_in_progress,
+    expand,
+    link_type_name,
+)
+from iotscan.capture.source import ACTIVE, PACKETS, FlowSource, MeterConfig, SourceReport
 from iotscan.errors import CaptureError, ExitCode, InputError
-from iotscan.inputs import STDIN, CaptureFile, CopyInterrupted, InputProblem, copy_in_progress, expand, link_type_name
-from iotscan.records import flow_record, summary_record
-from iotscan.sinks import Sink
-from iotscan.source import ACTIVE, PACKETS, FlowSource, MeterConfig, SourceReport
+from iotscan.output.console import Reporter, bytes_read_by, error
+from iotscan.output.records import flow_record, summary_record
+from iotscan.output.sinks import Sink
+from iotscan.stage import TICK, Event, SourceInfo, Stage
 
-# A flow record and its NFStream flow; on a live interface also TICK, a heartbeat when no flow has
-# come for a moment, which every stage passes on (a stage holding flows back may flush on it).
-Event = tuple[dict[str, Any], NFlow] | tuple[None, None]
-TICK: tuple[None, None] = (None, None)
 GC_EVERY_EVENTS = 1 << 16
-
-
-@dataclass
-class SourceInfo:
-    """One capture file or interface as the stages see it."""
-
-    name: str  # as the user wrote it (the "source" field)
-    config: MeterConfig
-    capture: CaptureFile | None = None  # None for a live interface
 
 
 def _gc_paced(events: Iterator[Any], every: int = GC_EVERY_EVENTS) -> Iterator[Any]:
@@ -77,35 +71,6 @@ def _gc_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_gc_in_child)
-
-
-class Stage:
-    """Base class of enrichment and scoring stages; every hook is optional. What a stage warns of (warn())
-    joins the summary's warnings."""
-
-    def __init__(self) -> None:
-        self.warnings: list[dict[str, str]] = []
-
-    def warn(self, source: str, code: str, message: str) -> None:
-        """A warning for the summary, shaped as the run's own (RunState.warn)."""
-        self.warnings.append({"source": source, "code": code, "message": message})
-
-    def begin(self, source: SourceInfo) -> None:
-        pass
-
-    def run(self, events: Iterator[Event]) -> Iterator[Event]:
-        return events
-
-    def end(self, source: SourceInfo) -> None:
-        pass
-
-    def finish(self) -> list[dict[str, Any]]:
-        return []
-
-    def summarize(self, summary: dict[str, Any]) -> None:
-        """Add to the summary record: by default, the stage's warnings."""
-        if self.warnings:
-            summary.setdefault("warnings", []).extend(self.warnings)
 
 
 @dataclass

@@ -21,11 +21,12 @@ import pytest
 from conftest import NDPI_PCAPS, REPO, SAMPLES, assert_no_traceback, ndjson, require_shared, run_iotscan
 from nfstream.plugin import NFPlugin
 
+from iotscan.capture.inputs import expand
 from iotscan.cli.common import main_pass_config
-from iotscan.inputs import expand
-from iotscan.pipeline import Analysis, Event, SourceInfo, Stage, _gc_paced
-from iotscan.records import FLOW_FIELD_NAMES, SUMMARY_FIELDS, community_id
-from iotscan.sinks import NdjsonSink
+from iotscan.output.records import FLOW_FIELD_NAMES, SUMMARY_FIELDS, community_id
+from iotscan.output.sinks import NdjsonSink
+from iotscan.pipeline import Analysis, _gc_paced
+from iotscan.stage import Event, SourceInfo, Stage
 
 SAMPLE_FILES = sorted(SAMPLES.glob("*.pcap"))
 
@@ -451,7 +452,7 @@ def test_ctrl_c_while_a_compressed_file_is_copied_drops_the_copy(tmp_path: Path,
     # raises CopyInterrupted in the copy loop, as the reader does here after the first chunk), nothing is left
     import tempfile
 
-    from iotscan import inputs
+    from iotscan.capture import inputs
 
     class Stopped(io.BytesIO):
         def read1(self, size: int = -1) -> bytes:
@@ -674,9 +675,10 @@ def test_side_passes_give_what_nfstream_own_flows_give(capture: str, kind: str) 
     # plugins and reduce what NFStream's own streamer and NFlow hand them, flow for flow and packet for packet
     from nfstream import NFStreamer
 
-    from iotscan import request_pass
+    from iotscan.capture.side_pass import bpf_forms, side_pass
+    from iotscan.capture.source import MeterConfig
+    from iotscan.detect import request_pass
     from iotscan.devices import identity
-    from iotscan.source import MeterConfig, bpf_forms, side_pass
 
     if kind == "requests":
         bpf, plugin, reduce, snaplen = (request_pass.REQUEST_FILTER, request_pass.RequestPlugin, request_pass._match,

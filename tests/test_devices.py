@@ -14,6 +14,8 @@ import pytest
 from conftest import DATASETS, NDPI_PCAPS, SAMPLES, assert_no_traceback, ndjson, require_shared, run_iotscan
 from nfstream.flow import UDPS, nf_packet
 
+from iotscan.capture.source import MeterConfig
+from iotscan.detect.modelstore import bundled_model, read_card, sha256_file
 from iotscan.devices import DEVICE_FIELD_NAMES
 from iotscan.devices.behaviour import generalise, registered_domain
 from iotscan.devices.fingerprint import DeviceModel
@@ -26,8 +28,6 @@ from iotscan.devices.identity import (
     read_identity,
 )
 from iotscan.devices.signatures import DEVICE_TYPES, load_signatures, signatures_path
-from iotscan.modelstore import bundled_model, read_card, sha256_file
-from iotscan.source import MeterConfig
 
 TPLINK = SAMPLES / "tplink-hs110-setup.pcap"
 HUE = SAMPLES / "hue-bridge-setup.pcap"
@@ -243,7 +243,7 @@ def test_a_device_model_holding_a_scikit_learn_pipeline_still_loads(tmp_path: Pa
     from sklearn.feature_extraction import DictVectorizer
     from sklearn.pipeline import make_pipeline
 
-    from iotscan.modelstore import save_model
+    from iotscan.detect.modelstore import save_model
 
     bundled = DeviceModel.load()
     rows = [{"port=tcp/80": 0.5, "oui=tp-link": 1.0, "app=DNS": 0.2}, {"port=udp/1900": 1.0, "hostword=hue": 1.0},

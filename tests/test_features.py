@@ -8,20 +8,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from iotscan import features
-from iotscan.errors import ModelError
-from iotscan.features import (
+from iotscan.capture.source import FlowSource, MeterConfig
+from iotscan.detect import context, features
+from iotscan.detect.context import ContextTracker
+from iotscan.detect.features import (
     CONTEXT_FEATURES,
     FEATURE_NAMES,
     METER_SETTINGS,
     REASON_GROUPS,
-    ContextTracker,
     FeatureExtractor,
 )
-from iotscan.pipeline import SourceInfo
-from iotscan.records import MeteredFlow, flow_record, metered_flow
-from iotscan.scoring import ScoringStage
-from iotscan.source import FlowSource, MeterConfig
+from iotscan.detect.scoring import ScoringStage
+from iotscan.errors import ModelError
+from iotscan.output.records import MeteredFlow, flow_record, metered_flow
+from iotscan.stage import SourceInfo
 from tests.conftest import SAMPLES
 
 
@@ -98,7 +98,7 @@ def test_a_flow_sent_through_another_local_hosts_mac_is_intercepted() -> None:
     ]
     assert col(extract(flows), "intercepted").tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
     # bounded: the tables keep the last learned hosts
-    tracker = features.LinkTracker(max_keys=3)
+    tracker = context.LinkTracker(max_keys=3)
     tracker.observe_batch([f"10.0.0.{i}" for i in range(10)], [f"aa:00:00:00:00:{i:02x}" for i in range(10)],
                           ["10.0.1.1"] * 10, [""] * 10)
     assert len(tracker.own) == 3 and len(tracker.sender) == 3 and "10.0.0.9" in tracker.own
@@ -217,7 +217,7 @@ def test_tracker_memory_is_bounded_by_cap_and_time() -> None:
     tracker.sweep()
     assert len(tracker.src) <= 100 and len(tracker.chan) <= 100
     assert len(tracker.dst) == 1 and len(tracker.svc) == 1
-    assert all(len(state[-1]) <= features.SET_CAP for state in tracker.dst.values())
+    assert all(len(state[-1]) <= context.SET_CAP for state in tracker.dst.values())
     # an hour of capture time later every key has expired
     tracker.observe(3600.0 + 50, 3600.0 + 50, "10.1.1.1", "10.2.2.2", 80, 6, 4.1, 0.0, 0.0, 0.0)
     tracker.sweep()

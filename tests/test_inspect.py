@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from iotscan.capture.source import FlowSource, MeterConfig
 from iotscan.errors import InputError
 from iotscan.inspect import (
     FlowSelector,
@@ -28,8 +29,7 @@ from iotscan.inspect import (
     inspect_command,
     parse_five_tuple,
 )
-from iotscan.records import flow_record
-from iotscan.source import FlowSource, MeterConfig
+from iotscan.output.records import flow_record
 from tests.conftest import REPO, SAMPLES, assert_no_traceback, ndjson, require_shared, run_iotscan
 
 TSHARK = shutil.which("tshark")

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO, assert_no_traceback, run_iotscan
 
+from iotscan.capture.source import FlowSource, MeterConfig
 from iotscan.errors import CaptureError, ExitCode, InputError
 from iotscan.lab import run as lab_run
 from iotscan.lab.netns import LAN_SEGMENTS, WAN, IsolationError, Lab, cleanup_stale, ip_json, plan_lab
 from iotscan.lab.scenarios import CATALOGUE, FAMILIES, FlowRule, label_flow, select, write_rules
 from iotscan.lab.tools import BASE_TOOLS, missing_tools
-from iotscan.source import FlowSource, MeterConfig
 
 IS_ROOT = os.geteuid() == 0
 _PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")]

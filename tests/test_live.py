@@ -27,11 +27,12 @@ import orjson
 import pytest
 from rich.console import Console
 
+from iotscan.capture.source import MeterConfig
 from iotscan.live import LiveLimits, LiveRun, _Sample
-from iotscan.pipeline import Analysis, Event, SourceInfo, Stage
-from iotscan.records import LIVE_SUMMARY_FIELDS, STATS_FIELD_NAMES, iso_timestamp
-from iotscan.sinks import NdjsonSink
-from iotscan.source import MeterConfig
+from iotscan.output.records import LIVE_SUMMARY_FIELDS, STATS_FIELD_NAMES, iso_timestamp
+from iotscan.output.sinks import NdjsonSink
+from iotscan.pipeline import Analysis
+from iotscan.stage import Event, SourceInfo, Stage
 from tests.conftest import REPO, SAMPLES, assert_no_traceback, dns_query_message, ndjson, run_iotscan
 
 pytestmark = [

@@ -45,7 +45,7 @@ def test_installed_wheel_runs_outside_the_checkout(wheel: Path, tmp_path: Path) 
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, timeout=300)
     env = dict(os.environ, PYTHONPATH=str(target))
-    code = ("import iotscan, iotscan.modelstore as m; print(iotscan.__file__); print(m.models_dir())")
+    code = ("import iotscan, iotscan.detect.modelstore as m; print(iotscan.__file__); print(m.models_dir())")
     where = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                            check=True).stdout.split()
     assert all(w.startswith(str(target)) for w in where), where  # not the checkout's copy

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from iotscan.errors import IotscanError
-from iotscan.request_pass import (
+from iotscan.capture.source import MeterConfig
+from iotscan.detect.request_pass import (
     BOT_CHECKIN,
     METHODS,
     PAIR_AFTER_MATCH_MS,
@@ -29,7 +29,7 @@ from iotscan.request_pass import (
     request_pass,
     signature,
 )
-from iotscan.source import MeterConfig
+from iotscan.errors import IotscanError
 from tests.conftest import DATASETS, NDPI_PCAPS, REPO, SAMPLES, dns_query_message, ndjson, require_shared, run_iotscan
 
 
@@ -139,7 +139,7 @@ def test_findings_join_flows_in_either_direction_and_within_their_lifetime() -> 
 
 
 def test_findings_stay_bounded_forgetting_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("iotscan.request_pass.MAX_FINDINGS", 3)
+    monkeypatch.setattr("iotscan.detect.request_pass.MAX_FINDINGS", 3)
     f = RequestFindings()
     for port in range(40000, 40005):
         f.add("10.0.0.2", port, "10.0.0.1", 80, 1_000, 1)
@@ -203,7 +203,7 @@ def test_an_exploit_marks_its_victims_flows_to_the_hosts_its_request_names() -> 
 
 
 def test_named_hosts_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("iotscan.request_pass.MAX_FINDINGS", 3)
+    monkeypatch.setattr("iotscan.detect.request_pass.MAX_FINDINGS", 3)
     f = RequestFindings()
     for host in range(6):
         f.add("10.0.0.2", 40000 + host, "10.0.0.1", 80, 1_000, 2, (f"10.0.9.{host}",))
@@ -221,7 +221,7 @@ def test_a_dns_match_marks_no_pair() -> None:
 
 
 def test_marked_pairs_stay_bounded_forgetting_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("iotscan.request_pass.MAX_FINDINGS", 3)
+    monkeypatch.setattr("iotscan.detect.request_pass.MAX_FINDINGS", 3)
     f = RequestFindings()
     for host in range(1, 6):
         f.add("10.0.0.2", 40000, f"10.0.1.{host}", 80, 1_000, 1)
@@ -266,7 +266,7 @@ def test_refused_logins_count_from_the_fifth_within_ten_minutes() -> None:
 
 
 def test_held_refusals_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("iotscan.request_pass.MAX_FINDINGS", 3)
+    monkeypatch.setattr("iotscan.detect.request_pass.MAX_FINDINGS", 3)
     refused = next(code for code, s in enumerate(SIGNATURES, start=1) if s.name == "telnet login refused")
     f = RequestFindings()
     for host in range(10):

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from iotscan import scoring, sinks
-from iotscan.errors import ModelError
-from iotscan.features import DETECTOR_FEATURES, FEATURE_NAMES, FEATURE_SCHEMA_VERSION
-from iotscan.modelstore import bundled_model, load_model, save_model, sha256_file
-from iotscan.scoring import (
+from iotscan.detect import scoring
+from iotscan.detect.features import DETECTOR_FEATURES, FEATURE_NAMES, FEATURE_SCHEMA_VERSION
+from iotscan.detect.modelstore import bundled_model, load_model, save_model, sha256_file
+from iotscan.detect.scoring import (
     ICMP_FLOOD_REASON,
     INTERCEPTED_REASON,
     RULE_REASONS,
@@ -33,7 +32,9 @@ from iotscan.scoring import (
     load_flow_model,
     rule_families,
 )
-from iotscan.sinks import TableSink
+from iotscan.errors import ModelError
+from iotscan.output import sinks
+from iotscan.output.sinks import TableSink
 from tests.conftest import REPO, SAMPLES, assert_no_traceback, ndjson, run_iotscan
 from tests.test_features import extract, make_flow
 from tests.test_request_pass import _ether, _ip4
@@ -76,9 +77,9 @@ def test_bundled_model_loads_verified_and_small(bundled: tuple[dict, dict]) -> N
 
 def _sample_rows() -> tuple[np.ndarray, np.ndarray]:
     """The feature rows of every flow of the samples (real NFStream), and the number of each one's capture."""
+    from iotscan.capture.source import FlowSource
     from iotscan.cli.common import main_pass_config
-    from iotscan.features import FeatureExtractor
-    from iotscan.source import FlowSource
+    from iotscan.detect.features import FeatureExtractor
 
     rows, captures = [], []
     for k, path in enumerate(sorted(SAMPLES.glob("*.pcap"))):
@@ -92,11 +93,11 @@ def _sample_rows() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_trees_as_arrays_give_scikit_learns_numbers() -> None:
-    # the models keep their trees as numpy arrays (iotscan.trees) so that scoring does not import scikit-learn:
+    # the models keep their trees as numpy arrays (iotscan.detect.trees) so that scoring does not import scikit-learn:
     # the same probabilities, bit for bit, missing values included, for gradient boosting and a forest
     from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 
-    from iotscan import trees
+    from iotscan.detect import trees
 
     X, capture = _sample_rows()
     rng = np.random.default_rng(0)
@@ -120,8 +121,8 @@ def test_a_model_holding_scikit_learn_estimators_still_loads(tmp_path: Path, bun
     # a model trained before iotscan kept its trees as arrays (a user's own): its estimators are converted at load
     from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 
-    from iotscan import trees
-    from iotscan.scoring import _detector_columns
+    from iotscan.detect import trees
+    from iotscan.detect.scoring import _detector_columns
 
     X, capture = _sample_rows()
     attack = capture % 2 == 1
@@ -497,10 +498,10 @@ def test_tampered_bundled_model_is_refused(tmp_path: Path) -> None:
 def test_reasons_do_not_depend_on_how_flows_were_batched() -> None:
     # a file's first batch holds the flows that came before the request pass ended, a matter of timing: alike
     # attacks share reasons among each run of batch_rows flows, counted from the source's start
+    from iotscan.capture.source import FlowSource
     from iotscan.cli.common import main_pass_config
-    from iotscan.pipeline import SourceInfo
-    from iotscan.records import flow_record
-    from iotscan.source import FlowSource
+    from iotscan.output.records import flow_record
+    from iotscan.stage import SourceInfo
 
     path = SAMPLES / "mirai-c2-irc.pcap"  # 408 flows of a bot, alike but not quite
     config = main_pass_config(str(path), score=True)

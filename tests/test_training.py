@@ -137,8 +137,8 @@ def test_model_train_evaluate_info_end_to_end(tmp_path: Path) -> None:
     again = tmp_path / "again.joblib"
     run_iotscan("model", "train", manifest, "-o", again, "--cv-folds", "0", "--no-loso", "--max-iter", "15",
                 "--max-rows-per-capture", "300", "--cache-dir", cache, "-q", check_code=0)
-    from iotscan.modelstore import load_model
-    from iotscan.scoring import attack_scores
+    from iotscan.detect.modelstore import load_model
+    from iotscan.detect.scoring import attack_scores
     from iotscan.training.dataset import load_captures
     from iotscan.training.manifest import read_manifests
 

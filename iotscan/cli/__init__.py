@@ -13,8 +13,8 @@ import sys
 import typer
 
 from iotscan import __version__
-from iotscan.console import error
 from iotscan.errors import ExitCode, IotscanError
+from iotscan.output.console import error
 
 app = typer.Typer(
     name="iotscan",

@@ -30,9 +30,9 @@ from iotscan.cli.common import (
     open_output,
     resolve_format,
 )
-from iotscan.console import Reporter
+from iotscan.output.console import Reporter
+from iotscan.output.sinks import make_sink
 from iotscan.pipeline import Analysis
-from iotscan.sinks import make_sink
 
 
 @app.command()

@@ -12,10 +12,10 @@ from typing import IO
 
 import typer
 
+from iotscan.capture.source import DEFAULT_MAX_FLOWS, MeterConfig
 from iotscan.errors import InputError, OutputError
-from iotscan.pipeline import Stage
-from iotscan.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, metered_flow
-from iotscan.source import DEFAULT_MAX_FLOWS, MeterConfig
+from iotscan.output.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, metered_flow
+from iotscan.stage import Stage
 
 
 class Format(str, Enum):
@@ -158,7 +158,7 @@ def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str |
     """The meter settings of the main pass, the same for `analyze` and `live` (flow ids, and the
     features the model was trained on, depend on them)."""
     # what the classifier's features read: early packets, and each flow's block of statistics from the meter
-    from iotscan.features import METER_SETTINGS, metered_flow_with_statistics
+    from iotscan.detect.features import METER_SETTINGS, metered_flow_with_statistics
 
     # unscored, the meter computes no statistics: nothing else reads them
     return MeterConfig(source=source, live=live, bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,
@@ -181,7 +181,7 @@ def build_stages(devices: bool = True, score: bool = True, model_path: Path | No
 
         stages.append(DeviceStage())
     if score:
-        from iotscan.scoring import ScoringStage  # deferred: loads (and verifies) the flow model
+        from iotscan.detect.scoring import ScoringStage  # deferred: loads (and verifies) the flow model
 
         stages.append(ScoringStage(model_path, trusted=trust_model, threshold=threshold))
     return stages

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from iotscan.capture.source import MeterConfig
 from iotscan.cli import app
 from iotscan.cli.common import (
     ACTIVE_OPTION,
@@ -21,11 +22,10 @@ from iotscan.cli.common import (
     open_output,
     resolve_format,
 )
-from iotscan.console import Reporter
 from iotscan.devices import DEVICE_FIELD_NAMES
+from iotscan.output.console import Reporter
+from iotscan.output.sinks import make_sink
 from iotscan.pipeline import Analysis
-from iotscan.sinks import make_sink
-from iotscan.source import MeterConfig
 
 
 class _ScanByDefault(TyperGroup):
@@ -107,7 +107,7 @@ def train(
 
     Needs editcap (from tshark's package) to cut the long captures into windows. Takes a few minutes.
     """
-    from iotscan.devices.train import train as run_training
+    from iotscan.training.devices import train as run_training
 
     reporter = Reporter(quiet)
     card: dict[str, Any] = run_training(data, out, window_hours=window_hours, folds=folds, seed=seed,

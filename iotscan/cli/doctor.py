@@ -11,10 +11,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from iotscan.capture.source import PRIVILEGE_FIX
 from iotscan.cli import app
 from iotscan.errors import ExitCode, IotscanError
 from iotscan.live import interface_state, list_interfaces, probe_capture
-from iotscan.source import PRIVILEGE_FIX
 
 _REINSTALL = "reinstall iotscan (./install.sh, or pip install --force-reinstall iotscan)"
 
@@ -77,7 +77,7 @@ EXPECTED_MODELS = ("devices", "flows")
 
 
 def check_models() -> list[Check]:
-    from iotscan import modelstore
+    from iotscan.detect import modelstore
 
     directory = modelstore.models_dir()
     present = {p.stem for p in directory.glob("*.joblib")} if directory.is_dir() else set()

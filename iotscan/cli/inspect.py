@@ -8,6 +8,8 @@ from typing import Any
 
 import typer
 
+from iotscan.capture.inputs import InputProblem, capture_file
+from iotscan.capture.source import MeterConfig
 from iotscan.cli import app
 from iotscan.cli.common import (
     ACTIVE_OPTION,
@@ -20,12 +22,10 @@ from iotscan.cli.common import (
     open_output,
     resolve_format,
 )
-from iotscan.console import Reporter
 from iotscan.errors import ExitCode, InputError
-from iotscan.inputs import InputProblem, capture_file
 from iotscan.inspect import FlowSelector, PacketTableSink, find_tshark, inspect_capture
-from iotscan.sinks import JsonSink, NdjsonSink, Sink
-from iotscan.source import MeterConfig
+from iotscan.output.console import Reporter
+from iotscan.output.sinks import JsonSink, NdjsonSink, Sink
 
 
 @app.command("inspect")

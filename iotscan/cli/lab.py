@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 
 from iotscan.cli import app
-from iotscan.console import stderr
 from iotscan.errors import CaptureError
+from iotscan.output.console import stderr
 
 lab_app = typer.Typer(name="lab", no_args_is_help=True, add_completion=False,
                       help="Attack lab: record real attack tools and IoT services in isolated network namespaces.")

@@ -31,9 +31,9 @@ from iotscan.cli.common import (
     resolve_format,
     stdout_dash,
 )
-from iotscan.console import Reporter, stderr
 from iotscan.live import LiveLimits, LiveRun, preflight
-from iotscan.sinks import make_sink
+from iotscan.output.console import Reporter, stderr
+from iotscan.output.sinks import make_sink
 
 _HELP = (
     "Capture an interface and write each flow as it ends, with devices and verdicts, until stopped.\n\n"

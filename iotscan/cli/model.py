@@ -11,8 +11,8 @@ import orjson
 import typer
 
 from iotscan.cli import app
-from iotscan.console import stderr
 from iotscan.errors import InputError, ModelError
+from iotscan.output.console import stderr
 from iotscan.training.train import TrainConfig
 
 model_app = typer.Typer(name="model", help="Train, describe and evaluate the flow classifier.",
@@ -65,7 +65,7 @@ def train(
     quiet: bool = QUIET_OPTION,
 ) -> None:
     """Train the flow classifier on labeled captures; write the model and its card."""
-    from iotscan.modelstore import save_model
+    from iotscan.detect.modelstore import save_model
     from iotscan.training.card import build_card, card_markdown, evaluation_summary, nan_to_none
     from iotscan.training.evaluate import grouped_cv, leave_one_source_out
     from iotscan.training.train import fit_flow_model
@@ -121,7 +121,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the card as JSON."),
 ) -> None:
     """Print a model's card: data, split, metrics, threshold, libraries, SHA-256."""
-    from iotscan.modelstore import CARD_MD_SUFFIX, bundled_model, read_card, sha256_file
+    from iotscan.detect.modelstore import CARD_MD_SUFFIX, bundled_model, read_card, sha256_file
 
     path = model_path or bundled_model("flows")
     card = read_card(path)
@@ -155,7 +155,7 @@ def evaluate(
     quiet: bool = QUIET_OPTION,
 ) -> None:
     """Score labeled captures with a model and print the card's metrics for them."""
-    from iotscan.scoring import load_flow_model
+    from iotscan.detect.scoring import load_flow_model
     from iotscan.training.card import _confusion, _f, _per_class, nan_to_none
     from iotscan.training.evaluate import _empty, metrics, predict_all
 

@@ -3,7 +3,7 @@
 ``DeviceActivity`` is updated once per flow with a handful of dict and counter operations (the
 per-flow budget is a few microseconds); everything costly happens once per device at the end, in
 ``device_features``. The features are the one feature list of the device model: training
-(iotscan/devices/train.py) and scoring (iotscan/devices/fingerprint.py) both call it.
+(iotscan/training/devices.py) and scoring (iotscan/devices/fingerprint.py) both call it.
 
 Features describe behaviour and self-descriptions, never a lab: no addresses, no MACs, no
 absolute times, and names that embed a unit's MAC or serial number are generalised first.

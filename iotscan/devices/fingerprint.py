@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from iotscan import trees
+from iotscan.detect import trees
+from iotscan.detect.modelstore import bundled_model, load_model, verified_card
 from iotscan.devices.behaviour import (
     FEATURE_SCHEMA_VERSION,
     DeviceActivity,
@@ -36,8 +37,7 @@ from iotscan.devices.behaviour import (
 )
 from iotscan.devices.signatures import MacVendor, Match, Signatures
 from iotscan.errors import ModelError
-from iotscan.modelstore import bundled_model, load_model, verified_card
-from iotscan.records import iso_timestamp
+from iotscan.output.records import iso_timestamp
 
 TYPE_THRESHOLD = 0.4
 WEAK_TYPE_THRESHOLD = 0.25
@@ -52,7 +52,7 @@ NEUTRAL_SUPPORT = 0.5  # a device with no self-description at all: behaviour alo
 
 @dataclass
 class DeviceModel:
-    """The trained behaviour model (a dict bundle saved by iotscan/devices/train.py)."""
+    """The trained behaviour model (a dict bundle saved by iotscan/training/devices.py)."""
 
     bundle: dict[str, Any]
     card: dict[str, Any]

@@ -22,9 +22,10 @@ from typing import Any
 
 from nfstream.plugin import NFPlugin
 
-from iotscan.packets import read_dns_name, udp_payload
-from iotscan.records import is_local_address
-from iotscan.source import MeterConfig, SidePass, side_pass
+from iotscan.capture.packets import read_dns_name, udp_payload
+from iotscan.capture.side_pass import SidePass, side_pass
+from iotscan.capture.source import MeterConfig
+from iotscan.output.records import is_local_address
 
 EDIMAX_CLOUD_PORT = 8765
 IDENTITY_PORTS = (67, 68, 5353, 1900, EDIMAX_CLOUD_PORT)

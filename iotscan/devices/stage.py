@@ -24,13 +24,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from iotscan.capture.side_pass import SIDE_PASS_STOP_S, SidePass
 from iotscan.devices.behaviour import PEER_GROUP, PEER_LOCAL, PEER_REMOTE, DeviceActivity
 from iotscan.devices.fingerprint import DeviceEvidence, DeviceModel, fingerprint_devices
 from iotscan.devices.identity import IdentityHints, identity_pass
 from iotscan.devices.signatures import Signatures, load_signatures
-from iotscan.pipeline import Event, SourceInfo, Stage
-from iotscan.records import is_local_address
-from iotscan.source import SIDE_PASS_STOP_S, SidePass
+from iotscan.output.records import is_local_address
+from iotscan.stage import Event, SourceInfo, Stage
 
 MAX_DEVICES = 4096  # a home or lab network; beyond it (spoofed floods), new MACs are not tracked
 _MAX_CACHE = 65536

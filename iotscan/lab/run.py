@@ -31,7 +31,7 @@ from iotscan import __version__
 from iotscan.errors import CaptureError, InputError
 from iotscan.lab import scenarios as catalogue
 from iotscan.lab.netns import LAN_SEGMENTS, SWITCH, Lab, cleanup_stale, host_networks, plan_lab
-from iotscan.lab.scenarios import FlowRule, Scenario, ScenarioContext, label_flow, write_rules
+from iotscan.lab.scenario import FlowRule, Scenario, ScenarioContext, label_flow, write_rules
 from iotscan.lab.services import ServiceStarter
 from iotscan.lab.tools import BASE_TOOLS, install_command, missing_tools, packages_for, tool_versions
 
@@ -212,7 +212,7 @@ def audit_flows(pcap: Path, rules: Sequence[FlowRule], default: tuple[str, str],
     """Flows per "label/family" in one capture, as NFStream meters them, and the flows whose label
     looks wrong: in a benign or mixed capture, a flow touching an attacker's address but labeled
     benign; in a pure attack capture, a flow touching none of the attack's addresses."""
-    from iotscan.source import FlowSource, MeterConfig
+    from iotscan.capture.source import FlowSource, MeterConfig
 
     counts: Counter[str] = Counter()
     stray: list[str] = []

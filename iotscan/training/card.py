@@ -12,18 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from iotscan.features import (
-    FEATURE_NAMES,
-    FEATURE_SCHEMA_VERSION,
-    KEY_TTL_S,
-    MAX_KEYS,
-    METER_SETTINGS,
-    SET_CAP,
-    WINDOWS_S,
-)
-from iotscan.request_pass import PAIR_AFTER_MATCH_MS, PAIR_BEFORE_MATCH_MS, SIGNATURES
-from iotscan.scoring import ICMP_FLOOD_PACKETS, ICMP_FLOOD_RATE
-from iotscan.source import MeterConfig
+from iotscan.capture.source import MeterConfig
+from iotscan.detect.context import KEY_TTL_S, MAX_KEYS, SET_CAP, WINDOWS_S
+from iotscan.detect.features import FEATURE_NAMES, FEATURE_SCHEMA_VERSION, METER_SETTINGS
+from iotscan.detect.request_pass import PAIR_AFTER_MATCH_MS, PAIR_BEFORE_MATCH_MS, SIGNATURES
+from iotscan.detect.scoring import ICMP_FLOOD_PACKETS, ICMP_FLOOD_RATE
 from iotscan.training.dataset import CaptureTable
 from iotscan.training.evaluate import MODEL_TITLES, MODELS
 from iotscan.training.manifest import FAMILIES
@@ -80,7 +73,7 @@ def build_card(model: dict[str, Any], tables: Sequence[CaptureTable], evaluation
                               "out-of-source scores",
                   "family_model": "RandomForestClassifier on attack flows" if model["family_model"] is not None
                   else f"single family: {model['families'][0]}",
-                  "stored_as": "the fitted trees as numpy arrays (iotscan.trees): scoring does not import "
+                  "stored_as": "the fitted trees as numpy arrays (iotscan.detect.trees): scoring does not import "
                                "scikit-learn",
                   "request_signatures": [sig.name for sig in SIGNATURES],
                   "families": model["families"], "train_config": model["train_config"],
@@ -230,14 +223,14 @@ def card_markdown(card: dict[str, Any]) -> str:
                         "log4j lookup's LDAP server, a command injection's download host). So is an ICMP flow at a "
                         "flood ping's rate "
                         f"({ICMP_FLOOD_RATE:.0f} packets a second or more, {ICMP_FLOOD_PACKETS:,} packets or more; "
-                        "`iotscan.scoring.icmp_flood`), and a flow sent to a local host through the MAC another "
-                        "local host sends from, while the host sends from its own (`intercepted`: ARP spoofing, see "
-                        "`iotscan.features.LinkTracker`): spoofing. The family model uses all; before it is asked, "
-                        "floods "
-                        "(dos, ddos) and password guessing (bruteforce) are named by rule from the context features "
-                        "(`iotscan.scoring.rule_families`, see the notes). A whole exchange with a flooded host from "
-                        "a source that sent few of its flows is judged without the destination's context "
-                        "(`iotscan.scoring.flood_bystanders`, see the notes)."]
+                        "`iotscan.detect.scoring.icmp_flood`), and a flow sent to a local host through the MAC "
+                        "another local host sends from, while the host sends from its own (`intercepted`: ARP "
+                        "spoofing, see `iotscan.detect.context.LinkTracker`): spoofing. The family model uses all; "
+                        "before it is asked, floods (dos, ddos) and password guessing (bruteforce) are named by rule "
+                        "from the context features (`iotscan.detect.scoring.rule_families`, see the notes). A whole "
+                        "exchange with a flooded host from a source that sent few of its flows is judged without the "
+                        "destination's context "
+                        "(`iotscan.detect.scoring.flood_bystanders`, see the notes)."]
     th = card["threshold_choice"]
     lines += ["## Threshold", "", f"Threshold **{card['threshold']}**: {th['rule']}. On those validation scores: "
               f"benign FPR {_f(th['validation_benign_fpr'], True)}, attack recall per capture "

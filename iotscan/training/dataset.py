@@ -1,7 +1,7 @@
 """Feature tables of labeled captures, extracted with the scorer's own code path and cached.
 
-Each capture is metered with :class:`iotscan.source.FlowSource` under the settings ``analyze``
-uses, and every flow goes through :class:`iotscan.features.FeatureExtractor` in expiry order,
+Each capture is metered with :class:`iotscan.capture.source.FlowSource` under the settings ``analyze``
+uses, and every flow goes through :class:`iotscan.detect.features.FeatureExtractor` in expiry order,
 exactly as the scoring stage sees it. The table (features, nDPI names, the flow keys labels are
 joined on) is cached per capture, keyed by the file, its size and time, and a fingerprint of the
 feature code, so experiments and retraining do not meter the same captures again.
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from iotscan import features, request_pass
-from iotscan.console import stderr
+from iotscan.capture.source import FlowSource, MeterConfig
+from iotscan.detect import context, features, request_pass
+from iotscan.detect.features import FEATURE_NAMES, FeatureExtractor
 from iotscan.errors import CaptureError, InputError, IotscanError
-from iotscan.features import FEATURE_NAMES, FeatureExtractor
-from iotscan.source import FlowSource, MeterConfig
+from iotscan.output.console import stderr
 from iotscan.training.manifest import CaptureSpec, FlowKeys
 
 _EXTRACT_BATCH = 4096
@@ -40,6 +40,7 @@ def _feature_code_fingerprint() -> str:
     """Changes whenever the feature code does: a cached table of older code is never reused. Computed
     once per process, so that an edit during a long extraction cannot label old results as new."""
     digest = hashlib.sha256(Path(features.__file__).read_bytes())
+    digest.update(Path(context.__file__).read_bytes())
     digest.update(Path(request_pass.__file__).read_bytes())
     digest.update(repr(request_pass.SIGNATURES).encode())  # every field, the patterns included
     digest.update(repr(sorted(features.METER_SETTINGS.items())).encode())

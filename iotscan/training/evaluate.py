@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from iotscan.scoring import attack_families, attack_scores
+from iotscan.detect.scoring import attack_families, attack_scores
 from iotscan.training.dataset import CaptureTable
 from iotscan.training.manifest import FAMILIES
 from iotscan.training.train import (

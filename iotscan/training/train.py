@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from iotscan import trees
-from iotscan.features import (
+from iotscan.detect import trees
+from iotscan.detect.features import (
     DETECTOR_FEATURES,
     FEATURE_NAMES,
     FEATURE_SCHEMA_VERSION,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ def models_dir() -> Path:
     try:
         return Path(str(resources.files("iotscan.models")))
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "models"
+        return Path(__file__).resolve().parents[2] / "models"
 
 
 def bundled_model(name: str) -> Path:
@@ -92,7 +93,10 @@ def load_model(model_path: Path, *, trusted: bool = False, schema_version: int |
         except ModelError:
             card = {}
     try:
-        with _LOAD_LOCK:
+        with _LOAD_LOCK, warnings.catch_warnings():
+            # models pickled by iotscan 0.1 (the bundled ones among them, until retrained) name classes by their
+            # old module paths (iotscan.trees): iotscan._compat answers them; a user cannot act on that warning
+            warnings.simplefilter("ignore", DeprecationWarning)
             model = joblib.load(model_path)
     except Exception as exc:  # a corrupt or foreign pickle
         raise ModelError(f"{model_path}: cannot load model: {type(exc).__name__}: {exc}") from exc

@@ -64,7 +64,7 @@ FLOW_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in FLOW_FIELDS)
 # each flow as a MeteredFlow of these instead of the NFlow itself: a tuple of values is a fifth as
 # costly to unpickle as NFStream's 94-slot object, and the main process unpickles every flow. The
 # last field, ``statistics``, carries what the classifier reads of the flow: the meter's block of
-# NFStream's C numbers for it, as bytes (iotscan.source.flow_block_dtype), or None when nothing is scored.
+# NFStream's C numbers for it, as bytes (iotscan.capture.source.flow_block_dtype), or None when nothing is scored.
 FLOW_ATTRIBUTES: tuple[str, ...] = (
     "src_ip", "src_mac", "src_port", "dst_ip", "dst_mac", "dst_port", "protocol", "ip_version", "vlan_id",
     "tunnel_id", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "bidirectional_duration_ms",
@@ -79,6 +79,27 @@ flow_attributes = attrgetter(*FLOW_ATTRIBUTES)
 def metered_flow(flow: Any) -> MeteredFlow:
     """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce)."""
     return MeteredFlow(*flow_attributes(flow), None)
+
+# The device record contract (README, "Devices"): these names are fixed; more fields may follow.
+DEVICE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("timestamp", "first packet of the device's first flow, ISO 8601 UTC to the millisecond (as flows have it)"),
+    ("event_type", "always \"device\""),
+    ("mac", "the device's MAC address"),
+    ("ips", "local addresses the device sent from, most used first"),
+    ("vendor", "vendor, when a signal names one (null otherwise)"),
+    ("device_type", "camera, doorbell, smart_plug, light, hub, sensor, alarm, lock, speaker, tv, thermostat, "
+                    "health_monitor, appliance, printer, phone, computer, router or unknown"),
+    ("model", "product model, null when not known well enough"),
+    ("confidence", "0..1, how strongly the signals agree on the type (and model)"),
+    ("evidence", "list of {signal, value, points_to}, strongest first"),
+    ("first_seen_ms", "first packet of the device's first flow, epoch milliseconds"),
+    ("last_seen_ms", "last packet of its last flow"),
+    ("flows", "flows in which the device took part"),
+    ("bytes", "bytes of those flows, both directions"),
+    ("mac_vendor", "organisation of the MAC prefix in the IEEE registry (null if none or randomised)"),
+    ("sources", "captures or interfaces the device was seen in"),
+)
+DEVICE_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in DEVICE_FIELDS)
 
 # Fields later stages add to flow records (devices, scoring); listed so CSV writers know them.
 DEVICE_LINK_FIELDS = ("src_device", "dst_device")

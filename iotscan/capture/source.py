@@ -30,10 +30,9 @@ import queue
 import select
 import signal
 import sys
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -45,7 +44,7 @@ from nfstream.meter import get_flow_key_from_pkt
 from nfstream.plugin import NFPlugin
 from nfstream.utils import NFMode
 
-from iotscan.errors import CaptureError, ExitCode, InputError, IotscanError
+from iotscan.errors import CaptureError, ExitCode, InputError
 
 _BATCH_FLOWS = 128  # flows per queue message: amortises locking and pickling
 _BATCH_MAX_AGE_S = 0.2  # a live batch waits at most this long
@@ -57,7 +56,6 @@ _POLL_S = 0.25  # how often the reader checks that the meter is alive
 _LIVE_BLOCK_MS = 250  # libpcap delivers live packets in blocks retired after at most this long
 _LIVE_WAIT_MS = 100  # longest wait for packets before the clock moves on and stop() is checked
 
-SIDE_PASS_STOP_S = 5.0  # how long a stopped live capture waits for its side passes' last flows
 
 # Flows tracked at once unless told otherwise. A flow costs about 5 KB in the meter, so this bounds the
 # table near 500 MB when every packet opens a flow (a flood of spoofed sources).
@@ -649,92 +647,3 @@ def _classify_error(cfg: MeterConfig, message: str) -> Exception:
     if "truncated" in lowered or "unknown file format" in lowered or "bad dump file" in lowered:
         return InputError(f"{cfg.source}: unreadable capture: {message}")
     return CaptureError(f"{cfg.source}: {message}", ExitCode.CAPTURE)
-
-
-class SidePass(threading.Thread):
-    """A second, BPF-filtered pass beside the main one (over the same file, or a second capture of
-    the same interface), for payloads the main pass does not read (a plugin there would run for every
-    packet). Its own meter process does the work; this thread only gathers, with ``collect``, what the
-    meter keeps of the few flows the filter lets through (see MeterConfig.reduce).
-
-    ``configs`` are tried in turn while one is rejected as input: the first is usually a VLAN-aware
-    filter, which link types without Ethernet framing refuse. Start it once the main meter runs (so
-    the forks do not race); ``stop()`` ends it early from another thread.
-    """
-
-    def __init__(self, name: str, configs: Sequence[MeterConfig], collect: Callable[[Iterator[Any]], Any]) -> None:
-        super().__init__(name=name, daemon=True)
-        self.configs = list(configs)
-        self.collect = collect
-        self.result: Any = None
-        self.error: IotscanError | None = None
-        self.report = SourceReport()
-        self._source: FlowSource | None = None
-        self._stopped = False
-
-    def run(self) -> None:
-        for i, config in enumerate(self.configs):
-            self._source = FlowSource(config)
-            if self._stopped:
-                self._source.stop()
-            try:
-                self.result = self.collect(iter(self._source))
-                self.report = self._source.report
-                return
-            except InputError as exc:
-                if i == len(self.configs) - 1:
-                    self.error = exc
-            except IotscanError as exc:
-                self.error = exc
-                return
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self._source is not None:
-            self._source.stop()
-
-    def end(self) -> bool:
-        """Wait for the pass to end; whether it did. Over a file it ends by itself. A second capture of
-        an interface never would: it is stopped, and waited for at most SIDE_PASS_STOP_S while it
-        flushes the flows it still holds."""
-        if self.configs[0].live:
-            self.stop()
-            self.join(SIDE_PASS_STOP_S)
-        else:
-            self.join()
-        return not self.is_alive()
-
-    def outcome(self) -> Any:
-        """Run here (no thread) and return what ``collect`` made, or raise the pass's error."""
-        self.run()
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-def side_pass(name: str, path: str, config: MeterConfig, bpf: str, plugin: NFPlugin,
-              collect: Callable[[Iterator[Any]], Any], snaplen: int,
-              reduce: Callable[[NFlow], Any] | None = None) -> SidePass:
-    """A side pass over one capture file, or a second capture on a live interface (Linux hands each
-    packet socket its own copy): the packets ``bpf`` lets through, read by ``plugin``; ``collect``
-    gets what ``reduce`` keeps of each flow (the flows themselves without it).
-
-    It keeps the main pass's timeouts and narrows its --bpf (``config``); nDPI and flow statistics
-    are off, as the pass only reads payloads. The filter's forms (bpf_forms) are tried in turn.
-    """
-    def meter(own: str) -> MeterConfig:
-        return MeterConfig(source=path, live=config.live, promisc=config.promisc,
-                           bpf=f"({config.bpf}) and ({own})" if config.bpf else own,
-                           idle_timeout=config.idle_timeout, active_timeout=config.active_timeout,
-                           max_flows=config.max_flows or 65536, statistics=False, n_dissections=0,
-                           snaplen=max(config.snaplen, snaplen), decode_tunnels=config.decode_tunnels,
-                           plugins=(plugin,), reduce=reduce)
-
-    return SidePass(name, [meter(form) for form in bpf_forms(bpf)], collect)
-
-
-def bpf_forms(bpf: str) -> tuple[str, str]:
-    """A filter's forms to try in turn: VLAN-aware ("vlan" shifts the offsets of the expressions after it, so
-    the tagged form catches tagged frames), then as it is, for link types without Ethernet framing (Linux
-    cooked, raw IP), which reject "vlan"."""
-    return f"({bpf}) or (vlan and {bpf})", bpf

@@ -1,6 +1,6 @@
 """The bundled models' trees as numpy arrays, evaluated for a whole batch at once.
 
-scikit-learn trains the models (iotscan/training, iotscan/devices/train.py); what they keep of them is
+scikit-learn trains the models (iotscan/training, iotscan/training/devices.py); what they keep of them is
 their trees as flat arrays, converted here, so that scoring never imports scikit-learn: its import (with
 the scipy modules it pulls in) cost about 0.8 s of CPU on every run, however small the capture. The
 conversion is exact: the same comparisons (``x <= threshold``; a missing value goes

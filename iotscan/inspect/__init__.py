@@ -2,7 +2,7 @@
 
 Two passes over the capture, each at the speed of its tool, then a small one:
 
-1. NFStream (iotscan.source.FlowSource + records.flow_record) finds the flow. ``flow_id`` is
+1. NFStream (iotscan.capture.source.FlowSource + records.flow_record) finds the flow. ``flow_id`` is
    deterministic (capture name, flow key, first packet), so re-metering the capture with the
    same timeouts as ``analyze`` gives the same ids; the pass stops as soon as the flow is found,
    and meters only the packets of the 5-tuple when one is given (a BPF filter).
@@ -44,10 +44,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
+from iotscan.capture.side_pass import bpf_forms
+from iotscan.capture.source import FlowSource, MeterConfig
 from iotscan.errors import CaptureError, InputError
-from iotscan.pipeline import Event, SourceInfo, Stage
-from iotscan.records import community_id, flow_record, iso_timestamp_text, summary_record
-from iotscan.source import FlowSource, MeterConfig, bpf_forms
+from iotscan.output.records import community_id, flow_record, iso_timestamp_text, summary_record
+from iotscan.stage import Event, SourceInfo, Stage
 
 INSTALL_HINT = "install it with: sudo apt-get install tshark (or run ./install.sh)"
 TSHARK_ENV = "IOTSCAN_TSHARK"  # explicit path to tshark, for installs outside PATH

@@ -11,7 +11,7 @@ oconnor-lab capture stay together). A unit whose model has no example left in it
 part measures honesty on a novel device, not accuracy. One camera unit (blink-cam-02) is also held
 out of a separate training run entirely, to measure an unseen unit of a known model. The baseline
 is a plain random forest over the numeric per-device flow aggregates only. Then the bundled model is
-trained on everything and saved with its card (iotscan.modelstore).
+trained on everything and saved with its card (iotscan.detect.modelstore).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iotscan import trees
+from iotscan.capture.source import MeterConfig
+from iotscan.detect import trees
 from iotscan.devices.behaviour import (
     FEATURE_SCHEMA_VERSION,
     NUMERIC_FEATURES,
@@ -42,7 +43,6 @@ from iotscan.devices.signatures import Signatures, load_signatures
 from iotscan.devices.stage import DeviceStage
 from iotscan.errors import InputError
 from iotscan.pipeline import Analysis
-from iotscan.source import MeterConfig
 
 DEFAULT_DATA = Path("../shared/datasets")
 WINDOW_HOURS = 6.0
@@ -422,7 +422,7 @@ def _versions() -> dict[str, str]:
 def train(data: Path, out: Path, window_hours: float = WINDOW_HOURS, folds: int = FOLDS, seed: int = SEED,
           evaluate_first: bool = True, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Profile the datasets, evaluate by capture file, train on everything, save model and card."""
-    from iotscan.modelstore import save_model
+    from iotscan.detect.modelstore import save_model
 
     for sub in ("iot-sentinel/devices.csv", "oconnor-lab/devices.csv"):
         if not (data / sub).is_file():
@@ -447,7 +447,7 @@ def train(data: Path, out: Path, window_hours: float = WINDOW_HOURS, folds: int 
                     "organisation); no addresses, MACs or absolute times",
         "estimator": f"DictVectorizer + RandomForestClassifier(n_estimators={TREES}, "
                      "class_weight='balanced_subsample'), stored as the vectorizer's columns and the trees as "
-                     "numpy arrays (iotscan.trees): fingerprinting does not import scikit-learn",
+                     "numpy arrays (iotscan.detect.trees): fingerprinting does not import scikit-learn",
         "data": {
             "datasets": ["iot-sentinel (Miettinen et al., ICDCS 2017)",
                          "oconnor-lab (Campos, O'Connor et al., CSET 2021)"],

@@ -9,7 +9,7 @@ On a capture file, the first flows also wait for the request pass (up to HELD_FO
 beyond that the reader waits too).
 
 The model is a dict (see iotscan/training/train.py): a binary detector (attack vs benign; gradient-boosted
-trees, as arrays: iotscan.trees), a calibration curve mapping its probability to the probability of attack,
+trees, as arrays: iotscan.detect.trees), a calibration curve mapping its probability to the probability of attack,
 the threshold chosen on validation data, a family classifier (a forest) applied to the flows judged attacks,
 the nDPI vocabulary and
 the typical benign feature values the reasons are measured against. A flow whose packets matched a
@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from iotscan import trees
-from iotscan.errors import ModelError
-from iotscan.features import (
+from iotscan.capture.side_pass import SidePass
+from iotscan.detect import trees
+from iotscan.detect.features import (
     FEATURE_NAMES,
     FEATURE_SCHEMA_VERSION,
     INTERCEPTED,
@@ -45,11 +45,11 @@ from iotscan.features import (
     feature_index,
     metered_flow_with_statistics,
 )
-from iotscan.modelstore import bundled_model, load_model, verified_card
-from iotscan.pipeline import Event, SourceInfo, Stage
-from iotscan.records import community_id
-from iotscan.request_pass import MAX_FINDINGS, SIGNATURES, Flow5, RequestFindings, request_pass
-from iotscan.source import SidePass
+from iotscan.detect.modelstore import bundled_model, load_model, verified_card
+from iotscan.detect.request_pass import MAX_FINDINGS, SIGNATURES, Flow5, RequestFindings, request_pass
+from iotscan.errors import ModelError
+from iotscan.output.records import community_id
+from iotscan.stage import Event, SourceInfo, Stage
 
 MODEL_NAME = "flows"
 BATCH_ROWS = 4096

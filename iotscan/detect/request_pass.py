@@ -22,7 +22,7 @@ short segments ending a line that come after an unfinished request head (HEAD_LI
 still unfinished HEAD_HELD_MS after it began, with HEAD_HELD_SEGMENTS segments sent, is held open.
 
 nDPI does not hand these bytes over through NFStream, and a plugin on the main pass would run for
-every packet (+57% time), so a second pass over the same file (see iotscan.source.SidePass) reads
+every packet (+57% time), so a second pass over the same file (see iotscan.capture.side_pass.SidePass) reads
 only the packets REQUEST_FILTER lets through: a BPF filter drops every other packet in C. Over IPv6
 the filter finds the TCP header behind the fixed header only, so packets with IPv6 extension headers
 are not read. Signatures are data (iotscan/data/request_signatures.json).
@@ -46,8 +46,9 @@ from urllib.parse import unquote_plus
 
 from nfstream.plugin import NFPlugin
 
-from iotscan.packets import TcpSegment, echo_request_data, read_dns_name, tcp_segment, udp_payload
-from iotscan.source import MeterConfig, SidePass, side_pass
+from iotscan.capture.packets import TcpSegment, echo_request_data, read_dns_name, tcp_segment, udp_payload
+from iotscan.capture.side_pass import SidePass, side_pass
+from iotscan.capture.source import MeterConfig
 
 METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC")
 # A bot's first lines to its controller: an IRC client's registration (NICK, USER), a BASHLITE (Gafgyt) bot's
@@ -208,7 +209,7 @@ def _signatures_path() -> Path:
     try:
         return Path(str(resources.files("iotscan.data"))) / "request_signatures.json"
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parent / "data" / "request_signatures.json"
+        return Path(__file__).resolve().parents[1] / "data" / "request_signatures.json"
 
 
 def _load() -> list[RequestSignature]:

@@ -10,11 +10,11 @@ A flow's feature row has two parts:
   a 54-byte SYN, one taken at the receiver the same SYN padded to 60, and the model must not
   learn which side of the wire a capture came from; and the signature its HTTP requests (an
   exploit), DNS queries (a tunnel) or TCP flags (a scan probe) matched, read by the request pass
-  (iotscan/request_pass.py) beside the main one, and the signature a flow between the same two
+  (iotscan/detect/request_pass.py) beside the main one, and the signature a flow between the same two
   hosts matched within minutes of it;
 * context: what the flow's source, its destination host (the victim's view), its service
   (destination host, port, protocol) and its channel (source, service) did recently, kept by
-  :class:`ContextTracker` as exponentially decayed counters over capture time (in the manner of
+  :class:`iotscan.detect.context.ContextTracker` as exponentially decayed counters over capture time (in the manner of
   Kitsune's damped windows): flow rate, distinct sources, destination hosts and ports, shares of
   failed, unanswered and single-packet flows, spread of flow sizes, and the regularity of
   intervals and sizes of repeated flows on one channel (a beacon score, as RITA computes it).
@@ -24,7 +24,7 @@ A flow's feature row has two parts:
 
 Context is causal: a flow sees the flows that expired before it in the same capture (flows reach
 the tracker in expiry order, which follows their last packet). What the features read of a flow
-comes from the meter as one bytes block of NFStream's C numbers (iotscan.source.flow_block_dtype),
+comes from the meter as one bytes block of NFStream's C numbers (iotscan.capture.source.flow_block_dtype),
 so a batch of rows becomes one numpy array without a Python number per statistic; per flow, Python
 does only the tracker's few dictionary updates, and every derived value is computed with numpy on
 a batch of rows (:meth:`FeatureExtractor.take`).
@@ -37,21 +37,25 @@ dropped.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import math
 import struct
-from collections import OrderedDict
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from iotscan.records import MeteredFlow, flow_attributes
-from iotscan.source import flow_block_dtype
+from iotscan.capture.source import flow_block_dtype
+from iotscan.detect.context import (
+    WINDOWS_S,
+    ContextTracker,
+    LinkTracker,
+    context_features,
+)
+from iotscan.output.records import MeteredFlow, flow_attributes
 
 if TYPE_CHECKING:
-    from iotscan.request_pass import RequestFindings
+    from iotscan.detect.request_pass import RequestFindings
 
 # Bump whenever a feature's meaning, order or the meter settings below change: models record it and
 # refuse to load under another version (exit 4) instead of scoring garbage.
@@ -62,17 +66,8 @@ FEATURE_SCHEMA_VERSION = 7  # 6: request signatures 14-22, named_signature; 7: i
 SPLT_PACKETS = 6  # early packets whose sizes and directions are kept
 METER_SETTINGS: dict[str, Any] = {"statistics": True, "splt": SPLT_PACKETS}
 
-WINDOWS_S: tuple[float, ...] = (5.0, 120.0)  # half-lives of the decayed context counters
-NOVELTY_S = 300.0  # a peer unseen for this long counts as new again
-KEY_TTL_S = 900.0  # tracker keys idle this long (capture time) are dropped
-MAX_KEYS = 20_000  # per tracker table
-SET_CAP = 48  # recent peers remembered per key
-BEACON_ALPHA = 0.25  # weight of the newest interval in the beacon's running averages
-_SWEEP_EVERY = 2048  # observations between expiry sweeps
 MIN_FRAME = 60.0  # Ethernet minimum frame without FCS: smaller packets are padded on the wire
 
-_LN2 = math.log(2.0)
-_exp = math.exp
 
 # -- per-flow attributes read from NFStream -------------------------------------------------------
 
@@ -135,7 +130,7 @@ _PER_FLOW = [
 ]
 CATEGORICAL = ["app_code", "category_code"]
 # The code of the signature the flow's requests, queries or TCP flags matched (0: none or not read): a match
-# makes the flow an attack whatever the detector says (see iotscan.scoring.attack_scores).
+# makes the flow an attack whatever the detector says (see iotscan.detect.scoring.attack_scores).
 REQUEST_SIGNATURE = "request_signature"
 # The code of a signature that a flow between the same two hosts (this one or another) matched while this one
 # was active or shortly before or after (see request_pass.PAIR_AFTER_MATCH_MS): marks an exploit's callbacks
@@ -187,14 +182,6 @@ DETECTOR_FEATURES: list[str] = [n for n in FEATURE_NAMES
 _COL = {name: i for i, name in enumerate(FEATURE_NAMES)}
 _MATCHED_PROTOCOLS = frozenset((1, 6, 17, 58))  # ICMP, TCP, UDP, ICMPv6: what the request pass matches
 
-# Raw accumulators per key and window, in the tracker's state order (see ContextTracker).
-_SRC_ACC = ("w", "fail", "unans", "new_host", "new_port", "b", "bb")
-_DST_ACC = ("w", "fail", "unans", "single", "new_src", "b", "bb")
-_SVC_ACC = ("w", "fail", "single", "new_src", "b", "bb")
-_CHAN_ACC = ("w", "fail", "b", "bb")
-_N_BEACON_ACC = 4  # repeats, mean interval, mean |interval deviation|, mean |size deviation|
-_N_CTX = len(WINDOWS_S) * (len(_SRC_ACC) + len(_DST_ACC) + len(_SVC_ACC) + len(_CHAN_ACC)) + _N_BEACON_ACC
-
 
 # -- stable encoding of nDPI applications and categories ------------------------------------------
 
@@ -225,244 +212,6 @@ def encode_names(names: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
     """Codes 1..n for names in the vocabulary, 0 for "other"."""
     index = {name: i + 1 for i, name in enumerate(vocabulary)}
     return np.fromiter((index.get(n, 0) for n in names), dtype=np.float32, count=len(names))
-
-
-# -- context --------------------------------------------------------------------------------------
-
-class ContextTracker:
-    """Decayed per-source, per-destination, per-service and per-channel counters over capture time.
-
-    ``observe`` folds one flow in and returns the raw accumulators after it (the flow counts
-    itself); :func:`context_features` turns a batch of them into features with numpy.
-
-    A table's state per key is ``[last update, accumulators of window 1, of window 2, peer sets]``;
-    a peer set maps a peer (a source, a host, a port) to when it was last seen, to count new ones.
-    """
-
-    def __init__(self, windows_s: Sequence[float] = WINDOWS_S, max_keys: int = MAX_KEYS,
-                 set_cap: int = SET_CAP, key_ttl_s: float = KEY_TTL_S) -> None:
-        if len(windows_s) != 2:
-            raise ValueError("the tracker is written out for two windows")
-        self.rates = [_LN2 / w for w in windows_s]
-        self.max_keys = max_keys
-        self.set_cap = set_cap
-        self.key_ttl_s = key_ttl_s
-        self.src: OrderedDict[str, list] = OrderedDict()
-        self.dst: OrderedDict[str, list] = OrderedDict()
-        self.svc: OrderedDict[tuple, list] = OrderedDict()
-        self.chan: OrderedDict[tuple, list] = OrderedDict()
-        self.now = 0.0
-        self._seen = 0
-
-    def tracked_keys(self) -> int:
-        return len(self.src) + len(self.dst) + len(self.svc) + len(self.chan)
-
-    def observe_batch(self, raw: np.ndarray, srcs: Sequence[str], dsts: Sequence[str]) -> list[list[float]]:
-        """``observe`` for a batch of flows in expiry order: their _RAW_NUMERIC rows and addresses; the
-        per-flow inputs are computed with numpy first (log1p by the math module, as before: numpy's may
-        differ in the last bit)."""
-        def c(name: str) -> np.ndarray:
-            return raw[:, _R[name]]
-
-        back = c("dst2src_packets")
-        nbytes = np.maximum(c("src2dst_bytes"), MIN_FRAME * c("src2dst_packets")) + \
-            np.maximum(c("dst2src_bytes"), MIN_FRAME * back)
-        observe = self.observe
-        return [observe(*args) for args in zip(
-            (c("bidirectional_last_seen_ms") / 1000.0).tolist(), (c("bidirectional_first_seen_ms") / 1000.0).tolist(),
-            srcs, dsts, c("dst_port").astype(np.int64).tolist(), c("protocol").astype(np.int64).tolist(),
-            list(map(math.log1p, nbytes.tolist())), _failed(raw).tolist(), (back == 0).astype(np.float64).tolist(),
-            (c("bidirectional_packets") <= 1).astype(np.float64).tolist(), strict=True)]
-
-    def observe(self, t: float, t_first: float, src: str, dst: str, dport: int, proto: int, log_bytes: float,
-                failed: float, unanswered: float, single: float) -> list[float]:
-        """One flow: ``t`` its last packet, ``t_first`` its first (seconds of capture time), ``log_bytes``
-        log1p of its size, ``failed``/``unanswered``/``single`` 1.0 or 0.0 (see _failed, one_way, 1 packet).
-
-        Written out per table, with locals and slice assignments: this runs once per flow in Python
-        and is most of the scorer's per-flow cost (a generic loop over the tables took 1.7 times as long).
-        """
-        if t > self.now:
-            self.now = t
-        self._seen += 1
-        if self._seen % _SWEEP_EVERY == 0:
-            self.sweep()
-        r1, r2 = self.rates
-        cap = self.set_cap
-        horizon = t - NOVELTY_S
-        lb, lb2 = log_bytes, log_bytes * log_bytes
-
-        # source: flows, failures, unanswered, new destination hosts and ports (scans), size spread
-        table = self.src
-        st = table.get(src)
-        if st is None:
-            table[src] = [t, 1.0, failed, unanswered, 1.0, 1.0, lb, lb2, 1.0, failed, unanswered, 1.0, 1.0, lb, lb2,
-                          {dst: t}, {dport: t}]
-            out = [1.0, failed, unanswered, 1.0, 1.0, lb, lb2, 1.0, failed, unanswered, 1.0, 1.0, lb, lb2]
-        else:
-            table.move_to_end(src)
-            peers = st[15]
-            new_host = 1.0 if peers.get(dst, -1e18) < horizon else 0.0
-            peers[dst] = t
-            if len(peers) > cap:
-                del peers[next(iter(peers))]
-            peers = st[16]
-            new_port = 1.0 if peers.get(dport, -1e18) < horizon else 0.0
-            peers[dport] = t
-            if len(peers) > cap:
-                del peers[next(iter(peers))]
-            dt = t - st[0]
-            if dt > 0.0:
-                st[0] = t
-                d1, d2 = _exp(-dt * r1), _exp(-dt * r2)
-            else:
-                d1 = d2 = 1.0
-            a1, a2, a3, a4, a5, a6, a7, b1, b2, b3, b4, b5, b6, b7 = st[1:15]
-            out = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + unanswered, a4 * d1 + new_host, a5 * d1 + new_port,
-                   a6 * d1 + lb, a7 * d1 + lb2,
-                   b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + unanswered, b4 * d2 + new_host, b5 * d2 + new_port,
-                   b6 * d2 + lb, b7 * d2 + lb2]
-            st[1:15] = out
-
-        # destination host, the victim's view: flows, failures, unanswered, single packets, new sources
-        # (a spoofed flood has one flow per source: only here does it add up)
-        table = self.dst
-        st = table.get(dst)
-        if st is None:
-            table[dst] = [t, 1.0, failed, unanswered, single, 1.0, lb, lb2, 1.0, failed, unanswered, single, 1.0, lb,
-                          lb2, {src: t}]
-            out += (1.0, failed, unanswered, single, 1.0, lb, lb2, 1.0, failed, unanswered, single, 1.0, lb, lb2)
-        else:
-            table.move_to_end(dst)
-            peers = st[15]
-            new_src = 1.0 if peers.get(src, -1e18) < horizon else 0.0
-            peers[src] = t
-            if len(peers) > cap:
-                del peers[next(iter(peers))]
-            dt = t - st[0]
-            if dt > 0.0:
-                st[0] = t
-                d1, d2 = _exp(-dt * r1), _exp(-dt * r2)
-            else:
-                d1 = d2 = 1.0
-            a1, a2, a3, a4, a5, a6, a7, b1, b2, b3, b4, b5, b6, b7 = st[1:15]
-            part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + unanswered, a4 * d1 + single, a5 * d1 + new_src,
-                    a6 * d1 + lb, a7 * d1 + lb2,
-                    b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + unanswered, b4 * d2 + single, b5 * d2 + new_src,
-                    b6 * d2 + lb, b7 * d2 + lb2]
-            st[1:15] = part
-            out += part
-
-        # service (destination host, port, protocol): many sources, failed or single-packet flows at one service
-        table = self.svc
-        key = (dst, dport, proto)
-        st = table.get(key)
-        if st is None:
-            table[key] = [t, 1.0, failed, single, 1.0, lb, lb2, 1.0, failed, single, 1.0, lb, lb2, {src: t}]
-            out += (1.0, failed, single, 1.0, lb, lb2, 1.0, failed, single, 1.0, lb, lb2)
-        else:
-            table.move_to_end(key)
-            peers = st[13]
-            new_src = 1.0 if peers.get(src, -1e18) < horizon else 0.0
-            peers[src] = t
-            if len(peers) > cap:
-                del peers[next(iter(peers))]
-            dt = t - st[0]
-            if dt > 0.0:
-                st[0] = t
-                d1, d2 = _exp(-dt * r1), _exp(-dt * r2)
-            else:
-                d1 = d2 = 1.0
-            a1, a2, a3, a4, a5, a6, b1, b2, b3, b4, b5, b6 = st[1:13]
-            part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + single, a4 * d1 + new_src, a5 * d1 + lb, a6 * d1 + lb2,
-                    b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + single, b4 * d2 + new_src, b5 * d2 + lb, b6 * d2 + lb2]
-            st[1:13] = part
-            out += part
-
-        # channel (source, service): repeated connections (password guessing), and the beacon:
-        # [t, 8 accumulators, prev_first, repeats, mean_interval, dev_interval, mean_size, dev_size]
-        table = self.chan
-        key = (src, dst, dport, proto)
-        st = table.get(key)
-        if st is None:
-            table[key] = [t, 1.0, failed, lb, lb2, 1.0, failed, lb, lb2, t_first, 0.0, 0.0, 0.0, lb, 0.0]
-            out += (1.0, failed, lb, lb2, 1.0, failed, lb, lb2, 0.0, 0.0, 0.0, 0.0)
-            return out
-        table.move_to_end(key)
-        dt = t - st[0]
-        if dt > 0.0:
-            st[0] = t
-            d1, d2 = _exp(-dt * r1), _exp(-dt * r2)
-        else:
-            d1 = d2 = 1.0
-        a1, a2, a3, a4, b1, b2, b3, b4, prev, repeats, mean_iv, dev_iv, mean_b, dev_b = st[1:15]
-        part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + lb, a4 * d1 + lb2,
-                b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + lb, b4 * d2 + lb2]
-        interval = t_first - prev
-        if interval >= 0.0:  # out-of-order starts are not intervals
-            a = BEACON_ALPHA
-            if repeats == 0.0:  # the first interval seeds the average
-                mean_iv = interval
-            else:
-                dev_iv += a * (abs(interval - mean_iv) - dev_iv)
-                mean_iv += a * (interval - mean_iv)
-            dev_b += a * (abs(lb - mean_b) - dev_b)
-            mean_b += a * (lb - mean_b)
-            prev = t_first
-            repeats += 1.0
-        st[1:15] = [*part, prev, repeats, mean_iv, dev_iv, mean_b, dev_b]
-        out += part
-        out += (repeats, mean_iv, dev_iv, dev_b)
-        return out
-
-    def sweep(self) -> None:
-        """Drop keys idle for longer than the TTL, then the least recently active beyond the cap."""
-        horizon = self.now - self.key_ttl_s
-        for table in (self.src, self.dst, self.svc, self.chan):
-            while table:
-                first = next(iter(table))
-                if table[first][0] < horizon or len(table) > self.max_keys:
-                    del table[first]
-                else:
-                    break
-
-
-def context_features(acc: np.ndarray) -> np.ndarray:
-    """Raw tracker accumulators (n, _N_CTX) -> context feature columns, in FEATURE_NAMES order."""
-    n_w = len(WINDOWS_S)
-    cols: list[np.ndarray] = []
-    pos = 0
-    blocks = []
-    for n_acc in (len(_SRC_ACC), len(_DST_ACC), len(_SVC_ACC), len(_CHAN_ACC)):
-        # each table's accumulators: window 1's, then window 2's
-        blocks.append(acc[:, pos:pos + n_acc * n_w].reshape(len(acc), n_w, n_acc))
-        pos += n_acc * n_w
-    src, dst, svc, chan = blocks
-    beacon = acc[:, pos:pos + _N_BEACON_ACC]
-
-    def std(s1: np.ndarray, s2: np.ndarray, w: np.ndarray) -> np.ndarray:
-        mean = s1 / w
-        return np.sqrt(np.maximum(s2 / w - mean * mean, 0.0))
-
-    for k in range(n_w):
-        w, fail, unans, nh, npo, b, bb = (src[:, k, m] for m in range(7))
-        cols += [np.log1p(w), fail / w, unans / w, np.log1p(nh), nh / w, np.log1p(npo), npo / w, std(b, bb, w)]
-    for k in range(n_w):
-        w, fail, unans, single, ns, b, bb = (dst[:, k, m] for m in range(7))
-        cols += [np.log1p(w), fail / w, unans / w, single / w, np.log1p(ns), ns / w, std(b, bb, w)]
-    for k in range(n_w):
-        w, fail, single, ns, b, bb = (svc[:, k, m] for m in range(6))
-        cols += [np.log1p(w), fail / w, single / w, np.log1p(ns), ns / w, std(b, bb, w)]
-    for k in range(n_w):
-        w, fail, b, bb = (chan[:, k, m] for m in range(4))
-        cols += [np.log1p(w), fail / w, std(b, bb, w)]
-    repeats, mean_iv, dev_iv, dev_size = beacon.T
-    cv = np.where(repeats >= 2, dev_iv / np.maximum(mean_iv, 1e-3), 1.0)
-    regular = np.clip(1.0 - cv, 0.0, 1.0) * np.clip(1.0 - dev_size, 0.0, 1.0)
-    # RITA-like: regular in time and size, repeated, and not a burst of parallel connections
-    score = regular * np.clip(repeats / 10.0, 0.0, 1.0) * (mean_iv >= 1.0)
-    cols += [np.log1p(repeats), np.log1p(mean_iv), np.minimum(cv, 10.0), dev_size, score]
-    return np.column_stack(cols)
 
 
 # -- rows -----------------------------------------------------------------------------------------
@@ -544,57 +293,19 @@ def _failed(raw: np.ndarray) -> np.ndarray:
     return ((d_pk == 0) | (tcp & (refused | no_synack))).astype(np.float64)
 
 
-class LinkTracker:
-    """The MAC each local host sends from, and the local host each MAC sends for, as flows show them
-    (a flow's MACs are its first packet's); flags a flow sent to a local host through the MAC another
-    host of its subnet sends from, while the host itself sends from another: the man in the middle of ARP
-    spoofing, or of its IPv6 kin, neighbour-discovery spoofing (arpwatch's "changed ethernet address",
-    read from flows). A router's MAC carries flows to remote hosts, which send from it too; a Wi-Fi
-    extender that translates MACs carries its clients' flows both ways; a Thread border router carries its
-    mesh's flows both ways. "Local" is a private IPv4 address (its subnet: the /24) or an IPv6 unique-local
-    or link-local one (the /64); a global IPv6 address may be on the link or not, so it is none. Each table
-    keeps at most MAX_KEYS entries, the first learned dropped first (a host re-learned on its next flow).
-    """
+def _tracker_columns(raw: np.ndarray, srcs: Sequence[str], dsts: Sequence[str]) -> list[Sequence[Any]]:
+    """What ContextTracker.observe takes of each flow, for a batch of _RAW_NUMERIC rows and their addresses;
+    computed with numpy (log1p by the math module, as before: numpy's may differ in the last bit)."""
+    def c(name: str) -> np.ndarray:
+        return raw[:, _R[name]]
 
-    def __init__(self, max_keys: int = MAX_KEYS) -> None:
-        self.max_keys = max_keys
-        self.own: OrderedDict[str, str] = OrderedDict()  # local IP -> the MAC it sends from
-        self.sender: OrderedDict[str, str] = OrderedDict()  # MAC -> the local IP it sends for
-
-    def observe_batch(self, srcs: Sequence[str], src_macs: Sequence[str], dsts: Sequence[str],
-                      dst_macs: Sequence[str]) -> np.ndarray:
-        """1.0 for the flows (in expiry order) sent to a local host through another local host's MAC."""
-        own, sender, out = self.own, self.sender, np.zeros(len(srcs))
-        for i, (src, src_mac, dst, dst_mac) in enumerate(zip(srcs, src_macs, dsts, dst_macs, strict=True)):
-            if src_mac and own.get(src) != src_mac and _local_subnet(src) is not None:
-                own[src] = src_mac
-                sender[src_mac] = src
-                for table in (own, sender):
-                    if len(table) > self.max_keys:
-                        del table[next(iter(table))]
-            dst_own = own.get(dst)
-            if dst_own is not None and dst_mac and dst_mac != dst_own:
-                other = sender.get(dst_mac)
-                if other is not None and other != dst and _local_subnet(other) == _local_subnet(dst):
-                    out[i] = 1.0
-        return out
-
-
-_UNIQUE_LOCAL = ipaddress.IPv6Network("fc00::/7")
-
-
-@functools.lru_cache(maxsize=65536)  # bounded: a spoofed flood has a new address per flow
-def _local_subnet(ip: str) -> str | None:
-    """The subnet of a local address (see LinkTracker), as text; None for any other address."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if address.version == 4:
-        return ip.rpartition(".")[0] if address.is_private else None
-    if address.is_link_local or address in _UNIQUE_LOCAL:
-        return address.exploded[:19]  # the first four groups
-    return None
+    back = c("dst2src_packets")
+    nbytes = np.maximum(c("src2dst_bytes"), MIN_FRAME * c("src2dst_packets")) + \
+        np.maximum(c("dst2src_bytes"), MIN_FRAME * back)
+    return [(c("bidirectional_last_seen_ms") / 1000.0).tolist(), (c("bidirectional_first_seen_ms") / 1000.0).tolist(),
+            srcs, dsts, c("dst_port").astype(np.int64).tolist(), c("protocol").astype(np.int64).tolist(),
+            list(map(math.log1p, nbytes.tolist())), _failed(raw).tolist(), (back == 0).astype(np.float64).tolist(),
+            (c("bidirectional_packets") <= 1).astype(np.float64).tolist()]
 
 
 class FeatureExtractor:
@@ -668,7 +379,7 @@ class FeatureExtractor:
         else:
             X[:, _SIGNATURE_COLUMNS] = 0.0
         X[:, _INTERCEPTED_COLUMN] = self.links.observe_batch(srcs, src_macs, dsts, dst_macs)
-        context = self.tracker.observe_batch(raw, srcs, dsts)
+        context = self.tracker.observe_batch(*_tracker_columns(raw, srcs, dsts))
         X[:, _FIRST_CONTEXT:] = context_features(np.asarray(context, dtype=np.float64))
         self._stats, self._metered, self._names = [], [], []
         return X
@@ -714,7 +425,6 @@ class FeatureExtractor:
                         dtype=np.float32).reshape(-1, 3)
 
 
-
 def pack_statistics(flow: Any) -> bytes:
     """What the features read of a whole NFStream flow (not one the meter reduced), packed (float64): its
     statistics and early packets."""
@@ -728,7 +438,7 @@ def pack_statistics(flow: Any) -> bytes:
 def metered_flow_with_statistics(flow: Any) -> MeteredFlow:
     """What the main pass's meter sends of a flow when it is scored (MeterConfig.reduce): the record's
     values and, as the classifier's statistics, the flow's block of NFStream's C numbers (see
-    iotscan.source.flow_block_dtype), decoded a batch at a time by ``take``."""
+    iotscan.capture.source.flow_block_dtype), decoded a batch at a time by ``take``."""
     return MeteredFlow(*flow_attributes(flow), flow.block)
 
 

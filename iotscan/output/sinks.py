@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from iotscan.records import FLOW_FIELD_NAMES
+from iotscan.output.records import FLOW_FIELD_NAMES
 
 FORMATS = ("table", "ndjson", "json", "csv")
 # Distinct sources and targets counted per attack family in the table: beyond, shown as "N+" (a spoofed

@@ -1,0 +1,5 @@
+"""Capture: what the user pointed at (files, directories, pipes, interfaces), NFStream's meter over it, the
+BPF-filtered side passes that read payloads, and helpers that parse packets.
+
+It imports nothing of iotscan but ``iotscan.errors``: every other stage builds on it.
+"""

@@ -1,0 +1,5 @@
+"""Output: the record contract (``records``: one place names every field), the sinks that write records
+(NDJSON, JSON, CSV, tables) and the terminal console (progress, warnings, errors).
+
+It imports nothing of iotscan but ``iotscan.errors``: any stage may import its records.
+"""

@@ -1,0 +1,58 @@
+"""What every stage of the pipeline shares: the event it passes on, the source it is told about, its base class.
+
+Its own module so that the stages (detect, devices, inspect) depend on it and not on the pipeline that runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from nfstream.flow import NFlow
+
+from iotscan.capture.inputs import CaptureFile
+from iotscan.capture.source import MeterConfig
+
+# A flow record and its NFStream flow; on a live interface also TICK, a heartbeat when no flow has
+# come for a moment, which every stage passes on (a stage holding flows back may flush on it).
+Event = tuple[dict[str, Any], NFlow] | tuple[None, None]
+TICK: tuple[None, None] = (None, None)
+
+
+@dataclass
+class SourceInfo:
+    """One capture file or interface as the stages see it."""
+
+    name: str  # as the user wrote it (the "source" field)
+    config: MeterConfig
+    capture: CaptureFile | None = None  # None for a live interface
+
+
+class Stage:
+    """Base class of enrichment and scoring stages; every hook is optional. What a stage warns of (warn())
+    joins the summary's warnings."""
+
+    def __init__(self) -> None:
+        self.warnings: list[dict[str, str]] = []
+
+    def warn(self, source: str, code: str, message: str) -> None:
+        """A warning for the summary, shaped as the run's own (RunState.warn)."""
+        self.warnings.append({"source": source, "code": code, "message": message})
+
+    def begin(self, source: SourceInfo) -> None:
+        pass
+
+    def run(self, events: Iterator[Event]) -> Iterator[Event]:
+        return events
+
+    def end(self, source: SourceInfo) -> None:
+        pass
+
+    def finish(self) -> list[dict[str, Any]]:
+        return []
+
+    def summarize(self, summary: dict[str, Any]) -> None:
+        """Add to the summary record: by default, the stage's warnings."""
+        if self.warnings:
+            summary.setdefault("warnings", []).extend(self.warnings)
