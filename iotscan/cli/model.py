@@ -33,11 +33,14 @@ def _say(quiet: bool) -> Any:
     return say
 
 
-def _tables(manifests: list[Path], cache_dir: Path | None, no_cache: bool, quiet: bool) -> list:
+def _tables(manifests: list[Path], cache_dir: Path | None, no_cache: bool, quiet: bool,
+            sources: list[str] | None = None) -> list:
     from iotscan.training.dataset import default_cache_dir, load_captures
-    from iotscan.training.manifest import read_manifests
+    from iotscan.training.manifest import read_manifests, select_sources
 
     specs = read_manifests(manifests)
+    if sources:  # before loading: the other datasets' captures are not even metered
+        specs = select_sources(specs, sources)
     tables = load_captures(specs, None if no_cache else (cache_dir or default_cache_dir()), progress=not quiet)
     if not tables:
         raise InputError("no capture of the manifests could be read")
@@ -150,6 +153,9 @@ def evaluate(
     threshold: float | None = typer.Option(None, "--threshold", min=0.0, max=1.0,
                                            help="Verdict threshold (default: the model's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    source: list[str] = typer.Option(
+        [], "--source", help="Only the captures of this dataset (as the manifest names it: the first directory "
+                             "of its paths, or its source column). Repeatable."),
     cache_dir: Path | None = CACHE_OPTION,
     no_cache: bool = NO_CACHE_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -160,7 +166,7 @@ def evaluate(
     from iotscan.training.evaluate import _empty, metrics, predict_all
 
     model, _card = load_flow_model(model_path, trust_model)
-    tables = _tables(manifests, cache_dir, no_cache, quiet)
+    tables = _tables(manifests, cache_dir, no_cache, quiet, source)
     preds = {"model": _empty(), "rule": _empty()}
     predict_all(tables, model, None, preds, threshold)
     result = nan_to_none(metrics(preds["model"]))

@@ -4,7 +4,9 @@ Each capture is metered with :class:`iotscan.capture.source.FlowSource` under th
 uses, and every flow goes through :class:`iotscan.detect.features.FeatureExtractor` in expiry order,
 exactly as the scoring stage sees it. The table (features, nDPI names, the flow keys labels are
 joined on) is cached per capture, keyed by the file, its size and time, and a fingerprint of the
-feature code, so experiments and retraining do not meter the same captures again.
+feature code, so experiments and retraining do not meter the same captures again. Labels are not
+in the cache: they are applied on loading, so the several rows (flow filters) of one file share its
+table, and a file is metered once per run even without a cache.
 """
 
 from __future__ import annotations
@@ -111,10 +113,10 @@ def _extract(path: Path) -> dict[str, np.ndarray]:
     }
 
 
-def load_capture(spec: CaptureSpec, cache_dir: Path | None) -> CaptureTable:
-    """The labeled feature table of one capture, from the cache when it is there."""
+def _features(path: Path, cache_dir: Path | None) -> dict[str, np.ndarray]:
+    """A file's unlabeled feature table, from the cache when it is there."""
     data: dict[str, np.ndarray] | None = None
-    cache_file = _cache_file(cache_dir, spec.path) if cache_dir else None
+    cache_file = _cache_file(cache_dir, path) if cache_dir else None
     if cache_file is not None and cache_file.is_file():
         try:
             with np.load(cache_file, allow_pickle=False) as npz:
@@ -122,17 +124,25 @@ def load_capture(spec: CaptureSpec, cache_dir: Path | None) -> CaptureTable:
         except (OSError, ValueError):
             data = None  # a damaged cache entry is rebuilt
     if data is None:
-        data = _extract(spec.path)
+        data = _extract(path)
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(".tmp.npz")
             np.savez_compressed(tmp, **data)
             tmp.replace(cache_file)
+    if data["X"].shape[1] != len(FEATURE_NAMES):
+        raise InputError(f"{cache_file}: cached table of another feature layout")
+    return data
+
+
+def load_capture(spec: CaptureSpec, cache_dir: Path | None,
+                 data: dict[str, np.ndarray] | None = None) -> CaptureTable:
+    """The labeled feature table of one capture (of ``data`` when the file's table is already loaded)."""
+    if data is None:
+        data = _features(spec.path, cache_dir)
     keys = FlowKeys(data["src_ip"], data["dst_ip"], data["src_port"], data["dst_port"], data["protocol"],
                     data["first_ms"], data["last_ms"])
     y, family = spec.labeler.label(keys, spec.label, spec.family)
-    if data["X"].shape[1] != len(FEATURE_NAMES):
-        raise InputError(f"{cache_file}: cached table of another feature layout")
     return CaptureTable(spec, data["X"], data["apps"], data["categories"], keys, data["packets"], y,
                         np.asarray(family, dtype=object))
 
@@ -143,6 +153,9 @@ def load_captures(specs: Sequence[CaptureSpec], cache_dir: Path | None, progress
     A capture that cannot be read is skipped with a warning, as ``analyze`` does.
     """
     tables: list[CaptureTable] = []
+    # per file: its feature table and the rows that labeled its flows so far (several flow-filter rows)
+    loaded: dict[Path, dict[str, np.ndarray]] = {}
+    labeled_by: dict[Path, list[tuple[CaptureSpec, np.ndarray]]] = {}
     show = progress and stderr.is_terminal
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[flows]}"), TimeElapsedColumn(), console=stderr, transient=True,
@@ -152,11 +165,19 @@ def load_captures(specs: Sequence[CaptureSpec], cache_dir: Path | None, progress
         for spec in specs:
             bar.update(task, description=f"extracting {spec.path.name[:40]}")
             try:
-                table = load_capture(spec, cache_dir)
+                if spec.path not in loaded:
+                    loaded[spec.path] = _features(spec.path, cache_dir)
+                table = load_capture(spec, cache_dir, loaded[spec.path])
             except (CaptureError, InputError) as exc:
-                stderr.print(f"[yellow]warning:[/] skipping {spec.path}: {exc.message}")
+                stderr.print(f"[yellow]warning:[/] skipping {spec.name}: {exc.message}")
                 bar.advance(task)
                 continue
+            mine = table.y >= 0
+            for other, theirs in labeled_by.get(spec.path, []):
+                if np.any(mine & theirs):  # a flow counted twice, maybe with two families: the manifest is wrong
+                    stderr.print(f"[yellow]warning:[/] {spec.path}: rows {other.row} and {spec.row} of "
+                                 f"{spec.manifest} both label {int(np.sum(mine & theirs))} flow(s)")
+            labeled_by.setdefault(spec.path, []).append((spec, mine))
             if len(table):  # a capture without IP flows teaches nothing
                 tables.append(table)
             flows += len(table)

@@ -19,6 +19,7 @@ from iotscan.training.manifest import FAMILIES
 from iotscan.training.train import (
     TrainConfig,
     encoded,
+    file_groups,
     fit_flow_model,
     fit_statistics_forest,
     forest_predict,
@@ -36,7 +37,7 @@ MODEL_TITLES = {"model": "flow model (context + per-flow)", "forest": "random fo
 class Predictions:
     """Scores, verdicts and families of every labeled flow of some captures, by one model."""
 
-    capture: list[str]  # capture path per table
+    capture: list[str]  # capture name per table (a file's path, with its row when several rows share it)
     source: list[str]
     y: list[np.ndarray]
     family: list[np.ndarray]
@@ -51,7 +52,7 @@ def _empty() -> Predictions:
 
 def _add(p: Predictions, table: CaptureTable, score: np.ndarray, attack: np.ndarray, fam: np.ndarray) -> None:
     keep = table.y >= 0
-    p.capture.append(str(table.spec.path))
+    p.capture.append(table.spec.name)
     p.source.append(table.spec.source)
     p.y.append(table.y[keep])
     p.family.append(np.asarray(table.family[keep], dtype=object))
@@ -203,11 +204,14 @@ def _run_split(tables: Sequence[CaptureTable], splits: list[tuple[str, np.ndarra
 
 def grouped_cv(tables: Sequence[CaptureTable], cfg: TrainConfig = TrainConfig(), k: int = 5,
                say: Callable[[str], None] = print, baselines: bool = True) -> dict[str, Any]:
-    """k-fold cross-validation grouped by capture (attack and benign captures spread over folds)."""
-    capture = np.arange(len(tables))
-    has_attack = np.array([bool(np.any(t.y == 1)) for t in tables])
-    folds = group_folds(capture, has_attack, k, cfg.seed + 1)
-    out = _run_split(tables, [(f"fold {i + 1}/{k}", f) for i, f in enumerate(folds)], cfg, say, baselines)
+    """k-fold cross-validation grouped by capture file (attack and benign captures spread over folds)."""
+    # the rows of one file (flow filters) go to one fold: never test on a file the model trained on
+    group = file_groups(tables)
+    has_attack = np.zeros(len(tables), dtype=bool)
+    np.logical_or.at(has_attack, group, [bool(np.any(t.y == 1)) for t in tables])
+    folds = group_folds(group, has_attack, k, cfg.seed + 1)
+    splits = [(f"fold {i + 1}/{k}", np.flatnonzero(np.isin(group, f))) for i, f in enumerate(folds)]
+    out = _run_split(tables, splits, cfg, say, baselines)
     out["k"] = k
     return out
 

@@ -22,7 +22,19 @@ Label sources (label files are relative to the manifest's directory):
   are left out;
 * ``flow-rules:FILE`` -- a CSV ``src_ip,dst_ip,protocol,dst_port,label,family``: a flow matches a
   rule when its initiator, responder, protocol and responder port equal the rule's non-empty
-  fields; the first matching rule wins; unmatched flows get the row's label and family.
+  fields; the first matching rule wins; unmatched flows get the row's label and family;
+* ``flow-filter:FILTER`` -- only the flows matching FILTER carry the row's label and family; the
+  file's other flows stay unlabeled (never benign). FILTER is ``all`` or clauses joined by ``;``,
+  all of which must hold; a clause ``key=v1|v2|...`` holds when the key's value is any of the
+  values. Keys: ``src_ip``, ``dst_ip``, ``src_port``, ``dst_port``, ``protocol`` (IANA number),
+  ``ip`` (either address) and ``port`` (either port); a key may repeat (``ip=A;ip=B``: A and B
+  are the flow's two ends). Addresses are compared as iotscan's flow records print them (IPv6 in
+  compressed form; the filter's own addresses are written that way before comparing).
+
+A file may appear in several ``flow-filter`` rows of one manifest (e.g. the exploit flows and the
+C&C flows of one intrusion): each row is its own :class:`CaptureSpec`, labeling only its own flows,
+named ``PATH (row N)`` in metrics, and one feature table of the file serves them all. Otherwise a
+file listed twice (a glob and a row naming it, or two manifests) is learnt once, from its first row.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from __future__ import annotations
 import bisect
 import csv
 import glob
+import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -129,6 +142,76 @@ class FlowRules(Labeler):
             labels[hit] = label
             families[hit] = family
             done |= hit
+        return labels, families
+
+
+# flow-filter keys -> the FlowKeys columns a clause looks at (any of them may hold the value)
+_FILTER_KEYS: dict[str, tuple[str, ...]] = {
+    "src_ip": ("src_ip",), "dst_ip": ("dst_ip",), "ip": ("src_ip", "dst_ip"),
+    "src_port": ("src_port",), "dst_port": ("dst_port",), "port": ("src_port", "dst_port"),
+    "protocol": ("protocol",),
+}
+
+
+def parse_flow_filter(text: str) -> list[tuple[str, tuple[str | int, ...]]]:
+    """``all`` -> no clause; else (key, values) per clause. ValueError says what is wrong, in one line."""
+    text = text.strip()
+    if text == "all":
+        return []
+    if not text:
+        raise ValueError("empty filter (use 'all' for every flow)")
+    clauses: list[tuple[str, tuple[str | int, ...]]] = []
+    for clause in text.split(";"):
+        key, eq, values = (part.strip() for part in clause.partition("="))
+        if not eq:
+            raise ValueError(f"clause {clause.strip()!r} is not key=value")
+        if key not in _FILTER_KEYS:
+            raise ValueError(f"unknown key {key!r} (keys: {', '.join(_FILTER_KEYS)})")
+        items = [v.strip() for v in values.split("|")]
+        if not all(items):
+            raise ValueError(f"clause {clause.strip()!r} has an empty value")
+        clauses.append((key, tuple(_filter_value(key, v) for v in items)))
+    return clauses
+
+
+def _filter_value(key: str, value: str) -> str | int:
+    if key.endswith("ip"):
+        try:
+            # the flow records' form, so that 2001:DB8:0::1 and 2001:db8::1 are one address
+            return ipaddress.ip_address(value).compressed
+        except ValueError:
+            raise ValueError(f"{key}={value}: not an IP address") from None
+    limit = 255 if key == "protocol" else 65535
+    if not (value.isascii() and value.isdigit()) or int(value) > limit:
+        raise ValueError(f"{key}={value}: not a number from 0 to {limit}")
+    return int(value)
+
+
+@dataclass
+class FlowFilter(Labeler):
+    """The flows matching a filter carry the row's label and family; the others stay unlabeled."""
+
+    text: str
+    clauses: list[tuple[str, tuple[str | int, ...]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.description = f"flow-filter:{self.text}"
+        self.clauses = parse_flow_filter(self.text)
+
+    def matches(self, keys: FlowKeys) -> np.ndarray:
+        hit = np.ones(len(keys.src_ip), dtype=bool)
+        for key, values in self.clauses:
+            clause = np.zeros(len(hit), dtype=bool)
+            for column in _FILTER_KEYS[key]:
+                # cached tables hold addresses as str and numbers as ints: compare like with like
+                clause |= np.isin(getattr(keys, column), np.array(values))
+            hit &= clause
+        return hit
+
+    def label(self, keys: FlowKeys, row_label: int, row_family: str) -> tuple[np.ndarray, np.ndarray]:
+        hit = self.matches(keys)
+        labels = np.where(hit, row_label, UNLABELED).astype(np.int8)
+        families = np.where(hit, row_family, "").astype(object)
         return labels, families
 
 
@@ -235,10 +318,18 @@ class CaptureSpec:
     labeler: Labeler
     source: str  # the dataset it belongs to
     manifest: Path
+    row: int = 0  # the manifest line it comes from
+    shared: bool = False  # the file has other rows (flow filters) in the same manifest
 
     @property
     def name(self) -> str:
-        return str(self.path)
+        """How metrics name it: the path, with the row when other rows label other flows of the file."""
+        return f"{self.path} (row {self.row})" if self.shared else str(self.path)
+
+    @property
+    def partial(self) -> bool:
+        """Labels only part of the file's flows (so other rows may label the rest)."""
+        return isinstance(self.labeler, FlowFilter)
 
 
 def read_manifest(manifest: Path) -> list[CaptureSpec]:
@@ -280,9 +371,15 @@ def read_manifest(manifest: Path) -> list[CaptureSpec]:
                                                                                               manifest)
         for match in matches:
             specs.append(CaptureSpec(Path(os.path.normpath(match)), label, family, labelers[source_kind], source,
-                                     manifest))
+                                     manifest, row=i))
     if not specs:
         raise InputError(f"{manifest}: the manifest lists no captures")
+    partial_rows: dict[Path, int] = {}
+    for spec in specs:
+        if spec.partial:
+            partial_rows[spec.path] = partial_rows.get(spec.path, 0) + 1
+    for spec in specs:
+        spec.shared = spec.partial and partial_rows[spec.path] > 1
     return specs
 
 
@@ -308,16 +405,36 @@ def _labeler(kind: str, base: Path, where: str) -> Labeler:
         return ZeekConnLabels(base / arg)
     if name == "flow-rules":
         return FlowRules(base / arg)
+    if name == "flow-filter":
+        try:
+            return FlowFilter(arg)
+        except ValueError as exc:
+            raise InputError(f"{where}: bad flow filter {arg!r}: {exc}") from exc
     raise InputError(f"{where}: unknown label_source {kind!r} (whole-capture, device-csv:FILE, "
-                     "zeek-conn-labeled:FILE, flow-rules:FILE)")
+                     "zeek-conn-labeled:FILE, flow-rules:FILE, flow-filter:FILTER)")
 
 
 def read_manifests(manifests: Sequence[Path]) -> list[CaptureSpec]:
+    """The specs of several manifests; a capture listed twice is learnt once, from its first row, except
+    that the flow-filter rows of one manifest for one file are all kept (each labels its own flows)."""
     specs: list[CaptureSpec] = []
-    seen: set[Path] = set()
-    for manifest in manifests:
+    first: dict[Path, tuple[int, CaptureSpec]] = {}  # per file: which manifest (by position) and row came first
+    for n, manifest in enumerate(manifests):
         for spec in read_manifest(manifest):
-            if spec.path not in seen:  # the same capture listed twice is learnt once
-                seen.add(spec.path)
+            seen = first.get(spec.path)
+            if seen is None:
+                first[spec.path] = (n, spec)
+                specs.append(spec)
+            elif seen[0] == n and seen[1].partial and spec.partial:
                 specs.append(spec)
     return specs
+
+
+def select_sources(specs: Sequence[CaptureSpec], names: Sequence[str]) -> list[CaptureSpec]:
+    """The specs of the named datasets; an InputError naming the available ones for a name matching none."""
+    available = sorted({s.source for s in specs})
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise InputError(f"no source named {', '.join(unknown)} in the manifests (sources: {', '.join(available)})")
+    wanted = set(names)
+    return [s for s in specs if s.source in wanted]

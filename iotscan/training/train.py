@@ -136,6 +136,13 @@ def _detector(cfg: TrainConfig) -> Any:
         early_stopping=False, random_state=cfg.seed)
 
 
+def file_groups(tables: Sequence[CaptureTable]) -> np.ndarray:
+    """Per table, the index of the first table of the same file: the rows (flow filters) of one file form
+    one group for splitting; without such rows it is the tables' own index."""
+    first: dict[str, int] = {}
+    return np.array([first.setdefault(str(t.spec.path), i) for i, t in enumerate(tables)], dtype=int)
+
+
 def group_folds(capture: np.ndarray, has_attack: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     """k folds of captures (as arrays of capture indices), attack and benign captures spread evenly."""
     rng = np.random.default_rng(seed)
@@ -211,9 +218,14 @@ def fit_flow_model(tables: Sequence[CaptureTable], cfg: TrainConfig = TrainConfi
         folds = [np.flatnonzero(source_of == i) for i in range(len(sources))]
         validation = "inner leave-one-source-out over the training sources"
     else:
-        k = max(2, min(cfg.inner_folds, int(rows.has_attack[np.unique(rows.capture)].sum()),
-                       int((~rows.has_attack[np.unique(rows.capture)]).sum())))
-        folds = group_folds(rows.capture, rows.has_attack, k, cfg.seed)
+        # a file's rows (flow filters) are one group: its flows never validate a detector trained on it
+        groups = file_groups(tables)
+        has_attack = np.zeros(len(tables), dtype=bool)
+        np.logical_or.at(has_attack, groups, rows.has_attack)
+        used = np.unique(groups[rows.capture])
+        k = max(2, min(cfg.inner_folds, int(has_attack[used].sum()), int((~has_attack[used]).sum())))
+        folds = [np.flatnonzero(np.isin(groups, f))
+                 for f in group_folds(groups[rows.capture], has_attack, k, cfg.seed)]
         validation = f"inner {k}-fold cross-validation grouped by capture over the training captures"
     k = len(folds)
     X_det = rows.X[:, feature_index(DETECTOR_FEATURES)]
