@@ -142,7 +142,9 @@ class LiveMonitor(Stage):
         latest_attacks, devices, not_devices = self.latest_attacks, self.devices, self._not_devices
         src_link, dst_link = DEVICE_LINK_FIELDS
         for record, flow in events:
-            if record is None:  # heartbeat
+            if record is None or flow is None:  # a heartbeat, or a stage's own record (an alert)
+                if record is not None:
+                    latest_attacks.append(record)
                 yield record, flow
                 continue
             attack = record.get("verdict") == "attack"
@@ -338,6 +340,11 @@ class LiveRun:
                 attacks.add_column(name, no_wrap=True)
             attacks.add_column("why", overflow="ellipsis", no_wrap=True)  # the first reason
             for r in reversed(self.monitor.latest_attacks):
+                if r.get("event_type") == "alert":  # a host-behaviour decision: about a host, not a flow
+                    attacks.add_row(time.strftime("%H:%M:%S", time.localtime(r["decided_ms"] / 1000)),
+                                    escape(str(r["host_ip"])), "", f"alert: {r['kind']}",
+                                    escape(str(r.get("family") or "")), f"{r['score']:.2f}", escape(r["message"]))
+                    continue
                 attacks.add_row(time.strftime("%H:%M:%S", time.localtime(r["last_seen_ms"] / 1000)),
                                 escape(f"{r['src_ip']}:{r['src_port']}"),
                                 escape(f"{r['dst_ip']}:{r['dst_port']}"),

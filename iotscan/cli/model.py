@@ -47,6 +47,25 @@ def _tables(manifests: list[Path], cache_dir: Path | None, no_cache: bool, quiet
     return tables
 
 
+def _pipeline_predictions(manifests: list[Path], sources: list[str], model_path: Path | None, trust_model: bool,
+                          threshold: float | None, quiet: bool) -> Any:
+    from iotscan.cli.common import build_stages, main_pass_config
+    from iotscan.training.manifest import read_manifests, select_sources
+    from iotscan.training.pipeline_eval import evaluate_pipeline
+
+    specs = read_manifests(manifests)
+    if sources:
+        specs = select_sources(specs, sources)
+    result = evaluate_pipeline(
+        specs, lambda: build_stages(model_path=model_path, trust_model=trust_model, threshold=threshold),
+        main_pass_config("", score=True), progress=_say(quiet))
+    for failure in result.failed:
+        _say(quiet)(f"not evaluated: {failure}")
+    if not result.predictions.capture:
+        raise InputError("no capture of the manifests could be analysed")
+    return result.predictions
+
+
 @model_app.command("train")
 def train(
     manifests: list[Path] = MANIFESTS_ARG,
@@ -156,6 +175,9 @@ def evaluate(
     source: list[str] = typer.Option(
         [], "--source", help="Only the captures of this dataset (as the manifest names it: the first directory "
                              "of its paths, or its source column). Repeatable."),
+    pipeline: bool = typer.Option(
+        False, "--pipeline", help="Run each capture through the whole analyze pipeline (devices, scoring, the "
+                                  "host-behaviour stage) instead of scoring the flow model's feature tables."),
     cache_dir: Path | None = CACHE_OPTION,
     no_cache: bool = NO_CACHE_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -166,10 +188,14 @@ def evaluate(
     from iotscan.training.evaluate import _empty, metrics, predict_all
 
     model, _card = load_flow_model(model_path, trust_model)
-    tables = _tables(manifests, cache_dir, no_cache, quiet, source)
-    preds = {"model": _empty(), "rule": _empty()}
-    predict_all(tables, model, None, preds, threshold)
-    result = nan_to_none(metrics(preds["model"]))
+    if pipeline:
+        predictions = _pipeline_predictions(manifests, source, model_path, trust_model, threshold, quiet)
+    else:
+        tables = _tables(manifests, cache_dir, no_cache, quiet, source)
+        preds = {"model": _empty(), "rule": _empty()}
+        predict_all(tables, model, None, preds, threshold)
+        predictions = preds["model"]
+    result = nan_to_none(metrics(predictions))
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
         return

@@ -157,6 +157,7 @@ class TableSink:
     reason for each), the busiest flows, devices, a summary panel."""
 
     TOP = 20
+    MAX_ALERTS = 50
 
     def __init__(self, out: IO[bytes], width: int | None = None) -> None:
         self.out = out
@@ -164,6 +165,7 @@ class TableSink:
         self.attacks: list[tuple[float, int, dict[str, Any]]] = []  # min-heap on score
         self.families: dict[str, _FamilyTally] = {}
         self.devices: list[dict[str, Any]] = []
+        self.alerts: list[dict[str, Any]] = []  # the first MAX_ALERTS
         self.apps: Counter[str] = Counter()
         self.app_bytes: Counter[str] = Counter()
         self.seq = 0
@@ -173,6 +175,10 @@ class TableSink:
         kind = record.get("event_type")
         if kind == "device":
             self.devices.append(record)
+            return
+        if kind == "alert":
+            if len(self.alerts) < self.MAX_ALERTS:
+                self.alerts.append(record)
             return
         if kind != "flow":
             return
@@ -194,6 +200,8 @@ class TableSink:
         terminal = self.out_is_terminal()
         console = Console(file=text, force_terminal=terminal, width=self.width or (None if terminal else 200),
                           highlight=False)
+        if self.alerts:
+            console.print(alert_table(self.alerts))
         if self.attacks:
             console.print(family_table(self.families))
             attacks = [r for _, _, r in sorted(self.attacks, reverse=True)]
@@ -331,6 +339,22 @@ def _verdict_cell(record: dict[str, Any]) -> str:
     if verdict == "attack":
         return f"[bold red]attack[/] {escape(record.get('family') or '')}{score}"
     return f"{escape(verdict)}{score}"
+
+
+def alert_table(alerts: list[dict[str, Any]]) -> Table:
+    """The host-behaviour stage's decisions, first on the page: the reason is the column that keeps its width."""
+    table = Table(title=f"Alerts ({len(alerts)})", box=box.SIMPLE_HEAD, title_style="bold red", title_justify="left")
+    table.add_column("time", no_wrap=True)
+    table.add_column("host", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("family", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("why", ratio=1, min_width=30)
+    for a in alerts:
+        table.add_row(str(a["timestamp"])[11:19], escape(str(a["host_ip"])),
+                      escape(f"{a['kind']}" + (f" ({a['detail']})" if a.get("detail") else "")),
+                      escape(str(a.get("family") or "")), f"{a['score']:.2f}", escape(a["message"]))
+    return table
 
 
 def device_table(devices: list[dict[str, Any]]) -> Table:

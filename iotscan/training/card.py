@@ -15,7 +15,8 @@ import numpy as np
 from iotscan.capture.source import MeterConfig
 from iotscan.detect.context import KEY_TTL_S, MAX_KEYS, SET_CAP, WINDOWS_S
 from iotscan.detect.features import FEATURE_NAMES, FEATURE_SCHEMA_VERSION, METER_SETTINGS
-from iotscan.detect.request_pass import PAIR_AFTER_MATCH_MS, PAIR_BEFORE_MATCH_MS, SIGNATURES
+from iotscan.detect.request_findings import PAIR_AFTER_MATCH_MS, PAIR_BEFORE_MATCH_MS
+from iotscan.detect.request_signatures import SIGNATURES
 from iotscan.detect.scoring import ICMP_FLOOD_PACKETS, ICMP_FLOOD_RATE
 from iotscan.training.dataset import CaptureTable
 from iotscan.training.evaluate import MODEL_TITLES, MODELS
