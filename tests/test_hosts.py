@@ -34,7 +34,8 @@ BOT_MAC, GATEWAY_MAC = b"\x02\x11\x22\x33\x44\x50", b"\x02\x11\x22\x33\x44\x01"
     ((6, 1, 1, 0, 1, 1, True), SUCCEEDED),  # SYN answered by SYN-ACK
     ((6, 1, 0, 1, 1, 1, False), FAILED),  # refused, even in a capture that shows no other answer
     ((6, 5, 0, 0, 5, 0, True), FAILED),  # SYN retried, never answered
-    ((6, 5, 0, 0, 5, 0, False), NO_CONTACT),  # ... in a capture of one direction: unknown
+    ((6, 5, 0, 0, 5, 0, False), FAILED),  # ... in a capture of one direction too: it sent only SYNs
+    ((6, 1, 0, 0, 12, 0, False), NO_CONTACT),  # a connection seen one way, its data sent: unknown
     ((6, 0, 0, 1, 1, 1, True), FAILED),  # an ACK probe answered by RST
     ((6, 0, 0, 0, 1, 0, False), FAILED),  # an ACK probe: one segment, whatever the capture shows
     ((6, 0, 0, 0, 40, 30, True), NO_CONTACT),  # a connection caught after its handshake

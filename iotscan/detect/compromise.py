@@ -11,6 +11,9 @@ its weight and how strongly it showed:
   address. Ports every device uses by address (DNS, NTP, DHCP...) do not count;
 * ``protocol`` -- a protocol hosts of an IoT network have no business speaking to the Internet: IRC (bots'
   command channels), outbound telnet (Mirai's propagation), SMTP (spam bots);
+* ``raw`` -- such a connection in a protocol nDPI does not know, on a port no Internet service is known by
+  (CLOUD_PORTS): a bot's own command channel, where software speaks HTTP, TLS, MQTT or one of the hundreds of
+  protocols nDPI names;
 * ``fan_out`` -- many distinct public addresses contacted within a few minutes (a device calls a few
   clouds; a bot propagates or floods);
 * ``beacon`` -- a channel repeated at regular intervals (RITA's measure). IoT heartbeats are beacons
@@ -35,7 +38,12 @@ NO_DNS_NEEDED = frozenset((0, 53, 67, 68, 123, 137, 138, 1900, 5353, 5355))
 # Outbound to a public address: IRC, telnet (Mirai's ports), SMTP
 SUSPECT_PORTS = {6667: "IRC", 6697: "IRC", 23: "telnet", 2323: "telnet", 25: "SMTP"}
 SUSPECT_APPS = ("IRC",)
-WEIGHTS = {"scan": 0.7, "protocol": 0.7, "no_dns": 0.5, "fan_out": 0.4, "beacon": 0.3}
+WEIGHTS = {"scan": 0.7, "protocol": 0.7, "no_dns": 0.5, "raw": 0.4, "fan_out": 0.4, "beacon": 0.3}
+# nDPI's names for "no protocol recognised"
+UNKNOWN_APPS = frozenset(("", "Unknown"))
+# The ports of the Internet's own services, which devices' clouds speak their own protocols over too (a lighting
+# hub's binary protocol to its cloud on port 80, by address): an unknown protocol there is no bot's channel
+CLOUD_PORTS = frozenset((80, 443, 8080, 8443, 1883, 8883, 5683, 5684))
 SUSPICION_AT = 1.0
 MIN_KINDS = 2
 NO_DNS_FULL = 3  # distinct destinations reached without DNS at which that evidence is at full strength
@@ -151,6 +159,8 @@ class CompromiseTracker:
                           f"{'them' if n > 1 else 'it'} (e.g. {dst}:{dst_port})")
                 ev.suspect_services.add(key)
                 evidence = evidence or "c2"
+                if app.split(".")[0] in UNKNOWN_APPS and dst_port not in CLOUD_PORTS:
+                    self._add(ev, "raw", 1.0, t, f"a protocol nDPI does not know, to {dst}:{dst_port} by address")
             if self._beacon(ev, (dst, dst_port, protocol), t):
                 ev.suspect_services.add((dst, dst_port))
                 evidence = evidence or "c2"

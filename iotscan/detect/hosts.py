@@ -183,7 +183,7 @@ class HostStage(Stage):
             return []
         self._wait_for_replies()
         is_error = self.replies.is_error
-        flags = self._flags([item.event[1] for item in pending])
+        flags = flow_flags([item.event[1] for item in pending], self._dtype)
         alerts: list[Event] = []
         observe = self.scans.observe
         for item, (src_syn, dst_syn, dst_rst) in zip(pending, flags, strict=True):
@@ -220,19 +220,12 @@ class HostStage(Stage):
                 resolved = self.replies.resolved_before(src, dst, r["first_seen_ms"]) \
                     if self.replies.asked_dns(src) else None
                 item.suspect, decided = self.compromise.observe(
-                    src, dst, r["dst_port"], protocol, r.get("app") or "", r["first_seen_ms"], fresh, True, resolved,
+                    src, dst, r["dst_port"], protocol, "" if r.get("app_guessed") else r.get("app") or "",
+                    r["first_seen_ms"], fresh, True, resolved,
                     r.get("community_id"))
                 self._compromised(decided, r, alerts)
         pending.clear()
         return alerts
-
-    def _flags(self, flows: list[Any]) -> list[tuple[int, int, int]]:
-        """SYNs from the initiator, SYNs and RSTs from the responder, per flow (NFStream's counts)."""
-        blocks = [f.statistics for f in flows if type(f) is MeteredFlow and f.statistics is not None]
-        if len(blocks) == len(flows):
-            decoded = np.frombuffer(b"".join(blocks), dtype=self._dtype)
-            return list(zip(*(decoded[name].tolist() for name in _FLAG_FIELDS), strict=True))
-        return [tuple(int(getattr(f, name, 0) or 0) for name in _FLAG_FIELDS) for f in flows]  # type: ignore[misc]
 
     def _release(self, held: deque[_Held], n: int) -> Iterator[Event]:
         """The oldest n held flows, marked by the decisions made so far."""
@@ -309,6 +302,16 @@ class HostStage(Stage):
         super().summarize(summary)
         summary["alerts"] = sum(self.alerts.values())
         summary["alert_kinds"] = dict(self.alerts.most_common())
+
+
+def flow_flags(flows: list[Any], dtype: np.dtype) -> list[tuple[int, int, int]]:
+    """SYNs from the initiator, SYNs and RSTs from the responder, per flow, as NFStream counted them: decoded from
+    the meter's statistics blocks (``dtype``: capture.source.flow_block_dtype) a batch at a time."""
+    blocks = [f.statistics for f in flows if type(f) is MeteredFlow and f.statistics is not None]
+    if len(blocks) == len(flows):
+        decoded = np.frombuffer(b"".join(blocks), dtype=dtype)
+        return list(zip(*(decoded[name].tolist() for name in _FLAG_FIELDS), strict=True))
+    return [tuple(int(getattr(f, name, 0) or 0) for name in _FLAG_FIELDS) for f in flows]  # type: ignore[misc]
 
 
 def _probe_like(record: dict[str, Any]) -> bool:

@@ -22,8 +22,9 @@ Nor is a failed contact to an address a DNS answer named to the host before (iot
 that): a scanner enumerates addresses, a device whose cloud service is down tried one it looked up.
 
 Unanswered is read as failed only once the capture has shown answers (``answers_seen``): a capture of one
-direction of traffic answers nothing, and every host would look like a scanner. A TCP segment without SYN
-is the exception: in a capture of one direction a connection shows its data, a probe one or two segments.
+direction of traffic answers nothing, and every host would look like a scanner. Probes are the exception:
+a connection that sent only SYNs, or a TCP segment without SYN alone or with its retry. In a capture of one
+direction a connection shows its data, a probe its SYNs.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def outcome(protocol: int, src_syn: int, dst_syn: int, dst_rst: int, src_packets
         if src_syn:
             if dst_syn:
                 return SUCCEEDED
-            return FAILED if dst_rst or answers_seen else NO_CONTACT
+            # a connection that got no answer and sent nothing but SYNs failed, even where the capture shows no
+            # answer at all: in a capture of one direction, connections show their data, probes their SYNs
+            return FAILED if dst_rst or answers_seen or src_syn >= src_packets else NO_CONTACT
         if src_packets <= 2 and (dst_rst or not dst_packets):  # a lone ACK, FIN or NULL probe, and its retry
             return FAILED
         return NO_CONTACT  # a connection caught after its handshake

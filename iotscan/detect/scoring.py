@@ -102,12 +102,14 @@ RULE_REASONS = {"dos": "a flood of one host, mostly from this source (DoS)",
                 "bruteforce": "one client reconnecting to one service about twice a second or more (password guessing)"}
 ICMP_FLOOD_REASON = "ICMP at a flood ping's rate (100 packets a second or more)"
 INTERCEPTED_REASON = "sent to a local host through the MAC another local host sends from (ARP or ND spoofing)"
-_RULE_PHRASES = frozenset((*RULE_REASONS.values(), ICMP_FLOOD_REASON))
+SYNACK_REASON = "unsolicited SYN-ACKs at a flood's rate (a SYN-ACK reflection)"
+_RULE_PHRASES = frozenset((*RULE_REASONS.values(), ICMP_FLOOD_REASON, SYNACK_REASON))
 _INTERCEPTED_COL = FEATURE_NAMES.index(INTERCEPTED)
 _RULE_COLUMNS = {n: FEATURE_NAMES.index(n) for n in (
     "dst_log_flows_5s", "src_log_flows_5s", "src_log_flows_120s", "src_new_port_share_120s", "src_new_host_share_120s",
     "chan_log_flows_5s", "proto_tcp", "one_way", "log_dst2src_packets", "log_duration_ms",
-    "proto_icmp", "log_packets", "log_packet_rate", "failed", "log_src2dst_packets", "chan_log_flows_120s")}
+    "proto_icmp", "log_packets", "log_packet_rate", "failed", "log_src2dst_packets", "chan_log_flows_120s",
+    "src2dst_syn_share", "src2dst_ack_share")}
 # The destination host's and service's context (not the flow's own port class or multicast address)
 _DESTINATION_CONTEXT = np.array([i for i, n in enumerate(FEATURE_NAMES) if n.startswith(("dst_", "svc_"))
                                  and n not in ("dst_port_class", "dst_multicast")], dtype=np.intp)
@@ -233,6 +235,7 @@ def rule_families(X: np.ndarray) -> np.ndarray:
     out[guessing] = "bruteforce"
     out[flood] = np.where(own_share[flood] >= ONE_SOURCE_SHARE, "dos", "ddos")
     out[icmp_flood(X) & ~flood] = "dos"
+    out[synack_reflection(X)] = "ddos"  # reflected, whatever share one reflector sends
     return out
 
 
@@ -299,11 +302,20 @@ def _deciding_code(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes[np.arange(len(codes)), column], column
 
 
+def synack_reflection(X: np.ndarray) -> np.ndarray:
+    """Rows of a SYN-ACK reflection: flows whose initiator sent only SYN-ACKs (no connection starts so: they answer
+    SYNs spoofed from the victim) to a host flooded with flows (FLOOD_FLOWS_5S)."""
+    def c(name: str) -> np.ndarray:
+        return X[:, _RULE_COLUMNS[name]]
+
+    return (c("proto_tcp") == 1) & (c("src2dst_syn_share") == 1) & (c("src2dst_ack_share") == 1) & _flooded(X)
+
+
 def _decided(X: np.ndarray) -> np.ndarray:
     """Rows that are attacks whatever the detector says: a signature's (the flow's own packets matched one, a
     flow of its two hosts did, or an exploit request one of its hosts received named the other), an ICMP
-    flood's, or a flow through another host's MAC (features.LinkTracker)."""
-    return (_deciding_code(X)[0] > 0) | icmp_flood(X) | (X[:, _INTERCEPTED_COL] > 0)
+    flood's, a SYN-ACK reflection's, or a flow through another host's MAC (features.LinkTracker)."""
+    return (_deciding_code(X)[0] > 0) | icmp_flood(X) | synack_reflection(X) | (X[:, _INTERCEPTED_COL] > 0)
 
 
 def explain(model: dict[str, Any], X: np.ndarray, alike: dict[int, list[str]] | None = None) -> list[list[str]]:
@@ -346,8 +358,10 @@ def explain(model: dict[str, Any], X: np.ndarray, alike: dict[int, list[str]] | 
     out = [phrases[i] for i in inverse.ravel()]
     ruled = rule_families(X)
     flooding = icmp_flood(X)
+    reflected = synack_reflection(X)
     for i in np.flatnonzero(ruled != ""):  # what made the family: the detector's reasons do not say it
-        out[i] = [ICMP_FLOOD_REASON if flooding[i] else RULE_REASONS[ruled[i]], *out[i][:MAX_REASONS - 1]]
+        first = ICMP_FLOOD_REASON if flooding[i] else SYNACK_REASON if reflected[i] else RULE_REASONS[ruled[i]]
+        out[i] = [first, *out[i][:MAX_REASONS - 1]]
     for i in np.flatnonzero(X[:, _INTERCEPTED_COL] > 0):
         out[i] = [INTERCEPTED_REASON, *out[i][:MAX_REASONS - 1]]
     code, column = _deciding_code(X)
