@@ -195,7 +195,9 @@ def card_markdown(card: dict[str, Any]) -> str:
     per_fam = card["data"]["attack_captures_per_family"]
     lines += ["", "Attack captures per family: " + ", ".join(f"{f} {n}" for f, n in per_fam.items()) + ".",
               f"Thin families (fewer than 3 attack captures): {', '.join(card['thin_families']) or 'none'}.", "",
-              f"Manifests: {', '.join(f'`{m}`' for m in card['manifests'])}.", ""]
+              f"Manifests: {', '.join(f'`{m}`' for m in card['manifests'])}."
+              + (f" Left out of training and of every figure here, kept unseen: "
+                 f"{', '.join(card['excluded_sources'])}." if card.get("excluded_sources") else ""), ""]
     lines += ["## Features", "",
               f"{card['features']['count']} features, schema version {card['feature_schema_version']} (checked at "
               "load). Per flow: NFStream statistics (sizes, timing, TCP flags, direction balance), the sizes and "
