@@ -235,7 +235,7 @@ def test_the_peers_not_drawn_are_one_line_per_host() -> None:
     for record in report_data.flows(3_000, sources=1):
         builder.write(record)
     pairs = builder.pairs.top(rb.GRAPH_PAIRS)
-    others = {local: (size, attacks) for local, _, size, attacks in report_html.other_peers(builder, pairs)}
+    others = {o[0]: o[2:] for o in report_html.other_peers(builder, pairs)}  # bytes, attack flows, flows
     for local, (size, flows, attacks) in builder.hosts.items.items():
         drawn = [v for ends, v in pairs if local in ends]
         if not drawn:
@@ -243,7 +243,8 @@ def test_the_peers_not_drawn_are_one_line_per_host() -> None:
         if flows == sum(v[1] for v in drawn):
             assert local not in others
         else:
-            assert others[local] == (size - sum(v[0] for v in drawn), attacks - sum(v[2] for v in drawn))
+            assert others[local] == (size - sum(v[0] for v in drawn), attacks - sum(v[2] for v in drawn),
+                                     flows - sum(v[1] for v in drawn))
     assert others, "3,000 flows of spoofed sources: most pairs are not drawn"
 
 

@@ -252,7 +252,7 @@ def devices_section(b: ReportBuilder) -> str:
             (b.device_alerts.items[ip] for ip in ips if ip in b.device_alerts.items), None)
         floods = sum(b.flood_targets.items.get(ip, [0])[0] for ip in ips)
         conf = d.get("confidence")
-        conf_cell = (f'<span class="bar" style="width:{conf * 40:.0f}px"></span>{conf:.2f}'
+        conf_cell = (f'<span class="bar" style="width:{min(max(conf, 0), 1) * 40:.0f}px"></span>{conf:.2f}'
                      if isinstance(conf, (int, float)) else "")
         findings = []
         if attacks:
@@ -301,9 +301,10 @@ def talk_section(b: ReportBuilder) -> str:
     pairs = b.pairs.top(GRAPH_PAIRS)
     if not pairs:
         return '<p class="muted">No flow with a local end.</p>'
-    drawn = [(local, peer, v[0], v[2]) for (local, peer), v in pairs] + other_peers(b, pairs)
+    others = other_peers(b, pairs)
+    drawn = [(local, peer, v[0], v[2]) for (local, peer), v in pairs] + [o[:4] for o in others]
     labels = _labels(b, {n for p in drawn for n in p[:2]})
-    labels[OTHER_PEERS] = "other peers"
+    labels[OTHER_PEERS] = f"other peers ({sum(o[4] for o in others):,} flows)"
     out = [figure(plots.talk(sorted(drawn, key=lambda p: -p[2]), labels),
                   f"The {len(pairs)} pairs of a local host (left) and a peer (right) that exchanged the most bytes, "
                   "and what each of those hosts exchanged with all its other peers; a line is as thick as the bytes "
@@ -325,9 +326,10 @@ def talk_section(b: ReportBuilder) -> str:
     return "".join(out) + "".join(f'<p class="muted">{e(n)}</p>' for n in notes)
 
 
-def other_peers(b: ReportBuilder, pairs: list[tuple[tuple[str, str], list[Any]]]) -> list[tuple[str, str, int, int]]:
+def other_peers(b: ReportBuilder, pairs: list[tuple[tuple[str, str], list[Any]]]
+                ) -> list[tuple[str, str, int, int, int]]:
     """For each local host of ``pairs``, what it exchanged with all the peers not in them (a flood's thousands of
-    sources): (host, OTHER_PEERS, bytes, attack flows), when there is any."""
+    sources): (host, OTHER_PEERS, bytes, attack flows, flows), when there is any."""
     out = []
     for local in dict.fromkeys(local for (local, _), _ in pairs):
         host = b.hosts.items.get(local)
@@ -338,7 +340,7 @@ def other_peers(b: ReportBuilder, pairs: list[tuple[tuple[str, str], list[Any]]]
         if flows > 0:
             # (a host or a pair cut from its counts and counted again may leave them short: never below 0)
             out.append((local, OTHER_PEERS, max(0, host[0] - sum(v[0] for v in mine)),
-                        max(0, host[2] - sum(v[2] for v in mine))))
+                        max(0, host[2] - sum(v[2] for v in mine)), flows))
     return out
 
 
