@@ -32,9 +32,12 @@ from iotscan.cli.common import (
 )
 from iotscan.cli.report import check_report_path, open_report
 from iotscan.output.console import Reporter
+from iotscan.output.records import EXPLAIN_FIELDS
 from iotscan.output.report import TeeSink
 from iotscan.output.sinks import make_sink
 from iotscan.pipeline import Analysis
+
+EXPLAIN_FIELD_NAMES = tuple(name for name, _ in EXPLAIN_FIELDS)
 
 
 @app.command()
@@ -79,7 +82,7 @@ def analyze(
         if attacks_only:
             builder.notes.append("Made with --attacks-only: benign flows are counted in the summary but not drawn.")
     out = open_output(output, paths)
-    columns = flow_columns(devices=not no_devices, score=not no_score) + (("inspect",) if explain else ())
+    columns = flow_columns(devices=not no_devices, score=not no_score) + (EXPLAIN_FIELD_NAMES if explain else ())
     sink = make_sink(fmt.value, out, columns=columns)
     if builder is not None:
         sink = TeeSink(sink, builder)

@@ -2,7 +2,8 @@
 
 Every record is a flat JSON object with an ``event_type``, in the manner of Suricata's EVE and
 Zeek's JSON logs, so that jq, Elastic and Splunk take it as it is. Field names listed here are a
-contract (README, "Output contract"); later stages add fields, never rename these.
+contract (docs/output.md, whose tables docs/make_tables.py generates from these); later stages add
+fields, never rename these.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from communityid import CommunityID
 FLOW_FIELDS: tuple[tuple[str, str], ...] = (
     # first, as in Suricata's EVE: Elastic and Splunk (which looks for a time in an event's first characters)
     # take it as the event's time
-    ("timestamp", "first packet, ISO 8601 UTC to the millisecond"),
+    ("timestamp", "the first packet's time, ISO 8601 UTC to the millisecond (2017-07-06T13:40:07.419Z); first in "
+                  "the record, as in Suricata's EVE, so Elastic and Splunk take it as the event's time without a "
+                  "mapping"),
     ("event_type", "always \"flow\""),
-    ("flow_id", "64-bit id, stable for the same capture, unique within a run"),
-    ("community_id", "Community ID v1 (null for ICMP: NFStream does not expose ICMP type and code)"),
+    ("flow_id", "64-bit id, the same for the same flow of the same capture in every run (with the same time-outs), "
+                "unique within a run; `iotscan inspect` takes it"),
+    ("community_id", "Community ID v1, to join with Zeek and Suricata records (null for ICMP: NFStream does not keep "
+                     "the ICMP type and code it needs)"),
     ("source", "capture file or interface the flow came from"),
     ("first_seen_ms", "first packet, epoch milliseconds"),
     ("last_seen_ms", "last packet, epoch milliseconds"),
@@ -40,12 +45,12 @@ FLOW_FIELDS: tuple[tuple[str, str], ...] = (
     ("protocol", "IANA protocol number"),
     ("ip_version", "4 or 6"),
     ("vlan_id", "802.1Q VLAN id, 0 if none"),
-    ("app", "nDPI application, e.g. TLS.Google, MQTT, DNS"),
+    ("app", "nDPI application, e.g. TLS.Amazon, MQTT, DNS"),
     ("app_guessed", "true when nDPI guessed the application from ports"),
     ("category", "nDPI application category"),
     ("server_name", "TLS SNI, HTTP host, DNS or mDNS query name"),
     ("ja4", "JA4 fingerprint of a TLS or QUIC client hello"),
-    ("server_fingerprint", "nDPI's server fingerprint (JA3S for TLS, HASSH for SSH)"),
+    ("server_fingerprint", "nDPI's server fingerprint (JA3S for TLS)"),
     ("client_hash", "nDPI's client fingerprint for other protocols (HASSH for SSH)"),
     ("dhcp_hostname", "hostname a DHCP client announced"),
     ("dhcp_fingerprint", "DHCP parameter request list (option 55)"),
@@ -80,16 +85,17 @@ def metered_flow(flow: Any) -> MeteredFlow:
     """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce)."""
     return MeteredFlow(*flow_attributes(flow), None)
 
-# The device record contract (README, "Devices"): these names are fixed; more fields may follow.
+# The device record contract (docs/devices.md): these names are fixed; more fields may follow.
 DEVICE_FIELDS: tuple[tuple[str, str], ...] = (
     ("timestamp", "first packet of the device's first flow, ISO 8601 UTC to the millisecond (as flows have it)"),
     ("event_type", "always \"device\""),
     ("mac", "the device's MAC address"),
-    ("ips", "local addresses the device sent from, most used first"),
+    ("ips", "local addresses the device sent from, most used first (never remote ones: a gateway relaying Internet "
+            "traffic does not own them)"),
     ("vendor", "vendor, when a signal names one (null otherwise)"),
     ("device_type", "camera, doorbell, smart_plug, light, hub, sensor, alarm, lock, speaker, tv, thermostat, "
                     "health_monitor, appliance, printer, phone, computer, router or unknown"),
-    ("model", "product model, null when not known well enough"),
+    ("model", "product model, null unless the signals name one clearly (look-alikes get an ambiguous_model evidence)"),
     ("confidence", "0..1, how strongly the signals agree on the type (and model)"),
     ("evidence", "list of {signal, value, points_to}, strongest first"),
     ("first_seen_ms", "first packet of the device's first flow, epoch milliseconds"),
@@ -101,11 +107,29 @@ DEVICE_FIELDS: tuple[tuple[str, str], ...] = (
 )
 DEVICE_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in DEVICE_FIELDS)
 
-# Fields later stages add to flow records (devices, scoring); listed so CSV writers know them.
-DEVICE_LINK_FIELDS = ("src_device", "dst_device")
-# evidence_community_id: for an attack marked by another flow's signature match (a flow of the same two hosts
-# matched, or an exploit request one of them received named the other), that flow's community_id
-VERDICT_FIELDS = ("verdict", "score", "family", "reasons", "evidence_community_id")
+# Fields later stages add to flow records (devices, scoring, analyze --explain); the names are listed so CSV
+# writers know them.
+DEVICE_LINK_FIELD_MEANINGS: tuple[tuple[str, str], ...] = (
+    ("src_device", "MAC of the local device at the initiator's end, to join with device records (absent with "
+                   "--no-devices)"),
+    ("dst_device", "MAC of the local device at the responder's end"),
+)
+DEVICE_LINK_FIELDS = tuple(name for name, _ in DEVICE_LINK_FIELD_MEANINGS)
+VERDICT_FIELD_MEANINGS: tuple[tuple[str, str], ...] = (
+    ("verdict", "benign or attack (absent with --no-score)"),
+    ("score", "calibrated probability that the flow is an attack, 0..1"),
+    ("family", "null for benign; else ddos, dos, scan, bruteforce, c2, exploit or spoofing"),
+    ("reasons", "for attacks, in words: the signature or rule that decided, or the feature groups that pushed the "
+                "score most; the first is the strongest"),
+    ("evidence_community_id", "for an attack marked by another flow's signature match (a flow of the same two hosts "
+                              "matched, or an exploit request one of them received named the other), that flow's "
+                              "community_id; else null"),
+)
+VERDICT_FIELDS = tuple(name for name, _ in VERDICT_FIELD_MEANINGS)
+EXPLAIN_FIELDS: tuple[tuple[str, str], ...] = (
+    ("inspect", "with analyze --explain, on attack flows of capture files: the ready-to-run `iotscan inspect` "
+                "command that shows the flow's packets"),
+)
 
 SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("event_type", "always \"summary\", the last record of every run"),
@@ -116,9 +140,11 @@ SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("attack_families", "flows with verdict attack per family, most first ({} when none or nothing was scored)"),
     ("elapsed_s", "wall-clock seconds"),
     ("packets_per_s", "packets / elapsed_s"),
-    ("warnings", "list of {source, code, message}: truncated files, skipped link types, flow cap..."),
+    ("warnings", "list of {source, code, message}; codes truncated, link_type, flow_cap, no_ip, interrupted, "
+                 "dropped, capture, and the stages' (identity_pass, request_pass, device_cap, explain...)"),
     ("errors", "list of {source, message}: inputs that could not be analysed"),
-    ("inputs", "list of {source, packets, flows, status} per capture or interface"),
+    ("inputs", "list of {source, packets, flows, status} per capture or interface; status ok, truncated, "
+               "interrupted, error (live: stopped)"),
 )
 
 # `iotscan live` adds these to its summary record.
