@@ -83,7 +83,10 @@ def analyze(
             builder.notes.append("Made with --attacks-only: benign flows are counted in the summary but not drawn.")
     out = open_output(output, paths)
     columns = flow_columns(devices=not no_devices, score=not no_score) + (EXPLAIN_FIELD_NAMES if explain else ())
-    sink = make_sink(fmt.value, out, columns=columns)
+    # the table's inspect command carries the time-outs flow ids depend on
+    inspect_args = [*(["--idle-timeout", str(idle_timeout)] if idle_timeout != 120 else []),
+                    *(["--active-timeout", str(active_timeout)] if active_timeout != 1800 else [])]
+    sink = make_sink(fmt.value, out, columns=columns, inspect_args=inspect_args)
     if builder is not None:
         sink = TeeSink(sink, builder)
     analysis = Analysis(sink, stages=stages, reporter=Reporter(quiet), fail_on=fail_on, attacks_only=attacks_only)

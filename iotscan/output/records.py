@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import shlex
 import socket
 import struct
 import time
 from collections import namedtuple
+from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
 
@@ -29,7 +31,7 @@ FLOW_FIELDS: tuple[tuple[str, str], ...] = (
                   "mapping"),
     ("event_type", "always \"flow\""),
     ("flow_id", "64-bit id, the same for the same flow of the same capture in every run (with the same time-outs), "
-                "unique within a run; `iotscan inspect` takes it"),
+                "unique within a run; `iotscan inspect` takes it, or its first digits as the table shows them"),
     ("community_id", "Community ID v1, to join with Zeek and Suricata records (null for ICMP: NFStream does not keep "
                      "the ICMP type and code it needs)"),
     ("source", "capture file or interface the flow came from"),
@@ -240,6 +242,41 @@ def flow_id(source_name: str, key: str, first_seen_ms: int) -> int:
     in every run over the same capture (so `iotscan inspect` can find it again)."""
     digest = hashlib.blake2b(f"{source_name}|{key}|{first_seen_ms}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+# How a person (and `iotscan inspect --5tuple`) names a flow's protocol and endpoints.
+PROTOCOL_LABELS = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}
+
+
+def endpoint_text(ip: str, port: int | None) -> str:
+    """ip:port, IPv6 in brackets ([fe80::1]:5353)."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def five_tuple_text(src_ip: str, src_port: int, dst_ip: str, dst_port: int, protocol: int) -> str:
+    """SRC:PORT-DST:PORT/PROTO, the 5-tuple form `iotscan inspect` reads."""
+    return (f"{endpoint_text(src_ip, src_port)}-{endpoint_text(dst_ip, dst_port)}/"
+            f"{PROTOCOL_LABELS.get(protocol, protocol)}")
+
+
+def inspect_command(record: dict[str, Any], *, idle_timeout: int = 120, active_timeout: int = 1800,
+                    program: str = "iotscan", flow: str | None = None, extra: Sequence[str] = ()) -> str:
+    """The ready-to-run, shell-quoted command that shows the packets of a flow record of a capture file.
+
+    It names the flow by its id (or ``flow``: a prefix of it unique in the capture) and gives its 5-tuple too,
+    so that on a large capture the flow pass meters only that 5-tuple's packets. Flow ids depend on the
+    meter's time-outs: pass the ones analyze ran with when they are not the defaults (or as ``extra``
+    arguments), and the command carries them. (A record of `iotscan live` names an interface, which has no
+    packets to show afterwards.)
+    """
+    argv = [program, "inspect", str(record["source"]), flow or str(record["flow_id"]), "--5tuple",
+            five_tuple_text(record["src_ip"], record["src_port"], record["dst_ip"], record["dst_port"],
+                            record["protocol"])]
+    if idle_timeout != 120:
+        argv += ["--idle-timeout", str(idle_timeout)]
+    if active_timeout != 1800:
+        argv += ["--active-timeout", str(active_timeout)]
+    return shlex.join([*argv, *extra])
 
 
 def flow_record(flow: Any, source: str, source_name: str) -> dict[str, Any]:
