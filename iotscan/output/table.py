@@ -171,17 +171,17 @@ def fitted_table(title: str, fit: Fit, order: Sequence[str], rows: list[dict[str
 # -- flow tables -----------------------------------------------------------------------------------
 
 
-def _address(ip: str, port: int, protocol: int) -> str:
+def address_text(ip: str, port: int, protocol: int) -> str:
     """ip:port (IPv6 in brackets) when the protocol has ports; the protocol has its own column."""
     return endpoint_text(ip, port) if protocol in (6, 17, 132) else ip
 
 
 def _src(r: dict[str, Any]) -> str:
-    return escape(_address(r["src_ip"], r["src_port"], r["protocol"]))
+    return escape(address_text(r["src_ip"], r["src_port"], r["protocol"]))
 
 
 def _dst(r: dict[str, Any]) -> str:
-    return escape(_address(r["dst_ip"], r["dst_port"], r["protocol"]))
+    return escape(address_text(r["dst_ip"], r["dst_port"], r["protocol"]))
 
 
 def _proto(r: dict[str, Any]) -> str:
@@ -193,7 +193,7 @@ def _why(r: dict[str, Any]) -> str:
     return escape((r.get("reasons") or [""])[0])
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
@@ -227,7 +227,7 @@ def _flow_columns(short: Callable[[dict[str, Any]], str]) -> dict[str, Column]:
         Column("verdict", _verdict),
         Column("why", _why, wraps=True),
         Column("app", lambda r: escape(r.get("app") or ""), shrink_to=8, max_width=20),
-        Column("bytes", lambda r: _human_bytes(r["bytes"]), justify="right"),
+        Column("bytes", lambda r: human_bytes(r["bytes"]), justify="right"),
         Column("packets", lambda r: f"{r['packets']:,}", justify="right"),
         Column("server_name", lambda r: escape(r.get("server_name") or ""), max_width=30),
     )}
@@ -373,7 +373,7 @@ class TableSink:
             apps.add_column("flows", justify="right")
             apps.add_column("bytes", justify="right")
             for app, n in self.apps.most_common(10):
-                apps.add_row(escape(app), f"{n:,}", _human_bytes(self.app_bytes[app]))
+                apps.add_row(escape(app), f"{n:,}", human_bytes(self.app_bytes[app]))
             console.print(apps, "")
         console.print(summary_panel(summary))
         self.out.write(text.getvalue().encode())
@@ -464,13 +464,14 @@ def _event_message(r: dict[str, Any]) -> str:
     return escape(", ".join(counts))
 
 
-def event_table(kind: str, records: list[dict[str, Any]], total: int, width: int) -> Table:
-    """Alerts or floods (records of other stages): when, what, about whom, the message."""
+def event_table(kind: str, records: list[dict[str, Any]], total: int, width: int, which: str = "first") -> Table:
+    """Alerts or floods (records of other stages): when, what, about whom, the message. ``which`` of them the
+    records are, when fewer than ``total``."""
     columns = [Column("time", lambda r: escape(str(r.get("timestamp") or "")[11:19])),
                Column("what", _event_what, max_width=28), Column("host/target", _event_where, max_width=40),
                Column("message", _event_message, wraps=True)]
     fit = fit_columns(columns, len(columns), records, width) or Fit(columns, {c.name: len(c.name) for c in columns})
-    more = f", first {len(records)} of {total:,}" if total > len(records) else ""
+    more = f", {which} {len(records)} of {total:,}" if total > len(records) else ""
     title = f"{kind.capitalize()}s ({total:,}{more})" if more else f"{kind.capitalize()}s ({total:,})"
     return fitted_table(title, fit, [c.name for c in columns], records, title_style="bold red")
 
