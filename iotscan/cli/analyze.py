@@ -32,9 +32,12 @@ from iotscan.cli.common import (
 )
 from iotscan.cli.report import check_report_path, open_report
 from iotscan.output.console import Reporter
+from iotscan.output.records import EXPLAIN_FIELDS
 from iotscan.output.report import TeeSink
 from iotscan.output.sinks import make_sink
 from iotscan.pipeline import Analysis
+
+EXPLAIN_FIELD_NAMES = tuple(name for name, _ in EXPLAIN_FIELDS)
 
 
 @app.command()
@@ -79,8 +82,11 @@ def analyze(
         if attacks_only:
             builder.notes.append("Made with --attacks-only: benign flows are counted in the summary but not drawn.")
     out = open_output(output, paths)
-    columns = flow_columns(devices=not no_devices, score=not no_score) + (("inspect",) if explain else ())
-    sink = make_sink(fmt.value, out, columns=columns)
+    columns = flow_columns(devices=not no_devices, score=not no_score) + (EXPLAIN_FIELD_NAMES if explain else ())
+    # the table's inspect command carries the time-outs flow ids depend on
+    inspect_args = [*(["--idle-timeout", str(idle_timeout)] if idle_timeout != 120 else []),
+                    *(["--active-timeout", str(active_timeout)] if active_timeout != 1800 else [])]
+    sink = make_sink(fmt.value, out, columns=columns, inspect_args=inspect_args)
     if builder is not None:
         sink = TeeSink(sink, builder)
     analysis = Analysis(sink, stages=stages, reporter=Reporter(quiet), fail_on=fail_on, attacks_only=attacks_only)
