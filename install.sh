@@ -2,7 +2,8 @@
 # Sets up iotscan on a fresh Debian/Ubuntu machine: system packages, then a virtualenv in .venv
 # with iotscan installed from this checkout (a plain, non-editable install, as pipx would do).
 #
-#   ./install.sh            iotscan, tshark (for `iotscan inspect`), the test tools and the attack-lab tools
+#   ./install.sh            iotscan with its report extra, tshark (for `iotscan inspect`), the test tools (Chromium
+#                           for the report's browser test) and the attack-lab tools
 #   ./install.sh --minimal  iotscan and tshark only
 #
 # The attack-lab packages include servers (mosquitto, dropbear, dnsmasq); they are installed with
@@ -18,10 +19,11 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 CORE_PACKAGES="python3 python3-venv python3-pip tshark"
-# Tools the test suite, the benchmarks and the attack lab (`iotscan lab`) run.
+# Tools the test suite, the benchmarks and the attack lab (`iotscan lab`) run; chromium renders the HTML report
+# in its browser test and for docs/report.png.
 LAB_PACKAGES="tcpdump tcpreplay iproute2 procps ethtool openssl curl \
   mosquitto mosquitto-clients libcoap3-bin busybox-static dropbear-bin dnsmasq-base \
-  hping3 slowhttptest nmap masscan fping hydra dsniff"
+  hping3 slowhttptest nmap masscan fping hydra dsniff chromium fonts-dejavu-core"
 # busybox-static (not busybox): only the static build has the telnetd applet the lab's devices run.
 SERVICES_TO_KEEP_OFF="mosquitto"
 
@@ -52,5 +54,5 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q ".[test]"
+.venv/bin/python -m pip install -q ".[test,report]"
 echo "iotscan installed in .venv: run .venv/bin/iotscan --help"

@@ -48,6 +48,8 @@ def variants(capture: Path, splt: int) -> dict[str, list[str]]:
     if "--no-score" in help_text and "--no-devices" in help_text:
         out["iotscan + devices"] = iotscan_cmd(capture, "--no-score")
     out["iotscan analyze"] = iotscan_cmd(capture)
+    if "--report" in help_text:  # the HTML report built beside the records (matplotlib draws at the end)
+        out["analyze --report"] = iotscan_cmd(capture, "--report", str(OUT / "bench-report.html"))
     return out
 
 
@@ -89,7 +91,8 @@ def main() -> None:
     # What each stage adds, against the variant without it (the issues' budgets: devices 10%, scoring 15%).
     results["stage_overheads"] = {}
     for stage, without, with_ in (("devices", "iotscan flows only", "iotscan + devices"),
-                                  ("scoring", "iotscan + devices", "iotscan analyze")):
+                                  ("scoring", "iotscan + devices", "iotscan analyze"),
+                                  ("report", "iotscan analyze", "analyze --report")):
         if without in times and with_ in times:
             t0, t1 = statistics.median(times[without]), statistics.median(times[with_])
             c0, c1 = statistics.median(cpu[without]), statistics.median(cpu[with_])

@@ -28,7 +28,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "iotscan.trees": ("iotscan.detect.trees",),
     "iotscan.modelstore": ("iotscan.detect.modelstore",),
     "iotscan.records": ("iotscan.output.records",),
-    "iotscan.sinks": ("iotscan.output.sinks",),
+    "iotscan.sinks": ("iotscan.output.sinks", "iotscan.output.table"),
     "iotscan.console": ("iotscan.output.console",),
     "iotscan.devices.train": ("iotscan.training.devices",),
 }

@@ -50,6 +50,7 @@ from iotscan.cli import inspect as _inspect  # noqa: E402,F401
 from iotscan.cli import lab as _lab  # noqa: E402,F401
 from iotscan.cli import live as _live  # noqa: E402,F401
 from iotscan.cli import model as _model  # noqa: E402,F401
+from iotscan.cli import report as _report  # noqa: E402,F401
 
 
 def main() -> None:

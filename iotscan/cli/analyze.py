@@ -31,9 +31,14 @@ from iotscan.cli.common import (
     open_output,
     resolve_format,
 )
+from iotscan.cli.report import check_report_path, open_report
 from iotscan.output.console import Reporter
+from iotscan.output.records import EXPLAIN_FIELDS
+from iotscan.output.report import TeeSink
 from iotscan.output.sinks import make_sink
 from iotscan.pipeline import Analysis
+
+EXPLAIN_FIELD_NAMES = tuple(name for name, _ in EXPLAIN_FIELDS)
 
 
 @app.command()
@@ -56,6 +61,8 @@ def analyze(
     attacks_only: bool = ATTACKS_ONLY_OPTION,
     explain: bool = typer.Option(False, "--explain", help="Give every attack flow the ready-to-run `iotscan "
                                  "inspect` command that shows its packets (field `inspect`; listed in the table)."),
+    report: Path | None = typer.Option(None, "--report", dir_okay=False,
+                                       help="Also write the HTML report of the run to FILE (see `iotscan report`)."),
 ) -> None:
     """Extract every flow of the captures, fingerprint devices and score flows, in one pass."""
     fmt = resolve_format(fmt, output)
@@ -68,14 +75,31 @@ def analyze(
         stages.append(InspectCommandStage(idle_timeout=idle_timeout, active_timeout=active_timeout))
     config = main_pass_config("", score=not no_score, bpf=bpf, idle_timeout=idle_timeout,
                               active_timeout=active_timeout, max_flows=max_flows)
+    builder, report_out = None, None
+    if report is not None:  # the report's file first: it fails before any output is written
+        check_report_path(report, output)
+        builder, report_out = open_report(report, paths, title=None, model=model, devices=not no_devices,
+                                          score=not no_score, threshold=threshold, idle_timeout=idle_timeout,
+                                          active_timeout=active_timeout)
+        if attacks_only:
+            builder.notes.append("Made with --attacks-only: benign flows are counted in the summary but not drawn.")
     out = open_output(output, paths)
-    columns = flow_columns(devices=not no_devices, score=not no_score) + (("inspect",) if explain else ())
-    sink = make_sink(fmt.value, out, columns=columns)
+    columns = flow_columns(devices=not no_devices, score=not no_score) + (EXPLAIN_FIELD_NAMES if explain else ())
+    # the table's inspect command carries the time-outs flow ids depend on
+    inspect_args = [*(["--idle-timeout", str(idle_timeout)] if idle_timeout != 120 else []),
+                    *(["--active-timeout", str(active_timeout)] if active_timeout != 1800 else [])]
+    sink = make_sink(fmt.value, out, columns=columns, inspect_args=inspect_args)
+    if builder is not None:
+        sink = TeeSink(sink, builder)
     analysis = Analysis(sink, stages=stages, reporter=Reporter(quiet), fail_on=fail_on, attacks_only=attacks_only)
     try:
         analysis.run_files(paths, config)
     finally:
-        analysis.finish()
-        if output is not None:
-            out.close()
+        try:
+            analysis.finish()
+        finally:
+            if output is not None:
+                out.close()
+            if report_out is not None:
+                report_out.close()
     raise typer.Exit(int(analysis.exit_code()))

@@ -97,9 +97,20 @@ def live(
         sink = make_sink(fmt.value, out, columns=flow_columns(devices=not no_devices, score=not no_score),
                          flush_each=True)
         run = LiveRun(sink, stages, config, limits, reporter=Reporter(quiet), fail_on=fail_on,
-                      view_console=stderr if show_view else None, attacks_only=attacks_only)
+                      view_console=stderr if show_view else None, attacks_only=attacks_only,
+                      vendor=_mac_vendor if show_view else None)
         code = run.run()
     finally:
         if output is not None:
             out.close()
     raise typer.Exit(int(code))
+
+
+def _mac_vendor(mac: str) -> str | None:
+    """A MAC's vendor, for the view's device column (the device stage's registry and signature names)."""
+    from iotscan.devices.signatures import load_signatures
+
+    if mac == "00:00:00:00:00:00":  # loopback's (the registry names Xerox)
+        return None
+    found = load_signatures().mac_vendor(mac)
+    return found.vendor or found.org
