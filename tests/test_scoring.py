@@ -58,6 +58,7 @@ def scored() -> dict[str, list[dict]]:
         if r["event_type"] == "flow":
             out.setdefault(Path(r["source"]).name, []).append(r)
     out["_summary"] = [records[-1]]
+    out["_alerts"] = [r for r in records if r["event_type"] == "alert"]
     return out
 
 
@@ -398,7 +399,7 @@ def test_mirai_c2_is_flagged(scored: dict[str, list[dict]]) -> None:
 
 def test_summary_counts_attacks(scored: dict[str, list[dict]]) -> None:
     summary = scored["_summary"][0]
-    families = Counter(r["family"] for name, flows in scored.items() if name != "_summary" for r in flows
+    families = Counter(r["family"] for name, flows in scored.items() if not name.startswith("_") for r in flows
                        if r["verdict"] == "attack")
     assert summary["attacks"] == sum(families.values()) > 0
     assert summary["attack_families"] == dict(families) and len(families) >= 3  # ddos, exploit, c2 at least
@@ -408,18 +409,20 @@ def test_summary_counts_attacks(scored: dict[str, list[dict]]) -> None:
 def test_marked_attacks_link_to_the_flow_that_matched(scored: dict[str, list[dict]]) -> None:
     """An attack a signature decided through another flow (its two hosts' flow matched, or an exploit request
     named one of them) carries that flow's community_id; it is an attack of the capture decided by its own
-    packets, for the same signature. No other flow carries one."""
+    packets, for the same signature. A flow the host-behaviour stage marked carries one of its alert's evidence
+    flows'. No other flow carries one."""
     marked_reasons = ("a flow between the same two hosts matched a signature within minutes: ",
                       "the other host was named in an exploit request this host received within minutes: ")
+    alerted = {cid for a in scored["_alerts"] for cid in a["evidence_community_ids"]}
     linked = 0
     for name, flows in scored.items():
-        if name == "_summary":
+        if name.startswith("_"):
             continue
         by_cid = {r["community_id"]: r for r in flows if r["community_id"]}
         for r in flows:
             marked = r["verdict"] == "attack" and r["reasons"][0].startswith(marked_reasons)
             if not marked:
-                assert r["evidence_community_id"] is None, r
+                assert r["evidence_community_id"] is None or r["evidence_community_id"] in alerted, r
                 continue
             evidence = by_cid[r["evidence_community_id"]]
             assert evidence["verdict"] == "attack" and not evidence["reasons"][0].startswith(marked_reasons)
@@ -432,7 +435,7 @@ def test_marked_attacks_link_to_the_flow_that_matched(scored: dict[str, list[dic
 def test_attacks_only_writes_the_attacks_and_counts_every_flow(scored: dict[str, list[dict]]) -> None:
     records = ndjson(run_iotscan("analyze", SAMPLES, "-f", "ndjson", "--no-devices", "--attacks-only",
                                  check_code=0).stdout)
-    attacks = {r["flow_id"] for name, flows in scored.items() if name != "_summary" for r in flows
+    attacks = {r["flow_id"] for name, flows in scored.items() if not name.startswith("_") for r in flows
                if r["verdict"] == "attack"}
     flows = [r for r in records if r["event_type"] == "flow"]
     assert {r["flow_id"] for r in flows} == attacks and len(flows) == len(attacks)
@@ -520,7 +523,9 @@ def test_reasons_do_not_depend_on_how_flows_were_batched() -> None:
         return out
 
     by_64 = reasons(list(range(64, len(flows), 64)))
-    assert len(flows) > 300 and sum(r is not None for r in by_64) > 300
+    # the detector alone (no request findings here) calls about half of them attacks: the others are the bot's
+    # failed reconnections to its controller, which it judges as a client's retries (scoring.client_retries)
+    assert len(flows) > 300 and sum(r is not None for r in by_64) > 200
     assert reasons([100, 164, 300]) == reasons([37, 250]) == by_64
 
 

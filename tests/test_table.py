@@ -162,7 +162,8 @@ def test_alerts_floods_and_unknown_records_get_their_own_section(samples_run: li
     flood = {"timestamp": "2020-01-01T00:00:01.000Z", "event_type": "flood", "source": "x.pcap", "family": "ddos",
              "target": {"ip": "fe80::1", "port": 80, "protocol": 6}, "packets": 3000, "flows": 2857}
     odd = {"event_type": "something_new", "whatever": [1, 2]}
-    records = [*samples_run[:-1], *[alert] * 12, flood, odd, samples_run[-1]]
+    own = [r for r in samples_run[:-1] if r["event_type"] != "alert"]  # the samples' real alerts: tested below
+    records = [*own, *[alert] * 12, flood, odd, samples_run[-1]]
     for width in WIDTHS:
         text = render(records, width)
         assert widest(text) <= width
@@ -226,3 +227,11 @@ def test_inspect_takes_a_unique_prefix_and_refuses_an_ambiguous_one() -> None:
         unique = next(i for i in ids if sum(j.startswith(i[:7]) for j in ids) == 1)
         proc = run_iotscan("inspect", flood, unique[:7], "-f", "ndjson", check_code=0, timeout=120)
         assert str(ndjson(proc.stdout)[0]["flow_id"]) == unique
+
+
+def test_the_samples_real_alerts_come_first(samples_run: list[dict]) -> None:
+    """The host-behaviour stage's alerts of the samples (the DNS tunnel, the IRC bot) open the table."""
+    alerts = [r for r in samples_run if r["event_type"] == "alert"]
+    assert {(a["kind"], a["detail"]) for a in alerts} >= {("compromised", "dns_tunnel")}
+    text = render(samples_run, 120)
+    assert text.index(f"Alerts ({len(alerts)})") < text.index("Attacks by family")

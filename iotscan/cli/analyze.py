@@ -17,6 +17,7 @@ from iotscan.cli.common import (
     MAX_FLOWS_OPTION,
     MODEL_OPTION,
     NO_DEVICES_OPTION,
+    NO_HOSTS_OPTION,
     NO_SCORE_OPTION,
     OUTPUT_OPTION,
     QUIET_OPTION,
@@ -56,6 +57,7 @@ def analyze(
     model: Path | None = MODEL_OPTION,
     trust_model: bool = TRUST_MODEL_OPTION,
     no_score: bool = NO_SCORE_OPTION,
+    no_hosts: bool = NO_HOSTS_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
     explain: bool = typer.Option(False, "--explain", help="Give every attack flow the ready-to-run `iotscan "
                                  "inspect` command that shows its packets (field `inspect`; listed in the table)."),
@@ -66,7 +68,7 @@ def analyze(
     fmt = resolve_format(fmt, output)
     check_attacks_only(attacks_only, no_score)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
-                          threshold=threshold)
+                          threshold=threshold, hosts=not no_hosts)
     if explain:
         from iotscan.inspect import InspectCommandStage
 

@@ -59,6 +59,8 @@ MODEL_OPTION = typer.Option(None, "--model", dir_okay=False,
 TRUST_MODEL_OPTION = typer.Option(False, "--trust-model",
                                   help="Load --model without verification: a model file is a pickle and runs code.")
 NO_SCORE_OPTION = typer.Option(False, "--no-score", help="Skip scoring (no verdict, score, family, reasons).")
+NO_HOSTS_OPTION = typer.Option(False, "--no-hosts", help="Skip the host-behaviour stage (scans by outcome, "
+                               "compromised devices, DNS tunnels: alert records).")
 ATTACKS_ONLY_OPTION = typer.Option(
     False, "--attacks-only",
     help="Write only the flow records judged attacks (device records and the summary still follow): an alert "
@@ -173,8 +175,9 @@ def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:
 
 
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
-                 trust_model: bool = False, threshold: float | None = None) -> list[Stage]:
-    """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order."""
+                 trust_model: bool = False, threshold: float | None = None, hosts: bool = True) -> list[Stage]:
+    """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order: the host-behaviour
+    stage judges hosts over the flows the scoring stage judged, so it runs with scoring only."""
     stages: list[Stage] = []
     if devices:
         from iotscan.devices.stage import DeviceStage  # deferred: loads the device model
@@ -184,4 +187,8 @@ def build_stages(devices: bool = True, score: bool = True, model_path: Path | No
         from iotscan.detect.scoring import ScoringStage  # deferred: loads (and verifies) the flow model
 
         stages.append(ScoringStage(model_path, trusted=trust_model, threshold=threshold))
+        if hosts:
+            from iotscan.detect.hosts import HostStage
+
+            stages.append(HostStage())
     return stages

@@ -176,6 +176,35 @@ STATS_FIELDS: tuple[tuple[str, str], ...] = (
 )
 STATS_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in STATS_FIELDS)
 
+# What the host-behaviour stage (iotscan.detect.hosts) writes when it decides about a host: once per
+# decision, when it is made; the flows of the activity are marked as attacks too (verdict, family, reasons).
+ALERT_FIELDS: tuple[tuple[str, str], ...] = (
+    ("timestamp", "when the decision was made (capture time), ISO 8601 UTC to the millisecond"),
+    ("event_type", "always \"alert\""),
+    ("source", "capture file or interface"),
+    ("kind", "\"scan\" (a host probing others) or \"compromised\" (a device behaving as an infected one)"),
+    ("detail", "scan: \"horizontal\" (many hosts), \"vertical\" (many ports of a host) or \"sweep\" "
+               "(host discovery); compromised: the strongest indicator"),
+    ("family", "the attack family of the activity: scan, c2, ..."),
+    ("score", "0..1, how sure the decision is"),
+    ("host_ip", "the host the alert is about"),
+    ("host_mac", "its MAC as the flows show it"),
+    ("host_device", "the local device (MAC) it is, as flow records' src_device name it; null if not local"),
+    ("message", "one line for a person"),
+    ("reasons", "the indicators, strongest first"),
+    ("evidence", "counts behind the decision (failed first contacts, hosts, ports, ...)"),
+    ("first_seen_ms", "the first evidence, epoch milliseconds"),
+    ("last_seen_ms", "the last evidence before the decision"),
+    ("decided_ms", "when the decision was made, epoch milliseconds"),
+    ("evidence_community_ids", "Community IDs of a few evidence flows, to find them in flow records"),
+)
+ALERT_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in ALERT_FIELDS)
+# ... and adds these to the summary record
+HOST_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
+    ("alerts", "alert records written"),
+    ("alert_kinds", "alert records per kind, most first ({} when none)"),
+)
+
 _TLS_LIKE = ("TLS", "QUIC", "DTLS", "IMAPS", "POPS", "SMTPS", "FTPS")
 _ICMP = (1, 58)
 _PORT_PROTOCOLS = (6, 17, 132)
@@ -329,6 +358,7 @@ def flow_record(flow: Any, source: str, source_name: str) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=65536)  # ipaddress's checks cost 20 us; bounded: a spoofed flood's addresses
 def is_local_address(ip: str) -> bool:
     """Private, link-local or unique-local: an address of the local network, not the Internet."""
     try:
@@ -338,6 +368,25 @@ def is_local_address(ip: str) -> bool:
     if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
         return False
     return addr.is_private or addr.is_link_local
+
+
+@functools.lru_cache(maxsize=65536)
+def is_group_address(ip: str) -> bool:
+    """Multicast or broadcast (the limited broadcast, or a /24's): a destination no host answers as one."""
+    if ip.endswith(".255") or ip.startswith(("ff", "FF")):
+        return True
+    try:
+        return ipaddress.ip_address(ip).is_multicast
+    except ValueError:
+        return False
+
+
+def alert_record(*, decided_ms: int, **values: Any) -> dict[str, Any]:
+    """An alert, its fields in ALERT_FIELDS order."""
+    record: dict[str, Any] = {"timestamp": iso_timestamp(decided_ms), "event_type": "alert"}
+    for name in ALERT_FIELD_NAMES[2:]:
+        record[name] = decided_ms if name == "decided_ms" else values.get(name)
+    return record
 
 
 def summary_record(**values: Any) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The terminal table: what a person at a terminal reads after `iotscan analyze` (or `live`, `devices`).
 
-Attacks come first (per family, then the highest-scored flows with the reason for each), then alerts and
-floods when other stages wrote some, devices, the busiest flows, applications and a summary panel. Only
+Alerts come first (decisions about hosts, when the host-behaviour stage made some), then attacks (per family,
+then the highest-scored flows with the reason for each), floods when a stage wrote some, devices, the busiest
+flows, applications and a summary panel. Only
 bounded things are held until the end: the top flows, per-family tallies, device records, a sketch of the
 run's flow ids (for their short form) and the first alerts.
 
@@ -354,10 +355,13 @@ class TableSink:
                 prefix[r["flow_id"]] = self.flow_ids.short(r["flow_id"])
             return prefix[r["flow_id"]]
 
+        # alerts first: a decision about a host says more than any one flow; then the attacks, then floods
+        if "alert" in self.events:
+            console.print(event_table("alert", self.events["alert"], self.event_counts["alert"], console.width), "")
         if self.attacks:
             self._print_attacks(console, short)
         for kind in EVENT_TYPES:
-            if kind in self.events:
+            if kind in self.events and kind != "alert":
                 console.print(event_table(kind, self.events[kind], self.event_counts[kind], console.width), "")
         if self.devices:
             console.print(device_table(self.devices, console.width), "")
