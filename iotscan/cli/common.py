@@ -14,7 +14,7 @@ import typer
 
 from iotscan.capture.source import DEFAULT_MAX_FLOWS, MeterConfig
 from iotscan.errors import InputError, OutputError
-from iotscan.output.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, metered_flow
+from iotscan.output.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, MeteredFlow, metered_flow
 from iotscan.stage import Stage
 
 
@@ -164,7 +164,7 @@ def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str |
     return MeterConfig(source=source, live=live, bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,
                        max_flows=max_flows, snaplen=snaplen, statistics=score,
                        splt=METER_SETTINGS["splt"] if score else 0,
-                       reduce=metered_flow_with_statistics if score else metered_flow)
+                       reduce=metered_flow_with_statistics if score else metered_flow, item_type=MeteredFlow)
 
 
 def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:

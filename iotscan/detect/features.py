@@ -435,11 +435,11 @@ def pack_statistics(flow: Any) -> bytes:
     return _STATS.pack(*_get_raw(flow), *splt)
 
 
-def metered_flow_with_statistics(flow: Any) -> MeteredFlow:
-    """What the main pass's meter sends of a flow when it is scored (MeterConfig.reduce): the record's
-    values and, as the classifier's statistics, the flow's block of NFStream's C numbers (see
-    iotscan.capture.source.flow_block_dtype), decoded a batch at a time by ``take``."""
-    return MeteredFlow(*flow_attributes(flow), flow.block)
+def metered_flow_with_statistics(flow: Any) -> tuple:
+    """What the main pass's meter sends of a flow when it is scored (MeterConfig.reduce, the reader making it a
+    MeteredFlow): the record's values and, as the classifier's statistics, the flow's block of NFStream's C
+    numbers (see iotscan.capture.source.flow_block_dtype), decoded a batch at a time by ``take``."""
+    return (*flow_attributes(flow), flow.block)
 
 
 def _codes(names: list[str], code: Any) -> np.ndarray:

@@ -61,10 +61,11 @@ FLOW_FIELDS: tuple[tuple[str, str], ...] = (
 FLOW_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in FLOW_FIELDS)
 
 # The NFStream attributes a flow record is built from (see flow_record). The main pass's meter sends
-# each flow as a MeteredFlow of these instead of the NFlow itself: a tuple of values is a fifth as
-# costly to unpickle as NFStream's 94-slot object, and the main process unpickles every flow. The
-# last field, ``statistics``, carries what the classifier reads of the flow: the meter's block of
-# NFStream's C numbers for it, as bytes (iotscan.capture.source.flow_block_dtype), or None when nothing is scored.
+# each flow as a tuple of these instead of the NFlow itself (a tuple of values is a fifth as costly to
+# unpickle as NFStream's 94-slot object, and the main process unpickles every flow), which the reader
+# makes a MeteredFlow (MeterConfig.item_type). The last field, ``statistics``, carries what the
+# classifier reads of the flow: the meter's block of NFStream's C numbers for it, as bytes
+# (iotscan.capture.source.flow_block_dtype), or None when nothing is scored.
 FLOW_ATTRIBUTES: tuple[str, ...] = (
     "src_ip", "src_mac", "src_port", "dst_ip", "dst_mac", "dst_port", "protocol", "ip_version", "vlan_id",
     "tunnel_id", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "bidirectional_duration_ms",
@@ -76,9 +77,10 @@ MeteredFlow = namedtuple("MeteredFlow", (*FLOW_ATTRIBUTES, "statistics"))
 flow_attributes = attrgetter(*FLOW_ATTRIBUTES)
 
 
-def metered_flow(flow: Any) -> MeteredFlow:
-    """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce)."""
-    return MeteredFlow(*flow_attributes(flow), None)
+def metered_flow(flow: Any) -> tuple:
+    """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce): a MeteredFlow's
+    values."""
+    return (*flow_attributes(flow), None)
 
 # The device record contract (README, "Devices"): these names are fixed; more fields may follow.
 DEVICE_FIELDS: tuple[tuple[str, str], ...] = (
