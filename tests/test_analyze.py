@@ -660,7 +660,7 @@ class _PacketLog(NFPlugin):
 
 
 def _flow_log(flow: Any) -> tuple[Any, ...]:
-    """What a side pass's reduce may read of a flow (source._PayloadFlow)."""
+    """What a side pass's reduce may read of a flow (capture.flows.PayloadFlow)."""
     return (flow.src_ip, flow.src_mac, flow.src_port, flow.dst_ip, flow.dst_mac, flow.dst_port, flow.protocol,
             flow.ip_version, flow.vlan_id, flow.bidirectional_first_seen_ms, flow.bidirectional_last_seen_ms,
             flow.bidirectional_duration_ms, flow.bidirectional_packets, flow.bidirectional_bytes, flow.udps.packets)
@@ -671,7 +671,7 @@ def _flow_log(flow: Any) -> tuple[Any, ...]:
     ("hue-bridge-setup.pcap", "identity"), ("tplink-hs110-setup.pcap", "identity"),
     ("edimax-sp2101w-setup.pcap", "identity"), ("edimax-sp2101w-setup.pcap", "log"), ("web-sqli.pcap", "log")])
 def test_side_passes_give_what_nfstream_own_flows_give(capture: str, kind: str) -> None:
-    # a side pass's flows (source._PayloadFlow: endpoints copied once, a small packet for the plugins) hand its
+    # a side pass's flows (capture.flows.PayloadFlow: endpoints copied once, a small packet for the plugins) hand its
     # plugins and reduce what NFStream's own streamer and NFlow hand them, flow for flow and packet for packet
     from nfstream import NFStreamer
 

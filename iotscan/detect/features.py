@@ -24,7 +24,7 @@ A flow's feature row has two parts:
 
 Context is causal: a flow sees the flows that expired before it in the same capture (flows reach
 the tracker in expiry order, which follows their last packet). What the features read of a flow
-comes from the meter as one bytes block of NFStream's C numbers (iotscan.capture.source.flow_block_dtype),
+comes from the meter as one bytes block of NFStream's C numbers (iotscan.capture.flows.flow_block_dtype),
 so a batch of rows becomes one numpy array without a Python number per statistic; per flow, Python
 does only the tracker's few dictionary updates, and every derived value is computed with numpy on
 a batch of rows (:meth:`FeatureExtractor.take`).
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from iotscan.capture.source import flow_block_dtype
+from iotscan.capture.flows import flow_block_dtype
 from iotscan.detect.context import (
     WINDOWS_S,
     ContextTracker,
@@ -438,7 +438,7 @@ def pack_statistics(flow: Any) -> bytes:
 def metered_flow_with_statistics(flow: Any) -> tuple:
     """What the main pass's meter sends of a flow when it is scored (MeterConfig.reduce, the reader making it a
     MeteredFlow): the record's values and, as the classifier's statistics, the flow's block of NFStream's C
-    numbers (see iotscan.capture.source.flow_block_dtype), decoded a batch at a time by ``take``."""
+    numbers (see iotscan.capture.flows.flow_block_dtype), decoded a batch at a time by ``take``."""
     return (*flow_attributes(flow), flow.block)
 
 

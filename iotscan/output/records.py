@@ -65,7 +65,7 @@ FLOW_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in FLOW_FIELDS)
 # unpickle as NFStream's 94-slot object, and the main process unpickles every flow), which the reader
 # makes a MeteredFlow (MeterConfig.item_type). The last field, ``statistics``, carries what the
 # classifier reads of the flow: the meter's block of NFStream's C numbers for it, as bytes
-# (iotscan.capture.source.flow_block_dtype), or None when nothing is scored.
+# (iotscan.capture.flows.flow_block_dtype), or None when nothing is scored.
 FLOW_ATTRIBUTES: tuple[str, ...] = (
     "src_ip", "src_mac", "src_port", "dst_ip", "dst_mac", "dst_port", "protocol", "ip_version", "vlan_id",
     "tunnel_id", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "bidirectional_duration_ms",
