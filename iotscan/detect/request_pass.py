@@ -34,6 +34,7 @@ flow is one small integer.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import re
 from collections import OrderedDict, deque
@@ -234,8 +235,9 @@ def _of_kind(where: str) -> list[tuple[int, RequestSignature]]:
     return [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == where]
 
 
-_DNS, _FLAGS, _SYN, _ECHO, _LINE, _CHECKIN, _SSH, _FILE, _REPLY, _HELD = (
-    _of_kind(w) for w in ("dns", "tcp-flags", "syn", "echo", "line", "checkin", "ssh", "file", "reply", "held"))
+_DNS, _LINE, _CHECKIN, _SSH, _FILE, _REPLY, _HELD = (
+    _of_kind(w) for w in ("dns", "line", "checkin", "ssh", "file", "reply", "held"))
+_HEADERS = {w: _of_kind(w) for w in ("tcp-flags", "syn", "echo")}  # what a probe's header matches (_header_match)
 HEAD_HELD_TEXT = "request head held open"
 # TCP flag bits by the letter tcp-flags signatures read them as ("fpu": FIN, PSH and URG)
 FLAG_LETTERS = ((0x01, "f"), (0x02, "s"), (0x04, "r"), (0x08, "p"), (0x10, "a"), (0x20, "u"), (0x40, "e"),
@@ -313,6 +315,13 @@ def _first_match(signatures: list[tuple[int, RequestSignature]], text: str) -> i
     return 0
 
 
+@functools.lru_cache(maxsize=1024)
+def _header_match(kind: str, text: str) -> int:
+    """_first_match of the signatures of a kind of probe's header ("tcp-flags", "syn", "echo") for its text, which
+    takes few values: a scan or a SYN flood sends the same header thousands of times a second."""
+    return _first_match(_HEADERS[kind], text)
+
+
 def match_query(text: str) -> int:
     """The code of the first DNS signature a query's text (see dns_query) matches, or 0."""
     return _first_match(_DNS, text)
@@ -361,15 +370,15 @@ def read_packet(ip_packet: bytes, segment: TcpSegment | None) -> int | None:
         if start[:2] in FILE_STARTS:
             return _first_match(_FILE, segment.payload[:MAX_HEAD_BYTES].decode("latin-1").lower())
         if not segment.flags & 0x16:  # none of SYN, ACK and RST
-            return _first_match(_FLAGS, flag_text(segment.flags))
+            return _header_match("tcp-flags", flag_text(segment.flags))
         if segment.flags & 0x12 == 0x02:  # a SYN
-            return _first_match(_SYN, f"window {segment.window} df {int(segment.dont_fragment)}")
+            return _header_match("syn", f"window {segment.window} df {int(segment.dont_fragment)}")
         if segment.src_port in TELNET_PORTS or segment.payload[:2] == b"\x20\x02":  # a server's, by its filter
             return _first_match(_REPLY, reply_text(segment.payload))
         return None
     data = echo_request_data(ip_packet)
     if data is not None:
-        return _first_match(_ECHO, f"echo-request data {data}")
+        return _header_match("echo", f"echo-request data {data}")
     text = dns_query(ip_packet)
     return match_query(text) if text is not None else 0
 
@@ -379,8 +388,10 @@ class RequestPlugin(NFPlugin):
     matched, as many times as it asks (``min_count``) among the first MAX_REQUESTS_PER_FLOW; and
     ``flow.udps.named_hosts``: the hosts the matching request names, for an exploit's signature.
 
-    With ``expire_on_match`` (a live interface) a flow leaves the meter at its match, so the finding
-    is known long before the main pass's copy of the flow expires and is scored.
+    With ``expire_on_match`` a flow leaves the meter at its match: on a live interface the finding is then known
+    long before the main pass's copy of the flow expires and is scored; on a file the pass's flow table holds only
+    flows that have matched nothing yet (a flood of scanner-like SYNs, each a match, had filled it with 100,000
+    flows: 400 MB).
     Never raises: a packet that fails to parse matches nothing.
     """
 
@@ -639,7 +650,7 @@ def request_pass(source: str, config: MeterConfig) -> tuple[SidePass, RequestFin
     """The request pass over one capture file or interface (``config``: the main pass's settings), to
     start, and the findings it fills as it runs (complete when it ends)."""
     findings = RequestFindings()
-    job = side_pass("iotscan-requests", source, config, REQUEST_FILTER, RequestPlugin(expire_on_match=config.live),
+    job = side_pass("iotscan-requests", source, config, REQUEST_FILTER, RequestPlugin(expire_on_match=True),
                     findings.collect, snaplen=MAX_HEAD_BYTES + 128, reduce=_match)
     return job, findings
 
