@@ -112,6 +112,24 @@ def probe_capture(interface: str) -> None:
 # -- the run -------------------------------------------------------------------------------------
 
 
+def flood_lines(written: Sequence[dict[str, Any]], ongoing: Sequence[dict[str, Any]]) -> list[Any]:
+    """The live view's floods, one line each: those going on (a stage's records in the making), then the
+    latest written; nothing when there are none."""
+    if not written and not ongoing:
+        return []
+    table = Table(title="Floods", box=box.SIMPLE_HEAD, title_style="bold red", title_justify="left")
+    for name in ("", "target", "family", "flows", "packets/s", "from", "to"):
+        table.add_column(name, no_wrap=True, justify="right" if name in ("flows", "packets/s") else "left")
+    for state, records in (("now", ongoing), ("ended", list(reversed(written)))):
+        for r in records:
+            span_s = max((r["last_seen_ms"] - r["first_seen_ms"]) / 1000, 1e-3)
+            table.add_row(state, escape(f"{r['dst_ip']}:{r['dst_port']}/{r['protocol']}"), escape(r["family"]),
+                          f"{r['flows']:,}", f"{r['packets'] / span_s:,.0f}",
+                          time.strftime("%H:%M:%S", time.localtime(r["first_seen_ms"] / 1000)),
+                          time.strftime("%H:%M:%S", time.localtime(r["last_seen_ms"] / 1000)))
+    return [table]
+
+
 @dataclass(frozen=True)
 class LiveLimits:
     duration_s: float | None = None  # stop after this many seconds
@@ -132,6 +150,7 @@ class LiveMonitor(Stage):
         self.summary_fields = summary_fields
         self.flows = 0
         self.latest_attacks: deque[dict[str, Any]] = deque(maxlen=_LATEST_ATTACKS)
+        self.latest_floods: deque[dict[str, Any]] = deque(maxlen=_LATEST_ATTACKS)  # flood records written
         self.devices: set[str] = set()
         self._not_devices: set[str] = set()
 
@@ -143,6 +162,11 @@ class LiveMonitor(Stage):
         src_link, dst_link = DEVICE_LINK_FIELDS
         for record, flow in events:
             if record is None:  # heartbeat
+                yield record, flow
+                continue
+            if flow is None:  # a stage's own record: a flood's
+                if record.get("event_type") == "flood":
+                    self.latest_floods.append(record)
                 yield record, flow
                 continue
             attack = record.get("verdict") == "attack"
@@ -209,6 +233,7 @@ class LiveRun:
         self.sink = _LockedSink(sink)
         self.monitor = LiveMonitor(limits.count, lambda: self.stop("count"), self._keep_source,
                                    self._summary_fields, attacks_only=attacks_only)
+        self.stages = list(stages)
         self.analysis = Analysis(self.sink, stages=[*stages, self.monitor], reporter=reporter,
                                  fail_on=fail_on, attacks_only=attacks_only)
         self.view_console = view_console
@@ -346,6 +371,7 @@ class LiveRun:
                                 escape((r.get("reasons") or [""])[0]))
         else:
             attacks = Text("No attacks seen.", style="green")
+        floods = flood_lines(self.monitor.latest_floods, [r for stage in self.stages for r in stage.ongoing()])
         counters = Table.grid(padding=(0, 3))
         for _ in range(4):
             counters.add_column(justify="right")
@@ -364,8 +390,9 @@ class LiveRun:
         header = Text.from_markup(f"[bold]iotscan live[/] {escape(self.interface)}   {elapsed}   "
                                   f"{'; '.join(limits) or 'Ctrl-C stops'}", style="cyan")
         families = dict(state.attack_families)  # one C-level copy: the flow loop adds to it meanwhile
-        if not families:
-            return Group(header, attacks, counters)
-        by_family = Text.from_markup("attacks by family: " + ", ".join(
-            f"[bold red]{escape(family)}[/] {n:,}" for family, n in sorted(families.items(), key=lambda fn: -fn[1])))
-        return Group(header, attacks, counters, by_family)
+        parts: list[Any] = [header, attacks, *floods, counters]
+        if families:
+            parts.append(Text.from_markup("attacks by family: " + ", ".join(
+                f"[bold red]{escape(family)}[/] {n:,}"
+                for family, n in sorted(families.items(), key=lambda fn: -fn[1]))))
+        return Group(*parts)

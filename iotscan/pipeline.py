@@ -82,6 +82,8 @@ class RunState:
     flows: int = 0
     attacks: int = 0
     attack_families: Counter[str] = field(default_factory=Counter)
+    folded_flows: int = 0  # into flood records
+    floods: int = 0
     warnings: list[dict[str, str]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
@@ -203,7 +205,13 @@ class Analysis:
         name = info.name
         base = os.path.basename(name)
         paced = _gc_paced(source)
-        events: Iterator[Event] = (TICK if f is None else (flow_record(f, name, base), f) for f in paced)
+        claiming = [stage.claims for stage in self.stages if type(stage).claims is not Stage.claims]
+        events: Iterator[Event]
+        if claiming:  # a flow a stage claims is made no record (a flood's: see Stage.claims)
+            claims = claiming[0]
+            events = (TICK if f is None else (None, f) if claims(f) else (flow_record(f, name, base), f) for f in paced)
+        else:
+            events = (TICK if f is None else (flow_record(f, name, base), f) for f in paced)
         for stage in self.stages:
             events = stage.run(events)
         try:
@@ -218,8 +226,15 @@ class Analysis:
         write = self.sink.write
         fail_family = self.fail_on
         emit_all, emit_attacks = self.emit_flows and not self.attacks_only, self.emit_flows
-        for record, _flow in events:
+        for record, flow in events:
             if record is None:
+                continue
+            if flow is None:  # a stage's own record
+                if record["event_type"] == "flood":  # written where the attack flows it folds would be
+                    self._count_folded(record)
+                    if not emit_attacks:
+                        continue
+                write(record)
                 continue
             self.state.flows += 1
             if record.get("verdict") == "attack":
@@ -232,6 +247,17 @@ class Analysis:
                     write(record)
             elif emit_all:
                 write(record)
+
+    def _count_folded(self, record: dict[str, Any]) -> None:
+        """A flood record's flows count as flows and attacks, as their flow records would have."""
+        state, flows, family = self.state, record["flows"], record["family"]
+        state.flows += flows
+        state.folded_flows += flows
+        state.floods += 1
+        state.attacks += flows
+        state.attack_families[family] += flows
+        if self.fail_on in ("attack", family):
+            state.fail_hits += flows
 
     def _report_warnings(self, info: SourceInfo, report: SourceReport) -> str:
         status = "ok"
@@ -303,7 +329,8 @@ class Analysis:
         elapsed = time.monotonic() - self.state.started
         summary = summary_record(
             packets=self.state.packets, flows=self.state.flows, devices=devices, attacks=self.state.attacks,
-            attack_families=dict(self.state.attack_families.most_common()),
+            attack_families=dict(self.state.attack_families.most_common()), folded_flows=self.state.folded_flows,
+            floods=self.state.floods,
             elapsed_s=round(elapsed, 3), packets_per_s=round(self.state.packets / elapsed, 1) if elapsed else 0.0,
             warnings=self.state.warnings, errors=self.state.errors, inputs=self.state.inputs)
         for stage in self.stages:

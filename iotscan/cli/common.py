@@ -59,6 +59,16 @@ MODEL_OPTION = typer.Option(None, "--model", dir_okay=False,
 TRUST_MODEL_OPTION = typer.Option(False, "--trust-model",
                                   help="Load --model without verification: a model file is a pickle and runs code.")
 NO_SCORE_OPTION = typer.Option(False, "--no-score", help="Skip scoring (no verdict, score, family, reasons).")
+class FloodRecords(str, Enum):
+    summary = "summary"
+    all = "all"
+
+
+FLOOD_RECORDS_OPTION = typer.Option(
+    FloodRecords.summary, "--flood-records", case_sensitive=False,
+    help="summary: a flood's one- and two-packet flows are folded into one 'flood' record per target service and "
+         "minute (counted in the summary's flows and attacks); all: a flow record for every flow, as without "
+         "floods.")
 ATTACKS_ONLY_OPTION = typer.Option(
     False, "--attacks-only",
     help="Write only the flow records judged attacks (device records and the summary still follow): an alert "
@@ -173,7 +183,8 @@ def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:
 
 
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
-                 trust_model: bool = False, threshold: float | None = None) -> list[Stage]:
+                 trust_model: bool = False, threshold: float | None = None,
+                 flood_records: FloodRecords = FloodRecords.summary) -> list[Stage]:
     """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order."""
     stages: list[Stage] = []
     if devices:
@@ -183,5 +194,6 @@ def build_stages(devices: bool = True, score: bool = True, model_path: Path | No
     if score:
         from iotscan.detect.scoring import ScoringStage  # deferred: loads (and verifies) the flow model
 
-        stages.append(ScoringStage(model_path, trusted=trust_model, threshold=threshold))
+        stages.append(ScoringStage(model_path, trusted=trust_model, threshold=threshold,
+                                   fold_floods=flood_records == FloodRecords.summary))
     return stages

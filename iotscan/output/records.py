@@ -116,12 +116,51 @@ SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("devices", "device records written"),
     ("attacks", "flows with verdict attack"),
     ("attack_families", "flows with verdict attack per family, most first ({} when none or nothing was scored)"),
+    ("folded_flows", "flows folded into flood records instead of flow records (--flood-records summary); counted in "
+                     "flows, attacks and attack_families"),
+    ("floods", "flood records written"),
     ("elapsed_s", "wall-clock seconds"),
     ("packets_per_s", "packets / elapsed_s"),
     ("warnings", "list of {source, code, message}: truncated files, skipped link types, flow cap..."),
     ("errors", "list of {source, message}: inputs that could not be analysed"),
     ("inputs", "list of {source, packets, flows, status} per capture or interface"),
 )
+
+# A flood's one- and two-packet flows folded into one record per target service and minute of capture time
+# (--flood-records summary; iotscan.detect.flood folds them, once the scoring stage has named the flood).
+FLOOD_WINDOW_S = 60
+FLOOD_FIELDS: tuple[tuple[str, str], ...] = (
+    ("timestamp", "first packet of the earliest flow folded in, ISO 8601 UTC to the millisecond (as flows have it)"),
+    ("event_type", "always \"flood\""),
+    ("source", "capture file or interface"),
+    ("dst_ip", "the target's address"),
+    ("dst_port", "the target's port (0 without ports)"),
+    ("protocol", "IANA protocol number"),
+    ("dst_mac", "the target's MAC, as the first flow folded in saw it"),
+    ("family", "ddos (many sources) or dos (mostly one), as the scoring stage's flood rule named most of the flows"),
+    ("reasons", "why, one phrase: the flood rule's"),
+    ("window_start_ms", f"the window of the record: the flows folded in started in [window_start_ms, window_end_ms), "
+                        f"{FLOOD_WINDOW_S} s of capture time aligned to multiples of {FLOOD_WINDOW_S} s"),
+    ("window_end_ms", "end of the window, epoch milliseconds"),
+    ("first_seen_ms", "first packet of the earliest flow folded in, epoch milliseconds"),
+    ("last_seen_ms", "last packet of the latest flow folded in"),
+    ("flows", "flows folded in: one- and two-packet flows of the flood, each counted as an attack in the summary"),
+    ("packets", "their packets, both directions"),
+    ("bytes", "their bytes, both directions"),
+    ("answered_flows", "flows the target answered (a SYN-ACK, a RST, a reply: the second packet of a two-packet flow)"),
+    ("packets_per_s", "packets / (last_seen_ms - first_seen_ms), per second (0 within one millisecond)"),
+    ("distinct_sources", "distinct source addresses: a HyperLogLog estimate (Apache DataSketches, 4,096 registers: "
+                         "exact below a few hundred, about 1.6% off beyond)"),
+    ("spoofed_share", "share of the distinct sources that look spoofed: an address no host sends from (unspecified, "
+                      "loopback, multicast, broadcast or reserved, documentation or benchmarking ranges, the "
+                      "target's own) or one that sent the target this one flow in the window, measured on a "
+                      "sample of up to 1,024 of them drawn by a hash of the address"),
+    ("top_sources", "up to 5 sources that sent a share of the flows no other could have, most first: "
+                    "[{ip, flows}] (flows at least this many; [] when none stands out, as in a spoofed flood)"),
+    ("top_src_ports", "the same for source ports: [{port, flows}] (a reflection flood comes from its service's port)"),
+    ("example_community_ids", "Community IDs of the first 3 flows folded in, to find them in Zeek or Suricata"),
+)
+FLOOD_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in FLOOD_FIELDS)
 
 # `iotscan live` adds these to its summary record.
 LIVE_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
@@ -277,6 +316,13 @@ def is_local_address(ip: str) -> bool:
     if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
         return False
     return addr.is_private or addr.is_link_local
+
+
+def flood_record(**values: Any) -> dict[str, Any]:
+    """A flood record of FLOOD_FIELDS (timestamp and event_type made here), in their order."""
+    values["timestamp"] = iso_timestamp(values["first_seen_ms"])
+    values["event_type"] = "flood"
+    return {name: values[name] for name in FLOOD_FIELD_NAMES}
 
 
 def summary_record(**values: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from iotscan.output.records import FLOW_FIELD_NAMES
+from iotscan.output.records import FLOW_FIELD_NAMES, iso_timestamp
 
 FORMATS = ("table", "ndjson", "json", "csv")
 # Distinct sources and targets counted per attack family in the table: beyond, shown as "N+" (a spoofed
@@ -164,6 +164,7 @@ class TableSink:
         self.attacks: list[tuple[float, int, dict[str, Any]]] = []  # min-heap on score
         self.families: dict[str, _FamilyTally] = {}
         self.devices: list[dict[str, Any]] = []
+        self.floods: list[tuple[int, int, dict[str, Any]]] = []  # min-heap on flows
         self.apps: Counter[str] = Counter()
         self.app_bytes: Counter[str] = Counter()
         self.seq = 0
@@ -173,6 +174,10 @@ class TableSink:
         kind = record.get("event_type")
         if kind == "device":
             self.devices.append(record)
+            return
+        if kind == "flood":
+            self.seq += 1
+            _push_top(self.floods, (record["flows"], self.seq, record), self.TOP)
             return
         if kind != "flow":
             return
@@ -194,6 +199,8 @@ class TableSink:
         terminal = self.out_is_terminal()
         console = Console(file=text, force_terminal=terminal, width=self.width or (None if terminal else 200),
                           highlight=False)
+        if self.floods:
+            console.print(flood_table([r for _, _, r in sorted(self.floods, reverse=True)]))
         if self.attacks:
             console.print(family_table(self.families))
             attacks = [r for _, _, r in sorted(self.attacks, reverse=True)]
@@ -278,6 +285,20 @@ def family_table(families: dict[str, _FamilyTally]) -> Table:
     return table
 
 
+def flood_table(floods: list[dict[str, Any]]) -> Table:
+    """Flood records, one line each: a flood's flows folded per target and minute (--flood-records summary)."""
+    table = Table(title="Floods (their flows folded: one line per target and minute)", box=box.SIMPLE_HEAD,
+                  title_style="bold red")
+    for name in ("target", "family", "from", "to", "flows", "packets/s", "sources", "spoofed"):
+        table.add_column(name, no_wrap=True, justify="left" if name in ("target", "family") else "right")
+    for r in floods:
+        table.add_row(escape(_endpoint(r["dst_ip"], r["dst_port"], r["protocol"])), escape(r["family"]),
+                      iso_timestamp(r["first_seen_ms"])[11:19], iso_timestamp(r["last_seen_ms"])[11:19],
+                      f"{r['flows']:,}", f"{r['packets_per_s']:,.0f}", f"{r['distinct_sources']:,}",
+                      f"{r['spoofed_share']:.0%}")
+    return table
+
+
 @dataclass(frozen=True)
 class _Column:
     name: str
@@ -357,6 +378,8 @@ def summary_panel(summary: dict[str, Any]) -> Panel:
         f"devices  {summary.get('devices') or 0:,}    attacks  {summary.get('attacks') or 0:,}",
         f"elapsed  {summary.get('elapsed_s') or 0:.2f} s    {summary.get('packets_per_s') or 0:,.0f} packets/s",
     ]
+    if summary.get("folded_flows"):
+        lines.append(f"{summary['folded_flows']:,} flows of floods folded into {summary['floods']:,} flood records")
     for w in summary.get("warnings") or []:
         lines.append(f"[yellow]warning[/] {escape(str(w.get('source')))}: {escape(str(w.get('message')))}")
     for e in summary.get("errors") or []:
