@@ -25,7 +25,7 @@ from iotscan.capture.inputs import (
     expand,
     link_type_name,
 )
-from iotscan.capture.source import ACTIVE, PACKETS, FlowSource, MeterConfig, SourceReport
+from iotscan.capture.source import ACTIVE, EMBRYO_SHARE, PACKETS, FlowSource, MeterConfig, SourceReport
 from iotscan.errors import CaptureError, ExitCode, InputError
 from iotscan.output.console import Reporter, bytes_read_by, error
 from iotscan.output.records import flow_record, summary_record
@@ -270,6 +270,11 @@ class Analysis:
             self._warn(info.name, "flow_cap",
                        f"flow table cap of {info.config.max_flows:,} reached: {report.evicted_flows:,} flows "
                        "were expired early (they may be split in several records)")
+        if report.emergency_flows:
+            self._warn(info.name, "flow_emergency",
+                       f"more one- and two-packet flows at once than a quarter of the flow table cap "
+                       f"({info.config.max_flows // EMBRYO_SHARE:,}, a flood?): {report.emergency_flows:,} of them "
+                       "were expired early")
         if report.stopped:
             status = "stopped" if self.live else "interrupted"
         for message in report.warnings:

@@ -153,7 +153,9 @@ def test_flow_cap_expires_early_and_warns() -> None:
     assert summary["packets"] == full["packets"]
     assert sum(f["packets"] for f in capped) == sum(f["packets"] for f in uncapped), "no packet may be lost"
     assert len(capped) > len(uncapped)
-    assert [w["code"] for w in summary["warnings"]] == ["flow_cap"]
+    # a cap of 5 leaves room for 1 embryonic flow: most new flows are expired early as embryos (an emergency)
+    assert [w["code"] for w in summary["warnings"]] == ["flow_cap", "flow_emergency"][:len(summary["warnings"])]
+    assert {w["code"] for w in summary["warnings"]} == {"flow_cap", "flow_emergency"}
 
 
 def test_fail_on_decides_the_exit_code() -> None:

@@ -161,6 +161,20 @@ def test_flood_records_all_reproduces_the_records_of_before() -> None:
     assert [r["event_type"] for r in folded].count("flood") == 1 and folded[-1]["folded_flows"] == 2851
 
 
+def test_a_floods_flows_are_expired_early_and_established_ones_keep_their_place(flood_capture: Path, both) -> None:
+    """With room for 2,000 flows, at most 500 may be embryonic (of at most two packets): the flood's are expired
+    early (an emergency, said in the summary), and the local clients' exchanges are whole all the same."""
+    flows, _, summary = _run(flood_capture, "--flood-records", "all", "--max-flows", "2000")
+    (_, _, _), (every, _, _) = both
+    assert [w["code"] for w in summary["warnings"]] == ["flow_emergency"]
+    assert "expired early" in summary["warnings"][0]["message"]
+
+    def shape(records: list[dict]) -> Counter:
+        return Counter((r["src_ip"], r["src_port"], r["dst_ip"], r["dst_port"], r["packets"]) for r in records)
+
+    assert shape(flows) == shape(every)
+
+
 def test_fail_on_counts_folded_flows_and_the_table_shows_one_line(flood_capture: Path) -> None:
     _run(flood_capture, "--no-devices", "--fail-on", "ddos", code=1)
     table = run_iotscan("analyze", flood_capture, "-f", "table", check_code=0).stdout.decode()

@@ -57,9 +57,15 @@ _LIVE_BLOCK_MS = 250  # libpcap delivers live packets in blocks retired after at
 _LIVE_WAIT_MS = 100  # longest wait for packets before the clock moves on and stop() is checked
 
 
-# Flows tracked at once unless told otherwise. A flow costs about 5 KB in the meter, so this bounds the
-# table near 500 MB when every packet opens a flow (a flood of spoofed sources).
+# Flows tracked at once unless told otherwise. A flow costs about 4 KB in the meter, so this bounds the
+# table near 400 MB when every packet opens a flow (a flood of spoofed sources).
 DEFAULT_MAX_FLOWS = 100_000
+# Emergency, in the manner of Suricata's: at most this share of max_flows are embryonic flows, of at most
+# EMBRYO_PACKETS packets (a flood's: a SYN, a probe, and perhaps its answer); beyond, the least recently active
+# of them is expired early, so that a flood keeps the table (and memory) at a quarter of the cap while the
+# established flows keep their place.
+EMBRYO_SHARE = 4
+EMBRYO_PACKETS = 2
 
 # Indices into the shared counter array.
 PACKETS, IGNORED, ACTIVE, EVICTED, DROPPED, IFDROPPED = range(6)
@@ -104,6 +110,7 @@ class SourceReport:
     ignored_packets: int = 0
     flows: int = 0
     evicted_flows: int = 0
+    emergency_flows: int = 0  # embryonic flows expired early (see EMBRYO_SHARE)
     dropped_packets: int = 0
     read_error: bool = False
     stopped: bool = False
@@ -257,6 +264,10 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
     out = _Batcher(channel, cfg.reduce)
     flow_class = NFlow if cfg.reduce is None else PayloadFlow if udps else BlockFlow
     cache: OrderedDict[tuple, NFlow] = OrderedDict()  # oldest activity first
+    # The embryonic flows of the cache, oldest activity first: an index beside it (the cache keeps every flow in
+    # its order), whose oldest goes when there are more than embryo_cap
+    embryos: OrderedDict[tuple, NFlow] = OrderedDict()
+    embryo_cap = cfg.max_flows // EMBRYO_SHARE if cfg.max_flows else 0
     report = SourceReport()
     interface_stats = ffi.new("struct nf_stat *")
 
@@ -272,6 +283,8 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
             expire(flow)
         else:
             cache[key] = flow
+            if embryo_cap:
+                embryos[key] = flow
 
     def scan_idle(tick: int) -> None:
         for _ in range(_SCAN_BUDGET):
@@ -282,6 +295,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
             if not flow.is_idle(tick, idle_ms):
                 return
             del cache[key]
+            embryos.pop(key, None)
             expire(flow)
 
     def publish() -> None:
@@ -311,16 +325,29 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                     flow = cache.get(key)
                     if flow is None:
                         new_flow(packet, key)
-                        if cfg.max_flows and len(cache) > cfg.max_flows:
+                        if len(embryos) > embryo_cap:
+                            report.emergency_flows += 1
+                            oldest = next(iter(embryos))
+                            del embryos[oldest]
+                            expire(cache.pop(oldest))
+                        elif cfg.max_flows and len(cache) > cfg.max_flows:
                             report.evicted_flows += 1
-                            expire(cache.pop(next(iter(cache))))
+                            oldest = next(iter(cache))
+                            embryos.pop(oldest, None)
+                            expire(cache.pop(oldest))
                     else:
                         done = flow.update(packet, idle_ms, active_ms, ffi, lib, udps, sync, acc, n_dis,
                                            stats, splt, dissector)
                         if done is None:
                             cache.move_to_end(key)
+                            if key in embryos:
+                                if flow._C.bidirectional_packets > EMBRYO_PACKETS:
+                                    del embryos[key]
+                                else:
+                                    embryos.move_to_end(key)
                         else:
                             del cache[key]
+                            embryos.pop(key, None)
                             out.put(done)
                             if done.expiration_id >= 0:  # idle/active cut: this packet opens a new flow
                                 new_flow(packet, key)
