@@ -254,3 +254,16 @@ def test_live_flood_gives_flood_records_and_ordinary_flows_keep_theirs() -> None
     assert all(exchanges[p]["verdict"] in ("benign", "attack") and exchanges[p]["packets"] >= 6 for p in clients)
     kinds = Counter(r["event_type"] for r in records)
     assert kinds["flow"] < 1000  # the refused connections are not written one by one
+
+
+def test_a_floods_probes_are_counted_not_kept_while_a_scans_are() -> None:
+    from iotscan.detect.request_pass import SIGNATURES, RequestFindings
+
+    code = next(i for i, s in enumerate(SIGNATURES, start=1) if s.where == "syn")
+    findings = RequestFindings(flood_rate=54.0)
+    for i in range(1000):  # a flood of scanner-like SYNs at one service, 1,000 a second, one per spoofed source
+        findings.add(f"11.0.{i >> 8}.{i & 255}", 1024 + i, VICTIM, 80, START_S * 1000 + i, code)
+    for port in range(1, 1001):  # a scan of 1,000 ports of another host in the same second
+        findings.add("203.0.113.9", 50000, "10.0.0.20", port, START_S * 1000 + port, code)
+    assert 50 <= 1000 - findings.flood_probes <= 60 and findings.kept == 1000 - findings.flood_probes + 1000
+    assert RequestFindings().add("11.0.0.1", 1024, VICTIM, 80, 0, code) is None  # no flood rate: every one is kept

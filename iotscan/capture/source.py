@@ -100,6 +100,11 @@ class MeterConfig:
     # unpickled through Python code per item (its __getnewargs__ and __new__), a plain tuple in C: on a flood
     # of one-packet flows the meter spent a fifth of its time pickling MeteredFlows.
     item_type: type[tuple] | None = None
+    # A side pass's reader of a packet that opens a flow (none of the table's): what it returns of it (not None)
+    # is sent as reduce's items are, and the packet opens no flow. For packets whose flow would hold nothing more
+    # than they say: a scanner's SYN, read whole by its header (the request pass's: a flood of them made it the
+    # slowest pass, and the first scored flows wait for it).
+    packet_reader: Callable[[Any, Any], Any] | None = None
 
 
 @dataclass
@@ -134,6 +139,15 @@ class _Batcher:
             item = self.reduce(flow)
             if item is None:
                 return
+        if not self.batch:
+            self.since = time.monotonic()
+        self.batch.append(item)
+        if len(self.batch) >= _BATCH_FLOWS:
+            self.flush()
+
+    def put_read(self, item: Any) -> None:
+        """What MeterConfig.packet_reader made of a packet that opened no flow (counted as one)."""
+        self.flows += 1
         if not self.batch:
             self.since = time.monotonic()
         self.batch.append(item)
@@ -268,6 +282,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
     # its order), whose oldest goes when there are more than embryo_cap
     embryos: OrderedDict[tuple, NFlow] = OrderedDict()
     embryo_cap = cfg.max_flows // EMBRYO_SHARE if cfg.max_flows else 0
+    reader = cfg.packet_reader
     report = SourceReport()
     interface_stats = ffi.new("struct nf_stat *")
 
@@ -323,7 +338,10 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                     report.packets += 1
                     key = get_flow_key_from_pkt(packet)
                     flow = cache.get(key)
-                    if flow is None:
+                    read = None if reader is None or flow is not None else reader(packet, ffi)
+                    if read is not None:
+                        out.put_read(read)
+                    elif flow is None:
                         new_flow(packet, key)
                         if len(embryos) > embryo_cap:
                             report.emergency_flows += 1

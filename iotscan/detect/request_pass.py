@@ -36,7 +36,9 @@ from __future__ import annotations
 import bisect
 import functools
 import json
+import math
 import re
+import socket
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -133,6 +135,8 @@ PAIR_AFTER_MATCH_MS = 120_000
 # server of a log4j lookup. The flows between the request's server and each IPv4 literal in the request
 # (at most this many) are marked as the pair's are.
 MAX_NAMED_HOSTS = 4
+PROBE_HALF_LIFE_S = 5.0  # a service's probes are counted over this half-life (see RequestFindings.flood_rate)
+_LN2 = math.log(2.0)
 # A matching flow as the pass saw it (src_ip, src_port, dst_ip, dst_port, protocol; src sent its first packet
 # the filter let through), and a mark of a pair of hosts: (match time ms, signature code, the matching flow)
 Flow5 = tuple[str, int, str, int, int]
@@ -492,11 +496,22 @@ class RequestFindings:
     named_kept: int = 0
     held_kept: int = 0
     forgotten: int = 0  # matches let go for newer ones
+    # With a flood rate (--flood-records summary): a probe's match (a SYN's, a flag probe's, an echo's) of a service
+    # that receives probes at that rate (decayed over PROBE_HALF_LIFE_S) is counted, not kept: a flood's, whose
+    # flows are folded into flood records (a scan spreads its probes over ports and hosts). By service: [last
+    # probe (s), decayed probes], at most MAX_FINDINGS services.
+    flood_rate: float | None = None
+    probes: OrderedDict[tuple[str, int, int], list[float]] = field(default_factory=OrderedDict)
+    flood_probes: int = 0
 
     def add(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, code: int,
             named: tuple[str, ...] = (), protocol: int = 6) -> None:
         self.matched += 1
         sig = signature(code)
+        if self.flood_rate is not None and sig is not None and sig.where in _HEADERS \
+                and self._flooded((dst_ip, dst_port, protocol), first_ms / 1000.0):
+            self.flood_probes += 1
+            return
         flow = (src_ip, src_port, dst_ip, dst_port, protocol)
         for host in named:  # the request went from src to dst: dst is the exploited host
             if host not in (src_ip, dst_ip):
@@ -505,6 +520,22 @@ class RequestFindings:
         counted = self._counted(sig, code, flow, first_ms) if sig and sig.min_pair_count > 1 else [(first_ms, flow)]
         for seen_ms, seen in counted:
             self._keep(seen, seen_ms, code, sig)
+
+    def _flooded(self, service: tuple[str, int, int], t: float) -> bool:
+        """Count a probe of ``service`` at ``t`` (s): whether the service now receives probes at the flood rate."""
+        state = self.probes.get(service)
+        if state is None:
+            state = self.probes[service] = [t, 0.0]
+            if len(self.probes) > MAX_FINDINGS:
+                del self.probes[next(iter(self.probes))]
+        else:
+            self.probes.move_to_end(service)
+        elapsed = t - state[0]
+        if elapsed > 0:
+            state[0] = t
+            state[1] *= math.exp(-elapsed * _LN2 / PROBE_HALF_LIFE_S)
+        state[1] += 1.0
+        return state[1] >= self.flood_rate  # type: ignore[operator]
 
     def _counted(self, sig: RequestSignature, code: int, flow: Flow5, first_ms: int) -> list[tuple[int, Flow5]]:
         """The matches of a signature asking for several flows between two hosts that count now: this one
@@ -646,12 +677,31 @@ def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], in
             flow.udps.named_hosts, flow.protocol)
 
 
-def request_pass(source: str, config: MeterConfig) -> tuple[SidePass, RequestFindings]:
+def _bare_syn(packet: Any, ffi: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int] | None:
+    """What the pass keeps of a packet that opens a flow when it is an IPv4 SYN without data matching a SYN
+    signature (MeterConfig.packet_reader): its flow's match, as _match makes it, without the flow. Its flow would
+    have matched at this packet and left the meter at once (expire_on_match), as a scan's or a flood's do one per
+    packet; anything else (IPv6 included, whose addresses NFStream writes itself) goes the flows' way."""
+    if packet.protocol != 6 or packet.ip_version != 4 or packet.payload_size or not packet.syn or packet.ack:
+        return None
+    ip_packet = ffi.buffer(packet.ip_content, packet.ip_content_len)[:]
+    segment = tcp_segment(ip_packet)
+    if segment is None or segment.payload or segment.flags & 0x16 != 0x02:
+        return None
+    code = _header_match("syn", f"window {segment.window} df {int(segment.dont_fragment)}")
+    if not code:
+        return None
+    return (socket.inet_ntoa(ip_packet[12:16]), segment.src_port, socket.inet_ntoa(ip_packet[16:20]), packet.dst_port,
+            packet.time, code, (), 6)
+
+
+def request_pass(source: str, config: MeterConfig, flood_rate: float | None = None
+                 ) -> tuple[SidePass, RequestFindings]:
     """The request pass over one capture file or interface (``config``: the main pass's settings), to
-    start, and the findings it fills as it runs (complete when it ends)."""
-    findings = RequestFindings()
+    start, and the findings it fills as it runs (complete when it ends); ``flood_rate``: see RequestFindings."""
+    findings = RequestFindings(flood_rate=flood_rate)
     job = side_pass("iotscan-requests", source, config, REQUEST_FILTER, RequestPlugin(expire_on_match=True),
-                    findings.collect, snaplen=MAX_HEAD_BYTES + 128, reduce=_match)
+                    findings.collect, snaplen=MAX_HEAD_BYTES + 128, reduce=_match, packet_reader=_bare_syn)
     return job, findings
 
 

@@ -465,7 +465,9 @@ class ScoringStage(Stage):
         the findings known by then (a flow is scored when it expires, long after its requests)."""
         info = self._source
         if info is not None and self._requests is None:
-            self._requests, self._findings = request_pass(info.config.source, info.config)
+            # folding floods, a flood's probes need not be kept: its flows are folded (RequestFindings.flood_rate)
+            self._requests, self._findings = request_pass(info.config.source, info.config,
+                                                          FLOOD_FLOWS_5S if self.fold_floods else None)
             self._requests.start()
             if info.config.live and self._extractor is not None:
                 self._extractor.requests = self._findings
@@ -487,6 +489,9 @@ class ScoringStage(Stage):
             self.warn(name, "request_pass", f"request pass failed (no HTTP or DNS signatures): {job.error}")
             return None
         findings = self._findings
+        if findings is not None and findings.flood_probes:
+            self.warn(name, "flood_probes", f"{findings.flood_probes:,} probes of flooded services (scanner-like SYNs, "
+                                            "flag probes or pings at a flood's rate) were counted, not kept")
         if findings is not None and findings.forgotten:
             self.warn(name, "request_signatures_capped",
                       f"{findings.forgotten:,} of {findings.matched:,} flows matching request signatures were "
