@@ -72,6 +72,13 @@ class SidePass(threading.Thread):
             self.join()
         return not self.is_alive()
 
+    def dropped(self) -> str | None:
+        """On an interface, whose second capture may fall behind too (a flood of packets its filter lets through):
+        how many packets the kernel dropped from it, as a warning's text; None when none."""
+        n = self.report.dropped_packets
+        return f"the kernel dropped {n:,} packets of the {self.name} capture: what they held was not read" if n \
+            else None
+
     def outcome(self) -> Any:
         """Run here (no thread) and return what ``collect`` made, or raise the pass's error."""
         self.run()

@@ -485,6 +485,8 @@ class ScoringStage(Stage):
             return None
         job.end()
         name = self._source.name if self._source is not None else ""
+        if (dropped := job.dropped()) is not None:
+            self.warn(name, "dropped", dropped)
         if job.error is not None:
             self.warn(name, "request_pass", f"request pass failed (no HTTP or DNS signatures): {job.error}")
             return None
