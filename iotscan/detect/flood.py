@@ -35,8 +35,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import datasketches
-
 from iotscan.detect.context import ContextTracker
 from iotscan.output.records import FLOOD_WINDOW_S, FLOW_ATTRIBUTES, community_id, flood_record
 
@@ -120,6 +118,8 @@ class FloodTally:
                  "sample", "service", "sources", "top_ports", "top_sources", "window")
 
     def __init__(self, service: Service, window: int, dst_mac: str) -> None:
+        import datasketches  # only once a flood is folded: its import costs every run
+
         self.service, self.window, self.dst_mac = service, window, dst_mac
         self.flows = self.packets = self.bytes = self.answered = 0
         self.first_ms, self.last_ms = 1 << 62, 0
@@ -193,6 +193,8 @@ class FloodTally:
 
 def _frequent(sketch: Any) -> list[tuple[str, int]]:
     """The items surely above the sketch's error, with the lower bound of their count, most first (at most TOP)."""
+    import datasketches
+
     items = sketch.get_frequent_items(datasketches.frequent_items_error_type.NO_FALSE_POSITIVES)
     return [(item, int(low)) for item, _estimate, low, _high in items[:TOP]]
 

@@ -392,10 +392,8 @@ class RequestPlugin(NFPlugin):
     matched, as many times as it asks (``min_count``) among the first MAX_REQUESTS_PER_FLOW; and
     ``flow.udps.named_hosts``: the hosts the matching request names, for an exploit's signature.
 
-    With ``expire_on_match`` a flow leaves the meter at its match: on a live interface the finding is then known
-    long before the main pass's copy of the flow expires and is scored; on a file the pass's flow table holds only
-    flows that have matched nothing yet (a flood of scanner-like SYNs, each a match, had filled it with 100,000
-    flows: 400 MB).
+    With ``expire_on_match`` (a live interface) a flow leaves the meter at its match, so the finding
+    is known long before the main pass's copy of the flow expires and is scored.
     Never raises: a packet that fails to parse matches nothing.
     """
 
@@ -679,9 +677,11 @@ def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], in
 
 def _bare_syn(packet: Any, ffi: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int] | None:
     """What the pass keeps of a packet that opens a flow when it is an IPv4 SYN without data matching a SYN
-    signature (MeterConfig.packet_reader): its flow's match, as _match makes it, without the flow. Its flow would
-    have matched at this packet and left the meter at once (expire_on_match), as a scan's or a flood's do one per
-    packet; anything else (IPv6 included, whose addresses NFStream writes itself) goes the flows' way."""
+    signature (MeterConfig.packet_reader): its flow's match, as _match makes it, without the flow, which would have
+    matched at this packet (and read nothing more: on an interface it would have left the meter at once). A scan's
+    or a flood's come one per packet: a million spoofed SYNs had filled the pass's table with 100,000 matched flows
+    (400 MB) and taken it 20 us each. Anything else (IPv6 included, whose addresses NFStream writes itself) goes the
+    flows' way; a later segment of the same connection that the filter lets through is read by a flow of its own."""
     if packet.protocol != 6 or packet.ip_version != 4 or packet.payload_size or not packet.syn or packet.ack:
         return None
     ip_packet = ffi.buffer(packet.ip_content, packet.ip_content_len)[:]
@@ -700,7 +700,7 @@ def request_pass(source: str, config: MeterConfig, flood_rate: float | None = No
     """The request pass over one capture file or interface (``config``: the main pass's settings), to
     start, and the findings it fills as it runs (complete when it ends); ``flood_rate``: see RequestFindings."""
     findings = RequestFindings(flood_rate=flood_rate)
-    job = side_pass("iotscan-requests", source, config, REQUEST_FILTER, RequestPlugin(expire_on_match=True),
+    job = side_pass("iotscan-requests", source, config, REQUEST_FILTER, RequestPlugin(expire_on_match=config.live),
                     findings.collect, snaplen=MAX_HEAD_BYTES + 128, reduce=_match, packet_reader=_bare_syn)
     return job, findings
 
