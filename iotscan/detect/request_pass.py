@@ -135,8 +135,7 @@ PAIR_AFTER_MATCH_MS = 120_000
 # server of a log4j lookup. The flows between the request's server and each IPv4 literal in the request
 # (at most this many) are marked as the pair's are.
 MAX_NAMED_HOSTS = 4
-PROBE_HALF_LIFE_S = 5.0  # a service's probes are counted over this half-life (see RequestFindings.flood_rate)
-_LN2 = math.log(2.0)
+PROBE_RATE = math.log(2.0) / 5.0  # a service's probes are counted over a half-life of 5 s (RequestFindings.flood_rate)
 # A matching flow as the pass saw it (src_ip, src_port, dst_ip, dst_port, protocol; src sent its first packet
 # the filter let through), and a mark of a pair of hosts: (match time ms, signature code, the matching flow)
 Flow5 = tuple[str, int, str, int, int]
@@ -321,8 +320,7 @@ def _first_match(signatures: list[tuple[int, RequestSignature]], text: str) -> i
 
 @functools.lru_cache(maxsize=1024)
 def _header_match(kind: str, text: str) -> int:
-    """_first_match of the signatures of a kind of probe's header ("tcp-flags", "syn", "echo") for its text, which
-    takes few values: a scan or a SYN flood sends the same header thousands of times a second."""
+    """_first_match of a kind of probe's header ("tcp-flags", "syn", "echo"): few texts, repeated by scans, floods."""
     return _first_match(_HEADERS[kind], text)
 
 
@@ -494,10 +492,8 @@ class RequestFindings:
     named_kept: int = 0
     held_kept: int = 0
     forgotten: int = 0  # matches let go for newer ones
-    # With a flood rate (--flood-records summary): a probe's match (a SYN's, a flag probe's, an echo's) of a service
-    # that receives probes at that rate (decayed over PROBE_HALF_LIFE_S) is counted, not kept: a flood's, whose
-    # flows are folded into flood records (a scan spreads its probes over ports and hosts). By service: [last
-    # probe (s), decayed probes], at most MAX_FINDINGS services.
+    # With a flood rate (--flood-records summary): a probe's match at a service receiving probes at that rate is
+    # counted, not kept (a flood's: folded; a scan spreads over ports). By service: [last probe (s), decayed probes]
     flood_rate: float | None = None
     probes: OrderedDict[tuple[str, int, int], list[float]] = field(default_factory=OrderedDict)
     flood_probes: int = 0
@@ -520,18 +516,14 @@ class RequestFindings:
             self._keep(seen, seen_ms, code, sig)
 
     def _flooded(self, service: tuple[str, int, int], t: float) -> bool:
-        """Count a probe of ``service`` at ``t`` (s): whether the service now receives probes at the flood rate."""
-        state = self.probes.get(service)
-        if state is None:
-            state = self.probes[service] = [t, 0.0]
-            if len(self.probes) > MAX_FINDINGS:
-                del self.probes[next(iter(self.probes))]
-        else:
-            self.probes.move_to_end(service)
-        elapsed = t - state[0]
-        if elapsed > 0:
+        """Count a probe of ``service`` at ``t`` (s): whether it now receives probes at the flood rate."""
+        state = self.probes.setdefault(service, [t, 0.0])
+        self.probes.move_to_end(service)
+        if len(self.probes) > MAX_FINDINGS:
+            del self.probes[next(iter(self.probes))]
+        if t > state[0]:
+            state[1] *= math.exp((state[0] - t) * PROBE_RATE)
             state[0] = t
-            state[1] *= math.exp(-elapsed * _LN2 / PROBE_HALF_LIFE_S)
         state[1] += 1.0
         return state[1] >= self.flood_rate  # type: ignore[operator]
 
@@ -676,12 +668,9 @@ def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], in
 
 
 def _bare_syn(packet: Any, ffi: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int] | None:
-    """What the pass keeps of a packet that opens a flow when it is an IPv4 SYN without data matching a SYN
-    signature (MeterConfig.packet_reader): its flow's match, as _match makes it, without the flow, which would have
-    matched at this packet (and read nothing more: on an interface it would have left the meter at once). A scan's
-    or a flood's come one per packet: a million spoofed SYNs had filled the pass's table with 100,000 matched flows
-    (400 MB) and taken it 20 us each. Anything else (IPv6 included, whose addresses NFStream writes itself) goes the
-    flows' way; a later segment of the same connection that the filter lets through is read by a flow of its own."""
+    """An IPv4 SYN without data matching a SYN signature, opening a flow (MeterConfig.packet_reader): its flow's
+    match, as _match makes it, without the flow (a million spoofed SYNs had filled the pass's table and taken 20 us
+    each). Anything else goes the flows' way (a later segment of the connection: in a flow of its own)."""
     if packet.protocol != 6 or packet.ip_version != 4 or packet.payload_size or not packet.syn or packet.ack:
         return None
     ip_packet = ffi.buffer(packet.ip_content, packet.ip_content_len)[:]
@@ -689,10 +678,8 @@ def _bare_syn(packet: Any, ffi: Any) -> tuple[str, int, str, int, int, int, tupl
     if segment is None or segment.payload or segment.flags & 0x16 != 0x02:
         return None
     code = _header_match("syn", f"window {segment.window} df {int(segment.dont_fragment)}")
-    if not code:
-        return None
-    return (socket.inet_ntoa(ip_packet[12:16]), segment.src_port, socket.inet_ntoa(ip_packet[16:20]), packet.dst_port,
-            packet.time, code, (), 6)
+    return None if not code else (socket.inet_ntoa(ip_packet[12:16]), segment.src_port,
+                                  socket.inet_ntoa(ip_packet[16:20]), packet.dst_port, packet.time, code, (), 6)
 
 
 def request_pass(source: str, config: MeterConfig, flood_rate: float | None = None
