@@ -330,6 +330,8 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         raise SystemExit("bench_live.py needs root (network namespaces, capture): run it with sudo")
+    # SIGTERM ends the benchmark as Ctrl-C does, through the namespaces' deletion (a background job ignores SIGINT)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for tool in ("ip", "tcpreplay", "capinfos", "mergecap", "tshark"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found: ./install.sh installs it")
