@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,6 +212,8 @@ def _iotscan_counts(out: Path) -> tuple[int, int, dict]:
         "floods": summary.get("floods", 0), "folded_flows": summary.get("folded_flows", 0),
         "flows_counted": summary["flows"], "ordinary_flows": len(ordinary),
         "ordinary_with_verdict": sum("verdict" in r for r in ordinary),
+        "flood_targets": Counter(f"{r['dst_ip']}:{r['dst_port']}/{r['protocol']}" for r in records
+                                 if r["event_type"] == "flood").most_common(5),
         "warnings": sorted({w["code"] for w in summary["warnings"]})}
 
 
