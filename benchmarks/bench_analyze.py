@@ -1,12 +1,15 @@
 """iotscan analyze vs a bare NFStreamer loop, side by side on the same ~1M-packet capture.
 
-    python benchmarks/bench_analyze.py [--runs 3] [--no-scaling]
+    python benchmarks/bench_analyze.py [--runs 3] [--no-scaling] [--baseline DIR] [--flood-runs 3] [--flood-only]
 
 Runs alternate between the variants (these machines are noisy, so compare medians measured in one
 run, not times across runs). Peak RSS is the peak of the summed RSS of the whole process tree
 (iotscan and NFStream both meter in a child process). The scaling part runs each tool once on the
 capture and on one ten times as long, to show memory follows active flows, not capture length,
-then on a synthetic flood of a million one-packet flows (flood.py), where --max-flows bounds it.
+then on a synthetic flood of a million one-packet flows (flood.py): bare NFStream, and iotscan analyze with
+--flood-records summary (the default) and all, alternated (--flood-runs), with the records written and the flows
+counted. --baseline DIR adds `iotscan analyze` run from another checkout (its iotscan/ and models/) to the
+ordinary capture's variants, for the ratio of medians side by side.
 """
 
 from __future__ import annotations
@@ -53,23 +56,80 @@ def variants(capture: Path, splt: int) -> dict[str, list[str]]:
     return out
 
 
+def flood_bench(runs: int, splt: int) -> dict:
+    """The million-flow spoofed SYN flood: bare NFStream, iotscan analyze with --flood-records summary and all,
+    alternated; wall and CPU time, summed peak RSS, records written and flows counted (from the summary)."""
+    flood = build_flood()
+    print(f"\nhostile input: {flood.name}, a spoofed SYN flood of 1M one-packet flows; {runs} alternated runs")
+    out = {name: OUT / f"flood-{name.split()[-1]}.ndjson" for name in ("summary", "all")}
+    cmds = {"bare NFStream": [PY, str(REPO / "benchmarks" / "bare_nfstream.py"), str(flood), "--splt", str(splt)]}
+    for mode, path in out.items():
+        cmds[f"iotscan analyze {mode}"] = [PY, "-m", "iotscan", "analyze", str(flood), "--format", "ndjson", "--output",
+                                           str(path), "--quiet", "--flood-records", mode]
+    written: dict[str, list[tuple[int, dict]]] = {name: [] for name in cmds}
+
+    def count(name: str) -> None:  # the records written and the summary, then the file goes (1 GB with `all`)
+        path = out.get(name.split()[-1])
+        if path is not None and name.startswith("iotscan"):
+            lines, last = 0, b""
+            with path.open("rb") as f:
+                for line in f:
+                    lines, last = lines + 1, line
+            written[name].append((lines, json.loads(last)))
+            path.unlink()
+
+    runs_of = alternate(cmds, runs, after=count)
+    results = {}
+    print(f"{'variant':26s} {'median s':>9s} {'cpu s':>7s} {'peak RSS':>10s} {'records':>11s} {'flows':>11s} "
+          f"{'folded':>9s}")
+    for name, measured in runs_of.items():
+        t = statistics.median(r.wall_s for r in measured)
+        c = statistics.median(r.cpu_s for r in measured)
+        m = statistics.median(r.peak_rss for r in measured)
+        entry = {"median_s": round(t, 2), "median_cpu_s": round(c, 2), "peak_rss_mib": round(m / 2**20),
+                 "times_s": [round(r.wall_s, 2) for r in measured],
+                 "peak_rss_mib_runs": [round(r.peak_rss / 2**20) for r in measured]}
+        records = flows = folded = ""
+        if written[name]:
+            lines, summary = written[name][-1]
+            entry.update(records_written=lines, flows_counted=summary["flows"],
+                         folded_flows=summary.get("folded_flows", 0), floods=summary.get("floods", 0))
+            records, flows, folded = f"{lines:,}", f"{summary['flows']:,}", f"{summary.get('folded_flows', 0):,}"
+        results[name] = entry
+        print(f"{name:26s} {t:9.1f} {c:7.1f} {m / 2**20:6.0f} MiB {records:>11s} {flows:>11s} {folded:>9s}")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-scaling", action="store_true", help="skip the 10x-length memory check")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose iotscan analyze runs beside this one's")
+    parser.add_argument("--flood-runs", type=int, default=1, help="alternated runs of each variant on the flood")
+    parser.add_argument("--flood-only", action="store_true", help="only the flood (no nDPI corpus needed)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
     from iotscan.cli.common import main_pass_config
 
     splt = main_pass_config("", score=True).splt  # the bare loop meters as iotscan's full main pass does
+    if args.flood_only:
+        results = {"flood": flood_bench(args.flood_runs, splt)}
+        OUT.mkdir(exist_ok=True)
+        (OUT / "results-flood.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nresults written to {OUT / 'results-flood.json'}")
+        return
 
     capture = build(UNIT_COPIES)
     packets = packets_in(capture)
     cmds = variants(capture, splt)
+    cwds = {}
+    if args.baseline is not None:
+        cmds["iotscan analyze (baseline)"] = cmds["iotscan analyze"]
+        cwds["iotscan analyze (baseline)"] = args.baseline.resolve()
     names = list(cmds)
     print(f"capture {capture.name}: {packets:,} packets; {args.runs} alternated runs per variant")
-    runs = alternate(cmds, args.runs)
+    runs = alternate(cmds, args.runs, cwds)
     times = {n: [r.wall_s for r in runs[n]] for n in names}
     rss = {n: [r.peak_rss for r in runs[n]] for n in names}
     cpu = {n: [r.cpu_s for r in runs[n]] for n in names}
@@ -99,6 +159,12 @@ def main() -> None:
             results["stage_overheads"][stage] = {"wall": round(t1 / t0 - 1, 3), "cpu": round(c1 / c0 - 1, 3)}
             print(f"{stage} add {100 * (t1 / t0 - 1):+.1f}% wall, {100 * (c1 / c0 - 1):+.1f}% cpu "
                   f"({with_} vs {without})")
+    if args.baseline is not None:
+        t0, t1 = statistics.median(times["iotscan analyze (baseline)"]), statistics.median(times["iotscan analyze"])
+        c0, c1 = statistics.median(cpu["iotscan analyze (baseline)"]), statistics.median(cpu["iotscan analyze"])
+        results["vs_baseline"] = {"baseline": str(args.baseline), "wall_ratio": round(t1 / t0, 3),
+                                  "cpu_ratio": round(c1 / c0, 3)}
+        print(f"this checkout vs {args.baseline}: {t1 / t0:.3f}x wall, {c1 / c0:.3f}x cpu (ratios of medians)")
 
     if not args.no_scaling:
         long_capture = build(UNIT_COPIES * 10)
@@ -114,13 +180,7 @@ def main() -> None:
                                         "ratio_10x_over_1x": round(m10 / m1, 3)}
             print(f"{name:22s} 1x {m1 / 2**20:7.1f} MiB   10x {m10 / 2**20:7.1f} MiB   ratio {m10 / m1:.2f}")
 
-        flood = build_flood()
-        print(f"\nhostile input: {flood.name}, a spoofed SYN flood of 1M one-packet flows, all active at once")
-        results["flood"] = {}
-        for name in ("bare NFStream", "iotscan analyze"):
-            run = measure(on_capture(cmds[name], capture, flood))
-            results["flood"][name] = {"wall_s": round(run.wall_s, 1), "peak_rss_mib": round(run.peak_rss / 2**20)}
-            print(f"{name:22s} {run.wall_s:7.1f} s   peak RSS {run.peak_rss / 2**20:7.0f} MiB")
+        results["flood"] = flood_bench(args.flood_runs, splt)
 
     OUT.mkdir(exist_ok=True)
     (OUT / "results-analyze.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -30,7 +30,7 @@ from corpus import REPO
 
 sys.path.insert(0, str(REPO))
 
-from iotscan.capture.source import flow_block_dtype
+from iotscan.capture.flows import flow_block_dtype
 from iotscan.cli.common import build_stages, main_pass_config
 from iotscan.detect.features import SPLT_PACKETS
 from iotscan.detect.hosts import flow_flags

@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,10 @@ class Run:
     peak_rss: int  # bytes, the peak of the summed RSS of the process tree (iotscan meters in a child)
 
 
-def measure(cmd: list[str]) -> Run:
+def measure(cmd: list[str], cwd: Path = REPO) -> Run:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    proc = psutil.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = psutil.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
     while proc.poll() is None:
         try:
@@ -39,15 +40,19 @@ def measure(cmd: list[str]) -> Run:
     return Run(wall, cpu, peak)
 
 
-def alternate(variants: dict[str, list[str]], runs: int) -> dict[str, list[Run]]:
-    """Run every variant `runs` times, rotating which goes first, so load changes hit all alike."""
+def alternate(variants: dict[str, list[str]], runs: int, cwds: dict[str, Path] | None = None,
+              after: Callable[[str], None] | None = None) -> dict[str, list[Run]]:
+    """Run every variant `runs` times, rotating which goes first, so load changes hit all alike (``cwds``: where a
+    variant runs, when not in this checkout; ``after``: called with a variant's name after each of its runs)."""
     names = list(variants)
     results: dict[str, list[Run]] = {n: [] for n in names}
     width = max(map(len, names))
     for i in range(runs):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            run = measure(variants[name])
+            run = measure(variants[name], (cwds or {}).get(name, REPO))
             results[name].append(run)
+            if after is not None:
+                after(name)
             print(f"  run {i + 1} {name:{width}s} {run.wall_s:7.2f} s wall {run.cpu_s:7.2f} s cpu "
                   f"{run.peak_rss / 2**20:7.1f} MiB", flush=True)
     return results

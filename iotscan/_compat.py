@@ -19,7 +19,7 @@ from typing import Any
 # old module -> the modules that now hold its names, searched in order
 MOVED: dict[str, tuple[str, ...]] = {
     "iotscan.inputs": ("iotscan.capture.inputs",),
-    "iotscan.source": ("iotscan.capture.source", "iotscan.capture.side_pass"),
+    "iotscan.source": ("iotscan.capture.source", "iotscan.capture.side_pass", "iotscan.capture.flows"),
     "iotscan.packets": ("iotscan.capture.packets",),
     "iotscan.features": ("iotscan.detect.features", "iotscan.detect.context"),
     "iotscan.request_pass": ("iotscan.detect.request_pass", "iotscan.detect.request_findings",

@@ -166,7 +166,7 @@ class LiveMonitor(Stage):
                 device.hostname = record["dhcp_hostname"]
 
         for record, flow in events:
-            if record is None or flow is None:  # a heartbeat, or a stage's own record (an alert): the sink notes it
+            if record is None or flow is None:  # a heartbeat, a claimed flow, a record of a stage: noted by the sink
                 yield record, flow
                 continue
             attack = record.get("verdict") == "attack"

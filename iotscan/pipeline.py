@@ -25,7 +25,7 @@ from iotscan.capture.inputs import (
     expand,
     link_type_name,
 )
-from iotscan.capture.source import ACTIVE, PACKETS, FlowSource, MeterConfig, SourceReport
+from iotscan.capture.source import ACTIVE, EMBRYO_SHARE, PACKETS, FlowSource, MeterConfig, SourceReport
 from iotscan.errors import CaptureError, ExitCode, InputError
 from iotscan.output.console import Reporter, bytes_read_by, error
 from iotscan.output.records import flow_record, summary_record
@@ -82,6 +82,8 @@ class RunState:
     flows: int = 0
     attacks: int = 0
     attack_families: Counter[str] = field(default_factory=Counter)
+    folded_flows: int = 0  # into flood records
+    floods: int = 0
     warnings: list[dict[str, str]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
@@ -204,7 +206,13 @@ class Analysis:
         name = info.name
         base = os.path.basename(name)
         paced = _gc_paced(source)
-        events: Iterator[Event] = (TICK if f is None else (flow_record(f, name, base), f) for f in paced)
+        claiming = [stage.claims for stage in self.stages if type(stage).claims is not Stage.claims]
+        events: Iterator[Event]
+        if claiming:  # a flow a stage claims is made no record (a flood's: see Stage.claims)
+            claims = claiming[0]
+            events = (TICK if f is None else (None, f) if claims(f) else (flow_record(f, name, base), f) for f in paced)
+        else:
+            events = (TICK if f is None else (flow_record(f, name, base), f) for f in paced)
         for stage in self.stages:
             events = stage.run(events)
         try:
@@ -222,10 +230,15 @@ class Analysis:
         for record, flow in events:
             if record is None:
                 continue
-            if flow is None:  # a stage's own record (an alert): written when it comes
-                self.state.records[record.get("event_type", "")] += 1
-                if fail_family in ("attack", record.get("family")):
-                    self.state.fail_hits += 1
+            if flow is None:  # a stage's own record: an alert, a flood (written where the flows it folds would be)
+                if record["event_type"] == "flood":
+                    self._count_folded(record)
+                    if not emit_attacks:
+                        continue
+                else:
+                    self.state.records[record.get("event_type", "")] += 1
+                    if fail_family in ("attack", record.get("family")):
+                        self.state.fail_hits += 1
                 write(record)
                 continue
             self.state.flows += 1
@@ -240,6 +253,17 @@ class Analysis:
             elif emit_all:
                 write(record)
 
+    def _count_folded(self, record: dict[str, Any]) -> None:
+        """A flood record's flows count as flows and attacks, as their flow records would have."""
+        state, flows, family = self.state, record["flows"], record["family"]
+        state.flows += flows
+        state.folded_flows += flows
+        state.floods += 1
+        state.attacks += flows
+        state.attack_families[family] += flows
+        if self.fail_on in ("attack", family):
+            state.fail_hits += flows
+
     def _report_warnings(self, info: SourceInfo, report: SourceReport) -> str:
         status = "ok"
         if report.read_error:
@@ -251,6 +275,11 @@ class Analysis:
             self._warn(info.name, "flow_cap",
                        f"flow table cap of {info.config.max_flows:,} reached: {report.evicted_flows:,} flows "
                        "were expired early (they may be split in several records)")
+        if report.emergency_flows:
+            self._warn(info.name, "flow_emergency",
+                       f"more one- and two-packet flows at once than a quarter of the flow table cap "
+                       f"({info.config.max_flows // EMBRYO_SHARE:,}, a flood?): {report.emergency_flows:,} of them "
+                       "were expired early")
         if report.stopped:
             status = "stopped" if self.live else "interrupted"
         for message in report.warnings:
@@ -310,7 +339,8 @@ class Analysis:
         elapsed = time.monotonic() - self.state.started
         summary = summary_record(
             packets=self.state.packets, flows=self.state.flows, devices=devices, attacks=self.state.attacks,
-            attack_families=dict(self.state.attack_families.most_common()),
+            attack_families=dict(self.state.attack_families.most_common()), folded_flows=self.state.folded_flows,
+            floods=self.state.floods,
             elapsed_s=round(elapsed, 3), packets_per_s=round(self.state.packets / elapsed, 1) if elapsed else 0.0,
             warnings=self.state.warnings, errors=self.state.errors, inputs=self.state.inputs)
         for stage in self.stages:

@@ -15,10 +15,11 @@ from iotscan.capture.inputs import CaptureFile
 from iotscan.capture.source import MeterConfig
 
 # A flow record and its NFStream flow; on a live interface also TICK, a heartbeat when no flow has
-# come for a moment, which every stage passes on (a stage holding flows back may flush on it); and a
-# record of a stage's own with no flow (an alert), which later stages pass on and the pipeline writes as
-# it comes.
-Event = tuple[dict[str, Any], NFlow] | tuple[None, None] | tuple[dict[str, Any], None]
+# come for a moment, which every stage passes on (a stage holding flows back may flush on it). Two more kinds:
+# (None, flow), a flow a stage claimed before it was made a record (see Stage.claims), which the stages before
+# that one pass on unread; and (record, None), a record a stage made of its own (a flood's, an alert), which the
+# stages after it pass on and the pipeline writes as it comes.
+Event = tuple[dict[str, Any], NFlow] | tuple[None, NFlow] | tuple[dict[str, Any], None] | tuple[None, None]
 TICK: tuple[None, None] = (None, None)
 
 
@@ -44,6 +45,17 @@ class Stage:
 
     def begin(self, source: SourceInfo) -> None:
         pass
+
+    def claims(self, flow: Any) -> bool:
+        """Whether this stage takes ``flow`` before a flow record is made of it: it then comes down the stages as
+        (None, flow). The scoring stage claims a flood's flows, which it folds into flood records; at most one
+        stage of a pipeline claims."""
+        return False
+
+    def ongoing(self) -> list[dict[str, Any]]:
+        """Records this stage is still making (a flood's), for a live view: a snapshot that another thread may
+        read while the stage runs."""
+        return []
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
         return events

@@ -65,7 +65,7 @@ def others(devices: int = 1000, alerts: int = 1000, floods: int = 300, kinds: in
                "first_seen_ms": START_MS + i, "decided_ms": START_MS + i}
     for i in range(floods):
         yield {"timestamp": iso_timestamp(START_MS + i), "event_type": "flood", "source": f"cap-{i % 20}.pcap",
-               "target": {"ip": f"192.168.1.{i % 20 + 2}", "port": 80, "protocol": 6}, "family": "ddos",
+               "dst_ip": f"192.168.1.{i % 20 + 2}", "dst_port": 80, "protocol": 6, "family": "ddos",
                "first_seen_ms": START_MS + i, "packets": rng.randrange(10**6), "flows": rng.randrange(10**5)}
     for i in range(kinds):
         yield {"timestamp": iso_timestamp(START_MS), "event_type": f"future-{i}"}

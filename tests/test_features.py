@@ -256,7 +256,8 @@ def test_flows_packed_by_the_meter_give_the_rows_and_records_of_whole_flows() ->
     capture = str(SAMPLES / "mirai-c2-irc.pcap")
 
     def meter(reduce: object) -> tuple[list, np.ndarray]:
-        config = MeterConfig(source=capture, reduce=reduce, **METER_SETTINGS)
+        config = MeterConfig(source=capture, reduce=reduce, item_type=MeteredFlow if reduce else None,
+                             **METER_SETTINGS)
         flows = list(FlowSource(config))
         ex = FeatureExtractor({"app": ["IRC", "DNS"], "category": ["Chat", "Network"]})
         for flow in flows:
@@ -275,7 +276,8 @@ def test_flows_packed_by_the_meter_give_the_rows_and_records_of_whole_flows() ->
 
 
 def test_flows_sent_without_statistics_cannot_be_scored() -> None:
-    flow = next(iter(FlowSource(MeterConfig(source=str(SAMPLES / "mirai-c2-irc.pcap"), reduce=metered_flow))))
+    flow = next(iter(FlowSource(MeterConfig(source=str(SAMPLES / "mirai-c2-irc.pcap"), reduce=metered_flow,
+                                            item_type=MeteredFlow))))
     assert flow.statistics is None
     with pytest.raises(ValueError, match="without the classifier's statistics"):
         FeatureExtractor().add(flow)

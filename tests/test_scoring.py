@@ -49,8 +49,10 @@ def bundled() -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def scored() -> dict[str, list[dict]]:
-    """Every sample scored once (one analyze run), flows grouped by capture."""
-    proc = run_iotscan("analyze", SAMPLES, "--format", "ndjson", "--no-devices", check_code=0)
+    """Every sample scored once (one analyze run), flows grouped by capture (every flow a record: these tests read
+    the flood's flows one by one; tests/test_floods.py has the flood records)."""
+    proc = run_iotscan("analyze", SAMPLES, "--format", "ndjson", "--no-devices", "--flood-records", "all",
+                       check_code=0)
     records = ndjson(proc.stdout)
     assert records[-1]["event_type"] == "summary"
     out: dict[str, list[dict]] = {}
@@ -434,7 +436,7 @@ def test_marked_attacks_link_to_the_flow_that_matched(scored: dict[str, list[dic
 
 def test_attacks_only_writes_the_attacks_and_counts_every_flow(scored: dict[str, list[dict]]) -> None:
     records = ndjson(run_iotscan("analyze", SAMPLES, "-f", "ndjson", "--no-devices", "--attacks-only",
-                                 check_code=0).stdout)
+                                 "--flood-records", "all", check_code=0).stdout)
     attacks = {r["flow_id"] for name, flows in scored.items() if not name.startswith("_") for r in flows
                if r["verdict"] == "attack"}
     flows = [r for r in records if r["event_type"] == "flow"]
@@ -465,7 +467,8 @@ def test_fail_on_no_score_and_threshold() -> None:
 
 
 def test_table_shows_attacks_first_and_csv_has_verdicts(tmp_path: Path) -> None:
-    proc = run_iotscan("analyze", SAMPLES / "synflood-spoofed.pcap", "-f", "table", "--no-devices", check_code=0)
+    proc = run_iotscan("analyze", SAMPLES / "synflood-spoofed.pcap", "-f", "table", "--no-devices",
+                       "--flood-records", "all", check_code=0)
     text = proc.stdout.decode()
     assert text.index("Attacks by family") < text.index("Attack flows") < text.index("Busiest flows")
     assert "ddos" in text and "top 20 of" in text
@@ -594,7 +597,7 @@ def test_table_says_why_per_attack_and_per_family() -> None:
     """The table names each family's flows, distinct sources and targets and most common first reason, and the
     highest-scored attack flows with their first reason (the widths they get: tests/test_table.py)."""
     records = ndjson(run_iotscan("analyze", SAMPLES / "log4j-exploit.pcap", SAMPLES / "synflood-spoofed.pcap",
-                                 "-f", "ndjson", "--no-devices", check_code=0).stdout)
+                                 "-f", "ndjson", "--no-devices", "--flood-records", "all", check_code=0).stdout)
     attacks = [r for r in records if r.get("verdict") == "attack"]
     by_family = Counter(r["family"] for r in attacks)
     assert by_family.keys() == {"ddos", "exploit"}

@@ -162,7 +162,7 @@ def test_alerts_floods_and_unknown_records_get_their_own_section(samples_run: li
     flood = {"timestamp": "2020-01-01T00:00:01.000Z", "event_type": "flood", "source": "x.pcap", "family": "ddos",
              "target": {"ip": "fe80::1", "port": 80, "protocol": 6}, "packets": 3000, "flows": 2857}
     odd = {"event_type": "something_new", "whatever": [1, 2]}
-    own = [r for r in samples_run[:-1] if r["event_type"] != "alert"]  # the samples' real alerts: tested below
+    own = [r for r in samples_run[:-1] if r["event_type"] not in ("alert", "flood")]  # the real ones: tested below
     records = [*own, *[alert] * 12, flood, odd, samples_run[-1]]
     for width in WIDTHS:
         text = render(records, width)
@@ -229,9 +229,15 @@ def test_inspect_takes_a_unique_prefix_and_refuses_an_ambiguous_one() -> None:
         assert str(ndjson(proc.stdout)[0]["flow_id"]) == unique
 
 
-def test_the_samples_real_alerts_come_first(samples_run: list[dict]) -> None:
-    """The host-behaviour stage's alerts of the samples (the DNS tunnel, the IRC bot) open the table."""
+def test_the_samples_real_alerts_come_first_and_floods_follow_the_attacks(samples_run: list[dict]) -> None:
+    """The host-behaviour stage's alerts of the samples (the DNS tunnel, the IRC bot) open the table; the spoofed
+    SYN flood's flood record has its line after the attacks, with its target and rate."""
     alerts = [r for r in samples_run if r["event_type"] == "alert"]
-    assert {(a["kind"], a["detail"]) for a in alerts} >= {("compromised", "dns_tunnel")}
+    floods = [r for r in samples_run if r["event_type"] == "flood"]
+    assert {(a["kind"], a["detail"]) for a in alerts} >= {("compromised", "dns_tunnel")} and floods
     text = render(samples_run, 120)
-    assert text.index(f"Alerts ({len(alerts)})") < text.index("Attacks by family")
+    assert text.index(f"Alerts ({len(alerts)})") < text.index("Attacks by family") < text.index("Floods (")
+    _, rows = table_rows(text, "Floods")
+    flood = floods[0]
+    assert " ".join(rows[0]["host/target"]) == f"{flood['dst_ip']}:{flood['dst_port']}/tcp"
+    assert " ".join(rows[0]["message"]).startswith(f"{flood['flows']:,} flows, ")

@@ -155,7 +155,7 @@ def test_model_train_evaluate_info_end_to_end(tmp_path: Path) -> None:
     assert_no_traceback(bad)
     # the model scores captures in analyze
     out = run_iotscan("analyze", SAMPLES / "synflood-spoofed.pcap", "-f", "ndjson", "--no-devices", "--model",
-                      model, "--trust-model", check_code=0)
+                      model, "--trust-model", "--flood-records", "all", check_code=0)
     flows = ndjson(out.stdout)[:-1]
     assert sum(r["verdict"] == "attack" for r in flows) > len(flows) / 2
     # retraining with the same seed gives the same model (evaluation or not)

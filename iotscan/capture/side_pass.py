@@ -72,6 +72,13 @@ class SidePass(threading.Thread):
             self.join()
         return not self.is_alive()
 
+    def dropped(self) -> str | None:
+        """On an interface, whose second capture may fall behind too (a flood of packets its filter lets through):
+        how many packets the kernel dropped from it, as a warning's text; None when none."""
+        n = self.report.dropped_packets
+        return f"the kernel dropped {n:,} packets of the {self.name} capture: what they held was not read" if n \
+            else None
+
     def outcome(self) -> Any:
         """Run here (no thread) and return what ``collect`` made, or raise the pass's error."""
         self.run()
@@ -82,10 +89,12 @@ class SidePass(threading.Thread):
 
 def side_pass(name: str, path: str, config: MeterConfig, bpf: str, plugin: NFPlugin,
               collect: Callable[[Iterator[Any]], Any], snaplen: int,
-              reduce: Callable[[NFlow], Any] | None = None) -> SidePass:
+              reduce: Callable[[NFlow], Any] | None = None,
+              packet_reader: Callable[[Any, Any], Any] | None = None) -> SidePass:
     """A side pass over one capture file, or a second capture on a live interface (Linux hands each
     packet socket its own copy): the packets ``bpf`` lets through, read by ``plugin``; ``collect``
-    gets what ``reduce`` keeps of each flow (the flows themselves without it).
+    gets what ``reduce`` keeps of each flow (the flows themselves without it), and what ``packet_reader``
+    makes of the packets it reads whole (MeterConfig.packet_reader).
 
     It keeps the main pass's timeouts and narrows its --bpf (``config``); nDPI and flow statistics
     are off, as the pass only reads payloads. The filter's forms (bpf_forms) are tried in turn.
@@ -96,7 +105,7 @@ def side_pass(name: str, path: str, config: MeterConfig, bpf: str, plugin: NFPlu
                            idle_timeout=config.idle_timeout, active_timeout=config.active_timeout,
                            max_flows=config.max_flows or 65536, statistics=False, n_dissections=0,
                            snaplen=max(config.snaplen, snaplen), decode_tunnels=config.decode_tunnels,
-                           plugins=(plugin,), reduce=reduce)
+                           plugins=(plugin,), reduce=reduce, packet_reader=packet_reader)
 
     return SidePass(name, [meter(form) for form in bpf_forms(bpf)], collect)
 

@@ -36,17 +36,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 from nfstream.engine import create_engine, setup_capture, setup_dissector
 from nfstream.engine.engine import setup_filter
-from nfstream.flow import UDPS, NFlow
+from nfstream.flow import NFlow
 from nfstream.meter import get_flow_key_from_pkt
 from nfstream.plugin import NFPlugin
 from nfstream.utils import NFMode
 
 from iotscan.capture.active import ActiveSnapshot, take_snapshot
+from iotscan.capture.flows import BlockFlow, PayloadFlow
 from iotscan.errors import CaptureError, ExitCode, InputError
 
 _BATCH_FLOWS = 128  # flows per queue message: amortises locking and pickling
@@ -60,9 +60,15 @@ _LIVE_BLOCK_MS = 250  # libpcap delivers live packets in blocks retired after at
 _LIVE_WAIT_MS = 100  # longest wait for packets before the clock moves on and stop() is checked
 
 
-# Flows tracked at once unless told otherwise. A flow costs about 5 KB in the meter, so this bounds the
-# table near 500 MB when every packet opens a flow (a flood of spoofed sources).
+# Flows tracked at once unless told otherwise. A flow costs about 4 KB in the meter, so this bounds the
+# table near 400 MB when every packet opens a flow (a flood of spoofed sources).
 DEFAULT_MAX_FLOWS = 100_000
+# Emergency, in the manner of Suricata's: at most this share of max_flows are embryonic flows, of at most
+# EMBRYO_PACKETS packets (a flood's: a SYN, a probe, and perhaps its answer); beyond, the least recently active
+# of them is expired early, so that a flood keeps the table (and memory) at a quarter of the cap while the
+# established flows keep their place.
+EMBRYO_SHARE = 4
+EMBRYO_PACKETS = 2
 
 # Indices into the shared counter array.
 PACKETS, IGNORED, ACTIVE, EVICTED, DROPPED, IFDROPPED = range(6)
@@ -90,12 +96,21 @@ class MeterConfig:
     # What of each flow leaves the meter (None: nothing; without reduce, the NFlow itself). Unpickling
     # NFStream's 94-slot flows cost the reader more than anything it then did with them: the main pass
     # sends a MeteredFlow (records.metered_flow, or features.metered_flow_with_statistics with the flow's
-    # block of C numbers: without plugins, flows are _BlockFlows), a side pass a few fields of a few of
-    # its flows (with plugins, flows are _PayloadFlows). report.flows counts all.
+    # block of C numbers: without plugins, flows are capture.flows.BlockFlows), a side pass a few fields of a few of
+    # its flows (with plugins, PayloadFlows). report.flows counts all.
     reduce: Callable[[NFlow], Any] | None = None
     # For a live view: every this many ms of capture time, a snapshot of the busiest active flows (0: none).
     # Taken with the idle scan, never per packet; main pass only (its flows keep what a snapshot reads).
     active_every_ms: int = 0
+    # A named tuple type that the reader makes reduce's plain tuples into. A named tuple is pickled and
+    # unpickled through Python code per item (its __getnewargs__ and __new__), a plain tuple in C: on a flood
+    # of one-packet flows the meter spent a fifth of its time pickling MeteredFlows.
+    item_type: type[tuple] | None = None
+    # A side pass's reader of a packet that opens a flow (none of the table's): what it returns of it (not None)
+    # is sent as reduce's items are, and the packet opens no flow. For packets whose flow would hold nothing more
+    # than they say: a scanner's SYN, read whole by its header (the request pass's: a flood of them made it the
+    # slowest pass, and the first scored flows wait for it).
+    packet_reader: Callable[[Any, Any], Any] | None = None
 
 
 @dataclass
@@ -106,177 +121,11 @@ class SourceReport:
     ignored_packets: int = 0
     flows: int = 0
     evicted_flows: int = 0
+    emergency_flows: int = 0  # embryonic flows expired early (see EMBRYO_SHARE)
     dropped_packets: int = 0
     read_error: bool = False
     stopped: bool = False
     warnings: list[str] = field(default_factory=list)
-
-
-def _endpoints(ffi: Any, c: Any) -> tuple[str, str, str, str]:
-    """A flow structure's source IP and MAC and destination IP and MAC, as NFlow decodes them."""
-    string = ffi.string
-    return (string(c.src_ip_str).decode("utf-8", errors="ignore"),
-            string(c.src_mac_str).decode("utf-8", errors="ignore"),
-            string(c.dst_ip_str).decode("utf-8", errors="ignore"),
-            string(c.dst_mac_str).decode("utf-8", errors="ignore"))
-
-
-class _BlockFlow(NFlow):
-    """An NFlow of a pass without plugins whose flows are reduced (the main pass). NFStream's NFlow copies
-    some 90 values of its C structure into Python slots when the flow starts and again when it expires
-    (for plugins to read), and unpacks its early packets into lists at the start; without plugins, only
-    the reduce reads them, once. So this one keeps nothing but its C structure while it lives, and when it
-    expires sets the record's fields (records.FLOW_ATTRIBUTES) from C as NFlow would, and keeps the
-    structure's numbers (ports to TCP flag counts) and early packets as one bytes block (``block``, laid
-    out as flow_block_dtype says). On the benchmark capture the scored meter's CPU went 4.6 s -> 3.9 s."""
-
-    __slots__ = ("block", "shown_bytes", "shown_packets")  # shown_*: counts at the last active-flow snapshot
-
-    def __init__(self, packet: Any, ffi: Any, lib: Any, udps: Any, sync: Any, accounting_mode: int,
-                 n_dissections: int, statistics: int, splt: int, dissector: Any, decode_tunnels: int,
-                 system_visibility_mode: int) -> None:
-        # what NFlow's update and is_idle read
-        self.expiration_id = 0
-        self.shown_bytes = self.shown_packets = 0
-        self._C = lib.meter_initialize_flow(packet, accounting_mode, statistics, splt, n_dissections, dissector,
-                                            sync)
-        if self._C == ffi.NULL:
-            raise OSError("Not enough memory for new flow creation.")
-
-    def expire(self, udps: Any, sync: Any, n_dissections: int, statistics: int, splt: int, ffi: Any, lib: Any,
-               dissector: Any) -> NFlow:
-        c = self._C
-        lib.meter_expire_flow(c, n_dissections, dissector)
-
-        def text(chars: Any) -> str:
-            return ffi.string(chars).decode("utf-8", errors="ignore")
-
-        self.src_ip, self.src_mac, self.dst_ip, self.dst_mac = _endpoints(ffi, c)
-        self.src_port, self.dst_port, self.protocol, self.ip_version = c.src_port, c.dst_port, c.protocol, c.ip_version
-        self.vlan_id, self.tunnel_id = c.vlan_id, c.tunnel_id
-        self.bidirectional_first_seen_ms, self.bidirectional_last_seen_ms, self.bidirectional_duration_ms = (
-            c.bidirectional_first_seen_ms, c.bidirectional_last_seen_ms, c.bidirectional_duration_ms)
-        self.bidirectional_packets, self.bidirectional_bytes = c.bidirectional_packets, c.bidirectional_bytes
-        self.src2dst_packets, self.src2dst_bytes = c.src2dst_packets, c.src2dst_bytes
-        self.dst2src_packets, self.dst2src_bytes = c.dst2src_packets, c.dst2src_bytes
-        if n_dissections and c.detection_completed < 2:  # NFlow's condition for reading nDPI's results
-            self.application_name, self.application_category_name = text(c.application_name), text(c.category_name)
-            self.application_is_guessed, self.application_confidence = c.guessed, c.confidence
-            self.requested_server_name, self.client_fingerprint, self.server_fingerprint = (
-                text(c.requested_server_name), text(c.c_hash), text(c.s_hash))
-            self.user_agent, self.content_type = text(c.user_agent), text(c.content_type)
-        else:
-            self.application_name = self.application_category_name = self.application_is_guessed = None
-            self.application_confidence = self.requested_server_name = self.client_fingerprint = None
-            self.server_fingerprint = self.user_agent = self.content_type = None
-        start, end, _ = _block_fields()
-        block = ffi.buffer(c)[start:end]
-        if splt:
-            block += ffi.buffer(c.splt_direction, splt)[:] + ffi.buffer(c.splt_ps, 4 * splt)[:]
-        self.block = block
-        lib.meter_free_flow(c, n_dissections, splt, 1)
-        del self._C
-        return self
-
-
-class SidePacket(NamedTuple):
-    """What a side pass's plugins read of a packet (NFStream hands them a tuple of 30 fields): its IP
-    packet's bytes, the sender's address and MAC, its direction in the flow (0: from the flow's source)
-    and time (ms)."""
-
-    ip_packet: bytes
-    src_ip: str
-    src_mac: str
-    direction: int
-    time: int
-
-
-class _PayloadFlow(NFlow):
-    """An NFlow of a side pass (plugins that read packets' bytes, then a reduce). NFStream's NFlow with
-    plugins copies some 90 values of its C structure into Python slots when the flow starts and 40 more at
-    every packet, and builds a 30-field packet for the plugins; a side pass's plugins read a packet's bytes
-    and sender (SidePacket), and its reduce the flow's endpoints, start, packets and bytes and the plugins'
-    ``udps``. So this one copies the endpoints once and the counters when it expires. On the benchmark
-    capture the request pass's meter CPU went 0.95 s -> 0.83 s, the identity pass's 0.28 s -> 0.24 s."""
-
-    def __init__(self, packet: Any, ffi: Any, lib: Any, udps: Any, sync: Any, accounting_mode: int,
-                 n_dissections: int, statistics: int, splt: int, dissector: Any, decode_tunnels: int,
-                 system_visibility_mode: int) -> None:
-        self.expiration_id = 0
-        c = self._C = lib.meter_initialize_flow(packet, accounting_mode, statistics, splt, n_dissections,
-                                                dissector, sync)
-        if c == ffi.NULL:
-            raise OSError("Not enough memory for new flow creation.")
-        self.src_ip, self.src_mac, self.dst_ip, self.dst_mac = _endpoints(ffi, c)
-        self.src_port, self.dst_port, self.protocol, self.ip_version = c.src_port, c.dst_port, c.protocol, c.ip_version
-        self.vlan_id, self.bidirectional_first_seen_ms = c.vlan_id, c.bidirectional_first_seen_ms
-        self.udps = UDPS()
-        side_packet = self._side_packet(packet, ffi)
-        for udp in udps:
-            udp.on_init(side_packet, self)
-
-    def _side_packet(self, packet: Any, ffi: Any) -> SidePacket:
-        data = bytes(ffi.buffer(packet.ip_content, packet.ip_content_len))
-        if packet.direction:
-            return SidePacket(data, self.dst_ip, self.dst_mac, 1, packet.time)
-        return SidePacket(data, self.src_ip, self.src_mac, 0, packet.time)
-
-    def update(self, packet: Any, idle_timeout: int, active_timeout: int, ffi: Any, lib: Any, udps: Any, sync: Any,
-               accounting_mode: int, n_dissections: int, statistics: int, splt: int, dissector: Any) -> NFlow | None:
-        ret = lib.meter_update_flow(self._C, packet, idle_timeout, active_timeout, accounting_mode, statistics, splt,
-                                    n_dissections, dissector, sync)
-        if ret > 0:  # idle (1) or active (2) timeout: the packet belongs to the next flow
-            self.expiration_id = ret - 1
-            return self.expire(udps, sync, n_dissections, statistics, splt, ffi, lib, dissector)
-        side_packet = self._side_packet(packet, ffi)
-        for udp in udps:
-            udp.on_update(side_packet, self)
-        if self.expiration_id == -1:  # a plugin ended the flow
-            return self.expire(udps, sync, n_dissections, statistics, splt, ffi, lib, dissector)
-        return None
-
-    def expire(self, udps: Any, sync: Any, n_dissections: int, statistics: int, splt: int, ffi: Any, lib: Any,
-               dissector: Any) -> NFlow:
-        c = self._C
-        lib.meter_expire_flow(c, n_dissections, dissector)
-        self.bidirectional_last_seen_ms, self.bidirectional_duration_ms = (c.bidirectional_last_seen_ms,
-                                                                           c.bidirectional_duration_ms)
-        self.bidirectional_packets, self.bidirectional_bytes = c.bidirectional_packets, c.bidirectional_bytes
-        for udp in udps:
-            udp.on_expire(self)
-        lib.meter_free_flow(c, n_dissections, splt, 1)
-        del self._C
-        return self
-
-
-# The C types of NFStream's flow structure (struct nf_flow) that flow blocks hold, as numpy types.
-_C_TYPES = {"uint8_t": "u1", "uint16_t": "u2", "unsigned int": "u4", "uint64_t": "u8", "double": "f8"}
-
-
-@functools.cache
-def _block_fields() -> tuple[int, int, list[tuple[str, str, int]]]:
-    """Start and end of the block in struct nf_flow (src_port to dst2src_fin_packets), and its numeric
-    fields (name, numpy type, offset in the block), read from the engine's own declaration."""
-    ffi, _ = create_engine()
-    fields = ffi.typeof("struct nf_flow").fields
-    names = [name for name, _ in fields]
-    first, last = names.index("src_port"), names.index("dst2src_fin_packets")
-    start = fields[first][1].offset
-    end = fields[last][1].offset + ffi.sizeof(fields[last][1].type)
-    return start, end, [(name, _C_TYPES[f.type.cname], f.offset - start) for name, f in fields[first:last + 1]
-                        if f.type.cname in _C_TYPES]
-
-
-@functools.cache
-def flow_block_dtype(splt: int) -> np.dtype:
-    """The numpy record type of a _BlockFlow's block metered with ``splt`` early packets. Its values are
-    NFStream's C ones: a standard deviation is still the sum of squared deviations, which NFlow divides by
-    (n - 1) (sizes) or (n - 2) (gaps) and takes the root of, when there are enough packets."""
-    start, end, fields = _block_fields()
-    return np.dtype({"names": [name for name, _, _ in fields] + ["splt_direction", "splt_ps"],
-                     "formats": [kind for _, kind, _ in fields] + [("i1", (splt,)), ("<i4", (splt,))],
-                     "offsets": [offset for _, _, offset in fields] + [end - start, end - start + splt],
-                     "itemsize": end - start + 5 * splt})
 
 
 class _Batcher:
@@ -296,6 +145,15 @@ class _Batcher:
             item = self.reduce(flow)
             if item is None:
                 return
+        if not self.batch:
+            self.since = time.monotonic()
+        self.batch.append(item)
+        if len(self.batch) >= _BATCH_FLOWS:
+            self.flush()
+
+    def put_read(self, item: Any) -> None:
+        """What MeterConfig.packet_reader made of a packet that opened no flow (counted as one)."""
+        self.flows += 1
         if not self.batch:
             self.since = time.monotonic()
         self.batch.append(item)
@@ -424,8 +282,13 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
     stats, splt, n_dis, acc, tunnels = cfg.statistics, cfg.splt, cfg.n_dissections, cfg.accounting_mode, \
         cfg.decode_tunnels
     out = _Batcher(channel, cfg.reduce)
-    flow_class = NFlow if cfg.reduce is None else _PayloadFlow if udps else _BlockFlow
+    flow_class = NFlow if cfg.reduce is None else PayloadFlow if udps else BlockFlow
     cache: OrderedDict[tuple, NFlow] = OrderedDict()  # oldest activity first
+    # The embryonic flows of the cache, oldest activity first: an index beside it (the cache keeps every flow in
+    # its order), whose oldest goes when there are more than embryo_cap
+    embryos: OrderedDict[tuple, NFlow] = OrderedDict()
+    embryo_cap = cfg.max_flows // EMBRYO_SHARE if cfg.max_flows else 0
+    reader = cfg.packet_reader
     report = SourceReport()
     interface_stats = ffi.new("struct nf_stat *")
 
@@ -441,8 +304,10 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
             expire(flow)
         else:
             cache[key] = flow
+            if embryo_cap:
+                embryos[key] = flow
 
-    snapshot_every = cfg.active_every_ms if flow_class is _BlockFlow else 0
+    snapshot_every = cfg.active_every_ms if flow_class is BlockFlow else 0
     snapshot_at = 0  # capture time of the last snapshot (0: none yet)
 
     def scan(tick: int) -> None:
@@ -463,6 +328,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
             if not flow.is_idle(tick, idle_ms):
                 return
             del cache[key]
+            embryos.pop(key, None)
             expire(flow)
 
     def publish() -> None:
@@ -490,18 +356,34 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                     report.packets += 1
                     key = get_flow_key_from_pkt(packet)
                     flow = cache.get(key)
-                    if flow is None:
+                    read = None if reader is None or flow is not None else reader(packet, ffi)
+                    if read is not None:
+                        out.put_read(read)
+                    elif flow is None:
                         new_flow(packet, key)
-                        if cfg.max_flows and len(cache) > cfg.max_flows:
+                        if len(embryos) > embryo_cap:
+                            report.emergency_flows += 1
+                            oldest = next(iter(embryos))
+                            del embryos[oldest]
+                            expire(cache.pop(oldest))
+                        elif cfg.max_flows and len(cache) > cfg.max_flows:
                             report.evicted_flows += 1
-                            expire(cache.pop(next(iter(cache))))
+                            oldest = next(iter(cache))
+                            embryos.pop(oldest, None)
+                            expire(cache.pop(oldest))
                     else:
                         done = flow.update(packet, idle_ms, active_ms, ffi, lib, udps, sync, acc, n_dis,
                                            stats, splt, dissector)
                         if done is None:
                             cache.move_to_end(key)
+                            if key in embryos:
+                                if flow._C.bidirectional_packets > EMBRYO_PACKETS:
+                                    del embryos[key]
+                                else:
+                                    embryos.move_to_end(key)
                         else:
                             del cache[key]
+                            embryos.pop(key, None)
                             out.put(done)
                             if done.expiration_id >= 0:  # idle/active cut: this packet opens a new flow
                                 new_flow(packet, key)
@@ -581,6 +463,7 @@ class FlowSource:
         self.snapshots = 0  # snapshots received
         self.pid: int | None = None
         self._meter: tuple[Any, Any] | None = None  # (process, queue) while it runs
+        self._typed = None if config.item_type is None else functools.partial(tuple.__new__, config.item_type)
 
     def counter(self, index: int) -> int:
         return int(self._counters[index])
@@ -612,7 +495,7 @@ class FlowSource:
                             f"{self.config.source}: the flow meter process died (exit code {proc.exitcode})"
                             " before finishing") from None
                 if type(item) is list:
-                    yield from item
+                    yield from item if self._typed is None else map(self._typed, item)
                     continue
                 kind, payload = item
                 if kind == "active":

@@ -12,6 +12,7 @@ from iotscan.cli.common import (
     ATTACKS_ONLY_OPTION,
     BPF_OPTION,
     FAIL_ON_OPTION,
+    FLOOD_RECORDS_OPTION,
     FORMAT_OPTION,
     IDLE_OPTION,
     MAX_FLOWS_OPTION,
@@ -23,6 +24,7 @@ from iotscan.cli.common import (
     QUIET_OPTION,
     THRESHOLD_OPTION,
     TRUST_MODEL_OPTION,
+    FloodRecords,
     Format,
     build_stages,
     check_attacks_only,
@@ -59,6 +61,7 @@ def analyze(
     no_score: bool = NO_SCORE_OPTION,
     no_hosts: bool = NO_HOSTS_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
+    flood_records: FloodRecords = FLOOD_RECORDS_OPTION,
     explain: bool = typer.Option(False, "--explain", help="Give every attack flow the ready-to-run `iotscan "
                                  "inspect` command that shows its packets (field `inspect`; listed in the table)."),
     report: Path | None = typer.Option(None, "--report", dir_okay=False,
@@ -68,7 +71,7 @@ def analyze(
     fmt = resolve_format(fmt, output)
     check_attacks_only(attacks_only, no_score)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
-                          threshold=threshold, hosts=not no_hosts)
+                          threshold=threshold, hosts=not no_hosts, flood_records=flood_records)
     if explain:
         from iotscan.inspect import InspectCommandStage
 

@@ -14,7 +14,7 @@ import typer
 
 from iotscan.capture.source import DEFAULT_MAX_FLOWS, MeterConfig
 from iotscan.errors import InputError, OutputError
-from iotscan.output.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, metered_flow
+from iotscan.output.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, MeteredFlow, metered_flow
 from iotscan.stage import Stage
 
 
@@ -61,6 +61,18 @@ TRUST_MODEL_OPTION = typer.Option(False, "--trust-model",
 NO_SCORE_OPTION = typer.Option(False, "--no-score", help="Skip scoring (no verdict, score, family, reasons).")
 NO_HOSTS_OPTION = typer.Option(False, "--no-hosts", help="Skip the host-behaviour stage (scans by outcome, "
                                "compromised devices, DNS tunnels: alert records).")
+
+
+class FloodRecords(str, Enum):
+    summary = "summary"
+    all = "all"
+
+
+FLOOD_RECORDS_OPTION = typer.Option(
+    FloodRecords.summary, "--flood-records", case_sensitive=False,
+    help="summary: a flood's one- and two-packet flows are folded into one 'flood' record per target service and "
+         "minute (counted in the summary's flows and attacks); all: a flow record for every flow, as without "
+         "floods.")
 ATTACKS_ONLY_OPTION = typer.Option(
     False, "--attacks-only",
     help="Write only the flow records judged attacks (device records and the summary still follow): an alert "
@@ -166,7 +178,7 @@ def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str |
     return MeterConfig(source=source, live=live, bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,
                        max_flows=max_flows, snaplen=snaplen, statistics=score,
                        splt=METER_SETTINGS["splt"] if score else 0,
-                       reduce=metered_flow_with_statistics if score else metered_flow)
+                       reduce=metered_flow_with_statistics if score else metered_flow, item_type=MeteredFlow)
 
 
 def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:
@@ -175,7 +187,8 @@ def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:
 
 
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
-                 trust_model: bool = False, threshold: float | None = None, hosts: bool = True) -> list[Stage]:
+                 trust_model: bool = False, threshold: float | None = None, hosts: bool = True,
+                 flood_records: FloodRecords = FloodRecords.summary) -> list[Stage]:
     """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order: the host-behaviour
     stage judges hosts over the flows the scoring stage judged, so it runs with scoring only."""
     stages: list[Stage] = []
@@ -186,7 +199,8 @@ def build_stages(devices: bool = True, score: bool = True, model_path: Path | No
     if score:
         from iotscan.detect.scoring import ScoringStage  # deferred: loads (and verifies) the flow model
 
-        stages.append(ScoringStage(model_path, trusted=trust_model, threshold=threshold))
+        stages.append(ScoringStage(model_path, trusted=trust_model, threshold=threshold,
+                                   fold_floods=flood_records == FloodRecords.summary))
         if hosts:
             from iotscan.detect.hosts import HostStage
 

@@ -13,6 +13,7 @@ from iotscan.cli.common import (
     ATTACKS_ONLY_OPTION,
     BPF_OPTION,
     FAIL_ON_OPTION,
+    FLOOD_RECORDS_OPTION,
     FORMAT_OPTION,
     IDLE_OPTION,
     MAX_FLOWS_OPTION,
@@ -23,6 +24,7 @@ from iotscan.cli.common import (
     QUIET_OPTION,
     THRESHOLD_OPTION,
     TRUST_MODEL_OPTION,
+    FloodRecords,
     Format,
     build_stages,
     check_attacks_only,
@@ -77,6 +79,7 @@ def live(
     no_score: bool = NO_SCORE_OPTION,
     no_hosts: bool = NO_HOSTS_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
+    flood_records: FloodRecords = FLOOD_RECORDS_OPTION,
 ) -> None:
     """Capture an interface and write each flow as it ends, with devices and verdicts, until stopped."""
     fmt = resolve_format(fmt, output)
@@ -91,7 +94,7 @@ def live(
     # Everything that can fail before capturing fails before the output is touched.
     preflight(interface)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
-                          threshold=threshold, hosts=not no_hosts)
+                          threshold=threshold, hosts=not no_hosts, flood_records=flood_records)
     out = open_output(output, append=True)
     try:
         sink = make_sink(fmt.value, out, columns=flow_columns(devices=not no_devices, score=not no_score),

@@ -36,6 +36,7 @@ _SVC_ACC = ("w", "fail", "single", "new_src", "b", "bb")
 _CHAN_ACC = ("w", "fail", "b", "bb")
 _N_BEACON_ACC = 4  # repeats, mean interval, mean |interval deviation|, mean |size deviation|
 _N_CTX = len(WINDOWS_S) * (len(_SRC_ACC) + len(_DST_ACC) + len(_SVC_ACC) + len(_CHAN_ACC)) + _N_BEACON_ACC
+_SRC_WIDTH = len(WINDOWS_S) * len(_SRC_ACC)  # where the destination's accumulators start in observe's list
 
 
 class ContextTracker:
@@ -66,11 +67,28 @@ class ContextTracker:
     def tracked_keys(self) -> int:
         return len(self.src) + len(self.dst) + len(self.svc) + len(self.chan)
 
-    def observe_batch(self, *columns: Sequence[Any]) -> list[list[float]]:
+    def observe_batch(self, *columns: Sequence[Any], folded: Sequence[bool] | None = None) -> list[Any]:
         """``observe`` for a batch of flows in expiry order: one sequence per argument of ``observe``
-        (see FeatureExtractor, which computes them from the meter's numbers with numpy)."""
+        (see FeatureExtractor, which computes them from the meter's numbers with numpy).
+
+        The flows ``folded`` marks (a flood's, folded into a flood record) give instead their source's and
+        destination host's flows of the first window after them (what the flood rule reads): when the
+        tracker does not know their source, they count in the destination's tables only (observe_target),
+        and their source as a new one would, with one flow."""
         observe = self.observe
-        return [observe(*args) for args in zip(*columns, strict=True)]
+        if folded is None:
+            return [observe(*args) for args in zip(*columns, strict=True)]
+        out: list[Any] = []
+        target, known = self.observe_target, self.src
+        for fold, args in zip(folded, zip(*columns, strict=True), strict=True):
+            if not fold:
+                out.append(observe(*args))
+            elif args[2] in known:
+                row = observe(*args)
+                out.append((row[0], row[_SRC_WIDTH]))
+            else:
+                out.append((1.0, target(args[0], *args[2:])[0]))
+        return out
 
     def observe(self, t: float, t_first: float, src: str, dst: str, dport: int, proto: int, log_bytes: float,
                 failed: float, unanswered: float, single: float) -> list[float]:
@@ -80,56 +98,80 @@ class ContextTracker:
         Written out per table, with locals and slice assignments: this runs once per flow in Python
         and is most of the scorer's per-flow cost (a generic loop over the tables took 1.7 times as long).
         """
+        self._count(t)
+        out = self._source(t, src, dst, dport, log_bytes, failed, unanswered)
+        out += self._target(t, src, dst, dport, proto, log_bytes, failed, unanswered, single)
+        return self._channel(out, t, t_first, src, dst, dport, proto, log_bytes, failed)
+
+    def observe_target(self, t: float, src: str, dst: str, dport: int, proto: int, log_bytes: float, failed: float,
+                       unanswered: float, single: float) -> list[float]:
+        """A flow only its destination's tables count, as ``observe`` counts it there: a flow of a flood from a
+        source the tracker does not know, folded into a flood record (iotscan.detect.flood), whose source and
+        channel would each be a key of one flow. Returns the destination host's and service's accumulators
+        after it (the part of ``observe``'s list from the first destination one)."""
+        self._count(t)
+        return self._target(t, src, dst, dport, proto, log_bytes, failed, unanswered, single)
+
+    def _count(self, t: float) -> None:
         if t > self.now:
             self.now = t
         self._seen += 1
         if self._seen % _SWEEP_EVERY == 0:
             self.sweep()
+
+    def _source(self, t: float, src: str, dst: str, dport: int, lb: float, failed: float,
+                unanswered: float) -> list[float]:
+        """The source's table: flows, failures, unanswered, new destination hosts and ports (scans), size spread."""
         r1, r2 = self.rates
         cap = self.set_cap
         horizon = t - NOVELTY_S
-        lb, lb2 = log_bytes, log_bytes * log_bytes
-
-        # source: flows, failures, unanswered, new destination hosts and ports (scans), size spread
+        lb2 = lb * lb
         table = self.src
         st = table.get(src)
         if st is None:
             table[src] = [t, 1.0, failed, unanswered, 1.0, 1.0, lb, lb2, 1.0, failed, unanswered, 1.0, 1.0, lb, lb2,
                           {dst: t}, {dport: t}]
-            out = [1.0, failed, unanswered, 1.0, 1.0, lb, lb2, 1.0, failed, unanswered, 1.0, 1.0, lb, lb2]
+            return [1.0, failed, unanswered, 1.0, 1.0, lb, lb2, 1.0, failed, unanswered, 1.0, 1.0, lb, lb2]
+        table.move_to_end(src)
+        peers = st[15]
+        new_host = 1.0 if peers.get(dst, -1e18) < horizon else 0.0
+        peers[dst] = t
+        if len(peers) > cap:
+            del peers[next(iter(peers))]
+        peers = st[16]
+        new_port = 1.0 if peers.get(dport, -1e18) < horizon else 0.0
+        peers[dport] = t
+        if len(peers) > cap:
+            del peers[next(iter(peers))]
+        dt = t - st[0]
+        if dt > 0.0:
+            st[0] = t
+            d1, d2 = _exp(-dt * r1), _exp(-dt * r2)
         else:
-            table.move_to_end(src)
-            peers = st[15]
-            new_host = 1.0 if peers.get(dst, -1e18) < horizon else 0.0
-            peers[dst] = t
-            if len(peers) > cap:
-                del peers[next(iter(peers))]
-            peers = st[16]
-            new_port = 1.0 if peers.get(dport, -1e18) < horizon else 0.0
-            peers[dport] = t
-            if len(peers) > cap:
-                del peers[next(iter(peers))]
-            dt = t - st[0]
-            if dt > 0.0:
-                st[0] = t
-                d1, d2 = _exp(-dt * r1), _exp(-dt * r2)
-            else:
-                d1 = d2 = 1.0
-            a1, a2, a3, a4, a5, a6, a7, b1, b2, b3, b4, b5, b6, b7 = st[1:15]
-            out = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + unanswered, a4 * d1 + new_host, a5 * d1 + new_port,
-                   a6 * d1 + lb, a7 * d1 + lb2,
-                   b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + unanswered, b4 * d2 + new_host, b5 * d2 + new_port,
-                   b6 * d2 + lb, b7 * d2 + lb2]
-            st[1:15] = out
+            d1 = d2 = 1.0
+        a1, a2, a3, a4, a5, a6, a7, b1, b2, b3, b4, b5, b6, b7 = st[1:15]
+        out = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + unanswered, a4 * d1 + new_host, a5 * d1 + new_port,
+               a6 * d1 + lb, a7 * d1 + lb2,
+               b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + unanswered, b4 * d2 + new_host, b5 * d2 + new_port,
+               b6 * d2 + lb, b7 * d2 + lb2]
+        st[1:15] = out
+        return out
 
-        # destination host, the victim's view: flows, failures, unanswered, single packets, new sources
-        # (a spoofed flood has one flow per source: only here does it add up)
+    def _target(self, t: float, src: str, dst: str, dport: int, proto: int, lb: float, failed: float,
+                unanswered: float, single: float) -> list[float]:
+        """The destination host's table (the victim's view: flows, failures, unanswered, single packets, new sources;
+        a spoofed flood has one flow per source: only here does it add up), then the service's (destination host,
+        port, protocol: many sources, failed or single-packet flows at one service)."""
+        r1, r2 = self.rates
+        cap = self.set_cap
+        horizon = t - NOVELTY_S
+        lb2 = lb * lb
         table = self.dst
         st = table.get(dst)
         if st is None:
             table[dst] = [t, 1.0, failed, unanswered, single, 1.0, lb, lb2, 1.0, failed, unanswered, single, 1.0, lb,
                           lb2, {src: t}]
-            out += (1.0, failed, unanswered, single, 1.0, lb, lb2, 1.0, failed, unanswered, single, 1.0, lb, lb2)
+            out = [1.0, failed, unanswered, single, 1.0, lb, lb2, 1.0, failed, unanswered, single, 1.0, lb, lb2]
         else:
             table.move_to_end(dst)
             peers = st[15]
@@ -144,41 +186,44 @@ class ContextTracker:
             else:
                 d1 = d2 = 1.0
             a1, a2, a3, a4, a5, a6, a7, b1, b2, b3, b4, b5, b6, b7 = st[1:15]
-            part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + unanswered, a4 * d1 + single, a5 * d1 + new_src,
-                    a6 * d1 + lb, a7 * d1 + lb2,
-                    b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + unanswered, b4 * d2 + single, b5 * d2 + new_src,
-                    b6 * d2 + lb, b7 * d2 + lb2]
-            st[1:15] = part
-            out += part
+            out = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + unanswered, a4 * d1 + single, a5 * d1 + new_src,
+                   a6 * d1 + lb, a7 * d1 + lb2,
+                   b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + unanswered, b4 * d2 + single, b5 * d2 + new_src,
+                   b6 * d2 + lb, b7 * d2 + lb2]
+            st[1:15] = out
 
-        # service (destination host, port, protocol): many sources, failed or single-packet flows at one service
         table = self.svc
         key = (dst, dport, proto)
         st = table.get(key)
         if st is None:
             table[key] = [t, 1.0, failed, single, 1.0, lb, lb2, 1.0, failed, single, 1.0, lb, lb2, {src: t}]
             out += (1.0, failed, single, 1.0, lb, lb2, 1.0, failed, single, 1.0, lb, lb2)
+            return out
+        table.move_to_end(key)
+        peers = st[13]
+        new_src = 1.0 if peers.get(src, -1e18) < horizon else 0.0
+        peers[src] = t
+        if len(peers) > cap:
+            del peers[next(iter(peers))]
+        dt = t - st[0]
+        if dt > 0.0:
+            st[0] = t
+            d1, d2 = _exp(-dt * r1), _exp(-dt * r2)
         else:
-            table.move_to_end(key)
-            peers = st[13]
-            new_src = 1.0 if peers.get(src, -1e18) < horizon else 0.0
-            peers[src] = t
-            if len(peers) > cap:
-                del peers[next(iter(peers))]
-            dt = t - st[0]
-            if dt > 0.0:
-                st[0] = t
-                d1, d2 = _exp(-dt * r1), _exp(-dt * r2)
-            else:
-                d1 = d2 = 1.0
-            a1, a2, a3, a4, a5, a6, b1, b2, b3, b4, b5, b6 = st[1:13]
-            part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + single, a4 * d1 + new_src, a5 * d1 + lb, a6 * d1 + lb2,
-                    b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + single, b4 * d2 + new_src, b5 * d2 + lb, b6 * d2 + lb2]
-            st[1:13] = part
-            out += part
+            d1 = d2 = 1.0
+        a1, a2, a3, a4, a5, a6, b1, b2, b3, b4, b5, b6 = st[1:13]
+        part = [a1 * d1 + 1.0, a2 * d1 + failed, a3 * d1 + single, a4 * d1 + new_src, a5 * d1 + lb, a6 * d1 + lb2,
+                b1 * d2 + 1.0, b2 * d2 + failed, b3 * d2 + single, b4 * d2 + new_src, b5 * d2 + lb, b6 * d2 + lb2]
+        st[1:13] = part
+        out += part
+        return out
 
-        # channel (source, service): repeated connections (password guessing), and the beacon:
-        # [t, 8 accumulators, prev_first, repeats, mean_interval, dev_interval, mean_size, dev_size]
+    def _channel(self, out: list[float], t: float, t_first: float, src: str, dst: str, dport: int, proto: int,
+                 lb: float, failed: float) -> list[float]:
+        """``out`` with the channel's accumulators (source, service) added: repeated connections (password guessing),
+        and the beacon: [t, 8 accumulators, prev_first, repeats, mean_interval, dev_interval, mean_size, dev_size]."""
+        r1, r2 = self.rates
+        lb2 = lb * lb
         table = self.chan
         key = (src, dst, dport, proto)
         st = table.get(key)

@@ -24,7 +24,7 @@ A flow's feature row has two parts:
 
 Context is causal: a flow sees the flows that expired before it in the same capture (flows reach
 the tracker in expiry order, which follows their last packet). What the features read of a flow
-comes from the meter as one bytes block of NFStream's C numbers (iotscan.capture.source.flow_block_dtype),
+comes from the meter as one bytes block of NFStream's C numbers (iotscan.capture.flows.flow_block_dtype),
 so a batch of rows becomes one numpy array without a Python number per statistic; per flow, Python
 does only the tracker's few dictionary updates, and every derived value is computed with numpy on
 a batch of rows (:meth:`FeatureExtractor.take`).
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from iotscan.capture.source import flow_block_dtype
+from iotscan.capture.flows import flow_block_dtype
 from iotscan.detect.context import (
     WINDOWS_S,
     ContextTracker,
@@ -331,8 +331,12 @@ class FeatureExtractor:
         self._stats: list[bytes] = []  # per flow: the meter's block, or a whole flow's packed statistics
         self._metered: list[bool] = []  # which of the two
         self._names: list[tuple[str, str, str, str, Any, str, str]] = []  # see _get_names
+        self._folded: list[bool] = []  # which flows are a flood's, folded: no row, only their context counted
         self.names: list[tuple[str, str]] = []  # (master app, category) per row, when vocabulary is None
         self.requests: RequestFindings | None = None
+        # what the last take found of the folded flows, in order: their source's and destination host's flows
+        # of the first context window after them (see ContextTracker.observe_batch)
+        self.folded_flows: list[tuple[float, float]] = []
 
     def __len__(self) -> int:
         return len(self._stats)
@@ -343,7 +347,10 @@ class FeatureExtractor:
         self._app_index = {n: i + 1 for i, n in enumerate(vocabulary["app"])}
         self._cat_index = {n: i + 1 for i, n in enumerate(vocabulary["category"])}
 
-    def add(self, flow: Any) -> None:
+    def add(self, flow: Any, folded: bool = False) -> None:
+        """A flow for the next ``take``: a row of features, or with ``folded`` (a flood's flow that a flood record
+        counts instead of a flow record) none, its context counted in order with the others."""
+        self._folded.append(folded)
         if type(flow) is MeteredFlow:
             if flow.statistics is None:
                 raise ValueError("the flow was metered without the classifier's statistics "
@@ -356,15 +363,32 @@ class FeatureExtractor:
         self._names.append(_get_names(flow))
 
     def take(self) -> np.ndarray:
-        """Feature rows (float32) of the flows added since the last take, in FEATURE_NAMES order."""
+        """Feature rows (float32) of the flows added since the last take but the folded ones, in FEATURE_NAMES
+        order; what the folded ones gave goes to ``folded_flows``."""
         n = len(self._stats)
         if n == 0:
+            self.folded_flows = []
             return np.empty((0, len(FEATURE_NAMES)), dtype=np.float32)
         srcs, dsts, apps, cats, guessed, src_macs, dst_macs = (list(column)
                                                                for column in zip(*self._names, strict=True))
         raw, splt_dirs, splt_sizes = self._numbers()
         raw[:, _R["application_is_guessed"]] = guessed
+        folded = self._folded if any(self._folded) else None
+        context = self.tracker.observe_batch(*_tracker_columns(raw, srcs, dsts), folded=folded)
+        if folded is not None:  # the flows with a row: the others' context is counted, in order, and set aside
+            self.folded_flows = [c for c, fold in zip(context, folded, strict=True) if fold]
+            kept = [i for i, fold in enumerate(folded) if not fold]
+            context = [context[i] for i in kept]
+            srcs, dsts, apps, cats, src_macs, dst_macs = ([column[i] for i in kept] for column in (
+                srcs, dsts, apps, cats, src_macs, dst_macs))
+            raw, splt_dirs, splt_sizes = raw[kept], splt_dirs[kept], splt_sizes[kept]
+            n = len(kept)
+        else:
+            self.folded_flows = []
+        self._stats, self._metered, self._names, self._folded = [], [], [], []
         X = np.empty((n, len(FEATURE_NAMES)), dtype=np.float32)
+        if n == 0:
+            return X
         n_flow = len(_PER_FLOW)
         multicast = np.fromiter(map(_is_multicast, dsts), dtype=np.float64, count=len(dsts))
         X[:, :n_flow] = per_flow_features(raw, multicast, splt_dirs, splt_sizes)
@@ -379,9 +403,7 @@ class FeatureExtractor:
         else:
             X[:, _SIGNATURE_COLUMNS] = 0.0
         X[:, _INTERCEPTED_COLUMN] = self.links.observe_batch(srcs, src_macs, dsts, dst_macs)
-        context = self.tracker.observe_batch(*_tracker_columns(raw, srcs, dsts))
         X[:, _FIRST_CONTEXT:] = context_features(np.asarray(context, dtype=np.float64))
-        self._stats, self._metered, self._names = [], [], []
         return X
 
     def _numbers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -435,11 +457,11 @@ def pack_statistics(flow: Any) -> bytes:
     return _STATS.pack(*_get_raw(flow), *splt)
 
 
-def metered_flow_with_statistics(flow: Any) -> MeteredFlow:
-    """What the main pass's meter sends of a flow when it is scored (MeterConfig.reduce): the record's
-    values and, as the classifier's statistics, the flow's block of NFStream's C numbers (see
-    iotscan.capture.source.flow_block_dtype), decoded a batch at a time by ``take``."""
-    return MeteredFlow(*flow_attributes(flow), flow.block)
+def metered_flow_with_statistics(flow: Any) -> tuple:
+    """What the main pass's meter sends of a flow when it is scored (MeterConfig.reduce, the reader making it a
+    MeteredFlow): the record's values and, as the classifier's statistics, the flow's block of NFStream's C
+    numbers (see iotscan.capture.flows.flow_block_dtype), decoded a batch at a time by ``take``."""
+    return (*flow_attributes(flow), flow.block)
 
 
 def _codes(names: list[str], code: Any) -> np.ndarray:

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from iotscan.capture.flows import flow_block_dtype
 from iotscan.capture.names import registered_domain
 from iotscan.capture.side_pass import SidePass
-from iotscan.capture.source import flow_block_dtype
 from iotscan.detect.compromise import CompromiseDecision, CompromiseTracker
 from iotscan.detect.features import SPLT_PACKETS
 from iotscan.detect.replies import TUNNEL_WINDOW_MS, Replies, replies_pass

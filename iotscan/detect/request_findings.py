@@ -4,6 +4,7 @@ a pair of hosts (iotscan.detect.request_pass says what is read and why a match m
 from __future__ import annotations
 
 import bisect
+import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ PAIR_BEFORE_MATCH_MS = 60_000
 # flow expires, and is scored, at least that long after its last packet, so a match this soon after is known.
 # Both define the pair_signature feature: a change needs a new FEATURE_SCHEMA_VERSION and model.
 PAIR_AFTER_MATCH_MS = 120_000
+PROBE_RATE = math.log(2.0) / 5.0  # a service's probes are counted over a half-life of 5 s (RequestFindings.flood_rate)
+PROBE_KINDS = ("tcp-flags", "syn", "echo")  # signatures of a probe's header: a flood's packets can match them
 # A matching flow as the pass saw it (src_ip, src_port, dst_ip, dst_port, protocol; src sent its first packet
 # the filter let through), and a mark of a pair of hosts: (match time ms, signature code, the matching flow)
 Flow5 = tuple[str, int, str, int, int]
@@ -57,11 +60,20 @@ class RequestFindings:
     named_kept: int = 0
     held_kept: int = 0
     forgotten: int = 0  # matches let go for newer ones
+    # With a flood rate (--flood-records summary): a probe's match at a service receiving probes at that rate is
+    # counted, not kept (a flood's: folded; a scan spreads over ports). By service: [last probe (s), decayed probes]
+    flood_rate: float | None = None
+    probes: OrderedDict[tuple[str, int, int], list[float]] = field(default_factory=OrderedDict)
+    flood_probes: int = 0
 
     def add(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, code: int,
             named: tuple[str, ...] = (), protocol: int = 6) -> None:
         self.matched += 1
         sig = signature(code)
+        if self.flood_rate is not None and sig is not None and sig.where in PROBE_KINDS \
+                and self._flooded((dst_ip, dst_port, protocol), first_ms / 1000.0):
+            self.flood_probes += 1
+            return
         flow = (src_ip, src_port, dst_ip, dst_port, protocol)
         for host in named:  # the request went from src to dst: dst is the exploited host
             if host not in (src_ip, dst_ip):
@@ -70,6 +82,18 @@ class RequestFindings:
         counted = self._counted(sig, code, flow, first_ms) if sig and sig.min_pair_count > 1 else [(first_ms, flow)]
         for seen_ms, seen in counted:
             self._keep(seen, seen_ms, code, sig)
+
+    def _flooded(self, service: tuple[str, int, int], t: float) -> bool:
+        """Count a probe of ``service`` at ``t`` (s): whether it now receives probes at the flood rate."""
+        state = self.probes.setdefault(service, [t, 0.0])
+        self.probes.move_to_end(service)
+        if len(self.probes) > MAX_FINDINGS:
+            del self.probes[next(iter(self.probes))]
+        if t > state[0]:
+            state[1] *= math.exp((state[0] - t) * PROBE_RATE)
+            state[0] = t
+        state[1] += 1.0
+        return state[1] >= self.flood_rate  # type: ignore[operator]
 
     def _counted(self, sig: RequestSignature, code: int, flow: Flow5, first_ms: int) -> list[tuple[int, Flow5]]:
         """The matches of a signature asking for several flows between two hosts that count now: this one

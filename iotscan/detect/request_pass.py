@@ -33,7 +33,9 @@ flow is one small integer.
 
 from __future__ import annotations
 
+import functools
 import re
+import socket
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -143,9 +145,9 @@ def _of_kind(where: str) -> list[tuple[int, RequestSignature]]:
     return [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == where]
 
 
-_DNS, _FLAGS, _SYN, _ECHO, _LINE, _CHECKIN, _SSH, _FILE, _SHELL, _REPLY, _FTP_REPLY, _HELD = (
-    _of_kind(w) for w in ("dns", "tcp-flags", "syn", "echo", "line", "checkin", "ssh", "file", "shell", "reply",
-                          "ftp-reply", "held"))
+_DNS, _LINE, _CHECKIN, _SSH, _FILE, _SHELL, _REPLY, _FTP_REPLY, _HELD = (
+    _of_kind(w) for w in ("dns", "line", "checkin", "ssh", "file", "shell", "reply", "ftp-reply", "held"))
+_HEADERS = {w: _of_kind(w) for w in ("tcp-flags", "syn", "echo")}  # what a probe's header matches (_header_match)
 HEAD_HELD_TEXT = "request head held open"
 # TCP flag bits by the letter tcp-flags signatures read them as ("fpu": FIN, PSH and URG)
 FLAG_LETTERS = ((0x01, "f"), (0x02, "s"), (0x04, "r"), (0x08, "p"), (0x10, "a"), (0x20, "u"), (0x40, "e"),
@@ -218,6 +220,12 @@ def _first_match(signatures: list[tuple[int, RequestSignature]], text: str) -> i
     return 0
 
 
+@functools.lru_cache(maxsize=1024)
+def _header_match(kind: str, text: str) -> int:
+    """_first_match of a kind of probe's header ("tcp-flags", "syn", "echo"): few texts, repeated by scans, floods."""
+    return _first_match(_HEADERS[kind], text)
+
+
 def match_query(text: str) -> int:
     """The code of the first DNS signature a query's text (see dns_query) matches, or 0."""
     return _first_match(_DNS, text)
@@ -270,9 +278,9 @@ def read_packet(ip_packet: bytes, segment: TcpSegment | None) -> int | None:
         if start in SHELL_STARTS:
             return _first_match(_SHELL, segment.payload[:MAX_HEAD_BYTES].decode("latin-1").lower())
         if not segment.flags & 0x16:  # none of SYN, ACK and RST
-            return _first_match(_FLAGS, flag_text(segment.flags))
+            return _header_match("tcp-flags", flag_text(segment.flags))
         if segment.flags & 0x12 == 0x02:  # a SYN
-            return _first_match(_SYN, f"window {segment.window} df {int(segment.dont_fragment)}")
+            return _header_match("syn", f"window {segment.window} df {int(segment.dont_fragment)}")
         if segment.src_port == FTP_PORT:  # by its filter: a refusal
             return _first_match(_FTP_REPLY, segment.payload[:MAX_HEAD_BYTES].decode("latin-1").lower())
         if segment.src_port in TELNET_PORTS or segment.payload[:2] == b"\x20\x02":  # a server's, by its filter
@@ -280,7 +288,7 @@ def read_packet(ip_packet: bytes, segment: TcpSegment | None) -> int | None:
         return None
     data = echo_request_data(ip_packet)
     if data is not None:
-        return _first_match(_ECHO, f"echo-request data {data}")
+        return _header_match("echo", f"echo-request data {data}")
     datagram = udp_payload(ip_packet)  # a TFTP data block (TFTP_FILTER): opcode 3, block number, an ELF file's start
     if datagram is not None and datagram[2][:2] == b"\x00\x03" and datagram[2][4:8] == ELF_START:
         return _first_match(_FILE, datagram[2][4:MAX_HEAD_BYTES].decode("latin-1").lower())
@@ -398,12 +406,28 @@ def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], in
             flow.udps.named_hosts, flow.protocol)
 
 
-def request_pass(source: str, config: MeterConfig) -> tuple[SidePass, RequestFindings]:
+def _bare_syn(packet: Any, ffi: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int] | None:
+    """An IPv4 SYN without data matching a SYN signature, opening a flow (MeterConfig.packet_reader): its flow's
+    match, as _match makes it, without the flow (a million spoofed SYNs had filled the pass's table and taken 20 us
+    each). Anything else goes the flows' way (a later segment of the connection: in a flow of its own)."""
+    if packet.protocol != 6 or packet.ip_version != 4 or packet.payload_size or not packet.syn or packet.ack:
+        return None
+    ip_packet = ffi.buffer(packet.ip_content, packet.ip_content_len)[:]
+    segment = tcp_segment(ip_packet)
+    if segment is None or segment.payload or segment.flags & 0x16 != 0x02:
+        return None
+    code = _header_match("syn", f"window {segment.window} df {int(segment.dont_fragment)}")
+    return None if not code else (socket.inet_ntoa(ip_packet[12:16]), segment.src_port,
+                                  socket.inet_ntoa(ip_packet[16:20]), packet.dst_port, packet.time, code, (), 6)
+
+
+def request_pass(source: str, config: MeterConfig, flood_rate: float | None = None
+                 ) -> tuple[SidePass, RequestFindings]:
     """The request pass over one capture file or interface (``config``: the main pass's settings), to
-    start, and the findings it fills as it runs (complete when it ends)."""
-    findings = RequestFindings()
+    start, and the findings it fills as it runs (complete when it ends); ``flood_rate``: see RequestFindings."""
+    findings = RequestFindings(flood_rate=flood_rate)
     job = side_pass("iotscan-requests", source, config, REQUEST_FILTER, RequestPlugin(expire_on_match=config.live),
-                    findings.collect, snaplen=MAX_HEAD_BYTES + 128, reduce=_match)
+                    findings.collect, snaplen=MAX_HEAD_BYTES + 128, reduce=_match, packet_reader=_bare_syn)
     return job, findings
 
 

@@ -19,6 +19,8 @@ an attack of the signature's family with score 1, whatever the detector says; so
 of its two hosts around it (an exploit's callbacks, a scanner's other probes: see
 request_findings.PAIR_AFTER_MATCH_MS), unless the match was a DNS one; and so are an ICMP flood (icmp_flood) and a
 flow sent through another local host's MAC (features.LinkTracker: ARP or neighbour-discovery spoofing).
+With ``fold_floods`` (--flood-records summary), a flood's one- and two-packet flows are folded into flood records
+instead (iotscan.detect.flood).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from iotscan.detect.features import (
     feature_index,
     metered_flow_with_statistics,
 )
+from iotscan.detect.flood import FLOOD_FAMILIES, FOLD_MAX_PACKETS, FloodFolder
 from iotscan.detect.modelstore import bundled_model, load_model, verified_card
 from iotscan.detect.request_findings import MAX_FINDINGS, Flow5, RequestFindings
 from iotscan.detect.request_pass import request_pass
@@ -58,6 +61,9 @@ MODEL_NAME = "flows"
 BATCH_ROWS = 4096
 LIVE_BATCH_ROWS = 128
 LIVE_MAX_DELAY_S = 1.0
+# On a live interface, the flows that ended more than an idle timeout and this long ago have all come: the meter's
+# idle scan, its batches (0.2 s), its block of packets (0.25 s) and the queue between
+LIVE_FLOWS_LAG_MS = 2_000
 # Flows held while the request pass still runs (it reads the whole file, only faster): beyond this the
 # reader waits for it instead, so memory stays bounded on a capture whose pass takes long.
 HELD_FOR_REQUESTS = 16_384
@@ -286,6 +292,17 @@ def _own_share(X: np.ndarray) -> np.ndarray:
     return sent / np.maximum(np.expm1(X[:, _RULE_COLUMNS["dst_log_flows_5s"]]), 1.0)
 
 
+def folded_families(flows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For flows folded before they were scored, from their source's and destination host's flows of the shorter
+    window (n, 2; see FeatureExtractor.folded_flows): whether the destination still receives flows at a flood's
+    rate, and the family the flood rule gives them, from these counts as rule_families reads them (a source the
+    context tracker did not know is no scanner)."""
+    logs = np.log1p(flows.reshape(-1, 2)).astype(np.float32)  # as the feature rows hold them
+    flooded = logs[:, 1] >= np.log1p(FLOOD_FLOWS_5S)
+    share = np.expm1(logs[:, 0]) / np.maximum(np.expm1(logs[:, 1]), 1.0)
+    return flooded, np.where(share >= ONE_SOURCE_SHARE, "dos", "ddos")
+
+
 def icmp_flood(X: np.ndarray) -> np.ndarray:
     """Rows of ICMP flows at a flood ping's rate (ICMP_FLOOD_RATE, for ICMP_FLOOD_PACKETS or more)."""
     return (X[:, _RULE_COLUMNS["proto_icmp"]] == 1) \
@@ -403,8 +420,10 @@ class ScoringStage(Stage):
     """Adds verdict, score, family and reasons to every flow record."""
 
     def __init__(self, model_path: Path | None = None, trusted: bool = False, threshold: float | None = None,
-                 batch_rows: int = BATCH_ROWS) -> None:
+                 batch_rows: int = BATCH_ROWS, fold_floods: bool = False) -> None:
         super().__init__()
+        self.fold_floods = fold_floods  # --flood-records summary: see iotscan.detect.flood
+        self._folder: FloodFolder | None = None
         self._model: dict[str, Any] | None = None
         if model_path is None:
             # The bundled model is verified against its card now (a tampered or mismatched model stops
@@ -460,6 +479,11 @@ class ScoringStage(Stage):
         # Context is per capture: a new source starts with no history. The model's vocabulary is given to
         # the extractor at its first batch, once the model is loaded (see _score).
         self._extractor = FeatureExtractor()
+        self._folder = None
+        if self.fold_floods:
+            self._folder = FloodFolder(source.name, self._extractor.tracker, cfg.idle_timeout, FLOOD_FLOWS_5S,
+                                       RULE_REASONS, lambda message: self.warn(source.name, "flood_records", message),
+                                       live=cfg.live)
         self._abandon_requests()
         self._source = source
         self._alike, self._alike_run, self._source_scored = {}, -1, 0
@@ -478,7 +502,9 @@ class ScoringStage(Stage):
         the findings known by then (a flow is scored when it expires, long after its requests)."""
         info = self._source
         if info is not None and self._requests is None:
-            self._requests, self._findings = request_pass(info.config.source, info.config)
+            # folding floods, a flood's probes need not be kept: its flows are folded (RequestFindings.flood_rate)
+            self._requests, self._findings = request_pass(info.config.source, info.config,
+                                                          FLOOD_FLOWS_5S if self.fold_floods else None)
             self._requests.start()
             if info.config.live and self._extractor is not None:
                 self._extractor.requests = self._findings
@@ -496,15 +522,28 @@ class ScoringStage(Stage):
             return None
         job.end()
         name = self._source.name if self._source is not None else ""
+        if (dropped := job.dropped()) is not None:
+            self.warn(name, "dropped", dropped)
         if job.error is not None:
             self.warn(name, "request_pass", f"request pass failed (no HTTP or DNS signatures): {job.error}")
             return None
         findings = self._findings
+        if findings is not None and findings.flood_probes:
+            self.warn(name, "flood_probes", f"{findings.flood_probes:,} probes of flooded services (scanner-like SYNs, "
+                                            "flag probes or pings at a flood's rate) were counted, not kept")
         if findings is not None and findings.forgotten:
             self.warn(name, "request_signatures_capped",
                       f"{findings.forgotten:,} of {findings.matched:,} flows matching request signatures were "
                       f"forgotten for newer ones (at most {MAX_FINDINGS:,} are kept)")
         return findings
+
+    def claims(self, flow: Any) -> bool:
+        """A flood's flow to fold without a flow record (see iotscan.detect.flood)."""
+        folder = self._folder
+        return folder is not None and bool(folder.claimed) and folder.claims(flow)
+
+    def ongoing(self) -> list[dict[str, Any]]:
+        return self._folder.ongoing if self._folder is not None else []
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
         extractor = self._extractor
@@ -517,13 +556,17 @@ class ScoringStage(Stage):
             if not started:  # the first event means the main meter runs
                 self._start_requests()
                 started = True
-            if event[0] is None:  # a heartbeat of a quiet live link: flush what has waited long enough
+            record, flow = event
+            if flow is None:  # a heartbeat of a quiet live link: flush what has waited long enough
                 if pending and max_delay is not None and time.monotonic() - oldest >= max_delay:
                     yield from self._score(pending)
                     pending = []
+                if self._folder is not None:  # and the flood records no flow can come to any more
+                    yield from self._flood_events(self._folder.closed(int(time.time() * 1000) - self._folder.idle_ms
+                                                                      - LIVE_FLOWS_LAG_MS))
                 yield event
                 continue
-            extractor.add(event[1])
+            extractor.add(flow, folded=record is None)  # a flow claimed (see claims) has no record
             pending.append(event)
             if len(pending) == 1 and max_delay is not None:
                 oldest = time.monotonic()
@@ -536,6 +579,12 @@ class ScoringStage(Stage):
             self._request_findings()  # the capture stopped: so does the request pass, adding its last matches
         if pending:
             yield from self._score(pending)
+        if self._folder is not None:
+            yield from self._flood_events(self._folder.flush())
+
+    @staticmethod
+    def _flood_events(records: list[dict[str, Any]]) -> list[Event]:
+        return [(record, None) for record in records]
 
     def _score(self, pending: list[Event]) -> list[Event]:
         extractor = self._extractor
@@ -546,32 +595,64 @@ class ScoringStage(Stage):
         if extractor.requests is None and self._requests is not None:
             extractor.requests = self._request_findings() or RequestFindings()
         X = extractor.take()
+        # positions in the batch of the flows scored (the others were claimed: folded, without a record)
+        claimed = [i for i, (record, _) in enumerate(pending) if record is None] if extractor.folded_flows else []
+        scored = np.setdiff1d(np.arange(len(pending)), claimed) if claimed else np.arange(len(pending))
+        events = [pending[i] for i in scored.tolist()] if claimed else pending
         scores = attack_scores(model, X)
         attack = np.flatnonzero(scores >= self.threshold)
         families = attack_families(model, X[attack]) if len(attack) else []
-        reasons = self._reasons(model, X, attack)
+        reasons = self._reasons(model, X, attack, scored[attack])
         benign = _BENIGN
-        for (record, _), score in zip(pending, np.round(scores, 4).tolist(), strict=True):
+        for (record, _), score in zip(events, np.round(scores, 4).tolist(), strict=True):
             record.update(benign)
             record["score"] = score
         for i, family, why in zip(attack.tolist(), families, reasons, strict=True):
-            record = pending[i][0]
+            record = events[i][0]
             record["verdict"] = "attack"
             record["family"] = family
             record["reasons"] = why
         if len(attack) and extractor.requests is not None:
-            self._link_evidence([pending[i][0] for i in attack.tolist()], X[attack], extractor.requests)
+            self._link_evidence([events[i][0] for i in attack.tolist()], X[attack], extractor.requests)
         self.scored += len(pending)
         self._source_scored += len(pending)
-        return pending
+        if self._folder is None:
+            return events
+        ruled = rule_families(as_judged(model, X[attack])) if len(attack) else []
+        return self._fold(pending, claimed, events, attack, families, ruled)
 
-    def _reasons(self, model: dict[str, Any], X: np.ndarray, attack: np.ndarray) -> list[list[str]]:
-        """explain() for the attack rows of a batch. Alike attacks share the reasons of the first of them within
-        each run of batch_rows flows of the source, counted from its start, whatever the batches were: a file's
-        first batch holds the flows that came before the request pass ended, and reasons must not depend on when
-        that was."""
+    def _fold(self, pending: list[Event], claimed: list[int], events: list[Event], attack: np.ndarray,
+              families: Any, ruled: Any) -> list[Event]:
+        """The batch's events once a flood's flows are folded (iotscan.detect.flood): the flows claimed before
+        they were scored, and the attacks of at most FOLD_MAX_PACKETS packets whose family the flood rule gave
+        (``ruled``: not the family model's, which names a dos or ddos without a flood; their service is claimed
+        from then on); then the flood records no flow can come to any more."""
+        folder = self._folder
+        assert folder is not None and self._extractor is not None
+        if claimed:
+            flooded, claimed_families = folded_families(np.asarray(self._extractor.folded_flows))
+            folder.fold_claimed([pending[i][1] for i in claimed], claimed_families.tolist(), flooded.tolist())
+        folded = set()
+        for i, family, rule in zip(attack.tolist(), families, ruled, strict=True):
+            r = events[i][0]
+            if family == rule and family in FLOOD_FAMILIES and r["packets"] <= FOLD_MAX_PACKETS and folder.fold(
+                    (r["dst_ip"], r["dst_port"], r["protocol"]), r["dst_mac"], r["src_ip"], r["src_port"],
+                    r["first_seen_ms"], r["last_seen_ms"], r["packets"], r["bytes"], r["dst2src_packets"] > 0,
+                    family):
+                folded.add(i)
+        if folded:
+            events = [e for i, e in enumerate(events) if i not in folded]
+        ended = max(f.bidirectional_last_seen_ms for _, f in pending)
+        return events + self._flood_events(folder.closed(ended))
+
+    def _reasons(self, model: dict[str, Any], X: np.ndarray, attack: np.ndarray, positions: np.ndarray
+                 ) -> list[list[str]]:
+        """explain() for the attack rows of a batch (at ``positions`` in the batch, which also held the flows folded
+        before they were scored). Alike attacks share the reasons of the first of them within each run of
+        batch_rows flows of the source, counted from its start, whatever the batches were: a file's first batch
+        holds the flows that came before the request pass ended, and reasons must not depend on when that was."""
         reasons: list[list[str]] = []
-        runs = (self._source_scored + attack) // self.batch_rows
+        runs = (self._source_scored + positions) // self.batch_rows
         for run in np.unique(runs).tolist():
             if run != self._alike_run:
                 self._alike, self._alike_run = {}, run

@@ -240,6 +240,8 @@ class DeviceStage(Stage):
         if job is None:
             return
         ended = job.end()
+        if (dropped := job.dropped()) is not None:
+            self.warn(source.name, "dropped", dropped)
         if job.error is not None:
             self.warn(source.name, "identity_pass", f"DHCP/mDNS/SSDP pass failed (devices rely on flows): {job.error}")
         elif not ended:  # a stopped live pass: what it read is not waited for any longer

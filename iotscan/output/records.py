@@ -68,10 +68,11 @@ FLOW_FIELDS: tuple[tuple[str, str], ...] = (
 FLOW_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in FLOW_FIELDS)
 
 # The NFStream attributes a flow record is built from (see flow_record). The main pass's meter sends
-# each flow as a MeteredFlow of these instead of the NFlow itself: a tuple of values is a fifth as
-# costly to unpickle as NFStream's 94-slot object, and the main process unpickles every flow. The
-# last field, ``statistics``, carries what the classifier reads of the flow: the meter's block of
-# NFStream's C numbers for it, as bytes (iotscan.capture.source.flow_block_dtype), or None when nothing is scored.
+# each flow as a tuple of these instead of the NFlow itself (a tuple of values is a fifth as costly to
+# unpickle as NFStream's 94-slot object, and the main process unpickles every flow), which the reader
+# makes a MeteredFlow (MeterConfig.item_type). The last field, ``statistics``, carries what the
+# classifier reads of the flow: the meter's block of NFStream's C numbers for it, as bytes
+# (iotscan.capture.flows.flow_block_dtype), or None when nothing is scored.
 FLOW_ATTRIBUTES: tuple[str, ...] = (
     "src_ip", "src_mac", "src_port", "dst_ip", "dst_mac", "dst_port", "protocol", "ip_version", "vlan_id",
     "tunnel_id", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms", "bidirectional_duration_ms",
@@ -83,9 +84,10 @@ MeteredFlow = namedtuple("MeteredFlow", (*FLOW_ATTRIBUTES, "statistics"))
 flow_attributes = attrgetter(*FLOW_ATTRIBUTES)
 
 
-def metered_flow(flow: Any) -> MeteredFlow:
-    """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce)."""
-    return MeteredFlow(*flow_attributes(flow), None)
+def metered_flow(flow: Any) -> tuple:
+    """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce): a MeteredFlow's
+    values."""
+    return (*flow_attributes(flow), None)
 
 # The device record contract (docs/devices.md): these names are fixed; more fields may follow.
 DEVICE_FIELDS: tuple[tuple[str, str], ...] = (
@@ -140,6 +142,9 @@ SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("devices", "device records written"),
     ("attacks", "flows with verdict attack"),
     ("attack_families", "flows with verdict attack per family, most first ({} when none or nothing was scored)"),
+    ("folded_flows", "flows folded into flood records instead of flow records (--flood-records summary); counted in "
+                     "flows, attacks and attack_families"),
+    ("floods", "flood records written"),
     ("elapsed_s", "wall-clock seconds"),
     ("packets_per_s", "packets / elapsed_s"),
     ("warnings", "list of {source, code, message}; codes truncated, link_type, flow_cap, no_ip, interrupted, "
@@ -148,6 +153,42 @@ SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("inputs", "list of {source, packets, flows, status} per capture or interface; status ok, truncated, "
                "interrupted, error (live: stopped)"),
 )
+
+# A flood's one- and two-packet flows folded into one record per target service and minute of capture time
+# (--flood-records summary; iotscan.detect.flood folds them, once the scoring stage has named the flood).
+FLOOD_WINDOW_S = 60
+FLOOD_FIELDS: tuple[tuple[str, str], ...] = (
+    ("timestamp", "first packet of the earliest flow folded in, ISO 8601 UTC to the millisecond (as flows have it)"),
+    ("event_type", "always \"flood\""),
+    ("source", "capture file or interface"),
+    ("dst_ip", "the target's address"),
+    ("dst_port", "the target's port (0 without ports)"),
+    ("protocol", "IANA protocol number"),
+    ("dst_mac", "the target's MAC, as the first flow folded in saw it"),
+    ("family", "ddos (many sources) or dos (mostly one), as the scoring stage's flood rule named most of the flows"),
+    ("reasons", "why, one phrase: the flood rule's"),
+    ("window_start_ms", f"the window of the record: the flows folded in started in [window_start_ms, window_end_ms), "
+                        f"{FLOOD_WINDOW_S} s of capture time aligned to multiples of {FLOOD_WINDOW_S} s"),
+    ("window_end_ms", "end of the window, epoch milliseconds"),
+    ("first_seen_ms", "first packet of the earliest flow folded in, epoch milliseconds"),
+    ("last_seen_ms", "last packet of the latest flow folded in"),
+    ("flows", "flows folded in: one- and two-packet flows of the flood, each counted as an attack in the summary"),
+    ("packets", "their packets, both directions"),
+    ("bytes", "their bytes, both directions"),
+    ("answered_flows", "flows the target answered (a SYN-ACK, a RST, a reply: the second packet of a two-packet flow)"),
+    ("packets_per_s", "packets / (last_seen_ms - first_seen_ms), per second (0 within one millisecond)"),
+    ("distinct_sources", "distinct source addresses: a HyperLogLog estimate (Apache DataSketches, 4,096 registers: "
+                         "exact below a few hundred, about 1.6% off beyond)"),
+    ("spoofed_share", "share of the distinct sources that look spoofed: an address no host sends from (unspecified, "
+                      "loopback, multicast, broadcast or reserved, documentation or benchmarking ranges, the "
+                      "target's own) or one that sent the target this one flow in the window, measured on a "
+                      "sample of up to 1,024 of them drawn by a hash of the address"),
+    ("top_sources", "up to 5 sources that sent a share of the flows no other could have, most first: "
+                    "[{ip, flows}] (flows at least this many; [] when none stands out, as in a spoofed flood)"),
+    ("top_src_ports", "the same for source ports: [{port, flows}] (a reflection flood comes from its service's port)"),
+    ("example_community_ids", "Community IDs of the first 3 flows folded in, to find them in Zeek or Suricata"),
+)
+FLOOD_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in FLOOD_FIELDS)
 
 # `iotscan live` adds these to its summary record.
 LIVE_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
@@ -387,6 +428,13 @@ def alert_record(*, decided_ms: int, **values: Any) -> dict[str, Any]:
     for name in ALERT_FIELD_NAMES[2:]:
         record[name] = decided_ms if name == "decided_ms" else values.get(name)
     return record
+
+
+def flood_record(**values: Any) -> dict[str, Any]:
+    """A flood record of FLOOD_FIELDS (timestamp and event_type made here), in their order."""
+    values["timestamp"] = iso_timestamp(values["first_seen_ms"])
+    values["event_type"] = "flood"
+    return {name: values[name] for name in FLOOD_FIELD_NAMES}
 
 
 def summary_record(**values: Any) -> dict[str, Any]:

@@ -287,14 +287,14 @@ class ReportBuilder:
         if family is not None:
             self._attack(r, family, first, size, float(score or 0.0))
 
-    def _track(self, source: str) -> SourceTrack:
+    def _track(self, source: str, flows: int = 1) -> SourceTrack:
         track = self.sources.get(source)
         if track is None:
             self.sources_seen += 1
             if len(self.sources) >= TRACKED_SOURCES:  # sources come one after another: the fewest flows go
                 del self.sources[min(self.sources, key=lambda s: self.sources[s].flows)]
             track = self.sources[source] = SourceTrack()
-        track.flows += 1
+        track.flows += flows
         return track
 
     def _pair(self, r: dict[str, Any], size: int, attack: bool) -> None:
@@ -356,10 +356,25 @@ class ReportBuilder:
 
     def _flood(self, r: dict[str, Any]) -> None:
         _push(self.floods, (float(r.get("packets") or 0), self.seq, short(r)), FLOODS)
-        target = r.get("target")
-        ip = target.get("ip") if isinstance(target, dict) else target
+        ip = r.get("dst_ip")
         if ip:
             self.flood_targets.slot(str(ip))[0] += 1
+        # the flows folded into the record are attacks the summary counts: count them in their family too
+        flows, first = int(r.get("flows") or 0), r.get("first_seen_ms")
+        if flows and isinstance(first, int):
+            family = _family_name(r.get("family"), self.families)
+            tally = self.families.get(family) or self.families.setdefault(family, FamilyTally())
+            tally.flows += flows
+            tally.bytes += int(r.get("bytes") or 0)
+            if ip and len(tally.targets) < DISTINCT:
+                tally.targets.add(str(ip))
+            last = int(r.get("last_seen_ms") or first)
+            tally.first_ms = first if tally.first_ms is None else min(tally.first_ms, first)
+            tally.last_ms = last if tally.last_ms is None else max(tally.last_ms, last)
+            source = str(r.get("source"))
+            track = self.sources.get(source)
+            if track is not None or len(self.sources) < TRACKED_SOURCES:  # a flood does not evict a timeline
+                self._track(source, flows).bins.add(first, family, flows)
         self._mark(r, "flood")
 
     def _mark(self, r: dict[str, Any], kind: str) -> None:

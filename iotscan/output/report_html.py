@@ -398,9 +398,7 @@ def alerts_section(b: ReportBuilder) -> str:
     if b.floods:
         rows = []
         for _, _, f in sorted(b.floods, key=lambda x: x[:2], reverse=True):
-            target = f.get("target")
-            where = (" ".join(str(target.get(k)) for k in ("ip", "port", "protocol") if target.get(k) is not None)
-                     if isinstance(target, dict) else target)
+            where = " ".join(str(f[k]) for k in ("dst_ip", "dst_port", "protocol") if f.get(k) is not None)
             rows.append([_time(f.get("first_seen_ms")), _chip(str(f.get("family") or "flood")),
                          f'<span class="mono">{e(where)}</span>', _n(f.get("packets")), _n(f.get("flows")),
                          _n(f.get("distinct_sources") or f.get("sources")), free(f.get("source"))])

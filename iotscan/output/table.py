@@ -345,7 +345,8 @@ class TableSink:
         console = Console(file=text, force_terminal=terminal, width=self.width or (None if terminal else 200),
                           highlight=False)
         # A prefix is unique among the flows this table saw: all of the run's unless --attacks-only kept some out.
-        every_flow = self.seq >= (summary.get("flows") or 0)
+        # (a flood's folded flows have no record: their ids may share a prefix, which inspect then says)
+        every_flow = self.seq >= (summary.get("flows") or 0) - (summary.get("folded_flows") or 0)
         prefix = {} if every_flow else None
 
         def short(r: dict[str, Any]) -> str:
@@ -449,6 +450,9 @@ def _event_what(r: dict[str, Any]) -> str:
 
 def _event_where(r: dict[str, Any]) -> str:
     """The host an alert is about (and its device type), or the target of a flood."""
+    if "dst_ip" in r:  # a flood record: its target service
+        return escape(f"{endpoint_text(r['dst_ip'], r['dst_port'])}/{PROTOCOL_LABELS.get(r['protocol'], r['protocol'])}"
+                      if r.get("dst_port") else str(r.get("dst_ip") or ""))
     target = r.get("target")
     if isinstance(target, dict):
         ip, port, proto = target.get("ip") or "", target.get("port"), target.get("protocol")
@@ -464,6 +468,10 @@ def _event_where(r: dict[str, Any]) -> str:
 def _event_message(r: dict[str, Any]) -> str:
     if r.get("message"):
         return escape(str(r["message"]))
+    if "packets_per_s" in r:  # a flood record
+        return escape(f"{r['flows']:,} flows, {r['packets_per_s']:,.0f} packets/s, {r['distinct_sources']:,} sources "
+                      f"({r['spoofed_share']:.0%} spoofed-looking), {r['first_seen_ms'] and r['timestamp'][11:19]} "
+                      f"for {(r['last_seen_ms'] - r['first_seen_ms']) / 1000:.0f} s")
     counts = [f"{r[k]:,} {k}" for k in ("packets", "flows") if isinstance(r.get(k), int)]
     return escape(", ".join(counts))
 
@@ -520,6 +528,10 @@ def summary_panel(summary: dict[str, Any]) -> Panel:
         f"devices  {summary.get('devices') or 0:,}    attacks  {summary.get('attacks') or 0:,}",
         f"elapsed  {summary.get('elapsed_s') or 0:.2f} s    {summary.get('packets_per_s') or 0:,.0f} packets/s",
     ]
+    if summary.get("alerts"):
+        lines.append(f"alerts  {summary['alerts']:,}")
+    if summary.get("folded_flows"):
+        lines.append(f"{summary['folded_flows']:,} flows of floods folded into {summary['floods']:,} flood records")
     for w in summary.get("warnings") or []:
         lines.append(f"[yellow]warning[/] {escape(str(w.get('source')))}: {escape(str(w.get('message')))}")
     for e in summary.get("errors") or []:

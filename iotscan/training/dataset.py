@@ -27,6 +27,7 @@ from iotscan.detect import context, features, request_findings, request_pass, re
 from iotscan.detect.features import FEATURE_NAMES, FeatureExtractor
 from iotscan.errors import CaptureError, InputError, IotscanError
 from iotscan.output.console import stderr
+from iotscan.output.records import MeteredFlow
 from iotscan.training.manifest import CaptureSpec, FlowKeys
 
 _EXTRACT_BATCH = 4096
@@ -77,7 +78,8 @@ def _cache_file(cache_dir: Path, path: Path) -> Path:
 
 def _extract(path: Path) -> dict[str, np.ndarray]:
     # the flow cap `analyze` uses, and its flows as its meter sends them
-    config = MeterConfig(source=str(path), reduce=features.metered_flow_with_statistics, **features.METER_SETTINGS)
+    config = MeterConfig(source=str(path), reduce=features.metered_flow_with_statistics, item_type=MeteredFlow,
+                         **features.METER_SETTINGS)
     extractor = FeatureExtractor(vocabulary=None)
     # as in `analyze`, the request pass's findings are complete before the first rows are taken; if the
     # file is bad, the main pass says what is wrong with it
