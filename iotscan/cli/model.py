@@ -59,12 +59,14 @@ def _tables(manifests: list[Path], cache_dir: Path | None, no_cache: bool, quiet
 
 def _pipeline_predictions(manifests: list[Path], sources: list[str], model_path: Path | None, trust_model: bool,
                           threshold: float | None, quiet: bool) -> Any:
-    from iotscan.cli.common import build_stages, main_pass_config
+    from iotscan.cli.common import FloodRecords, build_stages, main_pass_config
     from iotscan.training.pipeline_eval import evaluate_pipeline
 
     specs = _specs(manifests, sources)
     result = evaluate_pipeline(
-        specs, lambda: build_stages(model_path=model_path, trust_model=trust_model, threshold=threshold),
+        # every flow a record (not folded into flood records): the verdicts are measured, not the output's form
+        specs, lambda: build_stages(model_path=model_path, trust_model=trust_model, threshold=threshold,
+                                    flood_records=FloodRecords.all),
         main_pass_config("", score=True), progress=_say(quiet))
     for failure in result.failed:
         _say(quiet)(f"not evaluated: {failure}")
