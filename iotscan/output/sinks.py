@@ -115,6 +115,8 @@ class CsvSink:
                 value = ""
             elif isinstance(value, list):
                 value = "; ".join(v if isinstance(v, str) else orjson.dumps(v).decode() for v in value)
+            elif isinstance(value, dict):
+                value = orjson.dumps(value).decode()
             elif isinstance(value, bool):
                 value = "true" if value else "false"
             row.append(value)
@@ -344,8 +346,12 @@ def device_table(devices: list[dict[str, Any]]) -> Table:
             value = str(e.get("value"))
             seen.setdefault(f"{e.get('signal')}={value[:40] + '…' if len(value) > 40 else value}")
         evidence = "; ".join(list(seen)[:3])
+        kind = d.get("device_type") or ""
+        guess = d.get("type_guess")
+        if kind == "unknown" and guess:  # the best guess, marked as one
+            kind = f"unknown ({guess.get('device_type')}? {guess.get('confidence', 0):.2f})"
         table.add_row(*(escape(v) for v in (
-            d.get("mac") or "", ", ".join(d.get("ips") or []), d.get("vendor") or "", d.get("device_type") or "",
+            d.get("mac") or "", ", ".join(d.get("ips") or []), d.get("vendor") or "", kind,
             d.get("model") or "", f"{d['confidence']:.2f}" if d.get("confidence") is not None else "",
             f"{d.get('flows') or 0:,}", evidence)))
     return table
