@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import typer
 
@@ -16,6 +16,9 @@ from iotscan.capture.source import DEFAULT_MAX_FLOWS, MeterConfig
 from iotscan.errors import InputError, OutputError
 from iotscan.output.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, metered_flow
 from iotscan.stage import Stage
+
+if TYPE_CHECKING:
+    from iotscan.devices.signatures import Signatures
 
 
 class Format(str, Enum):
@@ -59,6 +62,10 @@ MODEL_OPTION = typer.Option(None, "--model", dir_okay=False,
 TRUST_MODEL_OPTION = typer.Option(False, "--trust-model",
                                   help="Load --model without verification: a model file is a pickle and runs code.")
 NO_SCORE_OPTION = typer.Option(False, "--no-score", help="Skip scoring (no verdict, score, family, reasons).")
+SIGNATURES_OPTION = typer.Option(
+    None, "--signatures", dir_okay=False,
+    help="Your own device signatures (a JSON file in the format of iotscan/data/device_types.json, see "
+         "docs/device-types.md), added to the bundled ones; repeat for several files.")
 ATTACKS_ONLY_OPTION = typer.Option(
     False, "--attacks-only",
     help="Write only the flow records judged attacks (device records and the summary still follow): an alert "
@@ -172,14 +179,22 @@ def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:
     return FLOW_FIELD_NAMES + (DEVICE_LINK_FIELDS if devices else ()) + (VERDICT_FIELDS if score else ())
 
 
+def device_signatures(paths: Sequence[Path] | None) -> Signatures:
+    """The bundled device signatures extended by the user's files (a bad file: one line, exit 2)."""
+    from iotscan.devices.signatures import load_signatures
+
+    return load_signatures(tuple(str(p) for p in paths or ()))
+
+
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
-                 trust_model: bool = False, threshold: float | None = None) -> list[Stage]:
+                 trust_model: bool = False, threshold: float | None = None,
+                 signatures: Sequence[Path] | None = None) -> list[Stage]:
     """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order."""
     stages: list[Stage] = []
     if devices:
         from iotscan.devices.stage import DeviceStage  # deferred: loads the device model
 
-        stages.append(DeviceStage())
+        stages.append(DeviceStage(signatures=device_signatures(signatures)))
     if score:
         from iotscan.detect.scoring import ScoringStage  # deferred: loads (and verifies) the flow model
 

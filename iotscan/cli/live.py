@@ -20,6 +20,7 @@ from iotscan.cli.common import (
     NO_DEVICES_OPTION,
     NO_SCORE_OPTION,
     QUIET_OPTION,
+    SIGNATURES_OPTION,
     THRESHOLD_OPTION,
     TRUST_MODEL_OPTION,
     Format,
@@ -75,6 +76,7 @@ def live(
     trust_model: bool = TRUST_MODEL_OPTION,
     no_score: bool = NO_SCORE_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
+    signatures: list[Path] | None = SIGNATURES_OPTION,
 ) -> None:
     """Capture an interface and write each flow as it ends, with devices and verdicts, until stopped."""
     fmt = resolve_format(fmt, output)
@@ -89,7 +91,7 @@ def live(
     # Everything that can fail before capturing fails before the output is touched.
     preflight(interface)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
-                          threshold=threshold)
+                          threshold=threshold, signatures=signatures)
     out = open_output(output, append=True)
     try:
         sink = make_sink(fmt.value, out, columns=flow_columns(devices=not no_devices, score=not no_score),
