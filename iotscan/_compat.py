@@ -30,7 +30,8 @@ MOVED: dict[str, tuple[str, ...]] = {
     "iotscan.records": ("iotscan.output.records",),
     "iotscan.sinks": ("iotscan.output.sinks", "iotscan.output.table"),
     "iotscan.console": ("iotscan.output.console",),
-    "iotscan.devices.train": ("iotscan.training.devices",),
+    "iotscan.devices.train": ("iotscan.training.devices", "iotscan.training.device_eval",
+                              "iotscan.training.device_card"),
 }
 
 

@@ -28,7 +28,7 @@ from iotscan.devices.identity import (
     parse_ssdp,
     read_identity,
 )
-from iotscan.devices.signatures import DEVICE_TYPES, load_signatures, signatures_path
+from iotscan.devices.signatures import DEVICE_TYPES, data_path, load_signatures
 
 TPLINK = SAMPLES / "tplink-hs110-setup.pcap"
 HUE = SAMPLES / "hue-bridge-setup.pcap"
@@ -68,6 +68,10 @@ def check_contract(record: dict) -> None:
     assert record["flows"] >= 1 and record["bytes"] > 0
     if record["device_type"] == "unknown":
         assert record["model"] is None
+        guess = record["type_guess"]
+        assert guess is None or (guess["device_type"] in DEVICE_TYPES and 0.0 < guess["confidence"] < 1.0)
+    else:
+        assert record["type_guess"] is None
 
 
 def from_source(records: list[dict], source: Path) -> dict[str, dict]:
@@ -123,7 +127,7 @@ def test_edimax_plug_sample_names_its_model_from_its_cloud_hello(samples_run) ->
     assert (plug["vendor"], plug["device_type"], plug["model"]) == ("Edimax", "smart_plug",
                                                                     "Edimax SP-2101W smart plug")
     seen = signals(plug)
-    assert seen["cloud_model"] == ["SP-2101W"] and seen["cloud_device_type"] == ["SmartPlug"]
+    assert set(seen["cloud_model"]) == {"SP-2101W"} and set(seen["cloud_device_type"]) == {"SmartPlug"}
     assert plug["confidence"] >= 0.8
 
 
@@ -281,10 +285,11 @@ def test_tampered_model_is_refused_with_exit_4(tmp_path: Path) -> None:
 # -- signatures and generalisation ------------------------------------------------------------------------
 
 
-def test_signature_file_is_valid_and_free_of_unit_strings() -> None:
+@pytest.mark.parametrize("name", ["device_signatures.json", "device_types.json"])
+def test_signature_files_are_valid_and_free_of_unit_strings(name: str) -> None:
     sigs = load_signatures()
-    assert len(sigs.signatures) > 100
-    data = json.loads(signatures_path().read_text())
+    assert len(sigs.signatures) > 200 and len(sigs.mac_vendors) > 40
+    data = json.loads(data_path(name).read_text())
     labs = [row["mac"] for name in ("iot-sentinel", "oconnor-lab") if (DATASETS / name / "devices.csv").exists()
             for row in csv.DictReader((DATASETS / name / "devices.csv").open())]
     text = json.dumps(data["signatures"]).lower()
@@ -467,6 +472,12 @@ def test_training_command_is_reproducible_and_writes_a_verifiable_model(tmp_path
     known = card["evaluation"]["known_models"]
     assert known["units"] == 30 and known["type_accuracy"] >= 0.95  # the 30 TP-Link captures
     assert {r["device"] for r in card["evaluation"]["per_device"]} >= {"iot-sentinel/TP-LinkPlugHS110"}
+    unseen = card["evaluation"]["leave_one_model_out"]  # each of the 3 models left out in turn
+    assert (unseen["models"], unseen["units"]) == (3, known["units"] + card["data"]["units_per_device"][
+        "oconnor-lab/blink-cam-02"])
+    assert {r["device"] for r in unseen["per_device"]} == {"iot-sentinel/TP-LinkPlugHS100",
+                                                           "iot-sentinel/TP-LinkPlugHS110", "oconnor-lab/blink-cam-02"}
+    assert "## Devices of models it was not trained on" in out.with_name("devices.card.md").read_text()
     again = tmp_path / "b" / "devices.joblib"
     run_iotscan("devices", "train", "--data", data, "--out", again, "--window-hours", "24", "--skip-eval",
                 timeout=600, check_code=0)

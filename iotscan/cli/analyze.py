@@ -22,6 +22,7 @@ from iotscan.cli.common import (
     NO_SCORE_OPTION,
     OUTPUT_OPTION,
     QUIET_OPTION,
+    SIGNATURES_OPTION,
     THRESHOLD_OPTION,
     TRUST_MODEL_OPTION,
     FloodRecords,
@@ -62,6 +63,7 @@ def analyze(
     no_hosts: bool = NO_HOSTS_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
     flood_records: FloodRecords = FLOOD_RECORDS_OPTION,
+    signatures: list[Path] | None = SIGNATURES_OPTION,
     explain: bool = typer.Option(False, "--explain", help="Give every attack flow the ready-to-run `iotscan "
                                  "inspect` command that shows its packets (field `inspect`; listed in the table)."),
     report: Path | None = typer.Option(None, "--report", dir_okay=False,
@@ -71,7 +73,8 @@ def analyze(
     fmt = resolve_format(fmt, output)
     check_attacks_only(attacks_only, no_score)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
-                          threshold=threshold, hosts=not no_hosts, flood_records=flood_records)
+                          threshold=threshold, hosts=not no_hosts, flood_records=flood_records,
+                          signatures=signatures)
     if explain:
         from iotscan.inspect import InspectCommandStage
 

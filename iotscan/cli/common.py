@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import typer
 
@@ -16,6 +16,9 @@ from iotscan.capture.source import DEFAULT_MAX_FLOWS, MeterConfig
 from iotscan.errors import InputError, OutputError
 from iotscan.output.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, MeteredFlow, metered_flow
 from iotscan.stage import Stage
+
+if TYPE_CHECKING:
+    from iotscan.devices.signatures import Signatures
 
 
 class Format(str, Enum):
@@ -73,6 +76,10 @@ FLOOD_RECORDS_OPTION = typer.Option(
     help="summary: a flood's one- and two-packet flows are folded into one 'flood' record per target service and "
          "minute (counted in the summary's flows and attacks); all: a flow record for every flow, as without "
          "floods.")
+SIGNATURES_OPTION = typer.Option(
+    None, "--signatures", dir_okay=False,
+    help="Your own device signatures (a JSON file in the format of iotscan/data/device_types.json, see "
+         "docs/device-types.md), added to the bundled ones; repeat for several files.")
 ATTACKS_ONLY_OPTION = typer.Option(
     False, "--attacks-only",
     help="Write only the flow records judged attacks (device records and the summary still follow): an alert "
@@ -186,16 +193,24 @@ def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:
     return FLOW_FIELD_NAMES + (DEVICE_LINK_FIELDS if devices else ()) + (VERDICT_FIELDS if score else ())
 
 
+def device_signatures(paths: Sequence[Path] | None) -> Signatures:
+    """The bundled device signatures extended by the user's files (a bad file: one line, exit 2)."""
+    from iotscan.devices.signatures import load_signatures
+
+    return load_signatures(tuple(str(p) for p in paths or ()))
+
+
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
                  trust_model: bool = False, threshold: float | None = None, hosts: bool = True,
-                 flood_records: FloodRecords = FloodRecords.summary) -> list[Stage]:
+                 flood_records: FloodRecords = FloodRecords.summary,
+                 signatures: Sequence[Path] | None = None) -> list[Stage]:
     """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order: the host-behaviour
     stage judges hosts over the flows the scoring stage judged, so it runs with scoring only."""
     stages: list[Stage] = []
     if devices:
         from iotscan.devices.stage import DeviceStage  # deferred: loads the device model
 
-        stages.append(DeviceStage())
+        stages.append(DeviceStage(signatures=device_signatures(signatures)))
     if score:
         from iotscan.detect.scoring import ScoringStage  # deferred: loads (and verifies) the flow model
 

@@ -18,7 +18,9 @@ from iotscan.cli.common import (
     MAX_FLOWS_OPTION,
     OUTPUT_OPTION,
     QUIET_OPTION,
+    SIGNATURES_OPTION,
     Format,
+    device_signatures,
     open_output,
     resolve_format,
 )
@@ -69,12 +71,14 @@ def scan(
         False, "--no-identity-pass",
         help="Skip the second, BPF-filtered pass over DHCP/mDNS/SSDP payloads (faster; vendor classes, mDNS "
              "and UPnP evidence are lost)."),
+    signatures: list[Path] | None = SIGNATURES_OPTION,
 ) -> None:
     """One device record per local device, then a summary (the default subcommand)."""
     from iotscan.devices.stage import DeviceStage
 
     fmt = resolve_format(fmt, output)
-    stage = DeviceStage(model_path=model, trust_model=trust_model, identity_pass=not no_identity_pass)
+    stage = DeviceStage(model_path=model, trust_model=trust_model, identity_pass=not no_identity_pass,
+                        signatures=device_signatures(signatures))
     out = open_output(output, paths)
     sink = make_sink(fmt.value, out, columns=DEVICE_FIELD_NAMES, row_type="device")
     config = MeterConfig(source="", bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,

@@ -22,6 +22,7 @@ from iotscan.cli.common import (
     NO_HOSTS_OPTION,
     NO_SCORE_OPTION,
     QUIET_OPTION,
+    SIGNATURES_OPTION,
     THRESHOLD_OPTION,
     TRUST_MODEL_OPTION,
     FloodRecords,
@@ -80,6 +81,7 @@ def live(
     no_hosts: bool = NO_HOSTS_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
     flood_records: FloodRecords = FLOOD_RECORDS_OPTION,
+    signatures: list[Path] | None = SIGNATURES_OPTION,
 ) -> None:
     """Capture an interface and write each flow as it ends, with devices and verdicts, until stopped."""
     fmt = resolve_format(fmt, output)
@@ -94,7 +96,8 @@ def live(
     # Everything that can fail before capturing fails before the output is touched.
     preflight(interface)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
-                          threshold=threshold, hosts=not no_hosts, flood_records=flood_records)
+                          threshold=threshold, hosts=not no_hosts, flood_records=flood_records,
+                          signatures=signatures)
     out = open_output(output, append=True)
     try:
         sink = make_sink(fmt.value, out, columns=flow_columns(devices=not no_devices, score=not no_score),

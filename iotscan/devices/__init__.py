@@ -1,7 +1,8 @@
 """Device fingerprinting: every local device's vendor, type and model, with the evidence.
 
 identity.py reads DHCP/mDNS/SSDP payloads in a BPF-filtered second pass; behaviour.py aggregates
-a device's flows and computes the model's features; signatures.py loads the signature data file;
+a device's flows and computes the model's features; signatures.py loads the signature data files
+(products in iotscan/data/device_signatures.json, generic type evidence in device_types.json);
 fingerprint.py fuses the signals; stage.py is the pipeline stage (its model is trained by
 iotscan/training/devices.py). The device record's fields are defined with the others, in
 iotscan/output/records.py.

@@ -343,5 +343,16 @@ def device_features(a: DeviceActivity, hints: Mapping[str, Mapping[str, int]] | 
     return features
 
 
+# What a device says about itself or whom it names (identity tokens and the server names it resolves):
+# left out of the type model's features, which must carry over to models it has not seen.
+_NAMING_PREFIXES = (*IDENTITY_PREFIXES, "host=")
+
+
 def identity_tokens(features: Mapping[str, float]) -> set[str]:
     return {k for k in features if k.startswith(IDENTITY_PREFIXES)}
+
+
+def behaviour_only(features: Mapping[str, float]) -> dict[str, float]:
+    """The features of what a device does (traffic composition, services, protocols), without its names:
+    the type model's features."""
+    return {k: v for k, v in features.items() if not k.startswith(_NAMING_PREFIXES)}

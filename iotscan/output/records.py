@@ -101,6 +101,9 @@ DEVICE_FIELDS: tuple[tuple[str, str], ...] = (
                     "health_monitor, appliance, printer, phone, computer, router or unknown"),
     ("model", "product model, null unless the signals name one clearly (look-alikes get an ambiguous_model evidence)"),
     ("confidence", "0..1, how strongly the signals agree on the type (and model)"),
+    ("type_guess", "for an unknown device, the best-supported type and its score, {device_type, confidence}, "
+                   "too weak or contradicted to be its device_type; null when device_type is known or nothing "
+                   "points to a type"),
     ("evidence", "list of {signal, value, points_to}, strongest first"),
     ("first_seen_ms", "first packet of the device's first flow, epoch milliseconds"),
     ("last_seen_ms", "last packet of its last flow"),

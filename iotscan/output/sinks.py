@@ -103,6 +103,8 @@ class CsvSink:
                 value = ""
             elif isinstance(value, list):
                 value = "; ".join(v if isinstance(v, str) else orjson.dumps(v).decode() for v in value)
+            elif isinstance(value, dict):
+                value = orjson.dumps(value).decode()
             elif isinstance(value, bool):
                 value = "true" if value else "false"
             row.append(value)

@@ -502,9 +502,16 @@ def _device_ips(d: dict[str, Any]) -> str:
     return escape(ips[0] + (f" +{len(ips) - 1}" if len(ips) > 1 else "")) if ips else ""
 
 
+def _device_type(d: dict[str, Any]) -> str:
+    kind, guess = d.get("device_type") or "", d.get("type_guess")
+    if kind == "unknown" and guess:  # the best guess, marked as one
+        return f"unknown ({guess.get('device_type')}? {guess.get('confidence', 0):.2f})"
+    return kind
+
+
 DEVICE_COLUMNS = (  # in priority order
     Column("mac", lambda d: escape(d.get("mac") or "")),
-    Column("type", lambda d: escape(d.get("device_type") or "")),
+    Column("type", lambda d: escape(_device_type(d))),
     Column("ip", _device_ips),
     Column("model or vendor", lambda d: escape(d.get("model") or d.get("vendor") or ""), shrink_to=12, max_width=32),
     Column("evidence", _device_evidence, wraps=True),
