@@ -439,7 +439,7 @@ def metered_flow_with_statistics(flow: Any) -> MeteredFlow:
     """What the main pass's meter sends of a flow when it is scored (MeterConfig.reduce): the record's
     values and, as the classifier's statistics, the flow's block of NFStream's C numbers (see
     iotscan.capture.source.flow_block_dtype), decoded a batch at a time by ``take``."""
-    return MeteredFlow(*flow_attributes(flow), flow.block)
+    return MeteredFlow(*flow_attributes(flow), flow.block, flow.ndpi)
 
 
 def _codes(names: list[str], code: Any) -> np.ndarray:

@@ -79,13 +79,15 @@ FLOW_ATTRIBUTES: tuple[str, ...] = (
     "dst2src_bytes", "application_name", "application_category_name", "application_is_guessed",
     "requested_server_name", "client_fingerprint", "server_fingerprint", "user_agent", "content_type",
 )
-MeteredFlow = namedtuple("MeteredFlow", (*FLOW_ATTRIBUTES, "statistics"))
+# ``ndpi``: what nDPI found that NFStream does not hand over (iotscan.capture.ndpi_facts.NdpiFacts: its risk bitmap,
+# some header texts), when the meter reads it (MeterConfig.ndpi_facts, for the risk stage), else None.
+MeteredFlow = namedtuple("MeteredFlow", (*FLOW_ATTRIBUTES, "statistics", "ndpi"), defaults=(None,))
 flow_attributes = attrgetter(*FLOW_ATTRIBUTES)
 
 
 def metered_flow(flow: Any) -> MeteredFlow:
     """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce)."""
-    return MeteredFlow(*flow_attributes(flow), None)
+    return MeteredFlow(*flow_attributes(flow), None, flow.ndpi)
 
 # The device record contract (docs/devices.md): these names are fixed; more fields may follow.
 DEVICE_FIELDS: tuple[tuple[str, str], ...] = (
