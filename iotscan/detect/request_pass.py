@@ -49,6 +49,16 @@ from nfstream.plugin import NFPlugin
 from iotscan.capture.packets import TcpSegment, echo_request_data, read_dns_name, tcp_segment, udp_payload
 from iotscan.capture.side_pass import SidePass, side_pass
 from iotscan.capture.source import MeterConfig
+from iotscan.detect.request_risks import (
+    MAX_RISK_READS,
+    MQTT_CONNECT,
+    RiskFinding,
+    RiskFindings,
+    http_request_risks,
+    local_resolver,
+    mqtt_connect_credentials,
+    mqtt_connect_filter,
+)
 
 METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC")
 # A bot's first lines to its controller: an IRC client's registration (NICK, USER), a BASHLITE (Gafgyt) bot's
@@ -70,11 +80,11 @@ _PAYLOAD_START6 = "ip6[(40 + ((ip6[52:1] & 0xf0) >> 2)):4]"
 
 def _payload_starts(start: str) -> str:
     """A request's, a bot's first line's or an SSH identification's first four bytes, a file's first two,
-    or an MQTT CONNACK (type 2, length 2) refusing a login (return code 4, bad user name or password, or 5,
-    not authorized)."""
+    an MQTT CONNACK (type 2, length 2) refusing a login (return code 4, bad user name or password, or 5,
+    not authorized), or the start of an MQTT CONNECT (for the risk stage: request_risks)."""
     prefixes = " or ".join(f"{start} = 0x{m.hex()}" for m in (*METHODS, *BOT_LINE_STARTS, SSH_IDENTIFICATION))
     files = " or ".join(f"{start} & 0xffff0000 = 0x{m.hex()}0000" for m in FILE_STARTS)
-    return f"({prefixes} or {files} or {start} & 0xffff00fe = 0x20020004)"
+    return f"({prefixes} or {files} or {start} & 0xffff00fe = 0x20020004 or {mqtt_connect_filter(start)})"
 
 
 # TCP payload lengths. BPF ends the whole filter with "no" at a load past the packet's end, so a test that
@@ -396,14 +406,18 @@ class RequestPlugin(NFPlugin):
         flow.udps.head = None  # an unfinished request head: (its sender's direction, start ms, segments)
         # when the first packet read came: the match's time (a head line outside a head, not read, may come first)
         flow.udps.first_read_ms = 0
+        flow.udps.risks = ()  # request_risks.RiskFinding of the risk stage's
+        flow.udps.risk_reads = 0
         self.on_update(packet, flow)
 
     def on_update(self, packet: Any, flow: Any) -> None:
         try:
             udps = flow.udps
+            segment = tcp_segment(packet.ip_packet)
+            if segment is not None and udps.risk_reads < MAX_RISK_READS and segment.payload:
+                self._read_risks(segment.payload, packet, flow)
             if udps.request_signature or udps.requests_read >= MAX_REQUESTS_PER_FLOW:
                 return
-            segment = tcp_segment(packet.ip_packet)
             code = self._follow_head(segment, packet, udps)
             if code is None:
                 code = read_packet(packet.ip_packet, segment)
@@ -423,6 +437,24 @@ class RequestPlugin(NFPlugin):
                         flow.expiration_id = -1  # NFStream's custom expiration
         except Exception:  # untrusted bytes: a malformed packet must not end the pass
             return
+
+    def _read_risks(self, payload: bytes, packet: Any, flow: Any) -> None:
+        """The risk findings of a request segment or an MQTT CONNECT (request_risks), into ``flow.udps.risks``."""
+        if payload[:4] in METHODS:
+            found = http_request_risks(payload, to=flow.src_ip if packet.direction else flow.dst_ip)
+        elif payload[0] == MQTT_CONNECT:
+            evidence = mqtt_connect_credentials(payload)
+            found = [("cleartext_credentials", evidence)] if evidence else []
+        else:
+            return
+        udps = flow.udps
+        udps.risk_reads += 1
+        new = tuple((risk, evidence, packet.src_ip, flow.dst_port if packet.direction else flow.src_port)
+                    for risk, evidence in found if not any(r[0] == risk for r in udps.risks))
+        if new:
+            udps.risks += new
+            if self.expire_on_match:
+                flow.expiration_id = -1
 
     @staticmethod
     def _follow_head(segment: TcpSegment | None, packet: Any, udps: Any) -> int | None:
@@ -475,6 +507,7 @@ class RequestFindings:
     # matches held back, by (pair, code): (first_ms, flow), and until when a pair's matches count at once
     held: OrderedDict[tuple[tuple[str, str], int], deque[tuple[int, Flow5]]] = field(default_factory=OrderedDict)
     counting_until: OrderedDict[tuple[tuple[str, str], int], int] = field(default_factory=OrderedDict)
+    risks: RiskFindings = field(default_factory=RiskFindings)  # for the risk stage (request_risks)
     matched: int = 0
     kept: int = 0
     pair_kept: int = 0
@@ -534,9 +567,16 @@ class RequestFindings:
                 self.pair_kept = _bounded(self.by_pair, self.pair_kept + 1)
 
     def collect(self, matches: Iterable[tuple[Any, ...]]) -> RequestFindings:
-        """Add the pass's matches (see _match) as they come; this object at the end."""
+        """Add the pass's matches, risk findings and DNS queries between local hosts (see _match) as they come;
+        this object at the end."""
         for match in matches:
-            self.add(*match)
+            src_ip, src_port, dst_ip, dst_port, first_ms, code, named, protocol, risks, first_seen_ms = match
+            if code:
+                self.add(src_ip, src_port, dst_ip, dst_port, first_ms, code, named, protocol)
+            if risks:
+                self.risks.add(src_ip, src_port, dst_ip, dst_port, first_seen_ms, risks)
+            elif not code:  # a query between local hosts: the destination is one of the network's resolvers
+                self.risks.census.add(src_ip, dst_ip)
         return self
 
     def code(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int) -> int:
@@ -625,14 +665,19 @@ def _earliest(marks: list[Mark] | None, first_ms: int, last_ms: int) -> int:
     return mark[1] if mark is not None else 0
 
 
-def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int] | None:
+def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int, tuple[RiskFinding, ...], int] \
+        | None:
     """What leaves the pass's meter of a flow: its endpoints, start, signature code and named hosts if it
-    matched (RequestFindings.add's arguments), else nothing."""
-    code = getattr(flow.udps, "request_signature", 0)
-    if not code:
+    matched (RequestFindings.add's arguments), its risk findings, and its start; nothing for a flow with none of
+    them, but for a DNS query between two local hosts (the census of the network's resolvers)."""
+    udps = flow.udps
+    code = getattr(udps, "request_signature", 0)
+    risks = getattr(udps, "risks", ())
+    if not code and not risks and not (flow.protocol == 17 and flow.dst_port == 53
+                                       and local_resolver(flow.src_ip, flow.dst_ip)):
         return None
-    return (flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, flow.udps.first_read_ms, code,
-            flow.udps.named_hosts, flow.protocol)
+    return (flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, udps.first_read_ms, code, udps.named_hosts,
+            flow.protocol, risks, flow.bidirectional_first_seen_ms)
 
 
 def request_pass(source: str, config: MeterConfig) -> tuple[SidePass, RequestFindings]:

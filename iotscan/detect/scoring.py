@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from iotscan.capture.side_pass import SidePass
 from iotscan.detect import trees
 from iotscan.detect.features import (
     FEATURE_NAMES,
@@ -46,7 +45,8 @@ from iotscan.detect.features import (
     metered_flow_with_statistics,
 )
 from iotscan.detect.modelstore import bundled_model, load_model, verified_card
-from iotscan.detect.request_pass import MAX_FINDINGS, SIGNATURES, Flow5, RequestFindings, request_pass
+from iotscan.detect.request_pass import SIGNATURES, Flow5, RequestFindings
+from iotscan.detect.request_stage import RequestPassStage
 from iotscan.errors import ModelError
 from iotscan.output.records import community_id
 from iotscan.stage import Event, SourceInfo, Stage
@@ -366,8 +366,11 @@ class ScoringStage(Stage):
     """Adds verdict, score, family and reasons to every flow record."""
 
     def __init__(self, model_path: Path | None = None, trusted: bool = False, threshold: float | None = None,
-                 batch_rows: int = BATCH_ROWS) -> None:
+                 batch_rows: int = BATCH_ROWS, requests: RequestPassStage | None = None) -> None:
         super().__init__()
+        # the request pass: shared with the risk stage (a stage of the pipeline before this one), or its own
+        self.requests = requests or RequestPassStage()
+        self._own_requests = requests is None
         self._model: dict[str, Any] | None = None
         if model_path is None:
             # The bundled model is verified against its card now (a tampered or mismatched model stops
@@ -385,8 +388,6 @@ class ScoringStage(Stage):
         self._extractor: FeatureExtractor | None = None
         self._threads: Any = None
         self._source: SourceInfo | None = None
-        self._requests: SidePass | None = None
-        self._findings: RequestFindings | None = None
         self.scored = 0
         # explanations shared by alike attacks among each run of batch_rows flows of a source (see _reasons)
         self._alike: dict[int, list[str]] = {}
@@ -423,15 +424,10 @@ class ScoringStage(Stage):
         # Context is per capture: a new source starts with no history. The model's vocabulary is given to
         # the extractor at its first batch, once the model is loaded (see _score).
         self._extractor = FeatureExtractor()
-        self._abandon_requests()
+        if self._own_requests:
+            self.requests.begin(source)
         self._source = source
         self._alike, self._alike_run, self._source_scored = {}, -1, 0
-
-    def _abandon_requests(self) -> None:
-        """A request pass still running belongs to a source that ended or failed: stop it, do not wait."""
-        if self._requests is not None:
-            self._requests.stop()
-            self._requests = self._findings = None
 
     def _start_requests(self) -> None:
         """Start the request pass beside the main one, once the main meter runs (so the forks do not race).
@@ -439,35 +435,12 @@ class ScoringStage(Stage):
         On a file it runs ahead of the main pass and the first flows wait for its findings. On a live
         interface it is a second capture, whose matches leave its meter at once: flows are scored with
         the findings known by then (a flow is scored when it expires, long after its requests)."""
-        info = self._source
-        if info is not None and self._requests is None:
-            self._requests, self._findings = request_pass(info.config.source, info.config)
-            self._requests.start()
-            if info.config.live and self._extractor is not None:
-                self._extractor.requests = self._findings
+        self.requests.start()
+        if self._extractor is not None and self._extractor.requests is None:
+            self._extractor.requests = self.requests.live_findings()
 
     def _requests_running(self) -> bool:
-        return self._requests is not None and self._extractor is not None and self._extractor.requests is None \
-            and self._requests.is_alive()
-
-    def _request_findings(self) -> RequestFindings | None:
-        """The request pass's findings once it has ended, waiting for it (on a file it reads only the few packets
-        its filter lets through, and runs ahead of the main pass: the wait is short after the first batch of
-        flows; a live one is stopped); warnings say what went wrong or was forgotten."""
-        job = self._requests
-        if job is None:
-            return None
-        job.end()
-        name = self._source.name if self._source is not None else ""
-        if job.error is not None:
-            self.warn(name, "request_pass", f"request pass failed (no HTTP or DNS signatures): {job.error}")
-            return None
-        findings = self._findings
-        if findings is not None and findings.forgotten:
-            self.warn(name, "request_signatures_capped",
-                      f"{findings.forgotten:,} of {findings.matched:,} flows matching request signatures were "
-                      f"forgotten for newer ones (at most {MAX_FINDINGS:,} are kept)")
-        return findings
+        return self._extractor is not None and self._extractor.requests is None and self.requests.running()
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
         extractor = self._extractor
@@ -495,8 +468,8 @@ class ScoringStage(Stage):
             if len(pending) >= batch_rows or (max_delay is not None and time.monotonic() - oldest >= max_delay):
                 yield from self._score(pending)
                 pending = []
-        if self._source is not None and self._source.config.live and self._requests is not None:
-            self._request_findings()  # the capture stopped: so does the request pass, adding its last matches
+        if self.requests.live:
+            self.requests.findings()  # the capture stopped: so does the request pass, adding its last matches
         if pending:
             yield from self._score(pending)
 
@@ -506,8 +479,8 @@ class ScoringStage(Stage):
         model = self.model
         if extractor.vocabulary is None:
             extractor.use_vocabulary(model["vocabulary"])
-        if extractor.requests is None and self._requests is not None:
-            extractor.requests = self._request_findings() or RequestFindings()
+        if extractor.requests is None:
+            extractor.requests = self.requests.findings() or RequestFindings()
         X = extractor.take()
         scores = attack_scores(model, X)
         attack = np.flatnonzero(scores >= self.threshold)
@@ -554,13 +527,17 @@ class ScoringStage(Stage):
                 r["evidence_community_id"] = _flow5_community_id(flow)
 
     def end(self, source: SourceInfo) -> None:
-        self._abandon_requests()
+        if self._own_requests:
+            self.requests.end(source)
 
     def finish(self) -> list[dict[str, Any]]:
-        self._abandon_requests()  # the last source failed before its end
+        if self._own_requests:
+            self.requests.finish()
         return []
 
     def summarize(self, summary: dict[str, Any]) -> None:
         super().summarize(summary)
+        if self._own_requests:
+            self.requests.summarize(summary)
         summary["model"] = {"name": self.card.get("model_file", MODEL_NAME), "sha256": self.card.get("sha256"),
                             "threshold": self.threshold}
