@@ -17,6 +17,7 @@ from iotscan.cli.common import (
     MAX_FLOWS_OPTION,
     MODEL_OPTION,
     NO_DEVICES_OPTION,
+    NO_RISKS_OPTION,
     NO_SCORE_OPTION,
     OUTPUT_OPTION,
     QUIET_OPTION,
@@ -25,6 +26,7 @@ from iotscan.cli.common import (
     Format,
     build_stages,
     check_attacks_only,
+    check_fail_on,
     flow_columns,
     main_pass_config,
     open_output,
@@ -56,6 +58,7 @@ def analyze(
     model: Path | None = MODEL_OPTION,
     trust_model: bool = TRUST_MODEL_OPTION,
     no_score: bool = NO_SCORE_OPTION,
+    no_risks: bool = NO_RISKS_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
     explain: bool = typer.Option(False, "--explain", help="Give every attack flow the ready-to-run `iotscan "
                                  "inspect` command that shows its packets (field `inspect`; listed in the table)."),
@@ -65,13 +68,14 @@ def analyze(
     """Extract every flow of the captures, fingerprint devices and score flows, in one pass."""
     fmt = resolve_format(fmt, output)
     check_attacks_only(attacks_only, no_score)
+    check_fail_on(fail_on, risks=not no_risks)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
-                          threshold=threshold)
+                          threshold=threshold, risks=not no_risks)
     if explain:
         from iotscan.inspect import InspectCommandStage
 
         stages.append(InspectCommandStage(idle_timeout=idle_timeout, active_timeout=active_timeout))
-    config = main_pass_config("", score=not no_score, bpf=bpf, idle_timeout=idle_timeout,
+    config = main_pass_config("", score=not no_score, risks=not no_risks, bpf=bpf, idle_timeout=idle_timeout,
                               active_timeout=active_timeout, max_flows=max_flows)
     builder, report_out = None, None
     if report is not None:  # the report's file first: it fails before any output is written
@@ -82,7 +86,8 @@ def analyze(
         if attacks_only:
             builder.notes.append("Made with --attacks-only: benign flows are counted in the summary but not drawn.")
     out = open_output(output, paths)
-    columns = flow_columns(devices=not no_devices, score=not no_score) + (EXPLAIN_FIELD_NAMES if explain else ())
+    columns = flow_columns(devices=not no_devices, score=not no_score, risks=not no_risks) + \
+        (EXPLAIN_FIELD_NAMES if explain else ())
     # the table's inspect command carries the time-outs flow ids depend on
     inspect_args = [*(["--idle-timeout", str(idle_timeout)] if idle_timeout != 120 else []),
                     *(["--active-timeout", str(active_timeout)] if active_timeout != 1800 else [])]
