@@ -4,7 +4,8 @@
 It passes events through and starts the pass beside the main one at the first event (the main meter runs
 then, so the forks do not race). On a file the pass runs ahead of the main pass, and a stage that needs its
 findings waits for it (``findings()``); on a live interface it is a second capture whose findings fill as it
-goes (``live_findings``). A stage given no shared pass makes its own and drives it itself.
+goes (``live_findings``). A stage that reads the findings (ReadsRequests) and is given no shared pass makes its
+own and drives it itself.
 """
 
 from __future__ import annotations
@@ -87,3 +88,31 @@ class RequestPassStage(Stage):
     def finish(self) -> list:
         self.abandon()  # the last source failed before its end
         return []
+
+
+class ReadsRequests(Stage):
+    """A stage that reads the request pass's findings: from the pipeline's RequestPassStage (an earlier stage,
+    shared), or from a pass of its own that it drives itself through its hooks."""
+
+    def __init__(self, requests: RequestPassStage | None = None) -> None:
+        super().__init__()
+        self.requests = requests or RequestPassStage()
+        self._own_requests = requests is None
+
+    def begin(self, source: SourceInfo) -> None:
+        if self._own_requests:
+            self.requests.begin(source)
+
+    def end(self, source: SourceInfo) -> None:
+        if self._own_requests:
+            self.requests.end(source)
+
+    def finish(self) -> list:
+        if self._own_requests:
+            self.requests.finish()
+        return []
+
+    def summarize(self, summary: dict) -> None:
+        super().summarize(summary)
+        if self._own_requests:
+            self.requests.summarize(summary)

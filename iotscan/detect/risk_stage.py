@@ -17,24 +17,22 @@ from typing import Any
 
 from iotscan.detect.posture import DevicePostures
 from iotscan.detect.request_pass import RequestFindings
-from iotscan.detect.request_stage import RequestPassStage
+from iotscan.detect.request_stage import ReadsRequests, RequestPassStage
 from iotscan.detect.risk_catalogue import load_catalogue
 from iotscan.detect.risks import FlowRisks, is_public
 from iotscan.detect.scoring import HELD_FOR_REQUESTS
-from iotscan.stage import Event, SourceInfo, Stage
+from iotscan.stage import Event, SourceInfo
 
 _SIDES = {"src": ("src_device",), "dst": ("dst_device",), "both": ("src_device", "dst_device")}
 
 
-class RiskStage(Stage):
+class RiskStage(ReadsRequests):
     def __init__(self, requests: RequestPassStage | None = None) -> None:
-        super().__init__()
+        super().__init__(requests)
         self.catalogue = load_catalogue()
         self.judge = FlowRisks(self.catalogue)
         self.postures = DevicePostures(self.catalogue)
         self.counts: Counter[str] = Counter()
-        self.requests = requests or RequestPassStage()
-        self._own_requests = requests is None
         self._severity = {r.id: r.severity for r in self.catalogue.risks.values()}
         self._rank = {r.id: r.rank for r in self.catalogue.risks.values()}
         self._findings: RequestFindings | None = None
@@ -42,8 +40,7 @@ class RiskStage(Stage):
     def begin(self, source: SourceInfo) -> None:
         if not source.config.ndpi_facts and source.config.n_dissections:
             raise ValueError("the risk stage needs nDPI's facts of each flow (MeterConfig.ndpi_facts)")
-        if self._own_requests:
-            self.requests.begin(source)
+        super().begin(source)
         self._findings = None
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
@@ -100,20 +97,9 @@ class RiskStage(Stage):
                     counted = mac
         record["risks"] = risks
 
-    def end(self, source: SourceInfo) -> None:
-        if self._own_requests:
-            self.requests.end(source)
-
-    def finish(self) -> list[dict[str, Any]]:
-        if self._own_requests:
-            self.requests.finish()
-        return []
-
     def annotate(self, records: list[dict[str, Any]]) -> None:
         self.postures.annotate(records)
 
     def summarize(self, summary: dict[str, Any]) -> None:
         super().summarize(summary)
-        if self._own_requests:
-            self.requests.summarize(summary)
         summary["risks"] = dict(self.counts.most_common())

@@ -46,10 +46,10 @@ from iotscan.detect.features import (
 )
 from iotscan.detect.modelstore import bundled_model, load_model, verified_card
 from iotscan.detect.request_pass import SIGNATURES, Flow5, RequestFindings
-from iotscan.detect.request_stage import RequestPassStage
+from iotscan.detect.request_stage import ReadsRequests, RequestPassStage
 from iotscan.errors import ModelError
 from iotscan.output.records import community_id
-from iotscan.stage import Event, SourceInfo, Stage
+from iotscan.stage import Event, SourceInfo
 
 MODEL_NAME = "flows"
 BATCH_ROWS = 4096
@@ -362,15 +362,12 @@ def _flow5_community_id(flow: Flow5) -> str | None:
     return community_id(flow[0], flow[2], flow[4], flow[1], flow[3])
 
 
-class ScoringStage(Stage):
+class ScoringStage(ReadsRequests):
     """Adds verdict, score, family and reasons to every flow record."""
 
     def __init__(self, model_path: Path | None = None, trusted: bool = False, threshold: float | None = None,
                  batch_rows: int = BATCH_ROWS, requests: RequestPassStage | None = None) -> None:
-        super().__init__()
-        # the request pass: shared with the risk stage (a stage of the pipeline before this one), or its own
-        self.requests = requests or RequestPassStage()
-        self._own_requests = requests is None
+        super().__init__(requests)  # the request pass: shared with the risk stage, or its own
         self._model: dict[str, Any] | None = None
         if model_path is None:
             # The bundled model is verified against its card now (a tampered or mismatched model stops
@@ -424,8 +421,7 @@ class ScoringStage(Stage):
         # Context is per capture: a new source starts with no history. The model's vocabulary is given to
         # the extractor at its first batch, once the model is loaded (see _score).
         self._extractor = FeatureExtractor()
-        if self._own_requests:
-            self.requests.begin(source)
+        super().begin(source)
         self._source = source
         self._alike, self._alike_run, self._source_scored = {}, -1, 0
 
@@ -526,18 +522,7 @@ class ScoringStage(Stage):
             if flow is not None:
                 r["evidence_community_id"] = _flow5_community_id(flow)
 
-    def end(self, source: SourceInfo) -> None:
-        if self._own_requests:
-            self.requests.end(source)
-
-    def finish(self) -> list[dict[str, Any]]:
-        if self._own_requests:
-            self.requests.finish()
-        return []
-
     def summarize(self, summary: dict[str, Any]) -> None:
         super().summarize(summary)
-        if self._own_requests:
-            self.requests.summarize(summary)
         summary["model"] = {"name": self.card.get("model_file", MODEL_NAME), "sha256": self.card.get("sha256"),
                             "threshold": self.threshold}
