@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from iotscan.detect.risk_catalogue import Catalogue
-from iotscan.output.records import RISK_SEVERITIES
 
 MAX_EXAMPLES = 3  # community ids and evidence kept per device and risk
 
@@ -104,7 +103,3 @@ class DevicePostures:
         for record in records:
             if record.get("event_type") == "device":
                 record.update(self.posture(record["mac"]))
-
-
-def severity_at_least(severity: str, level: str) -> bool:
-    return RISK_SEVERITIES.index(severity) >= RISK_SEVERITIES.index(level)

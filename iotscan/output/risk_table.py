@@ -1,7 +1,7 @@
 """The terminal's view of device risk: devices ranked by risk_score, and per device its risks with what to do.
 
-Kept apart from the sinks' other tables (sinks.py calls it): it reads only the device records' risk fields
-(records.DEVICE_RISK_FIELDS), present when the risk stage ran.
+Kept apart from the terminal table's other parts (table.py calls it): it reads only the device records' risk
+fields (records.DEVICE_RISK_FIELDS), present when the risk stage ran.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def risk_cell(device: dict[str, Any]) -> str:
     if device.get("risk_score") is None:
         return ""
     grade = device.get("risk_grade") or ""
-    return f"{device['risk_score']} [{_GRADE_STYLE.get(grade, '')}]{escape(grade)}[/]"
+    style = _GRADE_STYLE.get(grade)
+    return f"{device['risk_score']} [{style}]{escape(grade)}[/]" if style else f"{device['risk_score']} {escape(grade)}"
 
 
 def risk_table(devices: list[dict[str, Any]]) -> Table | None:
