@@ -466,7 +466,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
         else:
             cache[key] = flow
 
-    snapshot_every = cfg.active_every_ms if flow_class is _BlockFlow else 0
+    snapshot_every = cfg.active_every_ms if issubclass(flow_class, _BlockFlow) else 0
     snapshot_at = 0  # capture time of the last snapshot (0: none yet)
 
     def scan(tick: int) -> None:
