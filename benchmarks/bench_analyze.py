@@ -45,11 +45,14 @@ def variants(capture: Path, splt: int) -> dict[str, list[str]]:
     help_text = subprocess.run([PY, "-m", "iotscan", "analyze", "--help"], capture_output=True, text=True,
                                cwd=REPO).stdout
     out = {"bare NFStream": [PY, str(REPO / "benchmarks" / "bare_nfstream.py"), str(capture), "--splt", str(splt)]}
+    no_risks = ["--no-risks"] if "--no-risks" in help_text else []
     off = [flag for flag in ("--no-devices", "--no-score") if flag in help_text]
     if off:
-        out["iotscan flows only"] = iotscan_cmd(capture, *off)
+        out["iotscan flows only"] = iotscan_cmd(capture, *off, *no_risks)
     if "--no-score" in help_text and "--no-devices" in help_text:
-        out["iotscan + devices"] = iotscan_cmd(capture, "--no-score")
+        out["iotscan + devices"] = iotscan_cmd(capture, "--no-score", *no_risks)
+    if no_risks:
+        out["analyze --no-risks"] = iotscan_cmd(capture, *no_risks)
     out["iotscan analyze"] = iotscan_cmd(capture)
     if "--report" in help_text:  # the HTML report built beside the records (matplotlib draws at the end)
         out["analyze --report"] = iotscan_cmd(capture, "--report", str(OUT / "bench-report.html"))
@@ -148,10 +151,13 @@ def main() -> None:
         print(f"{name:22s} {t:9.2f} {packets / t:11,.0f} {base_t / t:10.2f}x {c:7.1f} {m / 2**20:8.1f} MiB "
               f"{m / base_m:5.2f}x")
 
-    # What each stage adds, against the variant without it (the issues' budgets: devices 10%, scoring 15%).
+    # What each stage adds, against the variant without it (the issues' budgets: devices 10%, scoring 15%,
+    # risks 5%).
     results["stage_overheads"] = {}
+    scored = "analyze --no-risks" if "analyze --no-risks" in times else "iotscan analyze"
     for stage, without, with_ in (("devices", "iotscan flows only", "iotscan + devices"),
-                                  ("scoring", "iotscan + devices", "iotscan analyze"),
+                                  ("scoring", "iotscan + devices", scored),
+                                  ("risks", "analyze --no-risks", "iotscan analyze"),
                                   ("report", "iotscan analyze", "analyze --report")):
         if without in times and with_ in times:
             t0, t1 = statistics.median(times[without]), statistics.median(times[with_])

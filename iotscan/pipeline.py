@@ -28,7 +28,7 @@ from iotscan.capture.inputs import (
 from iotscan.capture.source import ACTIVE, EMBRYO_SHARE, PACKETS, FlowSource, MeterConfig, SourceReport
 from iotscan.errors import CaptureError, ExitCode, InputError
 from iotscan.output.console import Reporter, bytes_read_by, error
-from iotscan.output.records import flow_record, summary_record
+from iotscan.output.records import RISK_SEVERITIES, flow_record, summary_record
 from iotscan.output.sinks import Sink
 from iotscan.stage import TICK, Event, SourceInfo, Stage
 
@@ -226,6 +226,7 @@ class Analysis:
     def _write(self, events: Iterator[Event]) -> None:
         write = self.sink.write
         fail_family = self.fail_on
+        fails_on_risks = risk_test(self.fail_on)
         emit_all, emit_attacks = self.emit_flows and not self.attacks_only, self.emit_flows
         for record, flow in events:
             if record is None:
@@ -242,6 +243,8 @@ class Analysis:
                 write(record)
                 continue
             self.state.flows += 1
+            if fails_on_risks is not None and record.get("risks") and fails_on_risks(record["risks"]):
+                self.state.fail_hits += 1
             if record.get("verdict") == "attack":
                 self.state.attacks += 1
                 family = record.get("family")
@@ -328,12 +331,14 @@ class Analysis:
 
     def finish(self) -> dict[str, Any]:
         """Write the stages' own records and the summary; return the summary."""
-        devices = 0
+        records = [record for stage in self.stages for record in stage.finish()]
         for stage in self.stages:
-            for record in stage.finish():
-                if record.get("event_type") == "device":
-                    devices += 1
-                self.sink.write(record)
+            stage.annotate(records)
+        devices = 0
+        for record in records:
+            if record.get("event_type") == "device":
+                devices += 1
+            self.sink.write(record)
         if self.state.interrupted and not self.live:
             self.state.warn("", "interrupted", "interrupted by the user: results are partial")
         elapsed = time.monotonic() - self.state.started
@@ -356,6 +361,18 @@ class Analysis:
         if self.state.fail_hits:
             return ExitCode.FINDINGS
         return ExitCode.OK
+
+
+def risk_test(fail_on: str | None) -> Callable[[list[dict[str, Any]]], bool] | None:
+    """What `--fail-on risk:LEVEL` (a severity: that one or worse), `--fail-on risk:ID` (one risk of the catalogue)
+    or `--fail-on risk` (any) fails on, as a test of a flow record's risks; None for other values."""
+    if fail_on is None or not (fail_on == "risk" or fail_on.startswith("risk:")):
+        return None
+    target = fail_on.partition(":")[2] or RISK_SEVERITIES[0]
+    if target in RISK_SEVERITIES:
+        worst = set(RISK_SEVERITIES[RISK_SEVERITIES.index(target):])
+        return lambda risks: any(r["severity"] in worst for r in risks)
+    return lambda risks: any(r["risk"] == target for r in risks)
 
 
 def _short_label(name: str) -> str:

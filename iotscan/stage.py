@@ -66,6 +66,10 @@ class Stage:
     def finish(self) -> list[dict[str, Any]]:
         return []
 
+    def annotate(self, records: list[dict[str, Any]]) -> None:
+        """Add to the records that the stages made at the end of the run (device records), before they are
+        written: by default, nothing."""
+
     def summarize(self, summary: dict[str, Any]) -> None:
         """Add to the summary record: by default, the stage's warnings."""
         if self.warnings:

@@ -29,6 +29,7 @@ from iotscan.devices.identity import (
     read_identity,
 )
 from iotscan.devices.signatures import DEVICE_TYPES, data_path, load_signatures
+from iotscan.output.records import DEVICE_RISK_FIELD_NAMES
 
 TPLINK = SAMPLES / "tplink-hs110-setup.pcap"
 HUE = SAMPLES / "hue-bridge-setup.pcap"
@@ -208,7 +209,7 @@ def test_formats_csv_json_and_table(tmp_path: Path) -> None:
     out = tmp_path / "devices.csv"
     run_iotscan("devices", TPLINK, "-o", out, check_code=0)
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert rows and list(rows[0]) == list(DEVICE_FIELD_NAMES)
+    assert rows and list(rows[0]) == [*DEVICE_FIELD_NAMES, *DEVICE_RISK_FIELD_NAMES]  # the risk stage's posture too
     assert {r["mac"] for r in rows} >= {"50:c7:bf:00:c7:03"}
     doc = orjson.loads(run_iotscan("devices", TPLINK, "-f", "json", check_code=0).stdout)
     assert {d["mac"] for d in doc["devices"]} == {r["mac"] for r in rows} and doc["summary"]["devices"] == len(rows)

@@ -340,6 +340,39 @@ def test_live_reads_requests_exploit_and_dns_tunnel_are_attacks():
     assert dns_flow["reasons"][0] == "DNS queries matched a tunnel signature: DNS tunnel (encoded names)"
 
 
+def test_live_reads_risks_an_mqtt_login_in_clear_fails_a_risk_gate():
+    """The risk stage on a live interface: the request pass's second capture reads an MQTT CONNECT's credentials
+    (its flow leaves that pass at once), and they reach the flow's record; `--fail-on risk:high` exits 1."""
+    udp, broker, probe = _listeners()
+    broker_port = _port(broker)
+    live = _live_with_request_pass("8", probe, broker, extra=("--fail-on", "risk:high"))
+    try:
+        client = socket.create_connection(broker.getsockname(), timeout=5)
+        conn, _ = broker.accept()
+        body = b"\x00\x04MQTT\x04\xc2\x00\x3c" + b"\x00\x06sensor" + b"\x00\x04user" + b"\x00\x06secret"
+        client.sendall(b"\x10" + bytes([len(body)]) + body)  # CONNECT: user name and password flags
+        conn.settimeout(5)
+        conn.recv(4096)
+        conn.sendall(b"\x20\x02\x00\x00")  # CONNACK: accepted
+        client.recv(16)
+        mqtt_client = _port(client)
+        client.close()
+        conn.close()
+        code, err = live.finish()
+    finally:
+        live.kill()
+        for s in (udp, broker, probe):
+            s.close()
+    assert code == 1, err.decode(errors="replace")  # findings at or above --fail-on
+    records = [r for _, r in live.records]
+    summary = _check_end(records, "duration")
+    (flow,) = _flows(records, broker_port)
+    assert flow["src_port"] == mqtt_client
+    assert flow["risks"][0] == {"risk": "cleartext_credentials", "severity": "high", "detector": "iotscan",
+                                "evidence": "MQTT CONNECT (level 4) carrying a user name and a password without TLS"}
+    assert summary["risks"]["cleartext_credentials"] == 1
+
+
 def test_live_reads_bot_commands_and_refused_logins():
     """The request pass's other kinds on a live interface: an IoT bot registering on IRC, a Mirai and a
     BASHLITE bot checking in with their controller, and a broker refusing five logins from one client

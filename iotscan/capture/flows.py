@@ -21,6 +21,8 @@ import numpy as np
 from nfstream.engine import create_engine
 from nfstream.flow import UDPS, NFlow
 
+from iotscan.capture.ndpi_facts import read_ndpi_facts
+
 
 def _endpoints(ffi: Any, c: Any) -> tuple[str, str, str, str]:
     """A flow structure's source IP and MAC and destination IP and MAC, as NFlow decodes them."""
@@ -90,9 +92,12 @@ class BlockFlow:
     from the structure's bytes, read at once, as NFlow would, and keeps the structure's numbers (ports to TCP
     flag counts) and early packets as one bytes block (``block``, laid out as flow_block_dtype says)."""
 
-    # shown_*: the flow's counts at the last snapshot of active flows for a live view (iotscan.capture.active)
-    __slots__ = ("_C", "block", "expiration_id", "shown_bytes", "shown_packets", *_BLOCK_NUMBERS,
+    # shown_*: the flow's counts at the last snapshot of active flows for a live view (iotscan.capture.active);
+    # ndpi: NdpiFacts (when reads_ndpi, else None)
+    __slots__ = ("_C", "block", "expiration_id", "ndpi", "shown_bytes", "shown_packets", *_BLOCK_NUMBERS,
                  *(n for n, _ in _BLOCK_ENDPOINTS), *(n for n, _ in _BLOCK_DPI), *(n for n, _ in _BLOCK_DPI_NUMBERS))
+    reads_ndpi = False  # set on FactsBlockFlow
+    risk_mask = 0  # the nDPI risks kept (MeterConfig.ndpi_risk_mask)
 
     def __init__(self, packet: Any, ffi: Any, lib: Any, udps: Any, sync: Any, accounting_mode: int,
                  n_dissections: int, statistics: int, splt: int, dissector: Any, decode_tunnels: int,
@@ -140,6 +145,8 @@ class BlockFlow:
             self.application_name = self.application_category_name = self.application_is_guessed = None
             self.application_confidence = self.requested_server_name = self.client_fingerprint = None
             self.server_fingerprint = self.user_agent = self.content_type = None
+        self.ndpi = read_ndpi_facts(ffi, c, self.protocol, self.application_name, self.risk_mask) \
+            if self.reads_ndpi else None
         start, end, _ = _block_fields()
         block = raw[start:end]
         if splt:
@@ -148,6 +155,18 @@ class BlockFlow:
         lib.meter_free_flow(c, n_dissections, splt, 1)
         del self._C
         return self
+
+
+class FactsBlockFlow(BlockFlow):
+    """A BlockFlow that also keeps its NdpiFacts (MeterConfig.ndpi_facts), with the risks of ``risk_mask``: a
+    meter uses a subclass of it that sets the mask (keeping)."""
+
+    __slots__ = ()
+    reads_ndpi = True
+
+    @classmethod
+    def keeping(cls, risk_mask: int) -> type[FactsBlockFlow]:
+        return type("FactsBlockFlowMasked", (cls,), {"__slots__": (), "risk_mask": risk_mask})
 
 
 class SidePacket(NamedTuple):

@@ -46,7 +46,7 @@ from nfstream.plugin import NFPlugin
 from nfstream.utils import NFMode
 
 from iotscan.capture.active import ActiveSnapshot, take_snapshot
-from iotscan.capture.flows import BlockFlow, PayloadFlow
+from iotscan.capture.flows import BlockFlow, FactsBlockFlow, PayloadFlow
 from iotscan.errors import CaptureError, ExitCode, InputError
 
 _BATCH_FLOWS = 128  # flows per queue message: amortises locking and pickling
@@ -111,6 +111,11 @@ class MeterConfig:
     # than they say: a scanner's SYN, read whole by its header (the request pass's: a flood of them made it the
     # slowest pass, and the first scored flows wait for it).
     packet_reader: Callable[[Any, Any], Any] | None = None
+    # Read what nDPI found that NFStream does not hand over (NdpiFacts: its risks, some header texts) from its
+    # flow structure as each flow expires; a pass without plugins whose flows are reduced only (the main pass).
+    # Of nDPI's risks, those of ndpi_risk_mask are kept (a flow with others only has nothing of note to send).
+    ndpi_facts: bool = False
+    ndpi_risk_mask: int = (1 << 64) - 1
 
 
 @dataclass
@@ -282,7 +287,8 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
     stats, splt, n_dis, acc, tunnels = cfg.statistics, cfg.splt, cfg.n_dissections, cfg.accounting_mode, \
         cfg.decode_tunnels
     out = _Batcher(channel, cfg.reduce)
-    flow_class = NFlow if cfg.reduce is None else PayloadFlow if udps else BlockFlow
+    flow_class = NFlow if cfg.reduce is None else PayloadFlow if udps else \
+        FactsBlockFlow.keeping(cfg.ndpi_risk_mask) if cfg.ndpi_facts and n_dis else BlockFlow
     cache: OrderedDict[tuple, NFlow] = OrderedDict()  # oldest activity first
     # The embryonic flows of the cache, oldest activity first: an index beside it (the cache keeps every flow in
     # its order), whose oldest goes when there are more than embryo_cap
@@ -307,7 +313,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
             if embryo_cap:
                 embryos[key] = flow
 
-    snapshot_every = cfg.active_every_ms if flow_class is BlockFlow else 0
+    snapshot_every = cfg.active_every_ms if issubclass(flow_class, BlockFlow) else 0
     snapshot_at = 0  # capture time of the last snapshot (0: none yet)
 
     def scan(tick: int) -> None:

@@ -19,6 +19,7 @@ from iotscan.cli.common import (
     MODEL_OPTION,
     NO_DEVICES_OPTION,
     NO_HOSTS_OPTION,
+    NO_RISKS_OPTION,
     NO_SCORE_OPTION,
     OUTPUT_OPTION,
     QUIET_OPTION,
@@ -29,6 +30,7 @@ from iotscan.cli.common import (
     Format,
     build_stages,
     check_attacks_only,
+    check_fail_on,
     flow_columns,
     main_pass_config,
     open_output,
@@ -61,6 +63,7 @@ def analyze(
     trust_model: bool = TRUST_MODEL_OPTION,
     no_score: bool = NO_SCORE_OPTION,
     no_hosts: bool = NO_HOSTS_OPTION,
+    no_risks: bool = NO_RISKS_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
     flood_records: FloodRecords = FLOOD_RECORDS_OPTION,
     signatures: list[Path] | None = SIGNATURES_OPTION,
@@ -72,14 +75,15 @@ def analyze(
     """Extract every flow of the captures, fingerprint devices and score flows, in one pass."""
     fmt = resolve_format(fmt, output)
     check_attacks_only(attacks_only, no_score)
+    check_fail_on(fail_on, risks=not no_risks)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
                           threshold=threshold, hosts=not no_hosts, flood_records=flood_records,
-                          signatures=signatures)
+                          signatures=signatures, risks=not no_risks)
     if explain:
         from iotscan.inspect import InspectCommandStage
 
         stages.append(InspectCommandStage(idle_timeout=idle_timeout, active_timeout=active_timeout))
-    config = main_pass_config("", score=not no_score, bpf=bpf, idle_timeout=idle_timeout,
+    config = main_pass_config("", score=not no_score, risks=not no_risks, bpf=bpf, idle_timeout=idle_timeout,
                               active_timeout=active_timeout, max_flows=max_flows)
     builder, report_out = None, None
     if report is not None:  # the report's file first: it fails before any output is written
@@ -90,7 +94,8 @@ def analyze(
         if attacks_only:
             builder.notes.append("Made with --attacks-only: benign flows are counted in the summary but not drawn.")
     out = open_output(output, paths)
-    columns = flow_columns(devices=not no_devices, score=not no_score) + (EXPLAIN_FIELD_NAMES if explain else ())
+    columns = flow_columns(devices=not no_devices, score=not no_score, risks=not no_risks) + \
+        (EXPLAIN_FIELD_NAMES if explain else ())
     # the table's inspect command carries the time-outs flow ids depend on
     inspect_args = [*(["--idle-timeout", str(idle_timeout)] if idle_timeout != 120 else []),
                     *(["--active-timeout", str(active_timeout)] if active_timeout != 1800 else [])]

@@ -14,7 +14,15 @@ import typer
 
 from iotscan.capture.source import DEFAULT_MAX_FLOWS, MeterConfig
 from iotscan.errors import InputError, OutputError
-from iotscan.output.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, MeteredFlow, metered_flow
+from iotscan.output.records import (
+    DEVICE_LINK_FIELDS,
+    FLOW_FIELD_NAMES,
+    RISK_FIELD_NAMES,
+    RISK_SEVERITIES,
+    VERDICT_FIELDS,
+    MeteredFlow,
+    metered_flow,
+)
 from iotscan.stage import Stage
 
 if TYPE_CHECKING:
@@ -54,7 +62,10 @@ NO_DEVICES_OPTION = typer.Option(False, "--no-devices", help="Skip device finger
 FAIL_ON_OPTION = typer.Option(
     None, "--fail-on",
     help="Exit 1 when a flow is an attack ('attack') or of one family (ddos, dos, scan, bruteforce, c2, exploit, "
-         "spoofing).")
+         "spoofing); or shows a risk: 'risk:high' (high or critical; also risk:low, risk:medium, risk:critical), "
+         "'risk:ID' (one risk of docs/risks.md, e.g. risk:cleartext_credentials), 'risk' (any).")
+NO_RISKS_OPTION = typer.Option(False, "--no-risks", help="Skip the risk stage (no risks on flows, no risk posture "
+                               "on devices).")
 THRESHOLD_OPTION = typer.Option(None, "--threshold", min=0.0, max=1.0,
                                 help="Score at or above which a flow is an attack (default: the model card's).")
 MODEL_OPTION = typer.Option(None, "--model", dir_okay=False,
@@ -84,6 +95,22 @@ ATTACKS_ONLY_OPTION = typer.Option(
     False, "--attacks-only",
     help="Write only the flow records judged attacks (device records and the summary still follow): an alert "
          "stream for a SIEM. summary.flows still counts every flow.")
+
+
+def check_fail_on(fail_on: str | None, risks: bool) -> None:
+    """A --fail-on risk form names a severity or a risk of the catalogue, and needs the risk stage."""
+    if fail_on is None or not (fail_on == "risk" or fail_on.startswith("risk:")):
+        return
+    if not risks:
+        raise InputError(f"--fail-on {fail_on} needs the risks that --no-risks skips: give one or the other")
+    target = fail_on.partition(":")[2]
+    if target and target not in RISK_SEVERITIES:
+        from iotscan.detect.risk_catalogue import load_catalogue
+
+        known = load_catalogue().risks
+        if target not in known:
+            raise InputError(f"--fail-on {fail_on}: no such risk level or risk; levels: {', '.join(RISK_SEVERITIES)}; "
+                             f"risks: {', '.join(known)}")
 
 
 def check_attacks_only(attacks_only: bool, no_score: bool) -> None:
@@ -173,24 +200,32 @@ def open_output(output: Path | None, inputs: Sequence[str | os.PathLike[str]] = 
         raise OutputError(f"{output}: cannot write output: {exc.strerror or exc}") from exc
 
 
-def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str | None = None,
+def main_pass_config(source: str, *, score: bool, risks: bool = False, live: bool = False, bpf: str | None = None,
                      idle_timeout: int = 120, active_timeout: int = 1800, max_flows: int = DEFAULT_MAX_FLOWS,
                      snaplen: int = 1536) -> MeterConfig:
-    """The meter settings of the main pass, the same for `analyze` and `live` (flow ids, and the
-    features the model was trained on, depend on them)."""
+    """The meter settings of the main pass, the same for `analyze`, `live` and `devices` (flow ids, and the
+    features the model was trained on, depend on them); with ``risks``, the meter reads nDPI's risks of each
+    flow (MeterConfig.ndpi_facts)."""
     # what the classifier's features read: early packets, and each flow's block of statistics from the meter
     from iotscan.detect.features import METER_SETTINGS, metered_flow_with_statistics
 
+    # the nDPI risks the risk catalogue reads: the meter sends nothing of a flow with others only
+    mask = 0
+    if risks:
+        from iotscan.detect.risk_catalogue import load_catalogue
+
+        mask = sum(1 << bit for bit in load_catalogue().ndpi_bits)
     # unscored, the meter computes no statistics: nothing else reads them
     return MeterConfig(source=source, live=live, bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,
-                       max_flows=max_flows, snaplen=snaplen, statistics=score,
+                       max_flows=max_flows, snaplen=snaplen, statistics=score, ndpi_facts=risks, ndpi_risk_mask=mask,
                        splt=METER_SETTINGS["splt"] if score else 0,
                        reduce=metered_flow_with_statistics if score else metered_flow, item_type=MeteredFlow)
 
 
-def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:
+def flow_columns(devices: bool, score: bool, risks: bool = False) -> tuple[str, ...]:
     """CSV columns of flow records: the contract, then what the enabled stages add."""
-    return FLOW_FIELD_NAMES + (DEVICE_LINK_FIELDS if devices else ()) + (VERDICT_FIELDS if score else ())
+    return FLOW_FIELD_NAMES + (DEVICE_LINK_FIELDS if devices else ()) + (VERDICT_FIELDS if score else ()) + \
+        (RISK_FIELD_NAMES if risks else ())
 
 
 def device_signatures(paths: Sequence[Path] | None) -> Signatures:
@@ -203,21 +238,33 @@ def device_signatures(paths: Sequence[Path] | None) -> Signatures:
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
                  trust_model: bool = False, threshold: float | None = None, hosts: bool = True,
                  flood_records: FloodRecords = FloodRecords.summary,
-                 signatures: Sequence[Path] | None = None) -> list[Stage]:
-    """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order: the host-behaviour
-    stage judges hosts over the flows the scoring stage judged, so it runs with scoring only."""
+                 signatures: Sequence[Path] | None = None, risks: bool = False,
+                 device_stage: Stage | None = None) -> list[Stage]:
+    """The enrichment, scoring and risk stages shared by `analyze`, `live` and `devices`, in pipeline order:
+    devices first (the others read the device links), then the request pass that scoring and risks share; the
+    host-behaviour stage judges hosts over the flows the scoring stage judged, so it runs with scoring only."""
     stages: list[Stage] = []
     if devices:
         from iotscan.devices.stage import DeviceStage  # deferred: loads the device model
 
-        stages.append(DeviceStage(signatures=device_signatures(signatures)))
+        stages.append(device_stage or DeviceStage(signatures=device_signatures(signatures)))
+    requests = None
+    if score or risks:
+        from iotscan.detect.request_stage import RequestPassStage
+
+        requests = RequestPassStage()
+        stages.append(requests)
     if score:
         from iotscan.detect.scoring import ScoringStage  # deferred: loads (and verifies) the flow model
 
         stages.append(ScoringStage(model_path, trusted=trust_model, threshold=threshold,
-                                   fold_floods=flood_records == FloodRecords.summary))
+                                   fold_floods=flood_records == FloodRecords.summary, requests=requests))
         if hosts:
             from iotscan.detect.hosts import HostStage
 
             stages.append(HostStage())
+    if risks:
+        from iotscan.detect.risk_stage import RiskStage
+
+        stages.append(RiskStage(requests=requests))
     return stages

@@ -8,7 +8,6 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from iotscan.capture.source import MeterConfig
 from iotscan.cli import app
 from iotscan.cli.common import (
     ACTIVE_OPTION,
@@ -16,16 +15,20 @@ from iotscan.cli.common import (
     FORMAT_OPTION,
     IDLE_OPTION,
     MAX_FLOWS_OPTION,
+    NO_RISKS_OPTION,
     OUTPUT_OPTION,
     QUIET_OPTION,
     SIGNATURES_OPTION,
     Format,
+    build_stages,
     device_signatures,
+    main_pass_config,
     open_output,
     resolve_format,
 )
 from iotscan.devices import DEVICE_FIELD_NAMES
 from iotscan.output.console import Reporter
+from iotscan.output.records import DEVICE_RISK_FIELD_NAMES
 from iotscan.output.sinks import make_sink
 from iotscan.pipeline import Analysis
 
@@ -72,6 +75,7 @@ def scan(
         help="Skip the second, BPF-filtered pass over DHCP/mDNS/SSDP payloads (faster; vendor classes, mDNS "
              "and UPnP evidence are lost)."),
     signatures: list[Path] | None = SIGNATURES_OPTION,
+    no_risks: bool = NO_RISKS_OPTION,
 ) -> None:
     """One device record per local device, then a summary (the default subcommand)."""
     from iotscan.devices.stage import DeviceStage
@@ -79,11 +83,13 @@ def scan(
     fmt = resolve_format(fmt, output)
     stage = DeviceStage(model_path=model, trust_model=trust_model, identity_pass=not no_identity_pass,
                         signatures=device_signatures(signatures))
+    stages = build_stages(score=False, risks=not no_risks, device_stage=stage)
     out = open_output(output, paths)
-    sink = make_sink(fmt.value, out, columns=DEVICE_FIELD_NAMES, row_type="device")
-    config = MeterConfig(source="", bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,
-                         max_flows=max_flows)
-    analysis = Analysis(sink, stages=[stage], reporter=Reporter(quiet), emit_flows=False)
+    columns = DEVICE_FIELD_NAMES + (() if no_risks else DEVICE_RISK_FIELD_NAMES)
+    sink = make_sink(fmt.value, out, columns=columns, row_type="device")
+    config = main_pass_config("", score=False, risks=not no_risks, bpf=bpf, idle_timeout=idle_timeout,
+                              active_timeout=active_timeout, max_flows=max_flows)
+    analysis = Analysis(sink, stages=stages, reporter=Reporter(quiet), emit_flows=False)
     try:
         analysis.run_files(paths, config)
     finally:

@@ -20,6 +20,7 @@ from iotscan.cli.common import (
     MODEL_OPTION,
     NO_DEVICES_OPTION,
     NO_HOSTS_OPTION,
+    NO_RISKS_OPTION,
     NO_SCORE_OPTION,
     QUIET_OPTION,
     SIGNATURES_OPTION,
@@ -29,6 +30,7 @@ from iotscan.cli.common import (
     Format,
     build_stages,
     check_attacks_only,
+    check_fail_on,
     flow_columns,
     main_pass_config,
     open_output,
@@ -79,6 +81,7 @@ def live(
     trust_model: bool = TRUST_MODEL_OPTION,
     no_score: bool = NO_SCORE_OPTION,
     no_hosts: bool = NO_HOSTS_OPTION,
+    no_risks: bool = NO_RISKS_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
     flood_records: FloodRecords = FLOOD_RECORDS_OPTION,
     signatures: list[Path] | None = SIGNATURES_OPTION,
@@ -86,22 +89,24 @@ def live(
     """Capture an interface and write each flow as it ends, with devices and verdicts, until stopped."""
     fmt = resolve_format(fmt, output)
     check_attacks_only(attacks_only, no_score)
+    check_fail_on(fail_on, risks=not no_risks)
     # The view is on stderr: shown unless records are streaming onto the same terminal.
     writes_to_terminal = output is None and sys.stdout.isatty() and fmt != Format.table
     show_view = not quiet and stderr.is_terminal and not writes_to_terminal and \
         (output is not None or sys.stdout.isatty())
-    config = main_pass_config(interface, score=not no_score, live=True, bpf=bpf, idle_timeout=idle_timeout,
-                              active_timeout=active_timeout, max_flows=max_flows, snaplen=snaplen)
+    config = main_pass_config(interface, score=not no_score, risks=not no_risks, live=True, bpf=bpf,
+                              idle_timeout=idle_timeout, active_timeout=active_timeout, max_flows=max_flows,
+                              snaplen=snaplen)
     limits = LiveLimits(duration_s=duration, count=count, stats_interval_s=stats_interval)
     # Everything that can fail before capturing fails before the output is touched.
     preflight(interface)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
                           threshold=threshold, hosts=not no_hosts, flood_records=flood_records,
-                          signatures=signatures)
+                          signatures=signatures, risks=not no_risks)
     out = open_output(output, append=True)
     try:
-        sink = make_sink(fmt.value, out, columns=flow_columns(devices=not no_devices, score=not no_score),
-                         flush_each=True)
+        columns = flow_columns(devices=not no_devices, score=not no_score, risks=not no_risks)
+        sink = make_sink(fmt.value, out, columns=columns, flush_each=True)
         run = LiveRun(sink, stages, config, limits, reporter=Reporter(quiet), fail_on=fail_on,
                       view_console=stderr if show_view else None, attacks_only=attacks_only,
                       vendor=_mac_vendor if show_view else None)

@@ -152,9 +152,10 @@ def report(
         if not captures:
             builder.close(None)
         else:
+            # the same stages as analyze's (risks included), so that the page is the one `analyze --report` draws
             stages = build_stages(devices=not no_devices, score=not no_score, model_path=model,
-                                  trust_model=trust_model, threshold=threshold)
-            config = main_pass_config("", score=not no_score, bpf=bpf, idle_timeout=idle_timeout,
+                                  trust_model=trust_model, threshold=threshold, risks=True)
+            config = main_pass_config("", score=not no_score, risks=True, bpf=bpf, idle_timeout=idle_timeout,
                                       active_timeout=active_timeout, max_flows=max_flows)
             analysis = Analysis(builder, stages=stages, reporter=reporter)
             try:

@@ -461,7 +461,7 @@ def metered_flow_with_statistics(flow: Any) -> tuple:
     """What the main pass's meter sends of a flow when it is scored (MeterConfig.reduce, the reader making it a
     MeteredFlow): the record's values and, as the classifier's statistics, the flow's block of NFStream's C
     numbers (see iotscan.capture.flows.flow_block_dtype), decoded a batch at a time by ``take``."""
-    return (*flow_attributes(flow), flow.block)
+    return (*flow_attributes(flow), flow.block, flow.ndpi)
 
 
 def _codes(names: list[str], code: Any) -> np.ndarray:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from iotscan.detect.request_risks import RiskFindings
 from iotscan.detect.request_signatures import RequestSignature, signature
 
 MAX_FINDINGS = 100_000  # flows with a match kept per source; beyond, the oldest endpoints are forgotten
@@ -62,6 +63,7 @@ class RequestFindings:
     forgotten: int = 0  # matches let go for newer ones
     # With a flood rate (--flood-records summary): a probe's match at a service receiving probes at that rate is
     # counted, not kept (a flood's: folded; a scan spreads over ports). By service: [last probe (s), decayed probes]
+    risks: RiskFindings = field(default_factory=RiskFindings)  # for the risk stage (request_risks)
     flood_rate: float | None = None
     probes: OrderedDict[tuple[str, int, int], list[float]] = field(default_factory=OrderedDict)
     flood_probes: int = 0
@@ -134,9 +136,16 @@ class RequestFindings:
                 self.pair_kept = _bounded(self.by_pair, self.pair_kept + 1)
 
     def collect(self, matches: Iterable[tuple[Any, ...]]) -> RequestFindings:
-        """Add the pass's matches (see _match) as they come; this object at the end."""
+        """Add the pass's matches, risk findings and DNS queries between local hosts (see request_pass._match) as
+        they come; this object at the end."""
         for match in matches:
-            self.add(*match)
+            src_ip, src_port, dst_ip, dst_port, first_ms, code, named, protocol, risks, first_seen_ms = match
+            if code:
+                self.add(src_ip, src_port, dst_ip, dst_port, first_ms, code, named, protocol)
+            if risks:
+                self.risks.add(src_ip, src_port, dst_ip, dst_port, first_seen_ms, risks)
+            elif not code:  # a query between local hosts: the destination is one of the network's resolvers
+                self.risks.census.add(src_ip, dst_ip)
         return self
 
     def code(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int) -> int:

@@ -45,6 +45,15 @@ from iotscan.capture.packets import TcpSegment, echo_request_data, read_dns_name
 from iotscan.capture.side_pass import SidePass, side_pass
 from iotscan.capture.source import MeterConfig
 from iotscan.detect.request_findings import RequestFindings
+from iotscan.detect.request_risks import (
+    MAX_RISK_READS,
+    MQTT_CONNECT,
+    RiskFinding,
+    http_request_risks,
+    local_resolver,
+    mqtt_connect_credentials,
+    mqtt_connect_filter,
+)
 from iotscan.detect.request_signatures import SIGNATURES, RequestSignature
 
 METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC")
@@ -71,12 +80,12 @@ _PAYLOAD_START6 = "ip6[(40 + ((ip6[52:1] & 0xf0) >> 2)):4]"
 
 def _payload_starts(start: str) -> str:
     """A request's, a bot's first line's or an SSH identification's first four bytes, a file's first two,
-    or an MQTT CONNACK (type 2, length 2) refusing a login (return code 4, bad user name or password, or 5,
-    not authorized)."""
+    an MQTT CONNACK (type 2, length 2) refusing a login (return code 4, bad user name or password, or 5,
+    not authorized), or the start of an MQTT CONNECT (for the risk stage: request_risks)."""
     prefixes = " or ".join(f"{start} = 0x{m.hex()}" for m in (*METHODS, *BOT_LINE_STARTS, SSH_IDENTIFICATION,
                                                                 ELF_START, RESPONSE_START, *SHELL_STARTS))
     files = " or ".join(f"{start} & 0xffff0000 = 0x{m.hex()}0000" for m in FILE_STARTS)
-    return f"({prefixes} or {files} or {start} & 0xffff00fe = 0x20020004)"
+    return f"({prefixes} or {files} or {start} & 0xffff00fe = 0x20020004 or {mqtt_connect_filter(start)})"
 
 
 # TCP payload lengths. BPF ends the whole filter with "no" at a load past the packet's end, so a test that
@@ -339,14 +348,18 @@ class RequestPlugin(NFPlugin):
         # when the first packet read came: the match's time (a head line outside a head, not read, may come first)
         flow.udps.first_read_ms = 0
         flow.udps.named_server = False  # an HTTP request of the flow named its server (a Host header with a name)
+        flow.udps.risks = ()  # request_risks.RiskFinding of the risk stage's
+        flow.udps.risk_reads = 0
         self.on_update(packet, flow)
 
     def on_update(self, packet: Any, flow: Any) -> None:
         try:
             udps = flow.udps
+            segment = tcp_segment(packet.ip_packet)
+            if segment is not None and udps.risk_reads < MAX_RISK_READS and segment.payload:
+                self._read_risks(segment.payload, packet, flow)
             if udps.request_signature or udps.requests_read >= MAX_REQUESTS_PER_FLOW:
                 return
-            segment = tcp_segment(packet.ip_packet)
             if segment is not None and segment.payload[:4] in METHODS and not udps.named_server:
                 udps.named_server = _names_server(segment.payload)
             code = self._follow_head(segment, packet, udps)
@@ -370,6 +383,24 @@ class RequestPlugin(NFPlugin):
                         flow.expiration_id = -1  # NFStream's custom expiration
         except Exception:  # untrusted bytes: a malformed packet must not end the pass
             return
+
+    def _read_risks(self, payload: bytes, packet: Any, flow: Any) -> None:
+        """The risk findings of a request segment or an MQTT CONNECT (request_risks), into ``flow.udps.risks``."""
+        if payload[:4] in METHODS:
+            found = http_request_risks(payload, to=flow.src_ip if packet.direction else flow.dst_ip)
+        elif payload[0] == MQTT_CONNECT:
+            evidence = mqtt_connect_credentials(payload)
+            found = [("cleartext_credentials", evidence)] if evidence else []
+        else:
+            return
+        udps = flow.udps
+        udps.risk_reads += 1
+        new = tuple((risk, evidence, packet.src_ip, flow.dst_port if packet.direction else flow.src_port)
+                    for risk, evidence in found if not any(r[0] == risk for r in udps.risks))
+        if new:
+            udps.risks += new
+            if self.expire_on_match:
+                flow.expiration_id = -1
 
     @staticmethod
     def _follow_head(segment: TcpSegment | None, packet: Any, udps: Any) -> int | None:
@@ -396,17 +427,22 @@ class RequestPlugin(NFPlugin):
         return 0
 
 
-def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int] | None:
+def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int, tuple[RiskFinding, ...], int] \
+        | None:
     """What leaves the pass's meter of a flow: its endpoints, start, signature code and named hosts if it
-    matched (RequestFindings.add's arguments), else nothing."""
-    code = getattr(flow.udps, "request_signature", 0)
-    if not code:
+    matched (RequestFindings.add's arguments), its risk findings, and its start; nothing for a flow with none of
+    them, but for a DNS query between two local hosts (the census of the network's resolvers)."""
+    udps = flow.udps
+    code = getattr(udps, "request_signature", 0)
+    risks = getattr(udps, "risks", ())
+    if not code and not risks and not (flow.protocol == 17 and flow.dst_port == 53
+                                       and local_resolver(flow.src_ip, flow.dst_ip)):
         return None
-    return (flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, flow.udps.first_read_ms, code,
-            flow.udps.named_hosts, flow.protocol)
+    return (flow.src_ip, flow.src_port, flow.dst_ip, flow.dst_port, udps.first_read_ms, code, udps.named_hosts,
+            flow.protocol, risks, flow.bidirectional_first_seen_ms)
 
 
-def _bare_syn(packet: Any, ffi: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int] | None:
+def _bare_syn(packet: Any, ffi: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int, tuple, int] | None:
     """An IPv4 SYN without data matching a SYN signature, opening a flow (MeterConfig.packet_reader): its flow's
     match, as _match makes it, without the flow (a million spoofed SYNs had filled the pass's table and taken 20 us
     each). Anything else goes the flows' way (a later segment of the connection: in a flow of its own)."""
@@ -418,7 +454,8 @@ def _bare_syn(packet: Any, ffi: Any) -> tuple[str, int, str, int, int, int, tupl
         return None
     code = _header_match("syn", f"window {segment.window} df {int(segment.dont_fragment)}")
     return None if not code else (socket.inet_ntoa(ip_packet[12:16]), segment.src_port,
-                                  socket.inet_ntoa(ip_packet[16:20]), packet.dst_port, packet.time, code, (), 6)
+                                  socket.inet_ntoa(ip_packet[16:20]), packet.dst_port, packet.time, code, (), 6,
+                                  (), packet.time)
 
 
 def request_pass(source: str, config: MeterConfig, flood_rate: float | None = None

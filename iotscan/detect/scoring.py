@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from iotscan.capture.side_pass import SidePass
 from iotscan.detect import trees
 from iotscan.detect.features import (
     CONTEXT_FEATURES,
@@ -50,12 +49,12 @@ from iotscan.detect.features import (
 )
 from iotscan.detect.flood import FLOOD_FAMILIES, FOLD_MAX_PACKETS, FloodFolder
 from iotscan.detect.modelstore import bundled_model, load_model, verified_card
-from iotscan.detect.request_findings import MAX_FINDINGS, Flow5, RequestFindings
-from iotscan.detect.request_pass import request_pass
+from iotscan.detect.request_findings import Flow5, RequestFindings
 from iotscan.detect.request_signatures import SIGNATURES
+from iotscan.detect.request_stage import ReadsRequests, RequestPassStage
 from iotscan.errors import ModelError
 from iotscan.output.records import community_id
-from iotscan.stage import Event, SourceInfo, Stage
+from iotscan.stage import Event, SourceInfo
 
 MODEL_NAME = "flows"
 BATCH_ROWS = 4096
@@ -416,14 +415,17 @@ def _flow5_community_id(flow: Flow5) -> str | None:
     return community_id(flow[0], flow[2], flow[4], flow[1], flow[3])
 
 
-class ScoringStage(Stage):
+class ScoringStage(ReadsRequests):
     """Adds verdict, score, family and reasons to every flow record."""
 
     def __init__(self, model_path: Path | None = None, trusted: bool = False, threshold: float | None = None,
-                 batch_rows: int = BATCH_ROWS, fold_floods: bool = False) -> None:
-        super().__init__()
+                 batch_rows: int = BATCH_ROWS, fold_floods: bool = False,
+                 requests: RequestPassStage | None = None) -> None:
+        super().__init__(requests)  # the request pass: shared with the risk stage, or its own
         self.fold_floods = fold_floods  # --flood-records summary: see iotscan.detect.flood
         self._folder: FloodFolder | None = None
+        if fold_floods:  # a flood's probes need not be kept: its flows are folded (RequestFindings.flood_rate)
+            self.requests.flood_rate = FLOOD_FLOWS_5S
         self._model: dict[str, Any] | None = None
         if model_path is None:
             # The bundled model is verified against its card now (a tampered or mismatched model stops
@@ -441,8 +443,6 @@ class ScoringStage(Stage):
         self._extractor: FeatureExtractor | None = None
         self._threads: Any = None
         self._source: SourceInfo | None = None
-        self._requests: SidePass | None = None
-        self._findings: RequestFindings | None = None
         self.scored = 0
         # explanations shared by alike attacks among each run of batch_rows flows of a source (see _reasons)
         self._alike: dict[int, list[str]] = {}
@@ -484,15 +484,9 @@ class ScoringStage(Stage):
             self._folder = FloodFolder(source.name, self._extractor.tracker, cfg.idle_timeout, FLOOD_FLOWS_5S,
                                        RULE_REASONS, lambda message: self.warn(source.name, "flood_records", message),
                                        live=cfg.live)
-        self._abandon_requests()
+        super().begin(source)
         self._source = source
         self._alike, self._alike_run, self._source_scored = {}, -1, 0
-
-    def _abandon_requests(self) -> None:
-        """A request pass still running belongs to a source that ended or failed: stop it, do not wait."""
-        if self._requests is not None:
-            self._requests.stop()
-            self._requests = self._findings = None
 
     def _start_requests(self) -> None:
         """Start the request pass beside the main one, once the main meter runs (so the forks do not race).
@@ -500,42 +494,12 @@ class ScoringStage(Stage):
         On a file it runs ahead of the main pass and the first flows wait for its findings. On a live
         interface it is a second capture, whose matches leave its meter at once: flows are scored with
         the findings known by then (a flow is scored when it expires, long after its requests)."""
-        info = self._source
-        if info is not None and self._requests is None:
-            # folding floods, a flood's probes need not be kept: its flows are folded (RequestFindings.flood_rate)
-            self._requests, self._findings = request_pass(info.config.source, info.config,
-                                                          FLOOD_FLOWS_5S if self.fold_floods else None)
-            self._requests.start()
-            if info.config.live and self._extractor is not None:
-                self._extractor.requests = self._findings
+        self.requests.start()
+        if self._extractor is not None and self._extractor.requests is None:
+            self._extractor.requests = self.requests.live_findings()
 
     def _requests_running(self) -> bool:
-        return self._requests is not None and self._extractor is not None and self._extractor.requests is None \
-            and self._requests.is_alive()
-
-    def _request_findings(self) -> RequestFindings | None:
-        """The request pass's findings once it has ended, waiting for it (on a file it reads only the few packets
-        its filter lets through, and runs ahead of the main pass: the wait is short after the first batch of
-        flows; a live one is stopped); warnings say what went wrong or was forgotten."""
-        job = self._requests
-        if job is None:
-            return None
-        job.end()
-        name = self._source.name if self._source is not None else ""
-        if (dropped := job.dropped()) is not None:
-            self.warn(name, "dropped", dropped)
-        if job.error is not None:
-            self.warn(name, "request_pass", f"request pass failed (no HTTP or DNS signatures): {job.error}")
-            return None
-        findings = self._findings
-        if findings is not None and findings.flood_probes:
-            self.warn(name, "flood_probes", f"{findings.flood_probes:,} probes of flooded services (scanner-like SYNs, "
-                                            "flag probes or pings at a flood's rate) were counted, not kept")
-        if findings is not None and findings.forgotten:
-            self.warn(name, "request_signatures_capped",
-                      f"{findings.forgotten:,} of {findings.matched:,} flows matching request signatures were "
-                      f"forgotten for newer ones (at most {MAX_FINDINGS:,} are kept)")
-        return findings
+        return self._extractor is not None and self._extractor.requests is None and self.requests.running()
 
     def claims(self, flow: Any) -> bool:
         """A flood's flow to fold without a flow record (see iotscan.detect.flood)."""
@@ -575,8 +539,8 @@ class ScoringStage(Stage):
             if len(pending) >= batch_rows or (max_delay is not None and time.monotonic() - oldest >= max_delay):
                 yield from self._score(pending)
                 pending = []
-        if self._source is not None and self._source.config.live and self._requests is not None:
-            self._request_findings()  # the capture stopped: so does the request pass, adding its last matches
+        if self.requests.live:
+            self.requests.findings()  # the capture stopped: so does the request pass, adding its last matches
         if pending:
             yield from self._score(pending)
         if self._folder is not None:
@@ -592,8 +556,8 @@ class ScoringStage(Stage):
         model = self.model
         if extractor.vocabulary is None:
             extractor.use_vocabulary(model["vocabulary"])
-        if extractor.requests is None and self._requests is not None:
-            extractor.requests = self._request_findings() or RequestFindings()
+        if extractor.requests is None:
+            extractor.requests = self.requests.findings() or RequestFindings()
         X = extractor.take()
         # positions in the batch of the flows scored (the others were claimed: folded, without a record)
         claimed = [i for i, (record, _) in enumerate(pending) if record is None] if extractor.folded_flows else []
@@ -670,13 +634,6 @@ class ScoringStage(Stage):
                                          r["last_seen_ms"], named=column[i] == 2)
             if flow is not None:
                 r["evidence_community_id"] = _flow5_community_id(flow)
-
-    def end(self, source: SourceInfo) -> None:
-        self._abandon_requests()
-
-    def finish(self) -> list[dict[str, Any]]:
-        self._abandon_requests()  # the last source failed before its end
-        return []
 
     def summarize(self, summary: dict[str, Any]) -> None:
         super().summarize(summary)

@@ -80,14 +80,16 @@ FLOW_ATTRIBUTES: tuple[str, ...] = (
     "dst2src_bytes", "application_name", "application_category_name", "application_is_guessed",
     "requested_server_name", "client_fingerprint", "server_fingerprint", "user_agent", "content_type",
 )
-MeteredFlow = namedtuple("MeteredFlow", (*FLOW_ATTRIBUTES, "statistics"))
+# ``ndpi``: what nDPI found that NFStream does not hand over (iotscan.capture.ndpi_facts.NdpiFacts: its risk bitmap,
+# some header texts), when the meter reads it (MeterConfig.ndpi_facts, for the risk stage), else None.
+MeteredFlow = namedtuple("MeteredFlow", (*FLOW_ATTRIBUTES, "statistics", "ndpi"), defaults=(None,))
 flow_attributes = attrgetter(*FLOW_ATTRIBUTES)
 
 
 def metered_flow(flow: Any) -> tuple:
     """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce): a MeteredFlow's
     values."""
-    return (*flow_attributes(flow), None)
+    return (*flow_attributes(flow), None, flow.ndpi)
 
 # The device record contract (docs/devices.md): these names are fixed; more fields may follow.
 DEVICE_FIELDS: tuple[tuple[str, str], ...] = (
@@ -136,6 +138,29 @@ VERDICT_FIELDS = tuple(name for name, _ in VERDICT_FIELD_MEANINGS)
 EXPLAIN_FIELDS: tuple[tuple[str, str], ...] = (
     ("inspect", "with analyze --explain, on attack flows of capture files: the ready-to-run `iotscan inspect` "
                 "command that shows the flow's packets"),
+)
+
+# The risk stage (iotscan/detect/risk_stage.py; the catalogue is iotscan/data/risks.json; docs/risks.md).
+# Severities from the least to the worst: `--fail-on risk:high` fails on high and critical.
+RISK_SEVERITIES = ("low", "medium", "high", "critical")
+RISK_FIELDS: tuple[tuple[str, str], ...] = (
+    ("risks", "weak spots the flow shows, worst first: list of {risk, severity, evidence, detector} (risk: an id of "
+              "the catalogue; evidence: what was seen, in words; detector: nDPI or iotscan); [] when none"),
+)
+RISK_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in RISK_FIELDS)
+# ... and adds these to device records
+DEVICE_RISK_FIELDS: tuple[tuple[str, str], ...] = (
+    ("risks", "the device's weak spots, worst first: list of {risk, severity, title, flows, first_seen_ms, "
+              "last_seen_ms, internet (a flow of it had a public address at its other end), community_ids "
+              "(up to 3 examples), evidence (up to 3 distinct), fix (what to do, one line)}"),
+    ("risk_score", "0..100: 100 x (1 - product over its risks of (1 - severity x exposure x often)), "
+                   "see docs/risks.md"),
+    ("risk_grade", "A (risk_score under 10), B (under 30), C (under 50), D (under 70) or F"),
+)
+DEVICE_RISK_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in DEVICE_RISK_FIELDS)
+# ... and this to the summary
+RISK_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
+    ("risks", "flows per risk id, most first ({} when no flow showed one)"),
 )
 
 SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (

@@ -31,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from iotscan.output.records import PROTOCOL_LABELS, endpoint_text, inspect_command
+from iotscan.output.risk_table import by_risk, risk_cell, risk_table
 
 # Distinct sources and targets counted per attack family: beyond, shown as "N+" (a spoofed flood has one
 # source per flow, and the table holds only bounded things)
@@ -366,6 +367,9 @@ class TableSink:
                 console.print(event_table(kind, self.events[kind], self.event_counts[kind], console.width), "")
         if self.devices:
             console.print(device_table(self.devices, console.width), "")
+            risks = risk_table(self.devices)  # with the risk stage: each device's risks and what to do
+            if risks is not None:
+                console.print(risks, "")
         if self.busiest:
             records = [r for _, _, r in sorted(self.busiest, reverse=True)]
             scored = any("verdict" in r for r in records)
@@ -502,6 +506,9 @@ def _device_ips(d: dict[str, Any]) -> str:
     return escape(ips[0] + (f" +{len(ips) - 1}" if len(ips) > 1 else "")) if ips else ""
 
 
+RISK_COLUMN = Column("risk", risk_cell, justify="right")  # with the risk stage: the score and grade
+
+
 def _device_type(d: dict[str, Any]) -> str:
     kind, guess = d.get("device_type") or "", d.get("type_guess")
     if kind == "unknown" and guess:  # the best guess, marked as one
@@ -521,12 +528,14 @@ DEVICE_COLUMNS = (  # in priority order
 
 
 def device_table(devices: list[dict[str, Any]], width: int = 200) -> Table:
-    rows = sorted(devices, key=lambda d: -(d.get("bytes") or 0))
-    fit = fit_columns(DEVICE_COLUMNS, 4, rows, width) or Fit(list(DEVICE_COLUMNS[:4]))
+    ranked = any("risk_score" in d for d in devices)  # the risk stage ran: riskiest first, with their score
+    rows = by_risk(devices)
+    columns = (*DEVICE_COLUMNS[:4], RISK_COLUMN, *DEVICE_COLUMNS[4:]) if ranked else DEVICE_COLUMNS
+    fit = fit_columns(columns, 4, rows, width) or Fit(list(columns[:4]))
     if not fit.widths:
         fit.widths = {c.name: max(len(c.name), *(_plain_width(c.cell(d)) for d in rows)) for c in fit.columns}
-    order = ("mac", "ip", "type", "model or vendor", "conf", "flows", "evidence")
-    return fitted_table("Devices", fit, order, rows)
+    order = ("mac", "ip", "type", "model or vendor", "risk", "conf", "flows", "evidence")
+    return fitted_table("Devices (highest risk first)" if ranked else "Devices", fit, order, rows)
 
 
 def summary_panel(summary: dict[str, Any]) -> Panel:
