@@ -198,6 +198,13 @@ class Analysis:
         self.state.packets += report.packets + report.ignored_packets
         self.state.inputs.append({"source": info.name, "packets": report.packets + report.ignored_packets,
                                   "flows": report.flows, "status": status})
+        self.capture_ended([stage.capture_result() for stage in self.stages])
+
+    def capture_ended(self, results: list[Any]) -> None:
+        """The stages' results of the capture that ended (Stage.capture_result), one per stage: merged into the
+        run's here; a worker of iotscan.cluster sends them to its client instead."""
+        for stage, result in zip(self.stages, results, strict=True):
+            stage.add_capture_result(result)
 
     def _drain(self, source: FlowSource, info: SourceInfo) -> None:
         name = info.name
