@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import shutil
 import subprocess
@@ -222,7 +223,7 @@ def test_captures_counted_apart_and_merged_equal_one_table(data: str) -> None:
                                            check_code=0).stdout) if r["event_type"] == "flow"]
     if "cut" in data:
         cuts = [0, *(int(len(flows) * c) for c in ((0.5,) if "halves" in data else (0.2, 0.7))), len(flows)]
-        parts = [flows[a:b] for a, b in zip(cuts, cuts[1:])]
+        parts = [flows[a:b] for a, b in itertools.pairwise(cuts)]
     else:  # capture by capture
         parts = [[r for r in flows if r["source"] == source] for source in dict.fromkeys(r["source"] for r in flows)]
         assert len(parts) >= 10  # one capture of the 16 has no IP flow

@@ -6,6 +6,7 @@ import io
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import IO
@@ -13,6 +14,7 @@ from typing import IO
 import typer
 
 from iotscan.capture.source import DEFAULT_MAX_FLOWS, MeterConfig
+from iotscan.detect.modelstore import ModelContent
 from iotscan.errors import InputError, OutputError
 from iotscan.output.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, metered_flow
 from iotscan.stage import Stage
@@ -170,6 +172,38 @@ def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str |
 def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:
     """CSV columns of flow records: the contract, then what the enabled stages add."""
     return FLOW_FIELD_NAMES + (DEVICE_LINK_FIELDS if devices else ()) + (VERDICT_FIELDS if score else ())
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """The stages `analyze` runs, as options: what a worker of iotscan.cluster builds them from (the same as here;
+    a --model of the user's travels as its content)."""
+
+    devices: bool = True
+    score: bool = True
+    model: Path | ModelContent | None = None
+    trust_model: bool = False
+    threshold: float | None = None
+    explain: bool = False
+    idle_timeout: int = 120
+    active_timeout: int = 1800
+
+    def build(self) -> list[Stage]:
+        """The stages, models verified (a bundled one by its SHA-256, a shipped one against the client's)."""
+        model = self.model.materialize() if isinstance(self.model, ModelContent) else self.model
+        stages = build_stages(devices=self.devices, score=self.score, model_path=model, trust_model=self.trust_model,
+                              threshold=self.threshold)
+        if self.explain:
+            from iotscan.inspect import InspectCommandStage
+
+            stages.append(InspectCommandStage(idle_timeout=self.idle_timeout, active_timeout=self.active_timeout))
+        return stages
+
+    def shipped(self) -> StageOptions:
+        """These options with the model file read, to send to other processes or machines."""
+        if isinstance(self.model, Path) and self.score:
+            return replace(self, model=ModelContent.read(self.model))
+        return self
 
 
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
