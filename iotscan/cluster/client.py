@@ -32,9 +32,11 @@ from iotscan.cluster.worker import (
     RunSpec,
     SpoolRef,
     analyze_capture,
+    display_name,
     progress_topic,
     read_spool,
     remove_spools,
+    run_spec,
 )
 from iotscan.errors import ExitCode, IotscanError
 from iotscan.output.console import Reporter, error
@@ -83,7 +85,9 @@ class ClusterAnalysis(Analysis):
             topic = progress_topic(token)
             self.client.subscribe_topic(topic, self._progress_event)
             try:
-                _Dispatch(self, self.client.scatter(spec, broadcast=True, hash=False), token).run(paths)
+                # a task's result rather than scattered data: the scheduler makes it again if its worker dies
+                shared = self.client.submit(run_spec, spec, key=f"iotscan-{token}-spec", pure=False)
+                _Dispatch(self, shared, token).run(paths)
             finally:
                 self.client.unsubscribe_topic(topic)
                 with contextlib.suppress(Exception):  # a cluster going away takes its spool files with it
@@ -332,17 +336,21 @@ class _Dispatch:
 
     def _outcome(self, index: int, future: Any) -> CaptureOutcome | None:
         from distributed import KilledWorker
+        from distributed.client import FutureCancelledError
 
         try:
             return future.result()
         except KilledWorker as exc:  # the cluster's own limit on workers dying (distributed.scheduler.allowed-failures)
-            item = self.items[index]
-            name = item.display_name if isinstance(item, CaptureFile) else str(item)
-            outcome = CaptureOutcome(index=index, name=name)
-            outcome.state.error(name, f"the workers analysing it died: {' '.join(str(exc).split())}", ExitCode.CAPTURE)
-            return outcome
+            reason = f"the workers analysing it died: {exc}"
+        except FutureCancelledError as exc:  # not by this client: the cluster lost it
+            reason = f"the cluster dropped it: {exc}"
         finally:
             future.release()
+        item = self.items[index]
+        name = item.display_name if isinstance(item, CaptureFile) else display_name(item)
+        outcome = CaptureOutcome(index=index, name=name)
+        outcome.state.error(name, " ".join(reason.split()), ExitCode.CAPTURE)
+        return outcome
 
     def _cancel(self) -> None:
         """Ctrl-C or an error: captures not taken are dropped (a running one stops: worker._Watcher)."""

@@ -110,6 +110,11 @@ def read_spool(path: str, offset: int, length: int, last: bool) -> bytes:
     return data
 
 
+def run_spec(spec: RunSpec) -> RunSpec:
+    """The run's spec as a task of its own, which every capture's task depends on: sent to each worker once."""
+    return spec
+
+
 def analyze_capture(spec: RunSpec, index: int, item: str | CaptureFile, attempt: str) -> CaptureOutcome | None:
     """Analyse one capture (a path or URL as the user gave it, or a capture the client copied: stdin) in this
     worker. None when the client cancelled it (Ctrl-C) while it ran."""
@@ -117,7 +122,7 @@ def analyze_capture(spec: RunSpec, index: int, item: str | CaptureFile, attempt:
 
     started = time.monotonic()
     worker = get_worker()
-    name = item.display_name if isinstance(item, CaptureFile) else _display_name(item)
+    name = item.display_name if isinstance(item, CaptureFile) else display_name(item)
     outcome = CaptureOutcome(index=index, name=name, worker=worker.address)
     died_on = _count_attempt(spec.token, attempt, worker.address)
     if died_on:
@@ -175,7 +180,7 @@ def _analyze(spec: RunSpec, stages: list[Stage], item: str | CaptureFile, outcom
         raise
 
 
-def _display_name(raw: str) -> str:
+def display_name(raw: str) -> str:
     """The capture's name as a single process gives it (CaptureFile.display_name): flow ids depend on it."""
     return raw if is_url(raw) or raw == "-" else str(Path(raw))
 
