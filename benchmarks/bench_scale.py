@@ -128,7 +128,9 @@ def main() -> None:
     parser.add_argument("--captures", type=int, default=300, help="captures of the corpus (at least 200)")
     parser.add_argument("--runs", type=int, default=3, help="alternated runs of each variant")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--rss-captures", default="200,2000", help="counts of small captures for the memory check")
+    parser.add_argument("--rss-captures", default="200,2000", help="counts of small captures for the memory check "
+                        "('' to skip it)")
+    parser.add_argument("--rss-args", default="", help="analyze options of the memory check, e.g. '--no-score'")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -165,9 +167,10 @@ def main() -> None:
         report.update(captures=len(files), bytes=size, runs=results, medians=medians, ratio=serial / parallel,
                       load=[min(loads), max(loads)], records=records)
     rss = {}
-    for count in map(int, args.rss_captures.split(",")):
+    for count in (int(c) for c in args.rss_captures.split(",") if c):
         folder = small_captures(OUT / "small" / str(count), count)
-        rss[count] = client_peak_rss(iotscan(str(folder), "--jobs", str(args.jobs), "-o", os.devnull))
+        rss[count] = client_peak_rss(iotscan(str(folder), "--jobs", str(args.jobs), *args.rss_args.split(), "-o",
+                                             os.devnull))
         print(f"client peak RSS over {count:,} small captures (--jobs {args.jobs}): {rss[count] / 2**20:.1f} MiB",
               flush=True)
     report["client_peak_rss"] = rss

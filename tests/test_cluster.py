@@ -386,12 +386,15 @@ def test_client_memory_stays_flat_over_2000_captures(tmp_path: Path) -> None:
     for i in range(2000):
         (folder / f"plug-{i:04d}.pcap").write_bytes(_pcap([(when + i * 60, frame) for when, frame in packets]))
     flows = len([r for r in analyze(folder / "plug-0000.pcap") if r["event_type"] == "flow"])
-    samples = _rss_while([str(folder), "--jobs", "2", "--no-score"], tmp_path / "out.ndjson", per_capture=flows)
+    # the stages left out: each capture costs its worker one meter process instead of three (the client's work
+    # per capture is the same; with devices on, 600 captures in-process: 106 -> 107 MiB)
+    samples = _rss_while([str(folder), "--jobs", "2", "--no-score", "--no-devices"], tmp_path / "out.ndjson",
+                         per_capture=flows)
     early = max(rss for done, rss in samples if 200 <= done <= 400)
     late = max(rss for done, rss in samples if done >= 1800)
-    assert late - early < 16 << 20, (early >> 20, late >> 20)
+    assert late - early < 8 << 20, (early >> 20, late >> 20)
     summary = orjson.loads((tmp_path / "out.ndjson").read_bytes().splitlines()[-1])
-    assert len(summary["inputs"]) == 2000 and summary["devices"] >= 1
+    assert len(summary["inputs"]) == 2000 and summary["flows"] == 2000 * flows
     assert sum(w["captures"] for w in summary["workers"]) == 2000
 
 

@@ -187,12 +187,13 @@ class StageOptions:
     explain: bool = False
     idle_timeout: int = 120
     active_timeout: int = 1800
+    device_model: bool = True  # the workers count devices, the client fingerprints them: only it needs the model
 
     def build(self) -> list[Stage]:
         """The stages, models verified (a bundled one by its SHA-256, a shipped one against the client's)."""
         model = self.model.materialize() if isinstance(self.model, ModelContent) else self.model
         stages = build_stages(devices=self.devices, score=self.score, model_path=model, trust_model=self.trust_model,
-                              threshold=self.threshold)
+                              threshold=self.threshold, device_model=self.device_model)
         if self.explain:
             from iotscan.inspect import InspectCommandStage
 
@@ -200,20 +201,20 @@ class StageOptions:
         return stages
 
     def shipped(self) -> StageOptions:
-        """These options with the model file read, to send to other processes or machines."""
-        if isinstance(self.model, Path) and self.score:
-            return replace(self, model=ModelContent.read(self.model))
-        return self
+        """These options for the workers of iotscan.cluster: the model file read (sent by content), no device model."""
+        model = ModelContent.read(self.model) if isinstance(self.model, Path) and self.score else self.model
+        return replace(self, model=model, device_model=False)
 
 
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
-                 trust_model: bool = False, threshold: float | None = None) -> list[Stage]:
-    """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order."""
+                 trust_model: bool = False, threshold: float | None = None, device_model: bool = True) -> list[Stage]:
+    """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order. Without
+    ``device_model`` the device stage counts devices but cannot fingerprint them (finish(): a client does)."""
     stages: list[Stage] = []
     if devices:
         from iotscan.devices.stage import DeviceStage  # deferred: loads the device model
 
-        stages.append(DeviceStage())
+        stages.append(DeviceStage(use_model=device_model))
     if score:
         from iotscan.detect.scoring import ScoringStage  # deferred: loads (and verifies) the flow model
 

@@ -14,6 +14,7 @@ from iotscan.errors import CaptureError, InputError
 INSTALL = "pip install 'iotscan[cluster]'"
 CONNECT_TIMEOUT_S = 30
 WORKERS_TIMEOUT_S = 60  # an existing cluster without workers: how long to wait for one
+LOW_LEVEL_LOG = 16
 
 
 def require_dask(what: str) -> None:
@@ -34,6 +35,16 @@ def local_workers(jobs: int) -> int:
 def cluster_client(jobs: int | None, scheduler: str | None) -> Iterator[tuple[Any, bool]]:
     """A Dask client, and whether its workers may be on other machines: of the cluster at ``scheduler``, or of a
     local cluster of ``jobs`` worker processes of one thread each, on loopback (closed at the end)."""
+    import dask
+
+    # Dask keeps the last 1,000 messages of each connection for its developers (and the local scheduler, which
+    # runs in this process, its last 1,000 transitions): with them every task's arguments and results, so the
+    # client's memory grew with the first thousands of captures (30 MiB over 2,000 small ones). A few will do.
+    with dask.config.set({"distributed.admin.low-level-log-length": LOW_LEVEL_LOG}):
+        yield from _cluster_client(jobs, scheduler)
+
+
+def _cluster_client(jobs: int | None, scheduler: str | None) -> Iterator[tuple[Any, bool]]:
     from distributed import Client, LocalCluster
 
     if scheduler:
