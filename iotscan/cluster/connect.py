@@ -14,7 +14,18 @@ from iotscan.errors import CaptureError, InputError
 INSTALL = "pip install 'iotscan[cluster]'"
 CONNECT_TIMEOUT_S = 30
 WORKERS_TIMEOUT_S = 60  # an existing cluster without workers: how long to wait for one
-LOW_LEVEL_LOG = 16
+# Dask's settings for this client and, through it, a local cluster's processes (an existing cluster keeps its own:
+# docs/scale.md says which help).
+DASK_CONFIG = {
+    # Dask keeps the last 1,000 messages of each connection for its developers (and the local scheduler, which runs
+    # in this process, its last 1,000 transitions): with them every task's arguments and results, so the client's
+    # memory grew with the first thousands of captures (30 MiB over 2,000 small ones). A few will do.
+    "distributed.admin.low-level-log-length": 16,
+    # A worker's sampling profiler (every 10 ms) and system monitor (every 0.5 s) took about a tenth of its CPU
+    # (py-spy, on the nDPI corpus); nobody looks at them here
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.interval": "5s",
+}
 
 
 def require_dask(what: str) -> None:
@@ -37,10 +48,7 @@ def cluster_client(jobs: int | None, scheduler: str | None) -> Iterator[tuple[An
     local cluster of ``jobs`` worker processes of one thread each, on loopback (closed at the end)."""
     import dask
 
-    # Dask keeps the last 1,000 messages of each connection for its developers (and the local scheduler, which
-    # runs in this process, its last 1,000 transitions): with them every task's arguments and results, so the
-    # client's memory grew with the first thousands of captures (30 MiB over 2,000 small ones). A few will do.
-    with dask.config.set({"distributed.admin.low-level-log-length": LOW_LEVEL_LOG}):
+    with dask.config.set(DASK_CONFIG):
         yield from _cluster_client(jobs, scheduler)
 
 
@@ -65,8 +73,10 @@ def _cluster_client(jobs: int | None, scheduler: str | None) -> Iterator[tuple[A
             client.close()
         return
     # Worker processes of one thread: a capture keeps its worker's main loop and its meter processes busy.
+    # No memory limit: its monitor polls every worker ten times a second, and a worker's memory is bounded by
+    # iotscan's own caps (--max-flows, the side passes' tables), as one process's is.
     local = LocalCluster(n_workers=local_workers(jobs or 0), threads_per_worker=1, processes=True, host="127.0.0.1",
-                         dashboard_address=None, silence_logs=logging.ERROR)
+                         dashboard_address=None, silence_logs=logging.ERROR, memory_limit=0)
     try:
         client = Client(local)
         try:
