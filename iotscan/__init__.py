@@ -5,7 +5,8 @@ The data flows one way, one package per stage:
     capture/  what the user pointed at, NFStream's meter, the BPF-filtered side passes
     devices/  every local device's vendor, type and model, with the evidence   } stages
     detect/   flow features, signatures, the flow classifier, scoring          } (stage.py)
-    output/   the record contract, the sinks (NDJSON, JSON, CSV, tables, the HTML report), the console
+    output/   the record contract, the sinks (NDJSON, JSON, CSV), the terminal table and live view, the HTML
+              report, the console
     inspect/  one flow down to its packets, through tshark
 
 pipeline.py runs capture -> stages -> output over files, live.py over an interface, cluster/ over

@@ -7,9 +7,11 @@ long-running capture needs around the one-pass pipeline (iotscan.pipeline.Analys
 * limits: --duration and --count stop the capture the same clean way as Ctrl-C and SIGTERM
   (the meter flushes its active flows, they go through the stages, the summary comes last);
 * periodic ``stats`` records (records.STATS_FIELDS) between the flow records;
-* a Rich view on a terminal: rates, drops, active flows, devices seen, the latest attacks on top.
+* a Rich view on a terminal (iotscan.output.live_view): rates, drops, the busiest flows active now
+  (the meter's snapshots, iotscan.capture.active), the latest attacks, alerts and floods, the devices
+  seen.
 
-Per flow, only ``LiveMonitor.run`` runs (a counter, one dict lookup); everything else happens in
+Per flow, only ``LiveMonitor.run`` runs (a counter, a few dict lookups); everything else happens in
 one ticker thread that polls the meter's shared counters a few times a second.
 """
 
@@ -25,25 +27,25 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from rich import box
 from rich.console import Console, Group
 from rich.live import Live
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
 from iotscan.capture.source import ACTIVE, DROPPED, IFDROPPED, PACKETS, PRIVILEGE_FIX, FlowSource, MeterConfig
 from iotscan.errors import CaptureError, ExitCode
 from iotscan.output.console import Reporter, error
+from iotscan.output.live_view import DeviceSeen, LiveViewData, render_live_view
 from iotscan.output.records import DEVICE_LINK_FIELDS, STATS_FIELD_NAMES, is_local_address, iso_timestamp
 from iotscan.output.sinks import Sink
+from iotscan.output.table import EVENT_TYPES
 from iotscan.pipeline import Analysis
 from iotscan.stage import Event, SourceInfo, Stage
 
 ANY_INTERFACE = "any"  # libpcap's pseudo-interface: every interface, Linux cooked headers
 _TICK_S = 0.25  # ticker period: precision of --duration, pace of the view
 _VIEW_EVERY_S = 0.5
+_ACTIVE_EVERY_MS = 1000  # the meter's snapshots of the busiest active flows, for the view
 _LATEST_ATTACKS = 8
+_LATEST_EVENTS = 8
 _MAX_TRACKED = 100_000  # bound on the addresses remembered for "devices seen" (a spoofed flood is endless)
 
 
@@ -120,7 +122,8 @@ class LiveLimits:
 
 
 class LiveMonitor(Stage):
-    """The last stage: counts flows for --count, remembers the latest attacks and the devices seen."""
+    """The last stage: counts flows for --count, remembers the latest attacks, the devices seen (their flows,
+    bytes and DHCP host names), and the latest alerts and floods written (``note``)."""
 
     def __init__(self, count: int | None, on_count: Callable[[], None], on_begin: Callable[[], None],
                  summary_fields: Callable[[], dict[str, Any]], attacks_only: bool = False) -> None:
@@ -132,17 +135,38 @@ class LiveMonitor(Stage):
         self.summary_fields = summary_fields
         self.flows = 0
         self.latest_attacks: deque[dict[str, Any]] = deque(maxlen=_LATEST_ATTACKS)
-        self.devices: set[str] = set()
+        self.latest_events: deque[dict[str, Any]] = deque(maxlen=_LATEST_EVENTS)
+        self.event_counts: dict[str, int] = {}
+        self.devices: dict[str, DeviceSeen] = {}
         self._not_devices: set[str] = set()
 
     def begin(self, source: SourceInfo) -> None:
         self.on_begin()
 
+    def note(self, record: dict[str, Any]) -> None:
+        """A record written that is not a flow: alerts and floods are kept for the view."""
+        kind = record.get("event_type")
+        if kind in EVENT_TYPES:
+            self.latest_events.append(record)
+            self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
+
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
         latest_attacks, devices, not_devices = self.latest_attacks, self.devices, self._not_devices
         src_link, dst_link = DEVICE_LINK_FIELDS
+
+        def seen(mac: str, ip: str, record: dict[str, Any]) -> None:
+            device = devices.get(mac)
+            if device is None:
+                if len(devices) >= _MAX_TRACKED:
+                    return
+                device = devices[mac] = DeviceSeen(mac, ip)
+            device.flows += 1
+            device.bytes += record["bytes"]
+            if record["dhcp_hostname"] and ip == record["src_ip"]:
+                device.hostname = record["dhcp_hostname"]
+
         for record, flow in events:
-            if record is None:  # heartbeat
+            if record is None or flow is None:  # a heartbeat, or a stage's own record (an alert): the sink notes it
                 yield record, flow
                 continue
             attack = record.get("verdict") == "attack"
@@ -150,20 +174,21 @@ class LiveMonitor(Stage):
                 self.flows += 1
             if attack:
                 latest_attacks.append(record)
-            # Devices: the device stage's ids when it runs, else the MACs of local senders.
-            device = record.get(src_link)
-            if device is not None:
-                if device not in devices and len(devices) < _MAX_TRACKED:
-                    devices.add(device)
-                peer = record.get(dst_link)
-                if peer is not None and peer not in devices and len(devices) < _MAX_TRACKED:
-                    devices.add(peer)
+            # Devices: the device stage's (the local MAC at either end) when it runs, else the MACs of local senders.
+            if src_link in record:
+                if record[src_link] is not None:
+                    seen(record[src_link], record["src_ip"], record)
+                if record[dst_link] is not None:
+                    seen(record[dst_link], record["dst_ip"], record)
             else:
                 mac = record["src_mac"]
-                if mac not in devices and mac not in not_devices:
-                    target = devices if is_local_address(record["src_ip"]) else not_devices
-                    if len(target) < _MAX_TRACKED:
-                        target.add(mac)
+                if mac in devices:
+                    seen(mac, record["src_ip"], record)
+                elif mac not in not_devices:
+                    if is_local_address(record["src_ip"]):
+                        seen(mac, record["src_ip"], record)
+                    elif len(not_devices) < _MAX_TRACKED:
+                        not_devices.add(mac)
             if self.flows == self.count:
                 self.on_count()
             yield record, flow
@@ -174,15 +199,19 @@ class LiveMonitor(Stage):
 
 
 class _LockedSink:
-    """The sink shared by the flow loop and the stats ticker: one record at a time, whole lines."""
+    """The sink shared by the flow loop and the stats ticker: one record at a time, whole lines. Records
+    that are not flows are shown to ``note`` (the view keeps alerts and floods)."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, note: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.sink = sink
+        self.note = note
         self.lock = threading.Lock()
 
     def write(self, record: dict[str, Any]) -> None:
         with self.lock:
             self.sink.write(record)
+        if self.note is not None and record.get("event_type") != "flow":
+            self.note(record)
 
     def close(self, summary: dict[str, Any]) -> None:
         with self.lock:
@@ -202,13 +231,16 @@ class LiveRun:
 
     def __init__(self, sink: Sink, stages: Sequence[Stage], config: MeterConfig, limits: LiveLimits,
                  *, reporter: Reporter | None = None, fail_on: str | None = None,
-                 view_console: Console | None = None, attacks_only: bool = False) -> None:
-        self.config = replace(config, live=True)
+                 view_console: Console | None = None, attacks_only: bool = False,
+                 vendor: Callable[[str], str | None] | None = None) -> None:
+        # the view shows the busiest active flows: the meter then sends snapshots of them
+        self.config = replace(config, live=True, active_every_ms=_ACTIVE_EVERY_MS if view_console else 0)
         self.interface = config.source
         self.limits = limits
-        self.sink = _LockedSink(sink)
         self.monitor = LiveMonitor(limits.count, lambda: self.stop("count"), self._keep_source,
                                    self._summary_fields, attacks_only=attacks_only)
+        self.sink = _LockedSink(sink, self.monitor.note)
+        self.vendor = vendor or (lambda mac: None)  # a MAC's vendor, for the view
         self.analysis = Analysis(self.sink, stages=[*stages, self.monitor], reporter=reporter,
                                  fail_on=fail_on, attacks_only=attacks_only)
         self.view_console = view_console
@@ -320,52 +352,40 @@ class LiveRun:
 
     # -- the view ----------------------------------------------------------------------------------
 
-    def _render(self, now: float | None = None) -> Group:
+    def active(self) -> Any:
+        """The meter's latest snapshot of the busiest active flows (None before the first)."""
+        source = self.analysis.current_source or self.source
+        return source.active if source is not None else None
+
+    def view_data(self, now: float | None = None) -> LiveViewData:
         now = now or time.monotonic()
         sample, last = self._sample(now), self._last_view
         if last is not None and now - last.at >= 0.9:  # rates over about a second
             span = now - last.at
             self._view_rates = ((sample.packets - last.packets) / span, (sample.flows - last.flows) / span)
             self._last_view = sample
-        pps, fps = self._view_rates
-        state = self.analysis.state
-        drops = sample.dropped + self._counter(IFDROPPED)
-        attacks: Any
-        if self.monitor.latest_attacks:
-            attacks = Table(title="Latest attacks", box=box.SIMPLE_HEAD, title_style="bold red",
-                            title_justify="left")
-            for name in ("time", "src", "dst", "app", "family", "score"):
-                attacks.add_column(name, no_wrap=True)
-            attacks.add_column("why", overflow="ellipsis", no_wrap=True)  # the first reason
-            for r in reversed(self.monitor.latest_attacks):
-                attacks.add_row(time.strftime("%H:%M:%S", time.localtime(r["last_seen_ms"] / 1000)),
-                                escape(f"{r['src_ip']}:{r['src_port']}"),
-                                escape(f"{r['dst_ip']}:{r['dst_port']}"),
-                                escape(r.get("app") or ""), escape(str(r.get("family") or "")),
-                                f"{r['score']:.2f}" if isinstance(r.get("score"), float) else "",
-                                escape((r.get("reasons") or [""])[0]))
-        else:
-            attacks = Text("No attacks seen.", style="green")
-        counters = Table.grid(padding=(0, 3))
-        for _ in range(4):
-            counters.add_column(justify="right")
-        counters.add_row(f"[bold]{pps:,.0f}[/] packets/s", f"[bold]{fps:,.1f}[/] flows/s",
-                         f"[bold]{self._counter(ACTIVE):,}[/] active flows",
-                         f"[bold]{len(self.monitor.devices):,}[/] devices seen")
-        counters.add_row(f"{sample.packets:,} packets", f"{state.flows:,} flows",
-                         f"{state.attacks:,} attacks",
-                         f"[{'bold red' if drops else 'green'}]{drops:,}[/] kernel drops")
-        elapsed = time.strftime("%H:%M:%S", time.gmtime(now - self.started))
         limits = []
         if self.limits.duration_s:
             limits.append(f"stops after {self.limits.duration_s:g} s")
         if self.limits.count:
             limits.append(f"after {self.limits.count:,} {'attacks' if self.monitor.attacks_only else 'flows'}")
-        header = Text.from_markup(f"[bold]iotscan live[/] {escape(self.interface)}   {elapsed}   "
-                                  f"{'; '.join(limits) or 'Ctrl-C stops'}", style="cyan")
-        families = dict(state.attack_families)  # one C-level copy: the flow loop adds to it meanwhile
-        if not families:
-            return Group(header, attacks, counters)
-        by_family = Text.from_markup("attacks by family: " + ", ".join(
-            f"[bold red]{escape(family)}[/] {n:,}" for family, n in sorted(families.items(), key=lambda fn: -fn[1])))
-        return Group(header, attacks, counters, by_family)
+        state = self.analysis.state
+        active = self.active()
+        devices = dict(self.monitor.devices)
+        for flow in active.flows if active is not None else ():  # devices talking now, whose flows go on
+            for ip, mac in ((flow.src_ip, flow.src_mac), (flow.dst_ip, flow.dst_mac)):
+                if mac not in devices and is_local_address(ip):
+                    devices[mac] = DeviceSeen(mac, ip)
+        return LiveViewData(
+            interface=self.interface, elapsed_s=now - self.started, limits="; ".join(limits) or "Ctrl-C stops",
+            packets_per_s=self._view_rates[0], flows_per_s=self._view_rates[1], active_flows=self._counter(ACTIVE),
+            packets=sample.packets, flows=state.flows, attacks=state.attacks,
+            drops=sample.dropped + self._counter(IFDROPPED),
+            families=dict(state.attack_families),  # one C-level copy: the flow loop adds to it meanwhile
+            active=active, latest_attacks=list(self.monitor.latest_attacks),
+            events=list(self.monitor.latest_events), event_counts=dict(self.monitor.event_counts),
+            devices=devices, vendor=self.vendor)
+
+    def _render(self, now: float | None = None) -> Group:
+        width = self.view_console.width if self.view_console is not None else 120
+        return render_live_view(self.view_data(now), width)

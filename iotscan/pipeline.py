@@ -88,6 +88,7 @@ class RunState:
     exit_code: ExitCode = ExitCode.OK
     interrupted: bool = False
     fail_hits: int = 0
+    records: Counter[str] = field(default_factory=Counter)  # stages' own records written, by event_type
 
     def error(self, source: str, message: str, code: ExitCode = ExitCode.USAGE) -> None:
         self.errors.append({"source": source, "message": message})
@@ -234,8 +235,14 @@ class Analysis:
         write = self.sink.write
         fail_family = self.fail_on
         emit_all, emit_attacks = self.emit_flows and not self.attacks_only, self.emit_flows
-        for record, _flow in events:
+        for record, flow in events:
             if record is None:
+                continue
+            if flow is None:  # a stage's own record (an alert): written when it comes
+                self.state.records[record.get("event_type", "")] += 1
+                if fail_family in ("attack", record.get("family")):
+                    self.state.fail_hits += 1
+                write(record)
                 continue
             self.state.flows += 1
             if record.get("verdict") == "attack":

@@ -15,8 +15,10 @@ from iotscan.capture.inputs import CaptureFile
 from iotscan.capture.source import MeterConfig
 
 # A flow record and its NFStream flow; on a live interface also TICK, a heartbeat when no flow has
-# come for a moment, which every stage passes on (a stage holding flows back may flush on it).
-Event = tuple[dict[str, Any], NFlow] | tuple[None, None]
+# come for a moment, which every stage passes on (a stage holding flows back may flush on it); and a
+# record of a stage's own with no flow (an alert), which later stages pass on and the pipeline writes as
+# it comes.
+Event = tuple[dict[str, Any], NFlow] | tuple[None, None] | tuple[dict[str, Any], None]
 TICK: tuple[None, None] = (None, None)
 
 

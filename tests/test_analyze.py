@@ -122,7 +122,9 @@ def test_directory_input_and_all_formats(tmp_path: Path) -> None:
     assert [i["source"] for i in summary["inputs"]] == [str(p) for p in SAMPLE_FILES]
 
     doc = orjson.loads(run_iotscan("analyze", SAMPLES, "-f", "json", check_code=0).stdout)
-    assert set(doc) == {"flows", "devices", "summary"} and len(doc["flows"]) == len(flows)
+    # the samples hold a DNS tunnel and an IRC bot: the host-behaviour stage's alerts have a list of their own
+    assert set(doc) == {"flows", "alerts", "devices", "summary"} and len(doc["flows"]) == len(flows)
+    assert len(doc["alerts"]) == doc["summary"]["alerts"] == len([r for r in records if r["event_type"] == "alert"])
     assert len(doc["devices"]) == doc["summary"]["devices"] == summary["devices"] > 0
     assert doc["flows"][0] == flows[0] and doc["summary"]["flows"] == summary["flows"]
 

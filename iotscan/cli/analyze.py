@@ -19,6 +19,7 @@ from iotscan.cli.common import (
     MAX_FLOWS_OPTION,
     MODEL_OPTION,
     NO_DEVICES_OPTION,
+    NO_HOSTS_OPTION,
     NO_SCORE_OPTION,
     OUTPUT_OPTION,
     QUIET_OPTION,
@@ -35,9 +36,12 @@ from iotscan.cli.common import (
 from iotscan.cli.report import check_report_path, open_report
 from iotscan.errors import InputError
 from iotscan.output.console import Reporter
+from iotscan.output.records import EXPLAIN_FIELDS
 from iotscan.output.report import TeeSink
 from iotscan.output.sinks import make_sink
 from iotscan.pipeline import Analysis
+
+EXPLAIN_FIELD_NAMES = tuple(name for name, _ in EXPLAIN_FIELDS)
 
 
 @app.command()
@@ -57,6 +61,7 @@ def analyze(
     model: Path | None = MODEL_OPTION,
     trust_model: bool = TRUST_MODEL_OPTION,
     no_score: bool = NO_SCORE_OPTION,
+    no_hosts: bool = NO_HOSTS_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
     explain: bool = typer.Option(False, "--explain", help="Give every attack flow the ready-to-run `iotscan "
                                  "inspect` command that shows its packets (field `inspect`; listed in the table)."),
@@ -86,7 +91,7 @@ def analyze(
 
         require_dask("--scheduler" if scheduler else f"--jobs {jobs}")
     options = StageOptions(devices=not no_devices, score=not no_score, model=model, trust_model=trust_model,
-                           threshold=threshold, explain=explain, idle_timeout=idle_timeout,
+                           threshold=threshold, hosts=not no_hosts, explain=explain, idle_timeout=idle_timeout,
                            active_timeout=active_timeout)
     stages = options.build()
     config = main_pass_config("", score=not no_score, bpf=bpf, idle_timeout=idle_timeout,
@@ -100,8 +105,11 @@ def analyze(
         if attacks_only:
             builder.notes.append("Made with --attacks-only: benign flows are counted in the summary but not drawn.")
     out = open_output(output, paths)
-    columns = flow_columns(devices=not no_devices, score=not no_score) + (("inspect",) if explain else ())
-    sink = make_sink(fmt.value, out, columns=columns)
+    columns = flow_columns(devices=not no_devices, score=not no_score) + (EXPLAIN_FIELD_NAMES if explain else ())
+    # the table's inspect command carries the time-outs flow ids depend on
+    inspect_args = [*(["--idle-timeout", str(idle_timeout)] if idle_timeout != 120 else []),
+                    *(["--active-timeout", str(active_timeout)] if active_timeout != 1800 else [])]
+    sink = make_sink(fmt.value, out, columns=columns, inspect_args=inspect_args)
     if builder is not None:
         sink = TeeSink(sink, builder)
     with contextlib.ExitStack() as cluster:

@@ -61,6 +61,8 @@ MODEL_OPTION = typer.Option(None, "--model", dir_okay=False,
 TRUST_MODEL_OPTION = typer.Option(False, "--trust-model",
                                   help="Load --model without verification: a model file is a pickle and runs code.")
 NO_SCORE_OPTION = typer.Option(False, "--no-score", help="Skip scoring (no verdict, score, family, reasons).")
+NO_HOSTS_OPTION = typer.Option(False, "--no-hosts", help="Skip the host-behaviour stage (scans by outcome, "
+                               "compromised devices, DNS tunnels: alert records).")
 ATTACKS_ONLY_OPTION = typer.Option(
     False, "--attacks-only",
     help="Write only the flow records judged attacks (device records and the summary still follow): an alert "
@@ -184,6 +186,7 @@ class StageOptions:
     model: Path | ModelContent | None = None
     trust_model: bool = False
     threshold: float | None = None
+    hosts: bool = True
     explain: bool = False
     idle_timeout: int = 120
     active_timeout: int = 1800
@@ -193,7 +196,7 @@ class StageOptions:
         """The stages, models verified (a bundled one by its SHA-256, a shipped one against the client's)."""
         model = self.model.materialize() if isinstance(self.model, ModelContent) else self.model
         stages = build_stages(devices=self.devices, score=self.score, model_path=model, trust_model=self.trust_model,
-                              threshold=self.threshold, device_model=self.device_model)
+                              threshold=self.threshold, hosts=self.hosts, device_model=self.device_model)
         if self.explain:
             from iotscan.inspect import InspectCommandStage
 
@@ -207,8 +210,10 @@ class StageOptions:
 
 
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
-                 trust_model: bool = False, threshold: float | None = None, device_model: bool = True) -> list[Stage]:
-    """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order. Without
+                 trust_model: bool = False, threshold: float | None = None, hosts: bool = True,
+                 device_model: bool = True) -> list[Stage]:
+    """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order: the host-behaviour
+    stage judges hosts over the flows the scoring stage judged, so it runs with scoring only. Without
     ``device_model`` the device stage counts devices but cannot fingerprint them (finish(): a client does)."""
     stages: list[Stage] = []
     if devices:
@@ -219,4 +224,8 @@ def build_stages(devices: bool = True, score: bool = True, model_path: Path | No
         from iotscan.detect.scoring import ScoringStage  # deferred: loads (and verifies) the flow model
 
         stages.append(ScoringStage(model_path, trusted=trust_model, threshold=threshold))
+        if hosts:
+            from iotscan.detect.hosts import HostStage
+
+            stages.append(HostStage())
     return stages

@@ -33,7 +33,8 @@ def inspect_flow(
     capture: Path = typer.Argument(..., help="The capture file (pcap, pcapng) the flow was seen in."),
     flow: str | None = typer.Argument(
         None, metavar="[FLOW]",
-        help="A flow_id or community_id from `iotscan analyze` (or a 5-tuple, as --5tuple)."),
+        help="A flow_id from `iotscan analyze` (or its first digits, at least 6, as the table shows them: they must "
+             "name one flow of the capture), a community_id, or a 5-tuple (as --5tuple)."),
     five_tuple: str | None = typer.Option(
         None, "--5tuple", metavar="SRC:PORT-DST:PORT/PROTO",
         help="Find the flow by its addresses (either direction; IPv6 in brackets: "

@@ -18,6 +18,7 @@ from iotscan.cli.common import (
     MAX_FLOWS_OPTION,
     MODEL_OPTION,
     NO_DEVICES_OPTION,
+    NO_HOSTS_OPTION,
     NO_SCORE_OPTION,
     QUIET_OPTION,
     THRESHOLD_OPTION,
@@ -74,6 +75,7 @@ def live(
     model: Path | None = MODEL_OPTION,
     trust_model: bool = TRUST_MODEL_OPTION,
     no_score: bool = NO_SCORE_OPTION,
+    no_hosts: bool = NO_HOSTS_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
 ) -> None:
     """Capture an interface and write each flow as it ends, with devices and verdicts, until stopped."""
@@ -89,15 +91,26 @@ def live(
     # Everything that can fail before capturing fails before the output is touched.
     preflight(interface)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
-                          threshold=threshold)
+                          threshold=threshold, hosts=not no_hosts)
     out = open_output(output, append=True)
     try:
         sink = make_sink(fmt.value, out, columns=flow_columns(devices=not no_devices, score=not no_score),
                          flush_each=True)
         run = LiveRun(sink, stages, config, limits, reporter=Reporter(quiet), fail_on=fail_on,
-                      view_console=stderr if show_view else None, attacks_only=attacks_only)
+                      view_console=stderr if show_view else None, attacks_only=attacks_only,
+                      vendor=_mac_vendor if show_view else None)
         code = run.run()
     finally:
         if output is not None:
             out.close()
     raise typer.Exit(int(code))
+
+
+def _mac_vendor(mac: str) -> str | None:
+    """A MAC's vendor, for the view's device column (the device stage's registry and signature names)."""
+    from iotscan.devices.signatures import load_signatures
+
+    if mac == "00:00:00:00:00:00":  # loopback's (the registry names Xerox)
+        return None
+    found = load_signatures().mac_vendor(mac)
+    return found.vendor or found.org

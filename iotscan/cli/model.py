@@ -33,18 +33,44 @@ def _say(quiet: bool) -> Any:
     return say
 
 
-def _tables(manifests: list[Path], cache_dir: Path | None, no_cache: bool, quiet: bool,
-            sources: list[str] | None = None) -> list:
-    from iotscan.training.dataset import default_cache_dir, load_captures
+def _specs(manifests: list[Path], sources: list[str] | None = None, excluded: list[str] | None = None) -> list:
+    """The manifests' captures, of the datasets named (all without), but those of the datasets excluded."""
     from iotscan.training.manifest import read_manifests, select_sources
 
     specs = read_manifests(manifests)
-    if sources:  # before loading: the other datasets' captures are not even metered
+    if sources:
         specs = select_sources(specs, sources)
+    if excluded:
+        dropped = select_sources(specs, excluded)  # an unknown name is an error, as for --source
+        specs = [s for s in specs if s not in dropped]
+    return specs
+
+
+def _tables(manifests: list[Path], cache_dir: Path | None, no_cache: bool, quiet: bool,
+            sources: list[str] | None = None, excluded: list[str] | None = None) -> list:
+    from iotscan.training.dataset import default_cache_dir, load_captures
+
+    specs = _specs(manifests, sources, excluded)  # before loading: the other datasets' captures are not metered
     tables = load_captures(specs, None if no_cache else (cache_dir or default_cache_dir()), progress=not quiet)
     if not tables:
         raise InputError("no capture of the manifests could be read")
     return tables
+
+
+def _pipeline_predictions(manifests: list[Path], sources: list[str], model_path: Path | None, trust_model: bool,
+                          threshold: float | None, quiet: bool) -> Any:
+    from iotscan.cli.common import build_stages, main_pass_config
+    from iotscan.training.pipeline_eval import evaluate_pipeline
+
+    specs = _specs(manifests, sources)
+    result = evaluate_pipeline(
+        specs, lambda: build_stages(model_path=model_path, trust_model=trust_model, threshold=threshold),
+        main_pass_config("", score=True), progress=_say(quiet))
+    for failure in result.failed:
+        _say(quiet)(f"not evaluated: {failure}")
+    if not result.predictions.capture:
+        raise InputError("no capture of the manifests could be analysed")
+    return result.predictions
 
 
 @model_app.command("train")
@@ -63,6 +89,9 @@ def train(
                                  help="Rows drawn per capture at most."),
     notes: Path | None = typer.Option(None, "--notes", exists=True, dir_okay=False,
                                       help="A Markdown file added to the card (e.g. ablations measured apart)."),
+    exclude_source: list[str] = typer.Option(
+        [], "--exclude-source", help="Leave this dataset out of training and evaluation altogether (kept unseen, to "
+                                     "measure the model on later). Repeatable."),
     cache_dir: Path | None = CACHE_OPTION,
     no_cache: bool = NO_CACHE_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -77,7 +106,7 @@ def train(
         raise InputError(f"{output}: the model file must end in .joblib")
     say = _say(quiet)
     cfg = TrainConfig(seed=seed, max_iter=max_iter, max_rows_per_capture=max_rows)
-    tables = _tables(manifests, cache_dir, no_cache, quiet)
+    tables = _tables(manifests, cache_dir, no_cache, quiet, excluded=exclude_source)
     evaluation: dict[str, Any] = {}
     try:
         if cv_folds >= 2:
@@ -103,6 +132,8 @@ def train(
     command = "iotscan model train " + " ".join(shlex.quote(str(a)) for a in sys.argv[sys.argv.index("train") + 1:]) \
         if "train" in sys.argv else "iotscan model train"
     card = nan_to_none(build_card(model, tables, evaluation, command, [str(m) for m in manifests]))
+    if exclude_source:
+        card["excluded_sources"] = sorted(exclude_source)
     if notes is not None:
         card["notes"] = notes.read_text()
     digest = save_model(model, output, card, card_markdown(card))
@@ -156,6 +187,9 @@ def evaluate(
     source: list[str] = typer.Option(
         [], "--source", help="Only the captures of this dataset (as the manifest names it: the first directory "
                              "of its paths, or its source column). Repeatable."),
+    pipeline: bool = typer.Option(
+        False, "--pipeline", help="Run each capture through the whole analyze pipeline (devices, scoring, the "
+                                  "host-behaviour stage) instead of scoring the flow model's feature tables."),
     cache_dir: Path | None = CACHE_OPTION,
     no_cache: bool = NO_CACHE_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -166,10 +200,14 @@ def evaluate(
     from iotscan.training.evaluate import _empty, metrics, predict_all
 
     model, _card = load_flow_model(model_path, trust_model)
-    tables = _tables(manifests, cache_dir, no_cache, quiet, source)
-    preds = {"model": _empty(), "rule": _empty()}
-    predict_all(tables, model, None, preds, threshold)
-    result = nan_to_none(metrics(preds["model"]))
+    if pipeline:
+        predictions = _pipeline_predictions(manifests, source, model_path, trust_model, threshold, quiet)
+    else:
+        tables = _tables(manifests, cache_dir, no_cache, quiet, source)
+        preds = {"model": _empty(), "rule": _empty()}
+        predict_all(tables, model, None, preds, threshold)
+        predictions = preds["model"]
+    result = nan_to_none(metrics(predictions))
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
         return

@@ -125,6 +125,7 @@ class ClusterAnalysis(Analysis):
         self.state.attacks += state.attacks
         self.state.attack_families.update(state.attack_families)
         self.state.fail_hits += state.fail_hits
+        self.state.records.update(state.records)
         self.state.exit_code = max(self.state.exit_code, state.exit_code)
         for kind, entries in (("warnings", state.warnings), ("errors", state.errors), ("inputs", state.inputs)):
             self._by_input[kind].extend((index, entry) for entry in entries)

@@ -55,7 +55,7 @@ from iotscan.detect.context import (
 from iotscan.output.records import MeteredFlow, flow_attributes
 
 if TYPE_CHECKING:
-    from iotscan.detect.request_pass import RequestFindings
+    from iotscan.detect.request_findings import RequestFindings
 
 # Bump whenever a feature's meaning, order or the meter settings below change: models record it and
 # refuse to load under another version (exit 4) instead of scoring garbage.
@@ -133,7 +133,7 @@ CATEGORICAL = ["app_code", "category_code"]
 # makes the flow an attack whatever the detector says (see iotscan.detect.scoring.attack_scores).
 REQUEST_SIGNATURE = "request_signature"
 # The code of a signature that a flow between the same two hosts (this one or another) matched while this one
-# was active or shortly before or after (see request_pass.PAIR_AFTER_MATCH_MS): marks an exploit's callbacks
+# was active or shortly before or after (see request_findings.PAIR_AFTER_MATCH_MS): marks an exploit's callbacks
 # and downloads, a scanner's other probes. Decides as the flow's own match does, after it.
 PAIR_SIGNATURE = "pair_signature"
 # The code of an exploit's signature whose request, received by one of the flow's hosts, named the other (a

@@ -33,14 +33,7 @@ flow is one small integer.
 
 from __future__ import annotations
 
-import bisect
-import json
 import re
-from collections import OrderedDict, deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -49,6 +42,8 @@ from nfstream.plugin import NFPlugin
 from iotscan.capture.packets import TcpSegment, echo_request_data, read_dns_name, tcp_segment, udp_payload
 from iotscan.capture.side_pass import SidePass, side_pass
 from iotscan.capture.source import MeterConfig
+from iotscan.detect.request_findings import RequestFindings
+from iotscan.detect.request_signatures import SIGNATURES, RequestSignature
 
 METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC")
 # A bot's first lines to its controller: an IRC client's registration (NICK, USER), a BASHLITE (Gafgyt) bot's
@@ -61,7 +56,11 @@ SSH_IDENTIFICATION = b"SSH-"  # the line each side of an SSH connection starts w
 # A segment that starts a file: a script ("#!") or a Windows executable ("MZ"), sent raw over a connection by a
 # loader, a reverse shell or an exploit kit's stager (or as an HTTP download's body, when the headers went alone)
 FILE_STARTS = (b"#!", b"MZ")
+ELF_START = b"\x7fELF"  # a Linux executable (any CPU), as IoT loaders fetch their bot binary
+RESPONSE_START = b"HTTP"  # an HTTP response: its body may start a file in the headers' segment
+SHELL_STARTS = (b"Micr", b"uid=")  # a command shell's banner ("Microsoft Windows [Version"), an id command's output
 TELNET_PORTS = (23, 2323)  # Mirai's
+FTP_PORT = 21
 # The first 4 TCP payload bytes, after the TCP options. libpcap's tcp[] indexes IPv4 only, so over
 # IPv6 the offset is counted from the fixed header: a packet with extension headers is not read.
 _PAYLOAD_START = "tcp[((tcp[12:1] & 0xf0) >> 2):4]"
@@ -72,7 +71,8 @@ def _payload_starts(start: str) -> str:
     """A request's, a bot's first line's or an SSH identification's first four bytes, a file's first two,
     or an MQTT CONNACK (type 2, length 2) refusing a login (return code 4, bad user name or password, or 5,
     not authorized)."""
-    prefixes = " or ".join(f"{start} = 0x{m.hex()}" for m in (*METHODS, *BOT_LINE_STARTS, SSH_IDENTIFICATION))
+    prefixes = " or ".join(f"{start} = 0x{m.hex()}" for m in (*METHODS, *BOT_LINE_STARTS, SSH_IDENTIFICATION,
+                                                                ELF_START, RESPONSE_START, *SHELL_STARTS))
     files = " or ".join(f"{start} & 0xffff0000 = 0x{m.hex()}0000" for m in FILE_STARTS)
     return f"({prefixes} or {files} or {start} & 0xffff00fe = 0x20020004)"
 
@@ -95,6 +95,11 @@ SYN_FILTER = "(ip and tcp and tcp[13] & 0x12 = 2 and tcp[14:2] = 1024 and ip[6] 
 # echo requests without data (ordinary pings carry some: 56 bytes from Linux, 32 from Windows)
 ECHO_FILTER = "(icmp and icmp[0] = 8 and ip[2:2] = ((ip[0] & 0xf) << 2) + 8) or " \
               "(ip6 and ip6[6] = 58 and ip6[40] = 128 and ip6[4:2] = 8)"
+# an FTP server refusing a login: "530 " or "530-"
+FTP_REPLY_FILTER = f"(ip and tcp src port {FTP_PORT} and {_TCP4_DATA} >= 4 and " \
+                   f"{_PAYLOAD_START} & 0xffffff00 = 0x{b'530'.hex()}00)"
+# a TFTP data block (opcode 3) that starts an ELF file, over IPv4
+TFTP_FILTER = f"(ip and udp and udp[4:2] >= 16 and udp[8:2] = 3 and udp[12:4] = 0x{ELF_START.hex()})"
 # what a telnet server sends (segments with data)
 _TELNET_SOURCE = " or ".join(f"tcp src port {port}" for port in TELNET_PORTS)
 TELNET_FILTER = f"(ip and ({_TELNET_SOURCE}) and {_TCP4_DATA} > 0) or (ip6 and ({_TELNET_SOURCE}) and {_TCP6_DATA} > 0)"
@@ -109,7 +114,8 @@ HEAD_LINE_FILTER = f"(ip and tcp and {_TCP4_DATA} > 0 and {_TCP4_DATA} <= {MAX_H
 # The payload tests last: a load past a packet's end ends the whole filter (see _TCP4_DATA), which once kept
 # the probes behind the HTTP expression from ever matching; a test compares the whole filter with its parts
 REQUEST_FILTER = f"({PROBE_FILTER}) or ({SYN_FILTER}) or ({ECHO_FILTER}) or ({TELNET_FILTER}) or " \
-                 f"(udp dst port 53) or ({PAYLOAD_FILTER}) or ({HEAD_LINE_FILTER}) or ({CHECKIN_FILTER})"
+                 f"(udp dst port 53) or ({PAYLOAD_FILTER}) or ({HEAD_LINE_FILTER}) or ({CHECKIN_FILTER}) or " \
+                 f"({FTP_REPLY_FILTER}) or ({TFTP_FILTER})"
 
 MAX_REQUESTS_PER_FLOW = 32  # keep-alive connections and reused DNS sockets carry several; the first ones tell
 # A request head still unfinished this long after its first segment, with this many segments of it sent, is
@@ -120,111 +126,14 @@ HEAD_HELD_MS = 5_000
 HEAD_HELD_SEGMENTS = 3
 HEAD_END = b"\r\n\r\n"
 MAX_HEAD_BYTES = 4096  # of one request segment
-MAX_FINDINGS = 100_000  # flows with a match kept per source; beyond, the oldest endpoints are forgotten
-# A match also marks the two hosts' other flows (an exploit's callbacks and downloads, a scanner's other
-# probes), as Suricata's xbits tracked by ip_pair do: the flows active between this long before the match ...
-PAIR_BEFORE_MATCH_MS = 60_000
-# ... and this long after it. The first is shorter than the default idle timeout (120 s): on an interface a
-# flow expires, and is scored, at least that long after its last packet, so a match this soon after is known.
-# Both define the pair_signature feature: a change needs a new FEATURE_SCHEMA_VERSION and model.
-PAIR_AFTER_MATCH_MS = 120_000
 # An exploit request often names the host the victim is to call next: the loader it downloads from, the LDAP
 # server of a log4j lookup. The flows between the request's server and each IPv4 literal in the request
 # (at most this many) are marked as the pair's are.
 MAX_NAMED_HOSTS = 4
-# A matching flow as the pass saw it (src_ip, src_port, dst_ip, dst_port, protocol; src sent its first packet
-# the filter let through), and a mark of a pair of hosts: (match time ms, signature code, the matching flow)
-Flow5 = tuple[str, int, str, int, int]
-Mark = tuple[int, int, Flow5]
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w.])")
 
 
-# What each kind of signature reads ("where" in the signatures file), and what a person reads first
-# about a flow that matched one of that kind
-_REASONS = {
-    "target": "HTTP request matched {kind} signature: {name}",  # the request target
-    "head": "HTTP request matched {kind} signature: {name}",  # the request line and headers
-    "body": "HTTP request matched {kind} signature: {name}",  # what follows the headers in the request's segment
-    "dns": "DNS queries matched a tunnel signature: {name}",  # a query: "example.com a"
-    "tcp-flags": "TCP flags no connection uses: {name}",  # a segment's flags without SYN, ACK and RST: "fpu"
-    "syn": "a scanning tool's probe: {name}",  # a SYN's header (see SYN_FILTER): "window 1024 df 0"
-    "echo": "a scanning tool's probe: {name}",  # an echo request (see ECHO_FILTER): "echo-request data 0"
-    "line": "a bot's command to its controller: {name}",  # a segment starting with BOT_LINE_STARTS
-    "checkin": "a bot's check-in with its controller: {name}",  # a BOT_CHECKIN segment, as hex: "00000001"
-    "ssh": "{name}",  # an SSH identification line: "ssh-2.0-openssh_9.6"
-    "file": "{name}",  # a segment starting with "#!" or "mz" (FILE_STARTS), lower-cased
-    "reply": "{name}",  # a server's segment: an MQTT CONNACK ("mqtt connack 5"), a telnet server's text
-    "held": "{name}",  # a request head held open (see HEAD_HELD_MS): "request head held open"
-}
-# What each family's tools are called in the reasons of HTTP signatures
-_TOOL = {"scan": "a scanner", "bruteforce": "a password guesser"}
-
-
-@dataclass(frozen=True)
-class RequestSignature:
-    name: str
-    family: str
-    where: str  # what it reads: see _REASONS
-    needs: tuple[str, ...]  # the pattern is tried only when the text holds one of these (none: always)
-    pattern: re.Pattern[str]  # lower case, searched in lower-cased text
-    min_count: int = 1  # packets of one flow that must match: one odd DNS name is no tunnel
-    # matching flows between the same two hosts that must come within pair_window_ms: one refused login
-    # is a typo, five within minutes are guesses
-    min_pair_count: int = 1
-    pair_window_ms: int = 0
-
-    @property
-    def marks_pair(self) -> bool:
-        """Whether a match marks the two hosts' other flows: not a DNS one, whose hosts are a client and
-        its resolver, which carries every name the client looks up."""
-        return self.where != "dns"
-
-    @property
-    def reason(self) -> str:
-        """What a person reads first about a flow that matched."""
-        reason = _REASONS[self.where].format(kind=_TOOL.get(self.family, "an exploit"), name=self.name)
-        if self.min_pair_count > 1:
-            reason += f", {self.min_pair_count} or more between the same two hosts within " \
-                      f"{self.pair_window_ms // 60_000} minutes"
-        return reason
-
-    @property
-    def pair_reason(self) -> str:
-        """What a person reads first about another flow of two hosts one of whose flows matched."""
-        return f"a flow between the same two hosts matched a signature within minutes: {self.name}"
-
-    @property
-    def names_hosts(self) -> bool:
-        """Whether the hosts a matching request names are marked: an exploit's, whose victim calls them."""
-        return self.family == "exploit" and self.where in ("target", "head", "body")
-
-    @property
-    def named_reason(self) -> str:
-        """What a person reads first about a flow between an exploited host and a host the exploit named."""
-        return f"the other host was named in an exploit request this host received within minutes: {self.name}"
-
-
-def _signatures_path() -> Path:
-    try:
-        return Path(str(resources.files("iotscan.data"))) / "request_signatures.json"
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[1] / "data" / "request_signatures.json"
-
-
-def _load() -> list[RequestSignature]:
-    data = json.loads(_signatures_path().read_text())
-    signatures = [RequestSignature(s["name"], s["family"], s["where"], tuple(s["needs"]), re.compile(s["pattern"]),
-                                   s.get("min_count", 1), s.get("min_pair_count", 1), s.get("pair_window_s", 0) * 1000)
-                  for s in data["signatures"]]
-    unknown = {s.where for s in signatures} - _REASONS.keys()
-    if unknown:
-        raise ValueError(f"request signatures: unknown 'where' {sorted(unknown)}")
-    return signatures
-
-
-# Loaded at import, so the meter process (a fork) has them compiled; a broken file is a broken install.
-SIGNATURES: list[RequestSignature] = _load()
 # (code, signature) of HTTP requests, the target ones first: the head is decoded only when they all miss
 _HTTP = sorted(((c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where in ("target", "head", "body")),
                key=lambda cs: cs[1].where != "target")
@@ -234,8 +143,9 @@ def _of_kind(where: str) -> list[tuple[int, RequestSignature]]:
     return [(c, s) for c, s in enumerate(SIGNATURES, start=1) if s.where == where]
 
 
-_DNS, _FLAGS, _SYN, _ECHO, _LINE, _CHECKIN, _SSH, _FILE, _REPLY, _HELD = (
-    _of_kind(w) for w in ("dns", "tcp-flags", "syn", "echo", "line", "checkin", "ssh", "file", "reply", "held"))
+_DNS, _FLAGS, _SYN, _ECHO, _LINE, _CHECKIN, _SSH, _FILE, _SHELL, _REPLY, _FTP_REPLY, _HELD = (
+    _of_kind(w) for w in ("dns", "tcp-flags", "syn", "echo", "line", "checkin", "ssh", "file", "shell", "reply",
+                          "ftp-reply", "held"))
 HEAD_HELD_TEXT = "request head held open"
 # TCP flag bits by the letter tcp-flags signatures read them as ("fpu": FIN, PSH and URG)
 FLAG_LETTERS = ((0x01, "f"), (0x02, "s"), (0x04, "r"), (0x08, "p"), (0x10, "a"), (0x20, "u"), (0x40, "e"),
@@ -243,11 +153,6 @@ FLAG_LETTERS = ((0x01, "f"), (0x02, "s"), (0x04, "r"), (0x08, "p"), (0x10, "a"),
 # DNS query types by number, for the text DNS signatures read; others read as "type<number>"
 QTYPES = {1: "a", 2: "ns", 5: "cname", 6: "soa", 10: "null", 12: "ptr", 13: "hinfo", 15: "mx", 16: "txt",
           28: "aaaa", 33: "srv", 35: "naptr", 64: "svcb", 65: "https", 255: "any"}
-
-
-def signature(code: int) -> RequestSignature | None:
-    """The signature a flow's request code stands for (0: none)."""
-    return SIGNATURES[code - 1] if 0 < code <= len(SIGNATURES) else None
 
 
 def _matches(sig: RequestSignature, text: str) -> bool:
@@ -358,20 +263,49 @@ def read_packet(ip_packet: bytes, segment: TcpSegment | None) -> int | None:
             return _first_match(_CHECKIN, segment.payload.hex())
         if start == SSH_IDENTIFICATION:
             return _first_match(_SSH, segment.payload[:255].split(b"\r\n", 1)[0].decode("latin-1").lower())
-        if start[:2] in FILE_STARTS:
+        if start[:2] in FILE_STARTS or start == ELF_START:
             return _first_match(_FILE, segment.payload[:MAX_HEAD_BYTES].decode("latin-1").lower())
+        if start == RESPONSE_START:
+            return _response_file(segment.payload)
+        if start in SHELL_STARTS:
+            return _first_match(_SHELL, segment.payload[:MAX_HEAD_BYTES].decode("latin-1").lower())
         if not segment.flags & 0x16:  # none of SYN, ACK and RST
             return _first_match(_FLAGS, flag_text(segment.flags))
         if segment.flags & 0x12 == 0x02:  # a SYN
             return _first_match(_SYN, f"window {segment.window} df {int(segment.dont_fragment)}")
+        if segment.src_port == FTP_PORT:  # by its filter: a refusal
+            return _first_match(_FTP_REPLY, segment.payload[:MAX_HEAD_BYTES].decode("latin-1").lower())
         if segment.src_port in TELNET_PORTS or segment.payload[:2] == b"\x20\x02":  # a server's, by its filter
             return _first_match(_REPLY, reply_text(segment.payload))
         return None
     data = echo_request_data(ip_packet)
     if data is not None:
         return _first_match(_ECHO, f"echo-request data {data}")
+    datagram = udp_payload(ip_packet)  # a TFTP data block (TFTP_FILTER): opcode 3, block number, an ELF file's start
+    if datagram is not None and datagram[2][:2] == b"\x00\x03" and datagram[2][4:8] == ELF_START:
+        return _first_match(_FILE, datagram[2][4:MAX_HEAD_BYTES].decode("latin-1").lower())
     text = dns_query(ip_packet)
     return match_query(text) if text is not None else 0
+
+
+_HOST_HEADER = re.compile(rb"\r\nhost:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_ADDRESS = re.compile(rb"^(\[[0-9a-f:.]+\]|[0-9.]+)(:\d+)?$", re.IGNORECASE)
+
+
+def _names_server(request: bytes) -> bool:
+    """Whether an HTTP request's Host header names its server (not an address)."""
+    found = _HOST_HEADER.search(request, 0, MAX_HEAD_BYTES)
+    return found is not None and bool(found.group(1).strip()) and not _ADDRESS.match(found.group(1).strip())
+
+
+def _response_file(payload: bytes) -> int | None:
+    """The file signature an HTTP response's body matches, when the body starts in the headers' segment; None
+    for any other response (not a packet the pass reads)."""
+    end = payload.find(HEAD_END, 0, MAX_HEAD_BYTES)
+    body = payload[end + 4:end + 4 + MAX_HEAD_BYTES] if end >= 0 else b""
+    if body[:2] in FILE_STARTS or body[:4] == ELF_START:
+        return _first_match(_FILE, body.decode("latin-1").lower())
+    return None
 
 
 class RequestPlugin(NFPlugin):
@@ -396,6 +330,7 @@ class RequestPlugin(NFPlugin):
         flow.udps.head = None  # an unfinished request head: (its sender's direction, start ms, segments)
         # when the first packet read came: the match's time (a head line outside a head, not read, may come first)
         flow.udps.first_read_ms = 0
+        flow.udps.named_server = False  # an HTTP request of the flow named its server (a Host header with a name)
         self.on_update(packet, flow)
 
     def on_update(self, packet: Any, flow: Any) -> None:
@@ -404,6 +339,8 @@ class RequestPlugin(NFPlugin):
             if udps.request_signature or udps.requests_read >= MAX_REQUESTS_PER_FLOW:
                 return
             segment = tcp_segment(packet.ip_packet)
+            if segment is not None and segment.payload[:4] in METHODS and not udps.named_server:
+                udps.named_server = _names_server(segment.payload)
             code = self._follow_head(segment, packet, udps)
             if code is None:
                 code = read_packet(packet.ip_packet, segment)
@@ -412,6 +349,8 @@ class RequestPlugin(NFPlugin):
             if not udps.requests_read:
                 udps.first_read_ms = packet.time
             udps.requests_read += 1
+            if code and SIGNATURES[code - 1].by_address_only and udps.named_server:
+                code = 0  # a file fetched from a server called by name: an update, not a loader's bot
             if code:
                 hits = udps.signature_hits[code] = udps.signature_hits.get(code, 0) + 1
                 sig = SIGNATURES[code - 1]
@@ -447,182 +386,6 @@ class RequestPlugin(NFPlugin):
             udps.head = None
             return _first_match(_HELD, HEAD_HELD_TEXT)
         return 0
-
-
-@dataclass
-class RequestFindings:
-    """The flows of a source whose requests matched a signature, by (client, server) endpoints, and the
-    times of the matches that mark a pair of hosts (RequestSignature.marks_pair), by pair (_pair_keys: a
-    host's traffic with itself by the match's ports instead).
-
-    A signature that asks for several matching flows between two hosts (min_pair_count) holds its
-    matches back until enough have come within its window; then they count, and so does every later
-    one within the window of the last. An exploit's match also marks, by_named, the pairs of its
-    server (the exploited host) and each host its request names.
-
-    Filled by the pass's thread while the main one reads it on a live interface: each operation is
-    one dict or list call, atomic under the GIL. At most MAX_FINDINGS matches are kept in each table
-    (the oldest endpoints or pairs go first), so a capture that never ends stays bounded. The tables are
-    OrderedDicts, whose oldest key is found at once: a plain dict finds its first key past every key
-    deleted before it, which made a flood of matching flows quadratic (300,000 spoofed scanner SYNs:
-    40 s, most of it here).
-    """
-
-    by_endpoints: OrderedDict[tuple[str, int, str, int], list[tuple[int, int]]] = field(default_factory=OrderedDict)
-    # (time, code, the matching flow's Flow5) of each mark, sorted by time
-    by_pair: OrderedDict[tuple[str, str], list[Mark]] = field(default_factory=OrderedDict)
-    by_named: OrderedDict[tuple[str, str], list[Mark]] = field(default_factory=OrderedDict)
-    # matches held back, by (pair, code): (first_ms, flow), and until when a pair's matches count at once
-    held: OrderedDict[tuple[tuple[str, str], int], deque[tuple[int, Flow5]]] = field(default_factory=OrderedDict)
-    counting_until: OrderedDict[tuple[tuple[str, str], int], int] = field(default_factory=OrderedDict)
-    matched: int = 0
-    kept: int = 0
-    pair_kept: int = 0
-    named_kept: int = 0
-    held_kept: int = 0
-    forgotten: int = 0  # matches let go for newer ones
-
-    def add(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, code: int,
-            named: tuple[str, ...] = (), protocol: int = 6) -> None:
-        self.matched += 1
-        sig = signature(code)
-        flow = (src_ip, src_port, dst_ip, dst_port, protocol)
-        for host in named:  # the request went from src to dst: dst is the exploited host
-            if host not in (src_ip, dst_ip):
-                _mark(self.by_named, _pair(dst_ip, host), (first_ms, code, flow))
-                self.named_kept = _bounded(self.by_named, self.named_kept + 1)
-        counted = self._counted(sig, code, flow, first_ms) if sig and sig.min_pair_count > 1 else [(first_ms, flow)]
-        for seen_ms, seen in counted:
-            self._keep(seen, seen_ms, code, sig)
-
-    def _counted(self, sig: RequestSignature, code: int, flow: Flow5, first_ms: int) -> list[tuple[int, Flow5]]:
-        """The matches of a signature asking for several flows between two hosts that count now: this one
-        when it comes within the window of the last that counted, all those held back when it makes
-        enough, else none (it is held back, unless its connection already is)."""
-        key = (_pair(flow[0], flow[2]), code)
-        if first_ms <= self.counting_until.get(key, -1):
-            self.counting_until[key] = max(self.counting_until[key], first_ms + sig.pair_window_ms)
-            return [(first_ms, flow)]
-        held = self.held.setdefault(key, deque())
-        if any(seen == flow for _, seen in held):
-            return []  # the same connection again (on an interface a flow leaves the pass at each match): one
-        held.append((first_ms, flow))
-        self.held_kept += 1
-        while held and held[0][0] < first_ms - sig.pair_window_ms:
-            held.popleft()
-            self.held_kept -= 1
-        if len(held) < sig.min_pair_count:
-            self.held_kept = _bounded(self.held, self.held_kept)
-            return []
-        del self.held[key]
-        self.held_kept -= len(held)
-        self.counting_until[key] = first_ms + sig.pair_window_ms
-        while len(self.counting_until) > MAX_FINDINGS:
-            del self.counting_until[next(iter(self.counting_until))]
-        return list(held)
-
-    def _keep(self, flow: Flow5, first_ms: int, code: int, sig: RequestSignature | None) -> None:
-        self.kept += 1
-        self.by_endpoints.setdefault(flow[:4], []).append((first_ms, code))
-        while self.kept > MAX_FINDINGS:
-            oldest = self.by_endpoints.pop(next(iter(self.by_endpoints)))
-            self.kept -= len(oldest)
-            self.forgotten += len(oldest)
-        if sig is not None and sig.marks_pair:
-            for key in _pair_keys(*flow[:4]):
-                _mark(self.by_pair, key, (first_ms, code, flow))
-                self.pair_kept = _bounded(self.by_pair, self.pair_kept + 1)
-
-    def collect(self, matches: Iterable[tuple[Any, ...]]) -> RequestFindings:
-        """Add the pass's matches (see _match) as they come; this object at the end."""
-        for match in matches:
-            self.add(*match)
-        return self
-
-    def code(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int) -> int:
-        """The signature code of a main-pass flow: a match of the same endpoints (either direction)
-        whose first request falls within the flow's lifetime; 0 if none."""
-        for key in ((src_ip, src_port, dst_ip, dst_port), (dst_ip, dst_port, src_ip, src_port)):
-            for seen_ms, code in self.by_endpoints.get(key, ()):
-                if first_ms <= seen_ms <= last_ms:
-                    return code
-        return 0
-
-    def pair_code(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int) -> int:
-        """The code of the earliest match marking the flow's two hosts (see _pair_keys) while the flow was active,
-        or up to PAIR_BEFORE_MATCH_MS after its end or PAIR_AFTER_MATCH_MS before its start (any protocol);
-        0 if none."""
-        mark = self._pair_mark(src_ip, src_port, dst_ip, dst_port, first_ms, last_ms)
-        return mark[1] if mark is not None else 0
-
-    def _pair_mark(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int,
-                   last_ms: int) -> Mark | None:
-        marks = [_earliest_mark(self.by_pair.get(key), first_ms, last_ms)
-                 for key in _pair_keys(src_ip, src_port, dst_ip, dst_port)]
-        return min((m for m in marks if m is not None), default=None)
-
-    def named_code(self, src_ip: str, dst_ip: str, first_ms: int, last_ms: int) -> int:
-        """The same as pair_code, for a flow between an exploited host and a host its exploit named."""
-        return _earliest(self.by_named.get(_pair(src_ip, dst_ip)), first_ms, last_ms)
-
-    def marking_flow(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int,
-                     named: bool) -> Flow5 | None:
-        """The flow whose match gave a flow its pair_code (or, ``named``, its named_code): the one a person
-        looks at next. None if there is no such mark."""
-        mark = _earliest_mark(self.by_named.get(_pair(src_ip, dst_ip)), first_ms, last_ms) if named \
-            else self._pair_mark(src_ip, src_port, dst_ip, dst_port, first_ms, last_ms)
-        return mark[2] if mark is not None else None
-
-    def codes(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, first_ms: int, last_ms: int,
-              own: bool) -> tuple[int, int, int]:
-        """code (if ``own``: the flow's protocol is one the pass matches), pair_code and named_code at once:
-        this runs for every flow scored."""
-        pair = (src_ip, dst_ip) if src_ip <= dst_ip else (dst_ip, src_ip)
-        pair_code = _earliest(self.by_pair.get(pair), first_ms, last_ms) if src_ip != dst_ip \
-            else self.pair_code(src_ip, src_port, dst_ip, dst_port, first_ms, last_ms)  # loopback: see _pair_keys
-        return (self.code(src_ip, src_port, dst_ip, dst_port, first_ms, last_ms) if own else 0, pair_code,
-                _earliest(self.by_named.get(pair), first_ms, last_ms))
-
-
-def _pair(a: str, b: str) -> tuple[str, str]:
-    return (a, b) if a <= b else (b, a)
-
-
-def _pair_keys(src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> tuple[tuple[str, str], ...]:
-    """The keys of RequestFindings.by_pair a flow is marked by: its two hosts; but a host's traffic with itself
-    (loopback) is no pair of hosts, and a match there marks the flows that share one of its ports on that host
-    (its service's), not every flow of the host with itself."""
-    if src_ip != dst_ip:
-        return (_pair(src_ip, dst_ip),)
-    return ((src_ip, f"port {src_port}"), (src_ip, f"port {dst_port}"))
-
-
-def _mark(table: OrderedDict[tuple[str, str], list[Mark]], key: tuple[str, str], mark: Mark) -> None:
-    """Adds a mark to a table of marks under one key (a pair of hosts, or a host's port: see _pair_keys)."""
-    bisect.insort(table.setdefault(key, []), mark)  # matches come roughly, not exactly, in time order
-
-
-def _bounded(table: OrderedDict[Any, Any], kept: int) -> int:
-    """Drops a table's oldest keys until it holds at most MAX_FINDINGS entries (``kept``: how many it holds,
-    over all keys); returns how many it holds then."""
-    while kept > MAX_FINDINGS:
-        kept -= len(table.pop(next(iter(table))))
-    return kept
-
-
-def _earliest_mark(marks: list[Mark] | None, first_ms: int, last_ms: int) -> Mark | None:
-    """The earliest of a pair's marks from PAIR_AFTER_MATCH_MS before first_ms to PAIR_BEFORE_MATCH_MS after
-    last_ms; None if none."""
-    if not marks:
-        return None
-    i = bisect.bisect_left(marks, (first_ms - PAIR_AFTER_MATCH_MS,))
-    return marks[i] if i < len(marks) and marks[i][0] <= last_ms + PAIR_BEFORE_MATCH_MS else None
-
-
-def _earliest(marks: list[Mark] | None, first_ms: int, last_ms: int) -> int:
-    """The code of _earliest_mark; 0 if none."""
-    mark = _earliest_mark(marks, first_ms, last_ms)
-    return mark[1] if mark is not None else 0
 
 
 def _match(flow: Any) -> tuple[str, int, str, int, int, int, tuple[str, ...], int] | None:

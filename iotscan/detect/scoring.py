@@ -17,7 +17,7 @@ signature (an HTTP request, DNS queries, a scanner's probe, a bot's command, ref
 request pass, beside the main one: a second pass over a file, a second capture on an interface) is
 an attack of the signature's family with score 1, whatever the detector says; so are the other flows
 of its two hosts around it (an exploit's callbacks, a scanner's other probes: see
-request_pass.PAIR_AFTER_MATCH_MS), unless the match was a DNS one; and so are an ICMP flood (icmp_flood) and a
+request_findings.PAIR_AFTER_MATCH_MS), unless the match was a DNS one; and so are an ICMP flood (icmp_flood) and a
 flow sent through another local host's MAC (features.LinkTracker: ARP or neighbour-discovery spoofing).
 """
 
@@ -34,6 +34,7 @@ import numpy as np
 from iotscan.capture.side_pass import SidePass
 from iotscan.detect import trees
 from iotscan.detect.features import (
+    CONTEXT_FEATURES,
     FEATURE_NAMES,
     FEATURE_SCHEMA_VERSION,
     INTERCEPTED,
@@ -46,7 +47,9 @@ from iotscan.detect.features import (
     metered_flow_with_statistics,
 )
 from iotscan.detect.modelstore import bundled_model, load_model, verified_card
-from iotscan.detect.request_pass import MAX_FINDINGS, SIGNATURES, Flow5, RequestFindings, request_pass
+from iotscan.detect.request_findings import MAX_FINDINGS, Flow5, RequestFindings
+from iotscan.detect.request_pass import request_pass
+from iotscan.detect.request_signatures import SIGNATURES
 from iotscan.errors import ModelError
 from iotscan.output.records import community_id
 from iotscan.stage import Event, SourceInfo, Stage
@@ -88,20 +91,29 @@ ICMP_FLOOD_PACKETS = 1_000  # ten seconds of it
 # flows is judged without the destination's context (replaced by typical benign values): by itself and its
 # source's. A flood's flows are unanswered, refused or one source's; a distributed one's sources each send many.
 BYSTANDER_MAX_SHARE = 0.1
+# A client retrying a service that refuses or ignores it (curl in a loop against a closed port, a device
+# calling a dead cloud endpoint): its failed flows repeat on one channel, and that repetition builds a context
+# (flows and failures at one host, from one source) that looks like a flood's or a guesser's. No detector in
+# use calls retries an attack, so a failed flow of a source that sent at least this share of its recent flows
+# on the flow's channel, to a host not flooded (FLOOD_FLOWS_5S), is judged without any context: by itself.
+RETRY_CHANNEL_SHARE = 0.9
 RULE_REASONS = {"dos": "a flood of one host, mostly from this source (DoS)",
                 "ddos": "a flood of one host from many sources (DDoS)",
                 "bruteforce": "one client reconnecting to one service about twice a second or more (password guessing)"}
 ICMP_FLOOD_REASON = "ICMP at a flood ping's rate (100 packets a second or more)"
 INTERCEPTED_REASON = "sent to a local host through the MAC another local host sends from (ARP or ND spoofing)"
-_RULE_PHRASES = frozenset((*RULE_REASONS.values(), ICMP_FLOOD_REASON))
+SYNACK_REASON = "unsolicited SYN-ACKs at a flood's rate (a SYN-ACK reflection)"
+_RULE_PHRASES = frozenset((*RULE_REASONS.values(), ICMP_FLOOD_REASON, SYNACK_REASON))
 _INTERCEPTED_COL = FEATURE_NAMES.index(INTERCEPTED)
 _RULE_COLUMNS = {n: FEATURE_NAMES.index(n) for n in (
     "dst_log_flows_5s", "src_log_flows_5s", "src_log_flows_120s", "src_new_port_share_120s", "src_new_host_share_120s",
     "chan_log_flows_5s", "proto_tcp", "one_way", "log_dst2src_packets", "log_duration_ms",
-    "proto_icmp", "log_packets", "log_packet_rate", "failed", "log_src2dst_packets")}
+    "proto_icmp", "log_packets", "log_packet_rate", "failed", "log_src2dst_packets", "chan_log_flows_120s",
+    "src2dst_syn_share", "src2dst_ack_share")}
 # The destination host's and service's context (not the flow's own port class or multicast address)
 _DESTINATION_CONTEXT = np.array([i for i, n in enumerate(FEATURE_NAMES) if n.startswith(("dst_", "svc_"))
                                  and n not in ("dst_port_class", "dst_multicast")], dtype=np.intp)
+_CONTEXT = np.array([i for i, n in enumerate(FEATURE_NAMES) if n in CONTEXT_FEATURES], dtype=np.intp)
 _REQUIRED_KEYS = ("feature_schema_version", "feature_names", "detector", "detector_features", "calibration",
                   "threshold", "family_model", "families", "vocabulary", "reference", "scale", "reason_groups")
 
@@ -223,6 +235,7 @@ def rule_families(X: np.ndarray) -> np.ndarray:
     out[guessing] = "bruteforce"
     out[flood] = np.where(own_share[flood] >= ONE_SOURCE_SHARE, "dos", "ddos")
     out[icmp_flood(X) & ~flood] = "dos"
+    out[synack_reflection(X)] = "ddos"  # reflected, whatever share one reflector sends
     return out
 
 
@@ -237,15 +250,28 @@ def flood_bystanders(X: np.ndarray) -> np.ndarray:
     return _flooded(X) & (_own_share(X) <= BYSTANDER_MAX_SHARE) & whole
 
 
+def client_retries(X: np.ndarray) -> np.ndarray:
+    """Rows of a client retrying one service that refuses or ignores it (see RETRY_CHANNEL_SHARE)."""
+    def c(name: str) -> np.ndarray:
+        return X[:, _RULE_COLUMNS[name]]
+
+    source_flows = np.expm1(c("src_log_flows_120s"))
+    return (c("failed") == 1) & (source_flows >= 2.0) & ~_flooded(X) \
+        & (np.expm1(c("chan_log_flows_120s")) >= RETRY_CHANNEL_SHARE * source_flows)
+
+
 def as_judged(model: dict[str, Any], X: np.ndarray) -> np.ndarray:
     """The rows as the detector, the family rules and the reasons judge them: a flood's bystanders' (see
-    flood_bystanders) with the destination's context replaced by the model's typical benign values. X
-    itself when there are none."""
+    flood_bystanders) with the destination's context replaced by the model's typical benign values, a client's
+    retries' (see client_retries) with all their context replaced. X itself when there are none."""
     bystanders = np.flatnonzero(flood_bystanders(X))
-    if not len(bystanders):
+    retries = np.flatnonzero(client_retries(X))
+    if not len(bystanders) and not len(retries):
         return X
     X = X.copy()
-    X[np.ix_(bystanders, _DESTINATION_CONTEXT)] = np.asarray(model["reference"], dtype=X.dtype)[_DESTINATION_CONTEXT]
+    reference = np.asarray(model["reference"], dtype=X.dtype)
+    X[np.ix_(bystanders, _DESTINATION_CONTEXT)] = reference[_DESTINATION_CONTEXT]
+    X[np.ix_(retries, _CONTEXT)] = reference[_CONTEXT]
     return X
 
 
@@ -276,11 +302,20 @@ def _deciding_code(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes[np.arange(len(codes)), column], column
 
 
+def synack_reflection(X: np.ndarray) -> np.ndarray:
+    """Rows of a SYN-ACK reflection: flows whose initiator sent only SYN-ACKs (no connection starts so: they answer
+    SYNs spoofed from the victim) to a host flooded with flows (FLOOD_FLOWS_5S)."""
+    def c(name: str) -> np.ndarray:
+        return X[:, _RULE_COLUMNS[name]]
+
+    return (c("proto_tcp") == 1) & (c("src2dst_syn_share") == 1) & (c("src2dst_ack_share") == 1) & _flooded(X)
+
+
 def _decided(X: np.ndarray) -> np.ndarray:
     """Rows that are attacks whatever the detector says: a signature's (the flow's own packets matched one, a
     flow of its two hosts did, or an exploit request one of its hosts received named the other), an ICMP
-    flood's, or a flow through another host's MAC (features.LinkTracker)."""
-    return (_deciding_code(X)[0] > 0) | icmp_flood(X) | (X[:, _INTERCEPTED_COL] > 0)
+    flood's, a SYN-ACK reflection's, or a flow through another host's MAC (features.LinkTracker)."""
+    return (_deciding_code(X)[0] > 0) | icmp_flood(X) | synack_reflection(X) | (X[:, _INTERCEPTED_COL] > 0)
 
 
 def explain(model: dict[str, Any], X: np.ndarray, alike: dict[int, list[str]] | None = None) -> list[list[str]]:
@@ -323,8 +358,10 @@ def explain(model: dict[str, Any], X: np.ndarray, alike: dict[int, list[str]] | 
     out = [phrases[i] for i in inverse.ravel()]
     ruled = rule_families(X)
     flooding = icmp_flood(X)
+    reflected = synack_reflection(X)
     for i in np.flatnonzero(ruled != ""):  # what made the family: the detector's reasons do not say it
-        out[i] = [ICMP_FLOOD_REASON if flooding[i] else RULE_REASONS[ruled[i]], *out[i][:MAX_REASONS - 1]]
+        first = ICMP_FLOOD_REASON if flooding[i] else SYNACK_REASON if reflected[i] else RULE_REASONS[ruled[i]]
+        out[i] = [first, *out[i][:MAX_REASONS - 1]]
     for i in np.flatnonzero(X[:, _INTERCEPTED_COL] > 0):
         out[i] = [INTERCEPTED_REASON, *out[i][:MAX_REASONS - 1]]
     code, column = _deciding_code(X)

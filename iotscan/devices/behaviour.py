@@ -17,6 +17,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from iotscan.capture.names import registered_domain
+
 FEATURE_SCHEMA_VERSION = 2  # 2: the model and kind a device reports to its vendor cloud
 
 _MAX_KEYS = 64  # distinct service ports / apps kept per device
@@ -247,16 +249,12 @@ def _bump(counter: dict[str, int], value: str) -> None:
 
 # -- generalising names ----------------------------------------------------------------------------
 
-_IP_LITERAL = re.compile(r"^[0-9.]+$|^[0-9a-f:]+$", re.IGNORECASE)
 _MAC_IN_TEXT = re.compile(r"(?:[0-9a-f]{2}[:-]){5}[0-9a-f]{2}", re.IGNORECASE)
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 _LONG_DIGITS = re.compile(r"\d{5,}")
 # A free-standing run of 6+ hex digits with both letters and digits: a MAC tail, a serial, an id.
 _HEX_RUN = re.compile(r"(?<![0-9a-z])(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{6,}(?![0-9a-z])",
                       re.IGNORECASE)
-_REVERSE = (".in-addr.arpa", ".ip6.arpa")
-_TWO_LEVEL_SUFFIXES = frozenset({"co.uk", "com.au", "co.jp", "com.cn", "com.br", "co.kr", "co.nz", "com.tw",
-                                 "net.cn", "org.uk", "ac.uk", "gov.uk", "com.hk", "com.sg"})
 
 
 def generalise(value: str, mac: str = "") -> str:
@@ -275,18 +273,6 @@ def generalise(value: str, mac: str = "") -> str:
     text = _LONG_DIGITS.sub("#", text)
     text = _HEX_RUN.sub("#", text)
     return re.sub(r"#+", "#", text)
-
-
-def registered_domain(name: str) -> str | None:
-    """"vs-cam.u011.immedia-semi.com" -> "immedia-semi.com"; None for local, reverse and IP names."""
-    name = name.lower().rstrip(".")
-    if not name or "." not in name or name.endswith(".local") or name.endswith(_REVERSE) \
-            or _IP_LITERAL.match(name):
-        return None
-    labels = name.split(".")
-    if len(labels) >= 3 and ".".join(labels[-2:]) in _TWO_LEVEL_SUFFIXES:
-        return ".".join(labels[-3:])
-    return ".".join(labels[-2:])
 
 
 def name_tokens(value: str) -> list[str]:

@@ -67,8 +67,8 @@ def inspect_capture(capture: str, selector: FlowSelector, config: MeterConfig, t
     (1-based); ``warn``: called with each warning for a person (the summary carries them too).
     """
     started = time.monotonic()
-    try:
-        lookup = find_flows(capture, selector, config, stop_after=pick or 0)
+    try:  # a prefix must be looked for in every flow: it names a flow only when no other shares it
+        lookup = find_flows(capture, selector, config, stop_after=0 if selector.flow_id_prefix else pick or 0)
     except KeyboardInterrupt:
         message = "interrupted by the user while looking for the flow"
         if warn is not None:
@@ -80,8 +80,12 @@ def inspect_capture(capture: str, selector: FlowSelector, config: MeterConfig, t
     found = lookup.flows
     if not found:
         hint = " (flow ids depend on the capture's file name and on analyze's --idle-timeout and --active-timeout)" \
-            if selector.flow_id is not None else ""
+            if selector.flow_id is not None or selector.flow_id_prefix is not None else ""
         raise InputError(f"no flow with {selector.describe()} in {capture}{hint}")
+    if selector.flow_id_prefix is not None and len(found) > 1:
+        ids = ", ".join(str(f.record["flow_id"]) for f in found[:5]) + (", ..." if len(found) > 5 else "")
+        raise InputError(f"flow id prefix {selector.flow_id_prefix} is ambiguous in {capture}: {len(found)} flows "
+                         f"start with it ({ids}); give more digits")
     warnings: list[dict[str, str]] = []
     if pick is not None:
         if pick > len(found):

@@ -10,7 +10,6 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import shlex
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -19,13 +18,12 @@ from typing import Any
 from iotscan.capture.side_pass import bpf_forms
 from iotscan.capture.source import FlowSource, MeterConfig
 from iotscan.errors import InputError
-from iotscan.output.records import community_id, flow_record
+from iotscan.output.records import community_id, five_tuple_text, flow_record, inspect_command
 from iotscan.stage import Event, SourceInfo, Stage
 
 _PROTOCOL_NAMES = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132, "gre": 47,
                    "esp": 50, "igmp": 2}
 _PORT_PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}
-_PROTOCOL_LABELS = {**_PORT_PROTOCOLS, 1: "icmp", 58: "icmpv6"}
 
 
 # -- which flow -----------------------------------------------------------------------------------
@@ -40,8 +38,7 @@ class FiveTuple:
     protocol: int
 
     def __str__(self) -> str:
-        proto = _PROTOCOL_LABELS.get(self.protocol, self.protocol)
-        return f"{_endpoint(self.src_ip, self.src_port)}-{_endpoint(self.dst_ip, self.dst_port)}/{proto}"
+        return five_tuple_text(self.src_ip, self.src_port, self.dst_ip, self.dst_port, self.protocol)
 
     def matches(self, record: dict[str, Any]) -> bool:
         ours = (self.src_ip, self.src_port, self.dst_ip, self.dst_port)
@@ -59,10 +56,6 @@ def five_tuple_bpf(t: FiveTuple) -> str:
     if t.protocol in _PORT_PROTOCOLS:
         match += f" and port {t.src_port} and port {t.dst_port}"
     return match
-
-
-def _endpoint(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 _ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<v4>[0-9.]+))(?::(?P<port>\d+))?$")
@@ -111,13 +104,20 @@ def parse_five_tuple(text: str) -> FiveTuple:
     return FiveTuple(src_ip, src_port, dst_ip, dst_port, protocol)
 
 
+# A flow id's first digits name it when no other flow of the capture starts with them (the table shows ids so).
+# Full ids have 19 digits, a few 18 or fewer: digits matching a whole id name that flow whatever else matches.
+MIN_PREFIX_DIGITS = 6
+
+
 @dataclass(frozen=True)
 class FlowSelector:
-    """What the user asked for: one flow id, a community id, or a 5-tuple (both directions)."""
+    """What the user asked for: one flow id (or its first digits), a community id, or a 5-tuple (both
+    directions)."""
 
     flow_id: int | None = None
     community_id: str | None = None
     five_tuple: FiveTuple | None = None
+    flow_id_prefix: str | None = None
 
     @classmethod
     def parse(cls, flow: str | None, five_tuple: str | None) -> FlowSelector:
@@ -134,7 +134,12 @@ class FlowSelector:
             value = int(text)
             if value >= 1 << 63:
                 raise InputError(f"bad flow id {text}: flow ids are 63-bit numbers")
-            return cls(flow_id=value, five_tuple=tuple_)
+            if len(text) >= 19:
+                return cls(flow_id=value, five_tuple=tuple_)
+            if len(text) < MIN_PREFIX_DIGITS:
+                raise InputError(f"bad flow id {text}: give a flow_id, or at least its first {MIN_PREFIX_DIGITS} "
+                                 "digits")
+            return cls(flow_id_prefix=text, five_tuple=tuple_)
         if re.fullmatch(r"1:[A-Za-z0-9+/]{27}=", text):
             return cls(community_id=text, five_tuple=tuple_)
         if "/" in text and "-" in text:
@@ -146,13 +151,20 @@ class FlowSelector:
 
     @property
     def unique(self) -> bool:
-        """A flow id names one flow; a community id or 5-tuple may name several (one per idle period)."""
+        """A flow id names one flow; a community id or 5-tuple may name several (one per idle period), and a
+        prefix is known to name one only once every flow has been seen."""
         return self.flow_id is not None
+
+    def exact(self, record: dict[str, Any]) -> bool:
+        """The record is the flow whose whole id was given (as a prefix, digits of an id shorter than 19)."""
+        return self.flow_id_prefix is not None and str(record["flow_id"]) == self.flow_id_prefix
 
     def describe(self) -> str:
         among = f" among the flows of {self.five_tuple}" if self.five_tuple is not None else ""
         if self.flow_id is not None:
             return f"id {self.flow_id}{among}"
+        if self.flow_id_prefix is not None:
+            return f"an id starting with {self.flow_id_prefix}{among}"
         if self.community_id is not None:
             return f"community id {self.community_id}{among}"
         return f"5-tuple {self.five_tuple}"
@@ -162,6 +174,8 @@ class FlowSelector:
             return False
         if self.flow_id is not None:
             return record["flow_id"] == self.flow_id
+        if self.flow_id_prefix is not None:
+            return str(record["flow_id"]).startswith(self.flow_id_prefix)
         if self.community_id is not None:
             return record["community_id"] == self.community_id
         return True
@@ -237,10 +251,13 @@ def _find_flows(capture: str, selector: FlowSelector, config: MeterConfig, stop_
             # the active timeout, just before it.
             not_before = predecessor_last + 1 if predecessor_last is not None else first - idle_ms + 1
             found.append(FoundFlow(record, min(not_before, first)))
+            if selector.exact(record):  # a whole id given as digits: that flow, whatever else starts with them
+                found = [found[-1]]
+                break
             if selector.unique or (stop_after and len(found) >= stop_after):
                 break
     finally:
-        if source.pid is not None and found and (selector.unique or stop_after):
+        if source.pid is not None and found and (selector.unique or stop_after or selector.exact(found[0].record)):
             # Found early: the rest of the capture is of no interest; don't let the meter flush it.
             with contextlib.suppress(OSError):
                 os.kill(source.pid, signal.SIGKILL)
@@ -349,23 +366,6 @@ def record_five_tuple(record: dict[str, Any]) -> str:
     """A flow record's 5-tuple as --5tuple takes it."""
     return str(FiveTuple(record["src_ip"], record["src_port"], record["dst_ip"], record["dst_port"],
                          record["protocol"]))
-
-
-def inspect_command(record: dict[str, Any], *, idle_timeout: int = 120, active_timeout: int = 1800,
-                    program: str = "iotscan") -> str:
-    """The ready-to-run, shell-quoted command that shows the packets of a flow record of a capture file.
-
-    It names the flow by its id and gives its 5-tuple too, so that on a large capture the flow pass
-    meters only that 5-tuple's packets. Flow ids depend on the meter's timeouts: pass the ones
-    analyze ran with when they are not the defaults, and the command carries them. (A record of
-    `iotscan live` names an interface, which has no packets to show afterwards.)
-    """
-    argv = [program, "inspect", str(record["source"]), str(record["flow_id"]), "--5tuple", record_five_tuple(record)]
-    if idle_timeout != 120:
-        argv += ["--idle-timeout", str(idle_timeout)]
-    if active_timeout != 1800:
-        argv += ["--active-timeout", str(active_timeout)]
-    return shlex.join(argv)
 
 
 class InspectCommandStage(Stage):

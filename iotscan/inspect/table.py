@@ -9,7 +9,8 @@ import shutil
 from typing import IO, Any
 
 from iotscan.inspect.fields import PACKET_FIELDS
-from iotscan.inspect.selection import _PROTOCOL_LABELS, _endpoint
+from iotscan.output.records import PROTOCOL_LABELS as _PROTOCOL_LABELS
+from iotscan.output.records import endpoint_text as _endpoint
 
 # -- terminal view --------------------------------------------------------------------------------
 

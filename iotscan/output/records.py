@@ -2,7 +2,8 @@
 
 Every record is a flat JSON object with an ``event_type``, in the manner of Suricata's EVE and
 Zeek's JSON logs, so that jq, Elastic and Splunk take it as it is. Field names listed here are a
-contract (README, "Output contract"); later stages add fields, never rename these.
+contract (docs/output.md, whose tables docs/make_tables.py generates from these); later stages add
+fields, never rename these.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import shlex
 import socket
 import struct
 import time
 from collections import namedtuple
+from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
 
@@ -23,10 +26,14 @@ from communityid import CommunityID
 FLOW_FIELDS: tuple[tuple[str, str], ...] = (
     # first, as in Suricata's EVE: Elastic and Splunk (which looks for a time in an event's first characters)
     # take it as the event's time
-    ("timestamp", "first packet, ISO 8601 UTC to the millisecond"),
+    ("timestamp", "the first packet's time, ISO 8601 UTC to the millisecond (2017-07-06T13:40:07.419Z); first in "
+                  "the record, as in Suricata's EVE, so Elastic and Splunk take it as the event's time without a "
+                  "mapping"),
     ("event_type", "always \"flow\""),
-    ("flow_id", "64-bit id, stable for the same capture, unique within a run"),
-    ("community_id", "Community ID v1 (null for ICMP: NFStream does not expose ICMP type and code)"),
+    ("flow_id", "64-bit id, the same for the same flow of the same capture in every run (with the same time-outs), "
+                "unique within a run; `iotscan inspect` takes it, or its first digits as the table shows them"),
+    ("community_id", "Community ID v1, to join with Zeek and Suricata records (null for ICMP: NFStream does not keep "
+                     "the ICMP type and code it needs)"),
     ("source", "capture file or interface the flow came from"),
     ("first_seen_ms", "first packet, epoch milliseconds"),
     ("last_seen_ms", "last packet, epoch milliseconds"),
@@ -40,12 +47,12 @@ FLOW_FIELDS: tuple[tuple[str, str], ...] = (
     ("protocol", "IANA protocol number"),
     ("ip_version", "4 or 6"),
     ("vlan_id", "802.1Q VLAN id, 0 if none"),
-    ("app", "nDPI application, e.g. TLS.Google, MQTT, DNS"),
+    ("app", "nDPI application, e.g. TLS.Amazon, MQTT, DNS"),
     ("app_guessed", "true when nDPI guessed the application from ports"),
     ("category", "nDPI application category"),
     ("server_name", "TLS SNI, HTTP host, DNS or mDNS query name"),
     ("ja4", "JA4 fingerprint of a TLS or QUIC client hello"),
-    ("server_fingerprint", "nDPI's server fingerprint (JA3S for TLS, HASSH for SSH)"),
+    ("server_fingerprint", "nDPI's server fingerprint (JA3S for TLS)"),
     ("client_hash", "nDPI's client fingerprint for other protocols (HASSH for SSH)"),
     ("dhcp_hostname", "hostname a DHCP client announced"),
     ("dhcp_fingerprint", "DHCP parameter request list (option 55)"),
@@ -80,16 +87,17 @@ def metered_flow(flow: Any) -> MeteredFlow:
     """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce)."""
     return MeteredFlow(*flow_attributes(flow), None)
 
-# The device record contract (README, "Devices"): these names are fixed; more fields may follow.
+# The device record contract (docs/devices.md): these names are fixed; more fields may follow.
 DEVICE_FIELDS: tuple[tuple[str, str], ...] = (
     ("timestamp", "first packet of the device's first flow, ISO 8601 UTC to the millisecond (as flows have it)"),
     ("event_type", "always \"device\""),
     ("mac", "the device's MAC address"),
-    ("ips", "local addresses the device sent from, most used first"),
+    ("ips", "local addresses the device sent from, most used first (never remote ones: a gateway relaying Internet "
+            "traffic does not own them)"),
     ("vendor", "vendor, when a signal names one (null otherwise)"),
     ("device_type", "camera, doorbell, smart_plug, light, hub, sensor, alarm, lock, speaker, tv, thermostat, "
                     "health_monitor, appliance, printer, phone, computer, router or unknown"),
-    ("model", "product model, null when not known well enough"),
+    ("model", "product model, null unless the signals name one clearly (look-alikes get an ambiguous_model evidence)"),
     ("confidence", "0..1, how strongly the signals agree on the type (and model)"),
     ("evidence", "list of {signal, value, points_to}, strongest first"),
     ("first_seen_ms", "first packet of the device's first flow, epoch milliseconds"),
@@ -101,11 +109,29 @@ DEVICE_FIELDS: tuple[tuple[str, str], ...] = (
 )
 DEVICE_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in DEVICE_FIELDS)
 
-# Fields later stages add to flow records (devices, scoring); listed so CSV writers know them.
-DEVICE_LINK_FIELDS = ("src_device", "dst_device")
-# evidence_community_id: for an attack marked by another flow's signature match (a flow of the same two hosts
-# matched, or an exploit request one of them received named the other), that flow's community_id
-VERDICT_FIELDS = ("verdict", "score", "family", "reasons", "evidence_community_id")
+# Fields later stages add to flow records (devices, scoring, analyze --explain); the names are listed so CSV
+# writers know them.
+DEVICE_LINK_FIELD_MEANINGS: tuple[tuple[str, str], ...] = (
+    ("src_device", "MAC of the local device at the initiator's end, to join with device records (absent with "
+                   "--no-devices)"),
+    ("dst_device", "MAC of the local device at the responder's end"),
+)
+DEVICE_LINK_FIELDS = tuple(name for name, _ in DEVICE_LINK_FIELD_MEANINGS)
+VERDICT_FIELD_MEANINGS: tuple[tuple[str, str], ...] = (
+    ("verdict", "benign or attack (absent with --no-score)"),
+    ("score", "calibrated probability that the flow is an attack, 0..1"),
+    ("family", "null for benign; else ddos, dos, scan, bruteforce, c2, exploit or spoofing"),
+    ("reasons", "for attacks, in words: the signature or rule that decided, or the feature groups that pushed the "
+                "score most; the first is the strongest"),
+    ("evidence_community_id", "for an attack marked by another flow's signature match (a flow of the same two hosts "
+                              "matched, or an exploit request one of them received named the other), that flow's "
+                              "community_id; else null"),
+)
+VERDICT_FIELDS = tuple(name for name, _ in VERDICT_FIELD_MEANINGS)
+EXPLAIN_FIELDS: tuple[tuple[str, str], ...] = (
+    ("inspect", "with analyze --explain, on attack flows of capture files: the ready-to-run `iotscan inspect` "
+                "command that shows the flow's packets"),
+)
 
 SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("event_type", "always \"summary\", the last record of every run"),
@@ -116,9 +142,11 @@ SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("attack_families", "flows with verdict attack per family, most first ({} when none or nothing was scored)"),
     ("elapsed_s", "wall-clock seconds"),
     ("packets_per_s", "packets / elapsed_s"),
-    ("warnings", "list of {source, code, message}: truncated files, skipped link types, flow cap..."),
+    ("warnings", "list of {source, code, message}; codes truncated, link_type, flow_cap, no_ip, interrupted, "
+                 "dropped, capture, and the stages' (identity_pass, request_pass, device_cap, explain...)"),
     ("errors", "list of {source, message}: inputs that could not be analysed"),
-    ("inputs", "list of {source, packets, flows, status} per capture or interface"),
+    ("inputs", "list of {source, packets, flows, status} per capture or interface; status ok, truncated, "
+               "interrupted, error (live: stopped)"),
 )
 
 # `iotscan live` adds these to its summary record.
@@ -153,6 +181,35 @@ STATS_FIELDS: tuple[tuple[str, str], ...] = (
     ("dropped_per_s", "packets dropped by the kernel in the interval / interval_s"),
 )
 STATS_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in STATS_FIELDS)
+
+# What the host-behaviour stage (iotscan.detect.hosts) writes when it decides about a host: once per
+# decision, when it is made; the flows of the activity are marked as attacks too (verdict, family, reasons).
+ALERT_FIELDS: tuple[tuple[str, str], ...] = (
+    ("timestamp", "when the decision was made (capture time), ISO 8601 UTC to the millisecond"),
+    ("event_type", "always \"alert\""),
+    ("source", "capture file or interface"),
+    ("kind", "\"scan\" (a host probing others) or \"compromised\" (a device behaving as an infected one)"),
+    ("detail", "scan: \"horizontal\" (many hosts), \"vertical\" (many ports of a host) or \"sweep\" "
+               "(host discovery); compromised: the strongest indicator"),
+    ("family", "the attack family of the activity: scan, c2, ..."),
+    ("score", "0..1, how sure the decision is"),
+    ("host_ip", "the host the alert is about"),
+    ("host_mac", "its MAC as the flows show it"),
+    ("host_device", "the local device (MAC) it is, as flow records' src_device name it; null if not local"),
+    ("message", "one line for a person"),
+    ("reasons", "the indicators, strongest first"),
+    ("evidence", "counts behind the decision (failed first contacts, hosts, ports, ...)"),
+    ("first_seen_ms", "the first evidence, epoch milliseconds"),
+    ("last_seen_ms", "the last evidence before the decision"),
+    ("decided_ms", "when the decision was made, epoch milliseconds"),
+    ("evidence_community_ids", "Community IDs of a few evidence flows, to find them in flow records"),
+)
+ALERT_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in ALERT_FIELDS)
+# ... and adds these to the summary record
+HOST_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
+    ("alerts", "alert records written"),
+    ("alert_kinds", "alert records per kind, most first ({} when none)"),
+)
 
 _TLS_LIKE = ("TLS", "QUIC", "DTLS", "IMAPS", "POPS", "SMTPS", "FTPS")
 _ICMP = (1, 58)
@@ -222,6 +279,41 @@ def flow_id(source_name: str, key: str, first_seen_ms: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+# How a person (and `iotscan inspect --5tuple`) names a flow's protocol and endpoints.
+PROTOCOL_LABELS = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}
+
+
+def endpoint_text(ip: str, port: int | None) -> str:
+    """ip:port, IPv6 in brackets ([fe80::1]:5353)."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def five_tuple_text(src_ip: str, src_port: int, dst_ip: str, dst_port: int, protocol: int) -> str:
+    """SRC:PORT-DST:PORT/PROTO, the 5-tuple form `iotscan inspect` reads."""
+    return (f"{endpoint_text(src_ip, src_port)}-{endpoint_text(dst_ip, dst_port)}/"
+            f"{PROTOCOL_LABELS.get(protocol, protocol)}")
+
+
+def inspect_command(record: dict[str, Any], *, idle_timeout: int = 120, active_timeout: int = 1800,
+                    program: str = "iotscan", flow: str | None = None, extra: Sequence[str] = ()) -> str:
+    """The ready-to-run, shell-quoted command that shows the packets of a flow record of a capture file.
+
+    It names the flow by its id (or ``flow``: a prefix of it unique in the capture) and gives its 5-tuple too,
+    so that on a large capture the flow pass meters only that 5-tuple's packets. Flow ids depend on the
+    meter's time-outs: pass the ones analyze ran with when they are not the defaults (or as ``extra``
+    arguments), and the command carries them. (A record of `iotscan live` names an interface, which has no
+    packets to show afterwards.)
+    """
+    argv = [program, "inspect", str(record["source"]), flow or str(record["flow_id"]), "--5tuple",
+            five_tuple_text(record["src_ip"], record["src_port"], record["dst_ip"], record["dst_port"],
+                            record["protocol"])]
+    if idle_timeout != 120:
+        argv += ["--idle-timeout", str(idle_timeout)]
+    if active_timeout != 1800:
+        argv += ["--active-timeout", str(active_timeout)]
+    return shlex.join([*argv, *extra])
+
+
 def flow_record(flow: Any, source: str, source_name: str) -> dict[str, Any]:
     """Build the contract record of one NFStream flow."""
     app = flow.application_name or None
@@ -272,6 +364,7 @@ def flow_record(flow: Any, source: str, source_name: str) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=65536)  # ipaddress's checks cost 20 us; bounded: a spoofed flood's addresses
 def is_local_address(ip: str) -> bool:
     """Private, link-local or unique-local: an address of the local network, not the Internet."""
     try:
@@ -281,6 +374,25 @@ def is_local_address(ip: str) -> bool:
     if addr.is_multicast or addr.is_unspecified or addr.is_loopback:
         return False
     return addr.is_private or addr.is_link_local
+
+
+@functools.lru_cache(maxsize=65536)
+def is_group_address(ip: str) -> bool:
+    """Multicast or broadcast (the limited broadcast, or a /24's): a destination no host answers as one."""
+    if ip.endswith(".255") or ip.startswith(("ff", "FF")):
+        return True
+    try:
+        return ipaddress.ip_address(ip).is_multicast
+    except ValueError:
+        return False
+
+
+def alert_record(*, decided_ms: int, **values: Any) -> dict[str, Any]:
+    """An alert, its fields in ALERT_FIELDS order."""
+    record: dict[str, Any] = {"timestamp": iso_timestamp(decided_ms), "event_type": "alert"}
+    for name in ALERT_FIELD_NAMES[2:]:
+        record[name] = decided_ms if name == "decided_ms" else values.get(name)
+    return record
 
 
 def summary_record(**values: Any) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import numpy as np
 from iotscan.capture.source import MeterConfig
 from iotscan.detect.context import KEY_TTL_S, MAX_KEYS, SET_CAP, WINDOWS_S
 from iotscan.detect.features import FEATURE_NAMES, FEATURE_SCHEMA_VERSION, METER_SETTINGS
-from iotscan.detect.request_pass import PAIR_AFTER_MATCH_MS, PAIR_BEFORE_MATCH_MS, SIGNATURES
+from iotscan.detect.request_findings import PAIR_AFTER_MATCH_MS, PAIR_BEFORE_MATCH_MS
+from iotscan.detect.request_signatures import SIGNATURES
 from iotscan.detect.scoring import ICMP_FLOOD_PACKETS, ICMP_FLOOD_RATE
 from iotscan.training.dataset import CaptureTable
 from iotscan.training.evaluate import MODEL_TITLES, MODELS
@@ -194,7 +195,9 @@ def card_markdown(card: dict[str, Any]) -> str:
     per_fam = card["data"]["attack_captures_per_family"]
     lines += ["", "Attack captures per family: " + ", ".join(f"{f} {n}" for f, n in per_fam.items()) + ".",
               f"Thin families (fewer than 3 attack captures): {', '.join(card['thin_families']) or 'none'}.", "",
-              f"Manifests: {', '.join(f'`{m}`' for m in card['manifests'])}.", ""]
+              f"Manifests: {', '.join(f'`{m}`' for m in card['manifests'])}."
+              + (f" Left out of training and of every figure here, kept unseen: "
+                 f"{', '.join(card['excluded_sources'])}." if card.get("excluded_sources") else ""), ""]
     lines += ["## Features", "",
               f"{card['features']['count']} features, schema version {card['feature_schema_version']} (checked at "
               "load). Per flow: NFStream statistics (sizes, timing, TCP flags, direction balance), the sizes and "

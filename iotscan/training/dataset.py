@@ -23,7 +23,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from iotscan.capture.source import FlowSource, MeterConfig
-from iotscan.detect import context, features, request_pass
+from iotscan.detect import context, features, request_findings, request_pass, request_signatures
 from iotscan.detect.features import FEATURE_NAMES, FeatureExtractor
 from iotscan.errors import CaptureError, InputError, IotscanError
 from iotscan.output.console import stderr
@@ -44,7 +44,9 @@ def _feature_code_fingerprint() -> str:
     digest = hashlib.sha256(Path(features.__file__).read_bytes())
     digest.update(Path(context.__file__).read_bytes())
     digest.update(Path(request_pass.__file__).read_bytes())
-    digest.update(repr(request_pass.SIGNATURES).encode())  # every field, the patterns included
+    digest.update(Path(request_findings.__file__).read_bytes())
+    digest.update(Path(request_signatures.__file__).read_bytes())
+    digest.update(repr(request_signatures.SIGNATURES).encode())  # every field, the patterns included
     digest.update(repr(sorted(features.METER_SETTINGS.items())).encode())
     return digest.hexdigest()[:16]
 
