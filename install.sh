@@ -2,8 +2,8 @@
 # Sets up iotscan on a fresh Debian/Ubuntu machine: system packages, then a virtualenv in .venv
 # with iotscan installed from this checkout (a plain, non-editable install, as pipx would do).
 #
-#   ./install.sh            iotscan with its report extra, tshark (for `iotscan inspect`), the test tools (Chromium
-#                           for the report's browser test) and the attack-lab tools
+#   ./install.sh            iotscan with its report and cluster (Dask) extras, tshark (for `iotscan inspect`), the
+#                           test tools (Chromium for the report's browser test) and the attack-lab tools
 #   ./install.sh --minimal  iotscan and tshark only
 #
 # The attack-lab packages include servers (mosquitto, dropbear, dnsmasq); they are installed with
@@ -54,5 +54,5 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q ".[test,report]"
+.venv/bin/python -m pip install -q ".[test,report,cluster]"
 echo "iotscan installed in .venv: run .venv/bin/iotscan --help"

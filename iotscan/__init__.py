@@ -9,9 +9,9 @@ The data flows one way, one package per stage:
               report, the console
     inspect/  one flow down to its packets, through tshark
 
-pipeline.py runs capture -> stages -> output over files, live.py over an interface; cli/ wires
-options to them; training/ and lab/ build the bundled models and their data. tests/test_layout.py
-checks which package may import which.
+pipeline.py runs capture -> stages -> output over files, live.py over an interface, cluster/ over
+many files at once on Dask workers; cli/ wires options to them; training/ and lab/ build the bundled
+models and their data. tests/test_layout.py checks which package may import which.
 """
 
 from iotscan import _compat

@@ -27,7 +27,7 @@ from iotscan.capture.inputs import (
 )
 from iotscan.capture.source import ACTIVE, EMBRYO_SHARE, PACKETS, FlowSource, MeterConfig, SourceReport
 from iotscan.errors import CaptureError, ExitCode, InputError
-from iotscan.output.console import Reporter, bytes_read_by, error
+from iotscan.output.console import ProgressView, Reporter, bytes_read_by, error
 from iotscan.output.records import RISK_SEVERITIES, flow_record, summary_record
 from iotscan.output.sinks import Sink
 from iotscan.stage import TICK, Event, SourceInfo, Stage
@@ -119,46 +119,55 @@ class Analysis:
 
     def run_files(self, paths: Iterable[str | os.PathLike[str]], config: MeterConfig) -> RunState:
         """Analyse capture files and directories; a bad input is reported and the others still run."""
-        with self.reporter.progress() as progress, _interruptible(self):
+        with self.reporter.progress() as progress, interruptible(self):
             def copying(name: str, copied: Callable[[], int]) -> None:  # stdin, a pipe, a compressed capture
                 label = f"copying {'stdin' if name == STDIN else _short_label(name)}"
                 progress.track(lambda: (label, None, copied(), ""))
 
             for item in expand(paths, on_copy=copying):
-                cut = isinstance(item, CaptureFile) and item.cut
-                if self.state.interrupted and not cut:  # Ctrl-C, perhaps while a compressed file was copied
-                    if isinstance(item, CaptureFile) and item.spooled:
-                        item.path.unlink(missing_ok=True)
-                    break
-                if isinstance(item, InputProblem):
-                    self._fail(item.path, item.message)
-                    continue
-                info = SourceInfo(name=item.display_name, config=replace(config, source=str(item.path)),
-                                  capture=item)
-                for lt in item.unsupported_link_types:
-                    self.state.warn(info.name, "link_type",
-                                    f"packets with unsupported link type {link_type_name(lt)} are skipped")
-                if item.warning:
-                    self._warn(info.name, "truncated", item.warning)
-                if cut:  # the Ctrl-C ended the stream, not its analysis: all that came is analysed
-                    self._warn(info.name, "interrupted", f"Ctrl-C ended the input after {item.size:,} bytes: "
-                               "the flows of what came before are reported")
-                    self.state.interrupted = False
-                progress.track(self._file_poller(info))
-                try:
-                    self.run_source(info)
-                finally:
-                    if item.spooled:  # the temporary copy of stdin, a pipe or a compressed file
-                        item.path.unlink(missing_ok=True)
-                if item.warning and self.state.inputs[-1]["status"] == "ok":
-                    self.state.inputs[-1]["status"] = "truncated"
-                progress.track(None)
-                if cut:  # no further input starts (exit 130, the results are partial)
-                    self.state.interrupted = True
-                    if self.state.inputs[-1]["status"] == "ok":
-                        self.state.inputs[-1]["status"] = "interrupted"
+                if not self.run_item(item, config, progress):
                     break
         return self.state
+
+    def run_item(self, item: CaptureFile | InputProblem, config: MeterConfig, progress: ProgressView | None = None
+                 ) -> bool:
+        """Analyse one capture of run_files (or report the problem with it); False when no further input is to
+        start (Ctrl-C). Also what a worker of iotscan.cluster runs for each capture it is given."""
+        cut = isinstance(item, CaptureFile) and item.cut
+        if self.state.interrupted and not cut:  # Ctrl-C, perhaps while a compressed file was copied
+            if isinstance(item, CaptureFile) and item.spooled:
+                item.path.unlink(missing_ok=True)
+            return False
+        if isinstance(item, InputProblem):
+            self._fail(item.path, item.message)
+            return True
+        info = SourceInfo(name=item.display_name, config=replace(config, source=str(item.path)), capture=item)
+        for lt in item.unsupported_link_types:
+            self.state.warn(info.name, "link_type",
+                            f"packets with unsupported link type {link_type_name(lt)} are skipped")
+        if item.warning:
+            self._warn(info.name, "truncated", item.warning)
+        if cut:  # the Ctrl-C ended the stream, not its analysis: all that came is analysed
+            self._warn(info.name, "interrupted", f"Ctrl-C ended the input after {item.size:,} bytes: "
+                       "the flows of what came before are reported")
+            self.state.interrupted = False
+        if progress is not None:
+            progress.track(self._file_poller(info))
+        try:
+            self.run_source(info)
+        finally:
+            if item.spooled:  # the temporary copy of stdin, a pipe or a compressed file
+                item.path.unlink(missing_ok=True)
+        if item.warning and self.state.inputs[-1]["status"] == "ok":
+            self.state.inputs[-1]["status"] = "truncated"
+        if progress is not None:
+            progress.track(None)
+        if cut:  # no further input starts (exit 130, the results are partial)
+            self.state.interrupted = True
+            if self.state.inputs[-1]["status"] == "ok":
+                self.state.inputs[-1]["status"] = "interrupted"
+            return False
+        return True
 
     @property
     def current_source(self) -> FlowSource | None:
@@ -172,7 +181,7 @@ class Analysis:
         stages, and the run keeps exit code 0.
         """
         self.live = True
-        with _interruptible(self):
+        with interruptible(self):
             self.run_source(info)
         return self.state
 
@@ -201,6 +210,13 @@ class Analysis:
         self.state.packets += report.packets + report.ignored_packets
         self.state.inputs.append({"source": info.name, "packets": report.packets + report.ignored_packets,
                                   "flows": report.flows, "status": status})
+        self.capture_ended([stage.capture_result() for stage in self.stages])
+
+    def capture_ended(self, results: list[Any]) -> None:
+        """The stages' results of the capture that ended (Stage.capture_result), one per stage: merged into the
+        run's here; a worker of iotscan.cluster sends them to its client instead."""
+        for stage, result in zip(self.stages, results, strict=True):
+            stage.add_capture_result(result)
 
     def _drain(self, source: FlowSource, info: SourceInfo) -> None:
         name = info.name
@@ -350,8 +366,12 @@ class Analysis:
             warnings=self.state.warnings, errors=self.state.errors, inputs=self.state.inputs)
         for stage in self.stages:
             stage.summarize(summary)
+        self.summarize(summary)
         self.sink.close(summary)
         return summary
+
+    def summarize(self, summary: dict[str, Any]) -> None:
+        """Add to the summary what this kind of run knows besides the stages (iotscan.cluster: its workers)."""
 
     def exit_code(self) -> ExitCode:
         if self.state.interrupted and not self.live:
@@ -386,7 +406,7 @@ def _strip_source(message: str, source: str) -> str:
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
-class _interruptible:
+class interruptible:
     """Route SIGINT and SIGTERM to Analysis.stop() so active flows are flushed and a summary written."""
 
     def __init__(self, analysis: Analysis) -> None:

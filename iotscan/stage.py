@@ -63,6 +63,18 @@ class Stage:
     def end(self, source: SourceInfo) -> None:
         pass
 
+    def capture_result(self) -> Any:
+        """What the stage gathered over the capture that just ended (or failed) for the end of the run, taken: by
+        default its warnings. The pipeline hands it to add_capture_result() at once; iotscan.cluster analyses each
+        capture in a worker process and hands it (pickled) to the client's stage, captures in input order. A stage
+        whose finish() or summarize() reads what it saw of the captures keeps it per capture this way."""
+        taken, self.warnings = self.warnings, []
+        return taken
+
+    def add_capture_result(self, result: Any) -> None:
+        """Merge what capture_result() took, for a capture analysed here or elsewhere."""
+        self.warnings.extend(result)
+
     def finish(self) -> list[dict[str, Any]]:
         return []
 

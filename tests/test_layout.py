@@ -19,7 +19,7 @@ MAX_MODULE_LINES = 700
 # What each part of iotscan may import besides itself (the package docstrings say the same). A rule names a
 # package ("capture") or one module ("output.records"); the root package ("iotscan": __version__) is open to all.
 EVERYTHING = {"capture", "detect", "devices", "output", "inspect", "stage", "pipeline", "live", "errors",
-              "training", "lab", "cli", "_compat"}
+              "training", "lab", "cli", "_compat", "cluster"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "_compat": set(),
@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "inspect": {"capture", "output", "stage", "errors"},
     "pipeline": {"capture", "output", "stage", "errors"},
     "live": {"pipeline", "capture", "output", "stage", "errors"},
+    "cluster": {"pipeline", "capture", "output", "stage", "errors"},
     "training": {"detect", "devices", "capture", "output", "stage", "pipeline", "errors"},
     "lab": {"capture", "errors"},
     "cli": EVERYTHING - {"cli"},

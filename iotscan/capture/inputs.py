@@ -13,6 +13,7 @@ import bz2
 import gzip
 import lzma
 import os
+import re
 import stat
 import struct
 import sys
@@ -200,7 +201,7 @@ OnCopy = Callable[[str, Callable[[], int]], None]
 
 
 class CopyInterrupted(Exception):
-    """Raised by a Ctrl-C handler (pipeline._interruptible) while copy_in_progress(), to end the copy: a read
+    """Raised by a Ctrl-C handler (pipeline.interruptible) while copy_in_progress(), to end the copy: a read
     from a pipe blocks until its writer writes again, and Python retries a read its signal handler let be."""
 
 
@@ -309,14 +310,22 @@ def _spooled(raw: str | os.PathLike[str], path: Path, on_copy: OnCopy | None) ->
     return None
 
 
-def expand(paths: Iterable[str | os.PathLike[str]], on_copy: OnCopy | None = None
-           ) -> Iterator[CaptureFile | InputProblem]:
-    """Yield each capture named by the paths (directories recursively, sorted), or the problem with it.
+def is_url(raw: str | os.PathLike[str]) -> bool:
+    """A URL of fsspec's filesystems (s3://, gs://, hdfs://, http://, file://...) rather than a local path."""
+    return isinstance(raw, str) and _URL.match(raw) is not None
 
-    Files named explicitly must be captures; inside directories, files that are not captures (plain or
-    compressed) are skipped silently (a capture directory often holds logs and notes beside the pcaps).
-    """
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def listed(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str | InputProblem]:
+    """The captures the paths name, one by one, not opened beyond their first bytes: directories walked
+    (recursively, sorted; files that are not captures, plain or compressed, skipped silently: a capture directory
+    often holds logs and notes beside the pcaps), files and URLs as given. open_capture() opens each."""
     for raw in paths:
+        if is_url(raw):
+            yield from _listed_url(str(raw))
+            continue
         path = Path(raw)
         if path.is_dir():
             found = False
@@ -327,11 +336,25 @@ def expand(paths: Iterable[str | os.PathLike[str]], on_copy: OnCopy | None = Non
                     if not child.is_file() or not _looks_like_capture(child):  # a FIFO there would block
                         continue
                     found = True
-                    yield capture_file(child, on_copy)
+                    yield str(child)
             if not found:
                 yield InputProblem(str(path), "directory holds no pcap or pcapng captures (plain or compressed)")
             continue
-        yield capture_file(raw, on_copy)
+        yield str(raw)
+
+
+def expand(paths: Iterable[str | os.PathLike[str]], on_copy: OnCopy | None = None
+           ) -> Iterator[CaptureFile | InputProblem]:
+    """Yield each capture named by the paths (see listed), opened, or the problem with it.
+
+    Files named explicitly must be captures; inside directories, files that are not captures are skipped."""
+    for item in listed(paths):
+        yield item if isinstance(item, InputProblem) else open_capture(item, on_copy)
+
+
+def open_capture(raw: str, on_copy: OnCopy | None = None) -> CaptureFile | InputProblem:
+    """A file or URL of listed(), ready for libpcap (copied first if it must be), or the problem with it."""
+    return fetch_url(raw, on_copy) if is_url(raw) else capture_file(raw, on_copy)
 
 
 def capture_file(raw: str | os.PathLike[str], on_copy: OnCopy | None = None) -> CaptureFile | InputProblem:
@@ -344,3 +367,88 @@ def capture_file(raw: str | os.PathLike[str], on_copy: OnCopy | None = None) -> 
         return sniff(path)
     except InputError as exc:
         return InputProblem(str(path), exc.message)
+
+
+# -- URLs, through fsspec (the `cluster` extra installs it with Dask) --------------------------------------
+
+_HEAD_BYTES = 1 << 16  # of an object, to tell a capture (compressed or not) from another file
+
+
+def _filesystem(url: str):  # -> (fsspec filesystem, path in it), or an InputProblem
+    try:
+        import fsspec
+    except ImportError:
+        return InputProblem(url, "reading URLs needs fsspec: pip install 'iotscan[cluster]'")
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:  # no implementation for the protocol (s3fs, gcsfs... not installed)
+        return InputProblem(url, _one_line(exc))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _listed_url(url: str) -> Iterator[str | InputProblem]:
+    found = _filesystem(url)
+    if isinstance(found, InputProblem):
+        yield found
+        return
+    fs, path = found
+    try:
+        if not fs.isdir(path):
+            yield url
+            return
+        children = sorted(fs.find(path))
+    except Exception as exc:  # the filesystem's own errors (credentials, network): one line for the user
+        yield InputProblem(url, _one_line(exc))
+        return
+    found_one = False
+    for child in children:
+        try:
+            head = fs.cat_file(child, start=0, end=_HEAD_BYTES)
+        except Exception:  # unreadable objects are skipped, as unreadable files of a directory are
+            continue
+        if _head_is_capture(head):
+            found_one = True
+            yield fs.unstrip_protocol(child)
+    if not found_one:
+        yield InputProblem(url, "directory holds no pcap or pcapng captures (plain or compressed)")
+
+
+def _head_is_capture(head: bytes) -> bool:
+    """Whether a file's first bytes are a capture's, or a compressed capture's (decompressing what they hold)."""
+    if _capture_format(head[:4]) is not None:
+        return True
+    compressed = _compressed(head)
+    if compressed is None:
+        return False
+    decompressor = {"gzip": lambda: zlib.decompressobj(wbits=31), "bzip2": bz2.BZ2Decompressor,
+                    "xz": lzma.LZMADecompressor}[compressed[0]]()
+    try:
+        return _capture_format(decompressor.decompress(head)[:4]) is not None
+    except _DAMAGED_STREAM:
+        return False
+
+
+def fetch_url(url: str, on_copy: OnCopy | None = None) -> CaptureFile | InputProblem:
+    """The object a URL names, copied (decompressed if compressed) to a temporary file, as stdin is."""
+    found = _filesystem(url)
+    if isinstance(found, InputProblem):
+        return found
+    fs, path = found
+    try:
+        with fs.open(path, "rb") as stream:
+            compressed = _compressed(stream.read(6))
+            stream.seek(0)
+            if compressed is None:
+                return spool(stream, url, "the object", on_copy)
+            kind, opener = compressed
+            with opener(stream) as inner:
+                return spool(inner, url, f"the {kind} object", on_copy)
+    except FileNotFoundError:
+        return InputProblem(url, "no such file or object")
+    except IsADirectoryError:
+        return InputProblem(url, "is a directory")
+    except Exception as exc:  # the filesystem's own errors (credentials, network): one line for the user
+        return InputProblem(url, _one_line(exc))

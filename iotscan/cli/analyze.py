@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import typer
@@ -28,7 +30,7 @@ from iotscan.cli.common import (
     TRUST_MODEL_OPTION,
     FloodRecords,
     Format,
-    build_stages,
+    StageOptions,
     check_attacks_only,
     check_fail_on,
     flow_columns,
@@ -37,6 +39,7 @@ from iotscan.cli.common import (
     resolve_format,
 )
 from iotscan.cli.report import check_report_path, open_report
+from iotscan.errors import InputError
 from iotscan.output.console import Reporter
 from iotscan.output.records import EXPLAIN_FIELDS
 from iotscan.output.report import TeeSink
@@ -48,7 +51,8 @@ EXPLAIN_FIELD_NAMES = tuple(name for name, _ in EXPLAIN_FIELDS)
 
 @app.command()
 def analyze(
-    paths: list[Path] = typer.Argument(..., help="Capture files (pcap, pcapng) or directories of them."),
+    paths: list[str] = typer.Argument(..., help="Capture files (pcap, pcapng) or directories of them; '-' is stdin; "
+                                      "URLs (s3://, gs://, file://...) with the cluster extra."),
     fmt: Format | None = FORMAT_OPTION,
     output: Path | None = OUTPUT_OPTION,
     bpf: str | None = BPF_OPTION,
@@ -71,18 +75,35 @@ def analyze(
                                  "inspect` command that shows its packets (field `inspect`; listed in the table)."),
     report: Path | None = typer.Option(None, "--report", dir_okay=False,
                                        help="Also write the HTML report of the run to FILE (see `iotscan report`)."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", min=0,
+                                    help="Analyse N captures at a time, in a local Dask cluster of N worker processes "
+                                         "(0: one per core; 1: here, as without the option). Needs the cluster extra."),
+    scheduler: str | None = typer.Option(None, "--scheduler", metavar="ADDRESS",
+                                         help="Analyse the captures on the Dask cluster at ADDRESS (tcp://HOST:8786; "
+                                              "default: $DASK_SCHEDULER_ADDRESS unless --jobs is given). Its workers "
+                                              "read the paths as given."),
+    ordered: bool = typer.Option(False, "--ordered",
+                                 help="With --jobs or --scheduler: write the captures' records in input order "
+                                      "(default: each capture's as soon as it is done; a capture's own records are "
+                                      "always together, in order)."),
 ) -> None:
     """Extract every flow of the captures, fingerprint devices and score flows, in one pass."""
     fmt = resolve_format(fmt, output)
     check_attacks_only(attacks_only, no_score)
-    check_fail_on(fail_on, risks=not no_risks)
-    stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
-                          threshold=threshold, hosts=not no_hosts, flood_records=flood_records,
-                          signatures=signatures, risks=not no_risks)
-    if explain:
-        from iotscan.inspect import InspectCommandStage
+    if jobs not in (None, 1) and scheduler:
+        raise InputError("--jobs starts a local cluster and --scheduler names another: give one of them")
+    scheduler = scheduler or (os.environ.get("DASK_SCHEDULER_ADDRESS") if jobs is None else None) or None
+    parallel = bool(scheduler) or jobs not in (None, 1)
+    if parallel:
+        from iotscan.cluster.connect import require_dask
 
-        stages.append(InspectCommandStage(idle_timeout=idle_timeout, active_timeout=active_timeout))
+        require_dask("--scheduler" if scheduler else f"--jobs {jobs}")
+    check_fail_on(fail_on, risks=not no_risks)
+    options = StageOptions(devices=not no_devices, score=not no_score, model=model, trust_model=trust_model,
+                           threshold=threshold, hosts=not no_hosts, flood_records=flood_records,
+                           signatures=tuple(signatures or ()), risks=not no_risks, explain=explain,
+                           idle_timeout=idle_timeout, active_timeout=active_timeout)
+    stages = options.build()
     config = main_pass_config("", score=not no_score, risks=not no_risks, bpf=bpf, idle_timeout=idle_timeout,
                               active_timeout=active_timeout, max_flows=max_flows)
     builder, report_out = None, None
@@ -102,15 +123,26 @@ def analyze(
     sink = make_sink(fmt.value, out, columns=columns, inspect_args=inspect_args)
     if builder is not None:
         sink = TeeSink(sink, builder)
-    analysis = Analysis(sink, stages=stages, reporter=Reporter(quiet), fail_on=fail_on, attacks_only=attacks_only)
-    try:
-        analysis.run_files(paths, config)
-    finally:
+    with contextlib.ExitStack() as cluster:
+        if parallel:
+            from iotscan.cluster.client import ClusterAnalysis
+            from iotscan.cluster.connect import cluster_client
+
+            client, remote = cluster.enter_context(cluster_client(jobs, scheduler))
+            analysis: Analysis = ClusterAnalysis(client, sink, stages, build_stages=options.shipped().build,
+                                                 reporter=Reporter(quiet), fail_on=fail_on, attacks_only=attacks_only,
+                                                 ordered=ordered, remote=remote)
+        else:
+            analysis = Analysis(sink, stages=stages, reporter=Reporter(quiet), fail_on=fail_on,
+                                attacks_only=attacks_only)
         try:
-            analysis.finish()
+            analysis.run_files(paths, config)
         finally:
-            if output is not None:
-                out.close()
-            if report_out is not None:
-                report_out.close()
+            try:
+                analysis.finish()
+            finally:
+                if output is not None:
+                    out.close()
+                if report_out is not None:
+                    report_out.close()
     raise typer.Exit(int(analysis.exit_code()))

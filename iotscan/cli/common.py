@@ -6,6 +6,7 @@ import io
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -13,6 +14,7 @@ from typing import IO, TYPE_CHECKING
 import typer
 
 from iotscan.capture.source import DEFAULT_MAX_FLOWS, MeterConfig
+from iotscan.detect.modelstore import ModelContent
 from iotscan.errors import InputError, OutputError
 from iotscan.output.records import (
     DEVICE_LINK_FIELDS,
@@ -235,19 +237,58 @@ def device_signatures(paths: Sequence[Path] | None) -> Signatures:
     return load_signatures(tuple(str(p) for p in paths or ()))
 
 
+@dataclass(frozen=True)
+class StageOptions:
+    """The stages `analyze` runs, as options: what a worker of iotscan.cluster builds them from (the same as here;
+    a --model of the user's travels as its content)."""
+
+    devices: bool = True
+    score: bool = True
+    model: Path | ModelContent | None = None
+    trust_model: bool = False
+    threshold: float | None = None
+    hosts: bool = True
+    flood_records: FloodRecords = FloodRecords.summary
+    signatures: tuple[Path, ...] = ()  # the user's device signature files
+    risks: bool = True
+    explain: bool = False
+    idle_timeout: int = 120
+    active_timeout: int = 1800
+    device_model: bool = True  # the workers count devices, the client fingerprints them: only it needs the model
+
+    def build(self) -> list[Stage]:
+        """The stages, models verified (a bundled one by its SHA-256, a shipped one against the client's)."""
+        model = self.model.materialize() if isinstance(self.model, ModelContent) else self.model
+        stages = build_stages(devices=self.devices, score=self.score, model_path=model, trust_model=self.trust_model,
+                              threshold=self.threshold, hosts=self.hosts, flood_records=self.flood_records,
+                              signatures=self.signatures, risks=self.risks, device_model=self.device_model)
+        if self.explain:
+            from iotscan.inspect import InspectCommandStage
+
+            stages.append(InspectCommandStage(idle_timeout=self.idle_timeout, active_timeout=self.active_timeout))
+        return stages
+
+    def shipped(self) -> StageOptions:
+        """These options for the workers of iotscan.cluster: the model file read (sent by content), no device model
+        (nor the user's device signatures: the client fingerprints)."""
+        model = ModelContent.read(self.model) if isinstance(self.model, Path) and self.score else self.model
+        return replace(self, model=model, device_model=False, signatures=())
+
+
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
                  trust_model: bool = False, threshold: float | None = None, hosts: bool = True,
                  flood_records: FloodRecords = FloodRecords.summary,
                  signatures: Sequence[Path] | None = None, risks: bool = False,
-                 device_stage: Stage | None = None) -> list[Stage]:
+                 device_stage: Stage | None = None, device_model: bool = True) -> list[Stage]:
     """The enrichment, scoring and risk stages shared by `analyze`, `live` and `devices`, in pipeline order:
     devices first (the others read the device links), then the request pass that scoring and risks share; the
-    host-behaviour stage judges hosts over the flows the scoring stage judged, so it runs with scoring only."""
+    host-behaviour stage judges hosts over the flows the scoring stage judged, so it runs with scoring only. Without
+    ``device_model`` the device stage counts devices but cannot fingerprint them (finish(): a client does)."""
     stages: list[Stage] = []
     if devices:
         from iotscan.devices.stage import DeviceStage  # deferred: loads the device model
 
-        stages.append(device_stage or DeviceStage(signatures=device_signatures(signatures)))
+        stages.append(device_stage or DeviceStage(use_model=device_model, signatures=device_signatures(signatures)))
     requests = None
     if score or risks:
         from iotscan.detect.request_stage import RequestPassStage

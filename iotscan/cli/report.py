@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
 from typing import IO
@@ -39,8 +40,8 @@ from iotscan.pipeline import Analysis
 TITLE_OPTION = typer.Option(None, "--title", help="The report's title (default: the inputs' names).")
 
 
-def open_report(path: Path, inputs: list[Path], *, title: str | None, model: Path | None, devices: bool,
-                score: bool, threshold: float | None, idle_timeout: int, active_timeout: int
+def open_report(path: Path, inputs: Sequence[str | os.PathLike[str]], *, title: str | None, model: Path | None,
+                devices: bool, score: bool, threshold: float | None, idle_timeout: int, active_timeout: int
                 ) -> tuple[ReportBuilder, OutputStream]:
     """The report's builder, writing to ``path`` (never over an input); fails at once, before any work, when the
     file cannot be written or matplotlib is missing."""

@@ -298,6 +298,16 @@ class HostStage(Stage):
             first_seen_ms=decision.first_ms, last_seen_ms=decision.decided_ms,
             evidence_community_ids=list(decision.examples))
 
+    def capture_result(self) -> tuple[list[dict[str, str]], Counter[str]]:
+        """The capture's warnings and alerts by kind, taken (merged into the run's: add_capture_result)."""
+        alerts, self.alerts = self.alerts, Counter()
+        return super().capture_result(), alerts
+
+    def add_capture_result(self, result: tuple[list[dict[str, str]], Counter[str]]) -> None:
+        warnings, alerts = result
+        super().add_capture_result(warnings)
+        self.alerts.update(alerts)
+
     def summarize(self, summary: dict[str, Any]) -> None:
         super().summarize(summary)
         summary["alerts"] = sum(self.alerts.values())

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
+import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -121,3 +125,45 @@ def save_model(model: Any, model_path: Path, card: dict[str, Any], card_markdown
     md_path = model_path.with_name(model_path.name.removesuffix(".joblib") + CARD_MD_SUFFIX)
     md_path.write_text(card_markdown.rstrip() + f"\n\nModel file `{model_path.name}`, SHA-256 `{digest}`.\n")
     return digest
+
+
+@dataclass(frozen=True)
+class ModelContent:
+    """A model file of the user's (--model) carried by content to the processes that score, on this machine or
+    others (iotscan.cluster's workers), with its card when it has one; verified there against the SHA-256 taken
+    here, then loaded as a single process loads it (see load_model)."""
+
+    name: str
+    data: bytes
+    sha256: str
+    card: bytes | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> ModelContent:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read model file: {exc.strerror or exc}") from exc
+        card = card_path(path)
+        return cls(name=path.name, data=data, sha256=hashlib.sha256(data).hexdigest(),
+                   card=card.read_bytes() if card.is_file() else None)
+
+    def materialize(self) -> Path:
+        """The model as a file here (a directory named by its hash, in the temporary directory), after checking
+        that its bytes are the ones read by the client."""
+        actual = hashlib.sha256(self.data).hexdigest()
+        if actual != self.sha256:
+            raise ModelError(f"{self.name}: the model received has SHA-256 {actual[:16]}..., not the "
+                             f"{self.sha256[:16]}... sent: refusing to load it")
+        folder = Path(tempfile.gettempdir()) / f"iotscan-model-{os.getuid()}-{self.sha256[:32]}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        found = folder.lstat()  # loading runs the pickle: nobody else may write there
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+            raise ModelError(f"{folder}: not a directory of this user's alone: refusing to load a model from it")
+        path = folder / self.name
+        for target, data in ((path, self.data), (card_path(path), self.card)):
+            if data is not None and not (target.is_file() and target.read_bytes() == data):
+                partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
+                partial.write_bytes(data)
+                os.replace(partial, target)  # whole or not at all, whichever task of the worker writes it
+        return path

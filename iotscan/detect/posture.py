@@ -45,6 +45,17 @@ class RiskTally:
             self.evidence.append(evidence)
 
 
+    def merge(self, other: RiskTally) -> None:
+        """Add the tally of a later capture (iotscan.cluster: captures merged in input order)."""
+        if other.flows and (not self.flows or other.first_seen_ms < self.first_seen_ms):
+            self.first_seen_ms = other.first_seen_ms
+        self.last_seen_ms = max(self.last_seen_ms, other.last_seen_ms)
+        self.flows += other.flows
+        self.internet = self.internet or other.internet
+        for mine, theirs in ((self.community_ids, other.community_ids), (self.evidence, other.evidence)):
+            mine.extend([x for x in theirs if x not in mine][:MAX_EXAMPLES - len(mine)])
+
+
 def _step(steps: list[list[Any]], value: float) -> Any:
     """The value of the last [threshold, value] step that ``value`` reaches."""
     out = steps[0][1]
@@ -86,6 +97,16 @@ class DevicePostures:
         if tally is None:
             tally = tallies[risk_id] = RiskTally()
         tally.add(record, evidence, internet)
+
+    def merge(self, devices: dict[str, dict[str, RiskTally]]) -> None:
+        """Add another capture's tallies (DevicePostures.devices of a stage that saw it)."""
+        for mac, tallies in devices.items():
+            mine = self.devices.setdefault(mac, {})
+            for risk_id, tally in tallies.items():
+                if risk_id in mine:
+                    mine[risk_id].merge(tally)
+                else:
+                    mine[risk_id] = tally
 
     def posture(self, mac: str) -> dict[str, Any]:
         """The device record's risk fields (records.DEVICE_RISK_FIELDS)."""

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from iotscan.detect.posture import DevicePostures
+from iotscan.detect.posture import DevicePostures, RiskTally
 from iotscan.detect.request_findings import RequestFindings
 from iotscan.detect.request_stage import ReadsRequests, RequestPassStage
 from iotscan.detect.risk_catalogue import load_catalogue
@@ -96,6 +96,21 @@ class RiskStage(ReadsRequests):
                     self.postures.add(mac, risk, record, evidence, is_public(other))
                     counted = mac
         record["risks"] = risks
+
+    def capture_result(self) -> tuple[list[dict[str, str]], dict[str, dict[str, RiskTally]], Counter[str]]:
+        """The capture's warnings, device tallies and risk counts, taken (merged into the run's:
+        add_capture_result), so that a capture analysed by a worker of iotscan.cluster counts as one analysed
+        here."""
+        taken = (super().capture_result(), self.postures.devices, self.counts)
+        self.postures.devices, self.counts = {}, Counter()
+        return taken
+
+    def add_capture_result(self, result: tuple[list[dict[str, str]], dict[str, dict[str, RiskTally]],
+                                               Counter[str]]) -> None:
+        warnings, devices, counts = result
+        super().add_capture_result(warnings)
+        self.postures.merge(devices)
+        self.counts.update(counts)
 
     def annotate(self, records: list[dict[str, Any]]) -> None:
         self.postures.annotate(records)

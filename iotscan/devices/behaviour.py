@@ -46,7 +46,7 @@ class DeviceActivity:
     """Counters of one local device's flows. Memory is bounded whatever the capture size."""
 
     __slots__ = (
-        "apps", "bytes", "dhcp_fingerprints", "dhcp_hostnames", "dur_bins", "first_ms", "flows", "gaps",
+        "apps", "bytes", "dhcp_fingerprints", "dhcp_hostnames", "dur_bins", "first_ms", "first_start", "flows", "gaps",
         "initiated", "ips", "ipv6", "ja4s", "last_ms", "last_start", "local_peers", "multicast", "names",
         "packets", "pkt_bins", "ports", "remote_flows", "remote_peers", "sends_local", "sent_bytes",
         "served_apps", "size_bins", "source", "sources", "user_agents",
@@ -82,6 +82,7 @@ class DeviceActivity:
         self.dur_bins = [0] * _DUR_BINS
         self.gaps = [0] * _GAP_BINS
         self.last_start: dict[tuple[int, int, bool], int] = {}
+        self.first_start: dict[tuple[int, int, bool], int] = {}  # a service's first flow: merge() needs it
 
     def add(self, r: Mapping[str, Any], as_src: bool, peer_ip: str, peer_kind: int) -> None:
         """Count one flow in which this device is the initiator (as_src) or the responder.
@@ -112,14 +113,11 @@ class DeviceActivity:
         if key in ports:
             ports[key] += 1
             starts = self.last_start
-            gap = first - starts[key]
+            self.gaps[_gap_bin(first - starts[key])] += 1
             starts[key] = first
-            # log2 bins of the time since the service's previous flow: <1 s, <8 s, <1 min, <9 min...
-            bits = (gap if gap >= 0 else -gap).bit_length()
-            self.gaps[0 if bits <= 10 else min((bits - 8) // 3, _GAP_BINS - 1)] += 1
         elif len(ports) < _MAX_KEYS:
             ports[key] = 1
-            self.last_start[key] = first
+            self.last_start[key] = self.first_start[key] = first
         else:  # past the cap, one bucket per protocol keeps the protocol mix exact
             other = (proto, -1, False)
             ports[other] = ports.get(other, 0) + 1
@@ -174,6 +172,72 @@ class DeviceActivity:
             self.ips[ip] += 1
         elif len(self.ips) < _MAX_IPS:
             self.ips[ip] = 1
+
+    def merge(self, later: DeviceActivity) -> None:
+        """Add the activity of the same device in a later capture, as if its flows had come after these.
+
+        The device stage counts each capture apart and merges the captures in input order, in one process
+        or from many (iotscan.cluster): the same code either way. Where no cap is reached this gives what
+        counting all the flows in one table would: sums, and a service's first flow in the later capture
+        is timed against its last one here (the gap histogram). Caps apply at the merge as at a flow.
+        """
+        for name in ("flows", "bytes", "packets", "sent_bytes", "initiated", "remote_flows", "multicast", "ipv6"):
+            setattr(self, name, getattr(self, name) + getattr(later, name))
+        self.first_ms = min(self.first_ms, later.first_ms)
+        self.last_ms = max(self.last_ms, later.last_ms)
+        self.sends_local = self.sends_local or later.sends_local
+        for source in later.sources:
+            self.seen_in(source)
+        for ip, count in later.ips.items():
+            _add_count(self.ips, ip, count, _MAX_IPS)
+        ports, starts = self.ports, self.last_start
+        for key, count in later.ports.items():
+            if key in ports:
+                ports[key] += count
+                if key in starts and key in later.first_start:  # not the bucket of the ports past the cap
+                    gap = later.first_start[key] - starts[key]
+                    self.gaps[_gap_bin(gap)] += 1
+                    starts[key] = later.last_start[key]
+            elif len(ports) < _MAX_KEYS or key not in later.first_start:
+                ports[key] = count
+                if key in later.first_start:
+                    self.first_start[key], starts[key] = later.first_start[key], later.last_start[key]
+            else:  # past the cap, the protocol's bucket
+                other = (key[0], -1, False)
+                ports[other] = ports.get(other, 0) + count
+        for name, cap in _CAPPED_COUNTERS:
+            mine = getattr(self, name)
+            for value, count in getattr(later, name).items():
+                _add_count(mine, value, count, cap)
+        for name in ("remote_peers", "local_peers"):
+            peers = getattr(self, name)
+            for peer in getattr(later, name):
+                if len(peers) >= _MAX_PEERS:
+                    break
+                peers.add(peer)
+        for name in ("size_bins", "pkt_bins", "dur_bins", "gaps"):
+            bins = getattr(self, name)
+            for i, count in enumerate(getattr(later, name)):
+                bins[i] += count
+
+
+# The counters of values kept up to a cap, and the cap (as add() keeps them)
+_CAPPED_COUNTERS = (("apps", _MAX_KEYS), ("served_apps", _MAX_VALUES), ("names", _MAX_NAMES),
+                    ("user_agents", _MAX_VALUES), ("ja4s", _MAX_VALUES), ("dhcp_hostnames", _MAX_VALUES),
+                    ("dhcp_fingerprints", _MAX_VALUES))
+
+
+def _gap_bin(gap: int) -> int:
+    """log2 bins of the time since the service's previous flow: <1 s, <8 s, <1 min, <9 min..."""
+    bits = (gap if gap >= 0 else -gap).bit_length()
+    return 0 if bits <= 10 else min((bits - 8) // 3, _GAP_BINS - 1)
+
+
+def _add_count(counter: dict[str, int], value: str, count: int, cap: int) -> None:
+    if value in counter:
+        counter[value] += count
+    elif len(counter) < cap:
+        counter[value] = count
 
 
 def _bump(counter: dict[str, int], value: str) -> None:

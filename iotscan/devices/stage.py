@@ -7,6 +7,10 @@ process -- over the same file, or as a second capture of the same interface -- s
 main meter runs and collected at the end of the file or when the capture stops.
 ``finish()`` fuses everything into one ``device`` record per local device.
 
+Each capture is counted in its own tables (``CaptureDevices``), merged into the run's at its end, in input
+order (``add_capture_result``): so a flow record, its device link fields included, depends only on its own
+capture, and captures analysed by other processes (iotscan.cluster) merge by the same code as here.
+
 A local device is a MAC that sends traffic from a local address (records.is_local_address): the
 initiator of a flow from a local address, or a local responder that answered. A DHCP client
 before it has an address (0.0.0.0) is counted for the MAC too. A MAC that only relays Internet
@@ -21,6 +25,7 @@ import ipaddress
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,21 @@ MAX_DEVICES = 4096  # a home or lab network; beyond it (spoofed floods), new MAC
 _MAX_CACHE = 65536
 _MAX_IPS = 16  # local addresses kept per device
 _UNSPECIFIED = 3
+
+
+@dataclass
+class CaptureDevices:
+    """What the device stage counted over one capture, to merge into the run's tables (add_capture_result)."""
+
+    devices: dict[str, DeviceActivity] = field(default_factory=dict)  # by MAC, local or not yet known to be
+    gateways: dict[str, set[str]] = field(default_factory=dict)  # MAC -> the local devices it carries traffic of
+    # Unanswered flows to a local MAC that was no device of this capture yet: it may be one of an earlier capture,
+    # and then they count for it, as they would in one table (by MAC; the gateways that carried them)
+    held: dict[str, DeviceActivity] = field(default_factory=dict)
+    held_gateways: dict[str, set[str]] = field(default_factory=dict)
+    hints: IdentityHints = field(default_factory=IdentityHints)
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    identity_seconds: float = 0.0
 
 
 class DeviceStage(Stage):
@@ -55,13 +75,15 @@ class DeviceStage(Stage):
             # that has not grown by a forest yet.
             self._model_path = DeviceModel.check(model_path, trusted=trust_model)
         self.identity_pass = identity_pass
+        # the run's tables, the captures merged (see the module)
         self.devices: dict[str, DeviceActivity] = {}
         self.hints = IdentityHints()
         self.gateways: dict[str, set[str]] = {}  # MAC -> local devices whose Internet traffic it carries
         self.identity_seconds = 0.0
+        self._capture = CaptureDevices()  # the current capture's
         self._ip_kind: dict[str, int] = {}
         self._unicast: dict[str, bool] = {}
-        self._full = False
+        self._full = self._capture_full = False
         self._source = ""
         self._info: SourceInfo | None = None
         self._identity: SidePass | None = None
@@ -73,6 +95,7 @@ class DeviceStage(Stage):
         self._abandon_identity()
         self._source = source.name
         self._info = source
+        self._capture, self._capture_full = CaptureDevices(), False
         if source.config.live and self.model is None and self._model_path is not None:
             # Loaded before capturing: on a live link, a load beside the capture would hold the reader back.
             self.model = DeviceModel.load(self._model_path, trusted=self._trust_model)
@@ -117,9 +140,10 @@ class DeviceStage(Stage):
     def observer(self) -> Callable[[dict[str, Any]], None]:
         """The per-flow function: counts one flow record for its local endpoints and adds the device
         link fields to it. A closure over local names: this runs for every flow of the capture."""
-        ip_kind, unicast, devices = self._ip_kind, self._unicast, self.devices
+        ip_kind, unicast, devices = self._ip_kind, self._unicast, self._capture.devices
         classify, classify_mac, new_device, carries = self._classify, self._classify_mac, self._new_device, \
             self._carries
+        held, held_device = self._capture.held, self._held_device
         local, remote, group, unspecified = PEER_LOCAL, PEER_REMOTE, PEER_GROUP, _UNSPECIFIED
 
         def observe(r: dict[str, Any]) -> None:
@@ -159,8 +183,8 @@ class DeviceStage(Stage):
             if dst_uni and dk == local and dst_mac != src_mac:
                 act = devices.get(dst_mac)
                 answered = r["dst2src_packets"] > 0
-                if act is None and answered:
-                    act = new_device(dst_mac)
+                if act is None:
+                    act = new_device(dst_mac) if answered else held.get(dst_mac) or held_device(dst_mac)
                 if act is not None:
                     if act.source is not self._source:
                         act.seen_in(self._source)
@@ -175,31 +199,32 @@ class DeviceStage(Stage):
                     if act.sends_local:
                         dst_dev = dst_mac
                     if sk == remote and src_uni:
-                        carries(src_mac, dst_mac)
+                        carries(src_mac, dst_mac, act is held.get(dst_mac))
             r["src_device"] = src_dev
             r["dst_device"] = dst_dev
 
         return observe
 
     def _new_device(self, mac: str) -> DeviceActivity | None:
-        if len(self.devices) >= MAX_DEVICES:
-            if not self._full:
-                self._full = True
-                self.warn("", "device_cap", f"more than {MAX_DEVICES:,} local MACs: later ones are not "
-                                            "fingerprinted (spoofed source MACs?)")
+        devices = self._capture.devices
+        if len(devices) >= MAX_DEVICES:
+            if not self._capture_full:
+                self._capture_full = True
+                self._capture.warnings.append(_device_cap_warning(self._source))
             return None
-        act = self.devices[mac] = DeviceActivity()
+        act = devices[mac] = DeviceActivity()
         return act
 
-    def _carries(self, gateway: str, device: str) -> None:
+    def _held_device(self, mac: str) -> DeviceActivity | None:
+        held = self._capture.held
+        if len(held) >= MAX_DEVICES:
+            return None
+        act = held[mac] = DeviceActivity()
+        return act
+
+    def _carries(self, gateway: str, device: str, held: bool = False) -> None:
         """Note that ``gateway`` carries ``device``'s Internet traffic."""
-        served = self.gateways.get(gateway)
-        if served is None:
-            if len(self.gateways) >= MAX_DEVICES:
-                return
-            served = self.gateways[gateway] = set()
-        if len(served) < MAX_DEVICES:
-            served.add(device)
+        _carries(self._capture.held_gateways if held else self._capture.gateways, gateway, device)
 
     def _classify(self, ip: str) -> int:
         if len(self._ip_kind) >= _MAX_CACHE:
@@ -248,8 +273,40 @@ class DeviceStage(Stage):
             self.warn(source.name, "identity_pass",
                       f"DHCP/mDNS/SSDP pass did not stop within {SIDE_PASS_STOP_S:g} s (devices rely on flows)")
         elif job.result is not None:
-            self.hints.merge(job.result)
-        self.identity_seconds += time.monotonic() - started
+            self._capture.hints = job.result
+        self._capture.identity_seconds += time.monotonic() - started
+
+    def capture_result(self) -> CaptureDevices:
+        """The capture's tables (and warnings), taken: the stage starts the next capture empty."""
+        result, self._capture = self._capture, CaptureDevices()
+        result.warnings.extend(super().capture_result())
+        return result
+
+    def add_capture_result(self, result: CaptureDevices) -> None:
+        """Merge a capture's tables into the run's: captures in input order, by the same code whichever process
+        counted them."""
+        devices = self.devices
+        for mac, act in result.held.items():  # before the capture's own: these flows came first
+            known = devices.get(mac)
+            if known is not None:
+                known.merge(act)
+                for gateway in sorted(result.held_gateways.get(mac, ())):
+                    _carries(self.gateways, gateway, mac)
+        for mac, act in result.devices.items():
+            known = devices.get(mac)
+            if known is not None:
+                known.merge(act)
+            elif len(devices) < MAX_DEVICES:
+                devices[mac] = act
+            elif not self._full:
+                self._full = True
+                self.warnings.append(_device_cap_warning(""))
+        for gateway, served in result.gateways.items():
+            for device in sorted(served):
+                _carries(self.gateways, gateway, device)
+        self.hints.merge(result.hints)
+        self.identity_seconds += result.identity_seconds
+        self.warnings.extend(result.warnings)
 
     def profiles(self) -> dict[str, DeviceActivity]:
         """The local devices (MACs that sent from a local address) and their activity."""
@@ -271,6 +328,22 @@ class DeviceStage(Stage):
         records = fingerprint_devices(devices, self.signatures, self.model)
         records.sort(key=lambda d: (d["first_seen_ms"], d["mac"]))
         return records
+
+def _device_cap_warning(source: str) -> dict[str, str]:
+    return {"source": source, "code": "device_cap",
+            "message": f"more than {MAX_DEVICES:,} local MACs: later ones are not fingerprinted (spoofed source MACs?)"}
+
+
+def _carries(gateways: dict[str, set[str]], gateway: str, device: str) -> None:
+    """Note that ``gateway`` carries ``device``'s Internet traffic (tables bounded as the devices are)."""
+    served = gateways.get(gateway)
+    if served is None:
+        if len(gateways) >= MAX_DEVICES:
+            return
+        served = gateways[gateway] = set()
+    if len(served) < MAX_DEVICES:
+        served.add(device)
+
 
 def _device_ips(act: DeviceActivity, served: int, gateways: dict[str, set[str]],
                 devices: dict[str, DeviceActivity]) -> list[str]:

@@ -225,6 +225,12 @@ LIVE_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("stop_reason", "\"signal\" (Ctrl-C, SIGTERM), \"duration\", \"count\", or \"error\""),
 )
 
+# `iotscan analyze --jobs N` or `--scheduler ADDRESS` adds this to its summary record.
+CLUSTER_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
+    ("workers", "per worker process: worker (its address), captures, packets, flows, bytes (of the captures), "
+                "busy_s (seconds analysing them) and packets_per_s (packets / busy_s)"),
+)
+
 # `iotscan live --stats-interval S` writes one of these every S seconds, between the flow records.
 STATS_FIELDS: tuple[tuple[str, str], ...] = (
     ("timestamp", "when the record was made, ISO 8601 UTC to the millisecond (as flow records)"),

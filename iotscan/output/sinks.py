@@ -43,6 +43,12 @@ class NdjsonSink:
         if self.flush_each:
             self.out.flush()
 
+    def write_lines(self, lines: bytes) -> None:
+        """Records already written as NDJSON elsewhere, whole lines (iotscan.cluster: a worker's), as they are."""
+        self.out.write(lines)
+        if self.flush_each:
+            self.out.flush()
+
     def close(self, summary: dict[str, Any]) -> None:
         self.write(summary)
         self.out.flush()
