@@ -10,6 +10,8 @@ from iotscan.cli import app
 from iotscan.cli.common import (
     ACTIVE_OPTION,
     ATTACKS_ONLY_OPTION,
+    BASELINE_OPTION,
+    BASELINE_THRESHOLD_OPTION,
     BPF_OPTION,
     FAIL_ON_OPTION,
     FORMAT_OPTION,
@@ -63,12 +65,15 @@ def analyze(
                                  "inspect` command that shows its packets (field `inspect`; listed in the table)."),
     report: Path | None = typer.Option(None, "--report", dir_okay=False,
                                        help="Also write the HTML report of the run to FILE (see `iotscan report`)."),
+    baseline: list[str] | None = BASELINE_OPTION,
+    baseline_threshold: float | None = BASELINE_THRESHOLD_OPTION,
 ) -> None:
     """Extract every flow of the captures, fingerprint devices and score flows, in one pass."""
     fmt = resolve_format(fmt, output)
     check_attacks_only(attacks_only, no_score)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
-                          threshold=threshold, hosts=not no_hosts)
+                          threshold=threshold, hosts=not no_hosts, baseline=baseline,
+                          baseline_threshold=baseline_threshold)
     if explain:
         from iotscan.inspect import InspectCommandStage
 
@@ -84,7 +89,8 @@ def analyze(
         if attacks_only:
             builder.notes.append("Made with --attacks-only: benign flows are counted in the summary but not drawn.")
     out = open_output(output, paths)
-    columns = flow_columns(devices=not no_devices, score=not no_score) + (EXPLAIN_FIELD_NAMES if explain else ())
+    columns = flow_columns(devices=not no_devices, score=not no_score, baseline=bool(baseline)) + \
+        (EXPLAIN_FIELD_NAMES if explain else ())
     # the table's inspect command carries the time-outs flow ids depend on
     inspect_args = [*(["--idle-timeout", str(idle_timeout)] if idle_timeout != 120 else []),
                     *(["--active-timeout", str(active_timeout)] if active_timeout != 1800 else [])]

@@ -14,7 +14,13 @@ import typer
 
 from iotscan.capture.source import DEFAULT_MAX_FLOWS, MeterConfig
 from iotscan.errors import InputError, OutputError
-from iotscan.output.records import DEVICE_LINK_FIELDS, FLOW_FIELD_NAMES, VERDICT_FIELDS, metered_flow
+from iotscan.output.records import (
+    BASELINE_FIELDS,
+    DEVICE_LINK_FIELDS,
+    FLOW_FIELD_NAMES,
+    VERDICT_FIELDS,
+    metered_flow,
+)
 from iotscan.stage import Stage
 
 
@@ -51,7 +57,15 @@ NO_DEVICES_OPTION = typer.Option(False, "--no-devices", help="Skip device finger
 FAIL_ON_OPTION = typer.Option(
     None, "--fail-on",
     help="Exit 1 when a flow is an attack ('attack') or of one family (ddos, dos, scan, bruteforce, c2, exploit, "
-         "spoofing).")
+         "spoofing), or on an alert of one kind (scan, compromised; with --baseline: anomaly, new_device).")
+BASELINE_OPTION = typer.Option(
+    None, "--baseline", dir_okay=False,
+    help="Score every flow of the devices of this baseline (made by `iotscan baseline learn`) against what they "
+         "normally do: anomaly fields, and alerts for anomalies and for devices it does not know. Also a MUD file "
+         "(RFC 8520) as MAC=FILE, or a file `iotscan baseline export-mud` named by MAC. Repeat for several MUD "
+         "files.")
+BASELINE_THRESHOLD_OPTION = typer.Option(None, "--baseline-threshold", min=0.0, max=1.0,
+                                         help="Anomaly at or above which a flow is an alert (default 0.75).")
 THRESHOLD_OPTION = typer.Option(None, "--threshold", min=0.0, max=1.0,
                                 help="Score at or above which a flow is an attack (default: the model card's).")
 MODEL_OPTION = typer.Option(None, "--model", dir_okay=False,
@@ -169,15 +183,28 @@ def main_pass_config(source: str, *, score: bool, live: bool = False, bpf: str |
                        reduce=metered_flow_with_statistics if score else metered_flow)
 
 
-def flow_columns(devices: bool, score: bool) -> tuple[str, ...]:
+def flow_columns(devices: bool, score: bool, baseline: bool = False) -> tuple[str, ...]:
     """CSV columns of flow records: the contract, then what the enabled stages add."""
-    return FLOW_FIELD_NAMES + (DEVICE_LINK_FIELDS if devices else ()) + (VERDICT_FIELDS if score else ())
+    return FLOW_FIELD_NAMES + (DEVICE_LINK_FIELDS if devices else ()) + (VERDICT_FIELDS if score else ()) + \
+        (BASELINE_FIELDS if baseline else ())
+
+
+def mac_vendor(mac: str) -> str | None:
+    """A MAC's vendor, for the live view and new-device alerts (the device stage's registry and signature names)."""
+    from iotscan.devices.signatures import load_signatures
+
+    if mac == "00:00:00:00:00:00":  # loopback's (the registry names Xerox)
+        return None
+    found = load_signatures().mac_vendor(mac)
+    return found.vendor or found.org
 
 
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
-                 trust_model: bool = False, threshold: float | None = None, hosts: bool = True) -> list[Stage]:
+                 trust_model: bool = False, threshold: float | None = None, hosts: bool = True,
+                 baseline: Sequence[str] | None = None, baseline_threshold: float | None = None) -> list[Stage]:
     """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order: the host-behaviour
-    stage judges hosts over the flows the scoring stage judged, so it runs with scoring only."""
+    stage judges hosts over the flows the scoring stage judged, so it runs with scoring only; the baseline
+    stage reads the device stage's links and borrows the host stage's DNS answers."""
     stages: list[Stage] = []
     if devices:
         from iotscan.devices.stage import DeviceStage  # deferred: loads the device model
@@ -191,4 +218,21 @@ def build_stages(devices: bool = True, score: bool = True, model_path: Path | No
             from iotscan.detect.hosts import HostStage
 
             stages.append(HostStage())
+    if baseline:
+        stages.append(baseline_stage(baseline, stages, devices, baseline_threshold))
     return stages
+
+
+def baseline_stage(specs: Sequence[str], stages: Sequence[Stage], devices: bool, threshold: float | None) -> Stage:
+    """The baseline stage of --baseline FILE... (a bad file fails here, before any output is written)."""
+    from iotscan.detect.baseline import THRESHOLD, BaselineStage
+    from iotscan.detect.hosts import HostStage
+    from iotscan.detect.mud import load_baselines
+
+    if not devices:
+        raise InputError("--baseline compares devices with their profiles: it needs the device stage "
+                         "(drop --no-devices)")
+    doc, policies = load_baselines(specs)
+    host = next((s for s in stages if isinstance(s, HostStage)), None)
+    return BaselineStage(doc, threshold=THRESHOLD if threshold is None else threshold,
+                         borrow=(lambda: host.replies) if host is not None else None, mud=policies, vendor=mac_vendor)

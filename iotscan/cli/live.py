@@ -11,6 +11,8 @@ from iotscan.cli import app
 from iotscan.cli.common import (
     ACTIVE_OPTION,
     ATTACKS_ONLY_OPTION,
+    BASELINE_OPTION,
+    BASELINE_THRESHOLD_OPTION,
     BPF_OPTION,
     FAIL_ON_OPTION,
     FORMAT_OPTION,
@@ -27,6 +29,7 @@ from iotscan.cli.common import (
     build_stages,
     check_attacks_only,
     flow_columns,
+    mac_vendor,
     main_pass_config,
     open_output,
     resolve_format,
@@ -77,6 +80,8 @@ def live(
     no_score: bool = NO_SCORE_OPTION,
     no_hosts: bool = NO_HOSTS_OPTION,
     attacks_only: bool = ATTACKS_ONLY_OPTION,
+    baseline: list[str] | None = BASELINE_OPTION,
+    baseline_threshold: float | None = BASELINE_THRESHOLD_OPTION,
 ) -> None:
     """Capture an interface and write each flow as it ends, with devices and verdicts, until stopped."""
     fmt = resolve_format(fmt, output)
@@ -91,26 +96,19 @@ def live(
     # Everything that can fail before capturing fails before the output is touched.
     preflight(interface)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
-                          threshold=threshold, hosts=not no_hosts)
+                          threshold=threshold, hosts=not no_hosts, baseline=baseline,
+                          baseline_threshold=baseline_threshold)
     out = open_output(output, append=True)
     try:
-        sink = make_sink(fmt.value, out, columns=flow_columns(devices=not no_devices, score=not no_score),
+        sink = make_sink(fmt.value, out, columns=flow_columns(devices=not no_devices, score=not no_score,
+                                                           baseline=bool(baseline)),
                          flush_each=True)
         run = LiveRun(sink, stages, config, limits, reporter=Reporter(quiet), fail_on=fail_on,
                       view_console=stderr if show_view else None, attacks_only=attacks_only,
-                      vendor=_mac_vendor if show_view else None)
+                      vendor=mac_vendor if show_view else None)
         code = run.run()
     finally:
         if output is not None:
             out.close()
     raise typer.Exit(int(code))
 
-
-def _mac_vendor(mac: str) -> str | None:
-    """A MAC's vendor, for the view's device column (the device stage's registry and signature names)."""
-    from iotscan.devices.signatures import load_signatures
-
-    if mac == "00:00:00:00:00:00":  # loopback's (the registry names Xerox)
-        return None
-    found = load_signatures().mac_vendor(mac)
-    return found.vendor or found.org
