@@ -120,6 +120,8 @@ def flow_sides(r: dict[str, Any], name_of: NameOf | None) -> list[Side]:
     sides = []
     app = r["app"]
     base = app.split(".", 1)[0] if app and not r["app_guessed"] else None
+    if base == "Unknown":
+        base = None
     protocol, sport, dport = r["protocol"], r["src_port"], r["dst_port"]
     reply = protocol in (6, 17) and ((sport < 1024 <= dport) or (sport < DYNAMIC_PORTS <= dport))
     service = service_key(protocol, sport if reply else dport)
@@ -601,12 +603,14 @@ def _sum_counts(parts: Iterator[dict[str, int]]) -> dict[str, int]:
 
 
 def days_text(days: float) -> str:
+    """"14 days", "5 hours", "1 minute"."""
     if days >= 2:
         return f"{days:.0f} days"
     hours = days * 24
     if hours >= 2:
         return f"{hours:.0f} hours"
-    return f"{max(1, round(hours * 60))} minutes"
+    minutes = max(1, round(hours * 60))
+    return f"{minutes} minute{'s' if minutes > 1 else ''}"
 
 
 def is_mac(text: str) -> bool:
