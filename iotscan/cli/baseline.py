@@ -149,3 +149,45 @@ def show(
     from rich.console import Console
 
     Console().print(table)
+
+
+@baseline_app.command("export-mud")
+def export_mud_files(
+    baseline: Path = typer.Argument(..., dir_okay=False, help="A baseline file."),
+    out_dir: Path = typer.Option(..., "--output-dir", "-o", file_okay=False,
+                                 help="Directory for the MUD files: one per device, named by its MAC."),
+    url_base: str = typer.Option("https://mud.example.invalid/iotscan", "--url-base",
+                                 help="Where the files will be published: each file's mud-url is URL/FILE."),
+    device: list[str] | None = typer.Option(None, "--device", help="Only this device (a MAC); repeat for more."),
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """Write one MUD file (RFC 8520) per device: ACLs that allow the peers and ports it was learnt to use."""
+    import time
+
+    import orjson
+
+    from iotscan.detect.mud import export_mud, mud_file_name
+    from iotscan.detect.profiles import load_baseline
+
+    doc = load_baseline(baseline)
+    wanted = {d.lower() for d in device or []}
+    unknown = wanted - set(doc["devices"])
+    if unknown:
+        raise InputError(f"{baseline}: no device {sorted(unknown)[0]} in this baseline")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out_dir}: cannot create the directory: {exc.strerror or exc}") from None
+    now = int(time.time() * 1000)
+    written = 0
+    for mac, profile in doc["devices"].items():
+        if wanted and mac not in wanted:
+            continue
+        path = out_dir / mud_file_name(mac)
+        try:
+            path.write_bytes(orjson.dumps(export_mud(mac, profile, url_base, now), option=orjson.OPT_INDENT_2) + b"\n")
+        except OSError as exc:
+            raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        written += 1
+    if not quiet:
+        stderr.print(f"wrote {written} MUD files to {out_dir}")

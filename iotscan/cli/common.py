@@ -201,7 +201,8 @@ def mac_vendor(mac: str) -> str | None:
 
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
                  trust_model: bool = False, threshold: float | None = None, hosts: bool = True,
-                 baseline: Sequence[str] | None = None, baseline_threshold: float | None = None) -> list[Stage]:
+                 baseline: Sequence[str] | None = None, baseline_threshold: float | None = None,
+                 learn_s: float | None = None, live: bool = False) -> list[Stage]:
     """The enrichment and scoring stages shared by `analyze` and `live`, in pipeline order: the host-behaviour
     stage judges hosts over the flows the scoring stage judged, so it runs with scoring only; the baseline
     stage reads the device stage's links and borrows the host stage's DNS answers."""
@@ -218,13 +219,15 @@ def build_stages(devices: bool = True, score: bool = True, model_path: Path | No
             from iotscan.detect.hosts import HostStage
 
             stages.append(HostStage())
-    if baseline:
-        stages.append(baseline_stage(baseline, stages, devices, baseline_threshold))
+    if baseline or learn_s:
+        stages.append(baseline_stage(baseline or (), stages, devices, baseline_threshold, learn_s, live))
     return stages
 
 
-def baseline_stage(specs: Sequence[str], stages: Sequence[Stage], devices: bool, threshold: float | None) -> Stage:
-    """The baseline stage of --baseline FILE... (a bad file fails here, before any output is written)."""
+def baseline_stage(specs: Sequence[str], stages: Sequence[Stage], devices: bool, threshold: float | None,
+                   learn_s: float | None = None, live: bool = False) -> Stage:
+    """The baseline stage of --baseline FILE... (a bad file fails here, before any output is written); on an
+    interface it learns first for ``learn_s`` seconds (live --learn), and keeps the profiles current."""
     from iotscan.detect.baseline import THRESHOLD, BaselineStage
     from iotscan.detect.hosts import HostStage
     from iotscan.detect.mud import load_baselines
@@ -235,4 +238,5 @@ def baseline_stage(specs: Sequence[str], stages: Sequence[Stage], devices: bool,
     doc, policies = load_baselines(specs)
     host = next((s for s in stages if isinstance(s, HostStage)), None)
     return BaselineStage(doc, threshold=THRESHOLD if threshold is None else threshold,
-                         borrow=(lambda: host.replies) if host is not None else None, mud=policies, vendor=mac_vendor)
+                         borrow=(lambda: host.replies) if host is not None else None, mud=policies, vendor=mac_vendor,
+                         learn_s=learn_s, drift=live)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -35,6 +36,7 @@ from iotscan.cli.common import (
     resolve_format,
     stdout_dash,
 )
+from iotscan.errors import InputError
 from iotscan.live import LiveLimits, LiveRun, preflight
 from iotscan.output.console import Reporter, stderr
 from iotscan.output.sinks import make_sink
@@ -82,6 +84,13 @@ def live(
     attacks_only: bool = ATTACKS_ONLY_OPTION,
     baseline: list[str] | None = BASELINE_OPTION,
     baseline_threshold: float | None = BASELINE_THRESHOLD_OPTION,
+    learn: float | None = typer.Option(
+        None, "--learn", min=1.0,
+        help="Learn each device's baseline for SECONDS first (from nothing, or on top of --baseline), then watch. "
+             "While watching, the profiles keep up with the traffic that raised nothing, no faster than a cap."),
+    save_baseline: Path | None = typer.Option(
+        None, "--save-baseline", dir_okay=False,
+        help="When the capture stops, write the baseline (as learnt, and kept current while watching) to FILE."),
 ) -> None:
     """Capture an interface and write each flow as it ends, with devices and verdicts, until stopped."""
     fmt = resolve_format(fmt, output)
@@ -97,12 +106,13 @@ def live(
     preflight(interface)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
                           threshold=threshold, hosts=not no_hosts, baseline=baseline,
-                          baseline_threshold=baseline_threshold)
+                          baseline_threshold=baseline_threshold, learn_s=learn, live=True)
+    if save_baseline is not None and not (baseline or learn):
+        raise InputError("--save-baseline saves what --learn (or --baseline) keeps: give one of them")
     out = open_output(output, append=True)
     try:
-        sink = make_sink(fmt.value, out, columns=flow_columns(devices=not no_devices, score=not no_score,
-                                                           baseline=bool(baseline)),
-                         flush_each=True)
+        columns = flow_columns(devices=not no_devices, score=not no_score, baseline=bool(baseline or learn))
+        sink = _DevicesSeen(make_sink(fmt.value, out, columns=columns, flush_each=True))
         run = LiveRun(sink, stages, config, limits, reporter=Reporter(quiet), fail_on=fail_on,
                       view_console=stderr if show_view else None, attacks_only=attacks_only,
                       vendor=mac_vendor if show_view else None)
@@ -110,5 +120,26 @@ def live(
     finally:
         if output is not None:
             out.close()
+    if save_baseline is not None:
+        from iotscan.detect.baseline import BaselineStage, identity_of
+
+        stage = next(s for s in stages if isinstance(s, BaselineStage))
+        stage.save(save_baseline, {mac: identity_of(d) for mac, d in sink.devices.items()})
     raise typer.Exit(int(code))
 
+
+
+class _DevicesSeen:
+    """The sink, and the device records written to it (their identities go into a saved baseline)."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+        self.devices: dict[str, dict[str, Any]] = {}
+
+    def write(self, record: dict[str, Any]) -> None:
+        if record.get("event_type") == "device":
+            self.devices[record["mac"]] = record
+        self.sink.write(record)
+
+    def close(self, summary: dict[str, Any]) -> None:
+        self.sink.close(summary)

@@ -23,6 +23,7 @@ an ``alert`` of kind ``new_device``, once. The stage reads flow records only; it
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 from iotscan.capture.names import registered_domain
 from iotscan.capture.side_pass import SidePass
 from iotscan.detect.density import Density, fit_model
+from iotscan.detect.drift import DRIFT_BELOW, DRIFT_EVERY_MS, Budget, fold
 from iotscan.detect.profiles import (
     WINDOW_MS,
     DeviceProfile,
@@ -44,6 +46,7 @@ from iotscan.detect.profiles import (
     merge_baselines,
     new_baseline,
     prefix_of,
+    save_baseline,
     span_json,
 )
 from iotscan.detect.replies import Replies, replies_pass
@@ -143,12 +146,10 @@ class ProfileLearner(Stage):
             yield event
 
     def learn(self, r: dict[str, Any], name_of: NameOf | None) -> None:
-        sides = flow_sides(r, name_of)
-        if not sides:
-            return
         if self.first_ms is None or r["first_seen_ms"] < self.first_ms:
             self.first_ms = r["first_seen_ms"]
         self.last_ms = max(self.last_ms, r["last_seen_ms"])
+        sides = flow_sides(r, name_of)
         for side in sides:
             tally = self.tallies.get(side.device)
             if tally is None:
@@ -160,6 +161,12 @@ class ProfileLearner(Stage):
     def finish(self) -> list[dict[str, Any]]:
         self.names.stop()
         return []
+
+    def profiles(self) -> dict[str, dict[str, Any]]:
+        """What was learnt per device, as profiles (without a model), and start counting again."""
+        out = {mac: tally.profile() for mac, tally in sorted(self.tallies.items())}
+        self.tallies = {}
+        return out
 
     def baseline(self, identities: dict[str, dict[str, Any]], old: dict[str, Any] | None = None,
                  kind: str | None = None) -> dict[str, Any]:
@@ -231,9 +238,18 @@ class BaselineStage(Stage):
 
     def __init__(self, baseline: dict[str, Any], *, threshold: float = THRESHOLD,
                  borrow: Callable[[], Replies] | None = None, mud: dict[str, Any] | None = None,
-                 vendor: Callable[[str], str | None] | None = None) -> None:
+                 vendor: Callable[[str], str | None] | None = None, learn_s: float | None = None,
+                 drift: bool = False) -> None:
         super().__init__()
         self.threshold = threshold
+        self.doc = baseline
+        self.learn_s = learn_s  # live --learn: seconds of learning before watching
+        self.learning: ProfileLearner | None = ProfileLearner(borrow) if learn_s else None
+        self._learn_until: float | None = None
+        self.drift: ProfileLearner | None = ProfileLearner(borrow) if drift else None
+        self.budgets: dict[str, Budget] = {}
+        self._drift_ms = 0
+        self.drifted = 0  # new things the profiles learnt while watching
         self.names = Names(borrow)
         self.mud = mud or {}
         self.vendor = vendor or (lambda mac: None)
@@ -256,6 +272,9 @@ class BaselineStage(Stage):
     def begin(self, source: SourceInfo) -> None:
         self._source = source.name
         self.names.begin(source)
+        for learner in (self.learning, self.drift):
+            if learner is not None:
+                learner.sources.append(source.name)
         self.states = {}  # a capture is a time of its own: minutes and episodes start again
 
     def end(self, source: SourceInfo) -> None:
@@ -269,11 +288,80 @@ class BaselineStage(Stage):
         name_of: NameOf | None = None
         for event in events:
             record, flow = event
+            if self.learning is not None and self._learnt():
+                self._start_watching()
             if record is not None and flow is not None:
                 if name_of is None:
                     name_of = self.names.name_of()
-                yield from self.score(record, name_of)
+                if self.learning is not None:
+                    self.learning.learn(record, name_of)
+                    record["anomaly"], record["anomaly_reasons"] = None, []
+                else:
+                    yield from self.score(record, name_of)
+                    if self.drift is not None:
+                        self._keep_current(record, name_of)
             yield event
+
+    # -- live: learn first, then watch; drift ----------------------------------------------------------------
+
+    def _learnt(self) -> bool:
+        now = time.monotonic()
+        if self._learn_until is None:
+            self._learn_until = now + (self.learn_s or 0.0)
+        return now >= self._learn_until
+
+    def _start_watching(self) -> None:
+        """The end of live --learn: what was learnt becomes (or updates) the baseline."""
+        assert self.learning is not None
+        learnt, self.learning = self.learning, None
+        new = new_baseline()
+        if learnt.first_ms is not None:
+            new["span"] = span_json(iso_timestamp(learnt.first_ms), iso_timestamp(learnt.last_ms))
+        new["sources"] = learnt.sources
+        new["devices"] = learnt.profiles()
+        self.doc = merge_baselines(self.doc, new, fit_profile)
+        self.load(self.doc)
+
+    def _keep_current(self, r: dict[str, Any], name_of: NameOf | None) -> None:
+        """Count the flows that raised nothing, and fold them into the profiles every DRIFT_EVERY_MS."""
+        assert self.drift is not None
+        anomaly = r.get("anomaly")
+        if anomaly is not None and anomaly < DRIFT_BELOW and r.get("verdict") != "attack":
+            self.drift.learn(r, name_of)
+        now = r["last_seen_ms"]
+        if not self._drift_ms:
+            self._drift_ms = now
+        elif now - self._drift_ms >= DRIFT_EVERY_MS:
+            self._drift_ms = now
+            self.fold(now)
+
+    def fold(self, now_ms: int) -> None:
+        """Fold what the drift learner counted into the profiles (capped: iotscan.detect.drift)."""
+        assert self.drift is not None
+        devices = dict(self.doc["devices"])
+        for mac, new in self.drift.profiles().items():
+            old = devices.get(mac)
+            if old is None:
+                continue  # a device the baseline does not know is reported, never learnt by drifting
+            budget = self.budgets.get(mac) or self.budgets.setdefault(mac, Budget(now_ms))
+            devices[mac], kept = fold(old, new, budget, now_ms, fit_profile)
+            self.drifted += kept
+        self.doc = {**self.doc, "devices": devices}
+        if self.drift.first_ms is not None and self.doc.get("span"):
+            self.doc["span"] = span_json(self.doc["span"]["first_seen"], max(
+                self.doc["span"]["last_seen"], iso_timestamp(self.drift.last_ms)))
+        self.load(self.doc)
+
+    def save(self, path: Any, identities: dict[str, dict[str, Any]]) -> None:
+        """Write the baseline as it is now (learnt, drifted), the device stage's identities filled in."""
+        if self.learning is not None:
+            self._start_watching()
+        if self.drift is not None and self.drift.tallies:
+            self.fold(self.drift.last_ms)
+        for mac, profile in self.doc["devices"].items():
+            if not profile.get("identity") and mac in identities:
+                profile["identity"] = identities[mac]
+        save_baseline(self.doc, path)
 
     def score(self, r: dict[str, Any], name_of: NameOf | None) -> list[Event]:
         """Set the flow's anomaly fields; the alerts it raises."""
@@ -456,6 +544,10 @@ class BaselineStage(Stage):
         summary["alert_kinds"] = dict(kinds.most_common())
         summary["baseline"] = {"devices": len(self.profiles), "new_devices": len(self.new_devices),
                                "anomalous_flows": self.anomalous_flows, "threshold": self.threshold}
+        if self.learn_s:
+            summary["baseline"]["learning"] = "learning" if self.learning is not None else "done"
+        if self.drift is not None:
+            summary["baseline"]["drifted"] = self.drifted
 
 
 def _novelty_reason(p: DeviceProfile | None, side: Side, novelty: list[str]) -> str:
