@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,13 @@ def variants(capture: Path, splt: int) -> dict[str, list[str]]:
     out["iotscan analyze"] = iotscan_cmd(capture)
     if "--report" in help_text:  # the HTML report built beside the records (matplotlib draws at the end)
         out["analyze --report"] = iotscan_cmd(capture, "--report", str(OUT / "bench-report.html"))
+    if "--baseline" in help_text:  # every flow scored against a baseline learnt from the same capture
+        baseline = OUT / f"{capture.stem}.baseline.json"
+        if not baseline.exists():
+            OUT.mkdir(exist_ok=True)
+            subprocess.run([PY, "-m", "iotscan", "baseline", "learn", str(capture), "-o", str(baseline), "-q"],
+                           check=True, cwd=REPO)
+        out["analyze --baseline"] = iotscan_cmd(capture, "--baseline", str(baseline))
     return out
 
 
@@ -57,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-scaling", action="store_true", help="skip the 10x-length memory check")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="only these variants (and bare NFStream), e.g. 'iotscan analyze' 'analyze --baseline'")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -67,6 +77,8 @@ def main() -> None:
     capture = build(UNIT_COPIES)
     packets = packets_in(capture)
     cmds = variants(capture, splt)
+    if args.variants:
+        cmds = {n: c for n, c in cmds.items() if n == "bare NFStream" or n in args.variants}
     names = list(cmds)
     print(f"capture {capture.name}: {packets:,} packets; {args.runs} alternated runs per variant")
     runs = alternate(cmds, args.runs)
@@ -92,7 +104,8 @@ def main() -> None:
     results["stage_overheads"] = {}
     for stage, without, with_ in (("devices", "iotscan flows only", "iotscan + devices"),
                                   ("scoring", "iotscan + devices", "iotscan analyze"),
-                                  ("report", "iotscan analyze", "analyze --report")):
+                                  ("report", "iotscan analyze", "analyze --report"),
+                                  ("baseline", "iotscan analyze", "analyze --baseline")):
         if without in times and with_ in times:
             t0, t1 = statistics.median(times[without]), statistics.median(times[with_])
             c0, c1 = statistics.median(cpu[without]), statistics.median(cpu[with_])
@@ -122,6 +135,8 @@ def main() -> None:
             results["flood"][name] = {"wall_s": round(run.wall_s, 1), "peak_rss_mib": round(run.peak_rss / 2**20)}
             print(f"{name:22s} {run.wall_s:7.1f} s   peak RSS {run.peak_rss / 2**20:7.0f} MiB")
 
+    results["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average at the end: {results['load_average']}")
     OUT.mkdir(exist_ok=True)
     (OUT / "results-analyze.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nresults written to {OUT / 'results-analyze.json'}")
