@@ -349,3 +349,27 @@ def test_live_learns_then_watches_on_loopback(tmp_path: Path) -> None:
     # the span learnt from: the flows of the first seconds, not the whole run
     assert iso_timestamp(first) <= learnt_from["first_seen"] < learnt_from["last_seen"]
     assert learnt_from["last_seen"] < iso_timestamp(max(r["last_seen_ms"] for r in flows))
+
+
+def test_drift_admits_new_things_slowly() -> None:
+    """What drift may teach a profile: a new peer only once it came back over 10 minutes, 4 a day at most; what
+    it knew is counted up."""
+    from iotscan.detect.drift import NEW_PER_DAY, Budget, capped
+
+    def peer(flows: int, minutes: float) -> dict[str, Any]:
+        first = 1_700_000_000_000
+        return {"out": {"tcp/443": flows}, "in": {}, "apps": {"TLS": flows}, "first_seen": iso_timestamp(first),
+                "last_seen": iso_timestamp(first + int(minutes * 60_000)), "by": "name"}
+
+    old = {"remote": {"known.example.com": peer(100, 600)}, "local": {}, "dns": {"example.com": 5}}
+    new = {"remote": {"known.example.com": peer(10, 30), "brief.example.net": peer(50, 2),
+                      **{f"new{i}.example.org": peer(5, 20) for i in range(6)}},
+           "local": {}, "dns": {"example.com": 1, "evil.example": 3}}
+    budget = Budget(0)
+    allowed, kept = capped(old, new, budget)
+    assert "known.example.com" in allowed["remote"]  # counted up
+    assert "brief.example.net" not in allowed["remote"]  # seen for 2 minutes only
+    assert kept == NEW_PER_DAY == sum(k.startswith("new") for k in allowed["remote"])  # 4 of the 6 settled ones
+    assert allowed["dns"] == {"example.com": 1}
+    budget.refill(86_400_000 // 2)  # half a day later: two more
+    assert capped(old, new, budget)[1] == 2

@@ -59,7 +59,7 @@ def learn(
     idle_timeout: int = IDLE_OPTION,
     active_timeout: int = ACTIVE_OPTION,
     max_flows: int = MAX_FLOWS_OPTION,
-    model_kind: str = typer.Option("gauss", "--density-model", hidden=True,
+    model_kind: str = typer.Option("gauss", "--density-model",
                                    help="gauss or iforest (the density model of each device's minutes)."),
     quiet: bool = QUIET_OPTION,
 ) -> None:

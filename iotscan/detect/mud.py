@@ -19,7 +19,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -33,6 +32,7 @@ from iotscan.detect.profiles import (
     days_text,
     is_mac,
     parse_time,
+    read_json,
 )
 from iotscan.errors import InputError
 from iotscan.output.records import PROTOCOL_LABELS, iso_timestamp
@@ -270,14 +270,7 @@ def load_baselines(specs: list[str] | tuple[str, ...] | Any) -> tuple[dict[str, 
         spec = str(spec)
         mac_part, sep, rest = spec.partition("=")
         path = rest if sep and is_mac(mac_part.lower()) else spec
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read the baseline: {exc.strerror or exc}") from None
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise BadBaseline(f"{path}: not valid JSON: {exc}") from None
+        doc = read_json(path)
         if isinstance(doc, dict) and MUD_KEY in doc:
             policies[_mud_mac(spec, path)] = MudPolicy(path, doc)
             continue

@@ -506,18 +506,22 @@ def check_baseline(path: str, doc: Any) -> dict[str, Any]:
     return doc
 
 
-def load_baseline(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check a baseline file; a bad one is a one-line InputError (exit 2)."""
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file the user gave (a baseline or a MUD file); unreadable or not JSON is a one-line InputError."""
     name = str(path)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise InputError(f"{name}: cannot read the baseline: {exc.strerror or exc}") from None
     try:
-        doc = orjson.loads(data)
+        return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise BadBaseline(f"{name}: not valid JSON: {exc}") from None
-    return check_baseline(name, doc)
+
+
+def load_baseline(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a baseline file; a bad one is a one-line InputError (exit 2)."""
+    return check_baseline(str(path), read_json(path))
 
 
 def save_baseline(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
