@@ -1,6 +1,6 @@
 """iotscan analyze vs a bare NFStreamer loop, side by side on the same ~1M-packet capture.
 
-    python benchmarks/bench_analyze.py [--runs 3] [--no-scaling] [--baseline DIR] [--flood-runs 3] [--flood-only]
+    python benchmarks/bench_analyze.py [--runs 3] [--no-scaling] [--against DIR] [--flood-runs 3] [--flood-only]
 
 Runs alternate between the variants (these machines are noisy, so compare medians measured in one
 run, not times across runs). Peak RSS is the peak of the summed RSS of the whole process tree
@@ -8,7 +8,7 @@ run, not times across runs). Peak RSS is the peak of the summed RSS of the whole
 capture and on one ten times as long, to show memory follows active flows, not capture length,
 then on a synthetic flood of a million one-packet flows (flood.py): bare NFStream, and iotscan analyze with
 --flood-records summary (the default) and all, alternated (--flood-runs), with the records written and the flows
-counted. --baseline DIR adds `iotscan analyze` run from another checkout (its iotscan/ and models/) to the
+counted. --against DIR adds `iotscan analyze` run from another checkout (its iotscan/ and models/) to the
 ordinary capture's variants, for the ratio of medians side by side.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,13 @@ def variants(capture: Path, splt: int) -> dict[str, list[str]]:
     out["iotscan analyze"] = iotscan_cmd(capture)
     if "--report" in help_text:  # the HTML report built beside the records (matplotlib draws at the end)
         out["analyze --report"] = iotscan_cmd(capture, "--report", str(OUT / "bench-report.html"))
+    if "--baseline" in help_text:  # every flow scored against a baseline learnt from the same capture
+        baseline = OUT / f"{capture.stem}.baseline.json"
+        if not baseline.exists():
+            OUT.mkdir(exist_ok=True)
+            subprocess.run([PY, "-m", "iotscan", "baseline", "learn", str(capture), "-o", str(baseline), "-q"],
+                           check=True, cwd=REPO)
+        out["analyze --baseline"] = iotscan_cmd(capture, "--baseline", str(baseline))
     return out
 
 
@@ -107,9 +115,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-scaling", action="store_true", help="skip the 10x-length memory check")
-    parser.add_argument("--baseline", type=Path, help="another checkout whose iotscan analyze runs beside this one's")
+    parser.add_argument("--against", type=Path, help="another checkout whose iotscan analyze runs beside this one's")
     parser.add_argument("--flood-runs", type=int, default=1, help="alternated runs of each variant on the flood")
     parser.add_argument("--flood-only", action="store_true", help="only the flood (no nDPI corpus needed)")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="only these variants (and bare NFStream), e.g. 'iotscan analyze' 'analyze --baseline'")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -126,10 +136,12 @@ def main() -> None:
     capture = build(UNIT_COPIES)
     packets = packets_in(capture)
     cmds = variants(capture, splt)
+    if args.variants:
+        cmds = {n: c for n, c in cmds.items() if n == "bare NFStream" or n in args.variants}
     cwds = {}
-    if args.baseline is not None:
-        cmds["iotscan analyze (baseline)"] = cmds["iotscan analyze"]
-        cwds["iotscan analyze (baseline)"] = args.baseline.resolve()
+    if args.against is not None:
+        cmds["analyze (other checkout)"] = cmds["iotscan analyze"]
+        cwds["analyze (other checkout)"] = args.against.resolve()
     names = list(cmds)
     print(f"capture {capture.name}: {packets:,} packets; {args.runs} alternated runs per variant")
     runs = alternate(cmds, args.runs, cwds)
@@ -158,19 +170,20 @@ def main() -> None:
     for stage, without, with_ in (("devices", "iotscan flows only", "iotscan + devices"),
                                   ("scoring", "iotscan + devices", scored),
                                   ("risks", "analyze --no-risks", "iotscan analyze"),
-                                  ("report", "iotscan analyze", "analyze --report")):
+                                  ("report", "iotscan analyze", "analyze --report"),
+                                  ("baseline", "iotscan analyze", "analyze --baseline")):
         if without in times and with_ in times:
             t0, t1 = statistics.median(times[without]), statistics.median(times[with_])
             c0, c1 = statistics.median(cpu[without]), statistics.median(cpu[with_])
             results["stage_overheads"][stage] = {"wall": round(t1 / t0 - 1, 3), "cpu": round(c1 / c0 - 1, 3)}
             print(f"{stage} add {100 * (t1 / t0 - 1):+.1f}% wall, {100 * (c1 / c0 - 1):+.1f}% cpu "
                   f"({with_} vs {without})")
-    if args.baseline is not None:
-        t0, t1 = statistics.median(times["iotscan analyze (baseline)"]), statistics.median(times["iotscan analyze"])
-        c0, c1 = statistics.median(cpu["iotscan analyze (baseline)"]), statistics.median(cpu["iotscan analyze"])
-        results["vs_baseline"] = {"baseline": str(args.baseline), "wall_ratio": round(t1 / t0, 3),
+    if args.against is not None:
+        t0, t1 = statistics.median(times["analyze (other checkout)"]), statistics.median(times["iotscan analyze"])
+        c0, c1 = statistics.median(cpu["analyze (other checkout)"]), statistics.median(cpu["iotscan analyze"])
+        results["vs_other_checkout"] = {"checkout": str(args.against), "wall_ratio": round(t1 / t0, 3),
                                   "cpu_ratio": round(c1 / c0, 3)}
-        print(f"this checkout vs {args.baseline}: {t1 / t0:.3f}x wall, {c1 / c0:.3f}x cpu (ratios of medians)")
+        print(f"this checkout vs {args.against}: {t1 / t0:.3f}x wall, {c1 / c0:.3f}x cpu (ratios of medians)")
 
     if not args.no_scaling:
         long_capture = build(UNIT_COPIES * 10)
@@ -188,6 +201,8 @@ def main() -> None:
 
         results["flood"] = flood_bench(args.flood_runs, splt)
 
+    results["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average at the end: {results['load_average']}")
     OUT.mkdir(exist_ok=True)
     (OUT / "results-analyze.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nresults written to {OUT / 'results-analyze.json'}")

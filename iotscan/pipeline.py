@@ -254,7 +254,9 @@ class Analysis:
                         continue
                 else:
                     self.state.records[record.get("event_type", "")] += 1
-                    if fail_family in ("attack", record.get("family")):
+                    family = record.get("family")  # an anomaly or a new device is no attack: it has no family
+                    if (fail_family == "attack" and family) or \
+                            (fail_family is not None and fail_family in (family, record.get("kind"))):
                         self.state.fail_hits += 1
                 write(record)
                 continue

@@ -44,6 +44,7 @@ def _root(
 
 # Commands register themselves on import.
 from iotscan.cli import analyze as _analyze  # noqa: E402,F401
+from iotscan.cli import baseline as _baseline  # noqa: E402,F401
 from iotscan.cli import devices as _devices  # noqa: E402,F401
 from iotscan.cli import doctor as _doctor  # noqa: E402,F401
 from iotscan.cli import inspect as _inspect  # noqa: E402,F401

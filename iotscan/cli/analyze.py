@@ -12,6 +12,8 @@ from iotscan.cli import app
 from iotscan.cli.common import (
     ACTIVE_OPTION,
     ATTACKS_ONLY_OPTION,
+    BASELINE_OPTION,
+    BASELINE_THRESHOLD_OPTION,
     BPF_OPTION,
     FAIL_ON_OPTION,
     FLOOD_RECORDS_OPTION,
@@ -86,6 +88,8 @@ def analyze(
                                  help="With --jobs or --scheduler: write the captures' records in input order "
                                       "(default: each capture's as soon as it is done; a capture's own records are "
                                       "always together, in order)."),
+    baseline: list[str] | None = BASELINE_OPTION,
+    baseline_threshold: float | None = BASELINE_THRESHOLD_OPTION,
 ) -> None:
     """Extract every flow of the captures, fingerprint devices and score flows, in one pass."""
     fmt = resolve_format(fmt, output)
@@ -98,10 +102,13 @@ def analyze(
         from iotscan.cluster.connect import require_dask
 
         require_dask("--scheduler" if scheduler else f"--jobs {jobs}")
+        if baseline:  # its new-device alerts and profiles are the run's, not a capture's
+            raise InputError("--baseline runs in one process: drop --jobs/--scheduler to use it")
     check_fail_on(fail_on, risks=not no_risks)
     options = StageOptions(devices=not no_devices, score=not no_score, model=model, trust_model=trust_model,
                            threshold=threshold, hosts=not no_hosts, flood_records=flood_records,
-                           signatures=tuple(signatures or ()), risks=not no_risks, explain=explain,
+                           signatures=tuple(signatures or ()), risks=not no_risks, baseline=tuple(baseline or ()),
+                           baseline_threshold=baseline_threshold, explain=explain,
                            idle_timeout=idle_timeout, active_timeout=active_timeout)
     stages = options.build()
     config = main_pass_config("", score=not no_score, risks=not no_risks, bpf=bpf, idle_timeout=idle_timeout,
@@ -115,7 +122,8 @@ def analyze(
         if attacks_only:
             builder.notes.append("Made with --attacks-only: benign flows are counted in the summary but not drawn.")
     out = open_output(output, paths)
-    columns = flow_columns(devices=not no_devices, score=not no_score, risks=not no_risks) + \
+    columns = flow_columns(devices=not no_devices, score=not no_score, risks=not no_risks,
+                           baseline=bool(baseline)) + \
         (EXPLAIN_FIELD_NAMES if explain else ())
     # the table's inspect command carries the time-outs flow ids depend on
     inspect_args = [*(["--idle-timeout", str(idle_timeout)] if idle_timeout != 120 else []),

@@ -17,6 +17,7 @@ from iotscan.capture.source import DEFAULT_MAX_FLOWS, MeterConfig
 from iotscan.detect.modelstore import ModelContent
 from iotscan.errors import InputError, OutputError
 from iotscan.output.records import (
+    BASELINE_FIELDS,
     DEVICE_LINK_FIELDS,
     FLOW_FIELD_NAMES,
     RISK_FIELD_NAMES,
@@ -64,10 +65,19 @@ NO_DEVICES_OPTION = typer.Option(False, "--no-devices", help="Skip device finger
 FAIL_ON_OPTION = typer.Option(
     None, "--fail-on",
     help="Exit 1 when a flow is an attack ('attack') or of one family (ddos, dos, scan, bruteforce, c2, exploit, "
-         "spoofing); or shows a risk: 'risk:high' (high or critical; also risk:low, risk:medium, risk:critical), "
-         "'risk:ID' (one risk of docs/risks.md, e.g. risk:cleartext_credentials), 'risk' (any).")
+         "spoofing), or on an alert of one kind (scan, compromised; with --baseline: anomaly, new_device); or shows "
+         "a risk: 'risk:high' (high or critical; also risk:low, risk:medium, risk:critical), 'risk:ID' (one risk of "
+         "docs/risks.md, e.g. risk:cleartext_credentials), 'risk' (any).")
 NO_RISKS_OPTION = typer.Option(False, "--no-risks", help="Skip the risk stage (no risks on flows, no risk posture "
                                "on devices).")
+BASELINE_OPTION = typer.Option(
+    None, "--baseline", dir_okay=False,
+    help="Score every flow of the devices of this baseline (made by `iotscan baseline learn`) against what they "
+         "normally do: anomaly fields, and alerts for anomalies and for devices it does not know. Also a MUD file "
+         "(RFC 8520) as MAC=FILE, or a file `iotscan baseline export-mud` named by MAC. Repeat for several MUD "
+         "files.")
+BASELINE_THRESHOLD_OPTION = typer.Option(None, "--baseline-threshold", min=0.0, max=1.0,
+                                         help="Anomaly at or above which a flow is an alert (default 0.75).")
 THRESHOLD_OPTION = typer.Option(None, "--threshold", min=0.0, max=1.0,
                                 help="Score at or above which a flow is an attack (default: the model card's).")
 MODEL_OPTION = typer.Option(None, "--model", dir_okay=False,
@@ -224,10 +234,10 @@ def main_pass_config(source: str, *, score: bool, risks: bool = False, live: boo
                        reduce=metered_flow_with_statistics if score else metered_flow, item_type=MeteredFlow)
 
 
-def flow_columns(devices: bool, score: bool, risks: bool = False) -> tuple[str, ...]:
+def flow_columns(devices: bool, score: bool, risks: bool = False, baseline: bool = False) -> tuple[str, ...]:
     """CSV columns of flow records: the contract, then what the enabled stages add."""
     return FLOW_FIELD_NAMES + (DEVICE_LINK_FIELDS if devices else ()) + (VERDICT_FIELDS if score else ()) + \
-        (RISK_FIELD_NAMES if risks else ())
+        (RISK_FIELD_NAMES if risks else ()) + (BASELINE_FIELDS if baseline else ())
 
 
 def device_signatures(paths: Sequence[Path] | None) -> Signatures:
@@ -251,6 +261,8 @@ class StageOptions:
     flood_records: FloodRecords = FloodRecords.summary
     signatures: tuple[Path, ...] = ()  # the user's device signature files
     risks: bool = True
+    baseline: tuple[str, ...] = ()  # --baseline FILE (or MAC=MUD-FILE) specs
+    baseline_threshold: float | None = None
     explain: bool = False
     idle_timeout: int = 120
     active_timeout: int = 1800
@@ -261,7 +273,8 @@ class StageOptions:
         model = self.model.materialize() if isinstance(self.model, ModelContent) else self.model
         stages = build_stages(devices=self.devices, score=self.score, model_path=model, trust_model=self.trust_model,
                               threshold=self.threshold, hosts=self.hosts, flood_records=self.flood_records,
-                              signatures=self.signatures, risks=self.risks, device_model=self.device_model)
+                              signatures=self.signatures, risks=self.risks, device_model=self.device_model,
+                              baseline=self.baseline, baseline_threshold=self.baseline_threshold)
         if self.explain:
             from iotscan.inspect import InspectCommandStage
 
@@ -275,15 +288,28 @@ class StageOptions:
         return replace(self, model=model, device_model=False, signatures=())
 
 
+def mac_vendor(mac: str) -> str | None:
+    """A MAC's vendor, for the live view and new-device alerts (the device stage's registry and signature names)."""
+    from iotscan.devices.signatures import load_signatures
+
+    if mac == "00:00:00:00:00:00":  # loopback's (the registry names Xerox)
+        return None
+    found = load_signatures().mac_vendor(mac)
+    return found.vendor or found.org
+
+
 def build_stages(devices: bool = True, score: bool = True, model_path: Path | None = None,
                  trust_model: bool = False, threshold: float | None = None, hosts: bool = True,
                  flood_records: FloodRecords = FloodRecords.summary,
                  signatures: Sequence[Path] | None = None, risks: bool = False,
-                 device_stage: Stage | None = None, device_model: bool = True) -> list[Stage]:
+                 device_stage: Stage | None = None, device_model: bool = True,
+                 baseline: Sequence[str] | None = None, baseline_threshold: float | None = None,
+                 learn_s: float | None = None, live: bool = False) -> list[Stage]:
     """The enrichment, scoring and risk stages shared by `analyze`, `live` and `devices`, in pipeline order:
     devices first (the others read the device links), then the request pass that scoring and risks share; the
     host-behaviour stage judges hosts over the flows the scoring stage judged, so it runs with scoring only. Without
-    ``device_model`` the device stage counts devices but cannot fingerprint them (finish(): a client does)."""
+    ``device_model`` the device stage counts devices but cannot fingerprint them (finish(): a client does); the
+    baseline stage reads the device stage's links and borrows the host stage's DNS answers."""
     stages: list[Stage] = []
     if devices:
         from iotscan.devices.stage import DeviceStage  # deferred: loads the device model
@@ -308,4 +334,24 @@ def build_stages(devices: bool = True, score: bool = True, model_path: Path | No
         from iotscan.detect.risk_stage import RiskStage
 
         stages.append(RiskStage(requests=requests))
+    if baseline or learn_s:
+        stages.append(baseline_stage(baseline or (), stages, devices, baseline_threshold, learn_s, live))
     return stages
+
+
+def baseline_stage(specs: Sequence[str], stages: Sequence[Stage], devices: bool, threshold: float | None,
+                   learn_s: float | None = None, live: bool = False) -> Stage:
+    """The baseline stage of --baseline FILE... (a bad file fails here, before any output is written); on an
+    interface it learns first for ``learn_s`` seconds (live --learn), and keeps the profiles current."""
+    from iotscan.detect.baseline import THRESHOLD, BaselineStage
+    from iotscan.detect.hosts import HostStage
+    from iotscan.detect.mud import load_baselines
+
+    if not devices:
+        raise InputError("--baseline compares devices with their profiles: it needs the device stage "
+                         "(drop --no-devices)")
+    doc, policies = load_baselines(specs)
+    host = next((s for s in stages if isinstance(s, HostStage)), None)
+    return BaselineStage(doc, threshold=THRESHOLD if threshold is None else threshold,
+                         borrow=(lambda: host.replies) if host is not None else None, mud=policies, vendor=mac_vendor,
+                         learn_s=learn_s, drift=live)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -11,6 +12,8 @@ from iotscan.cli import app
 from iotscan.cli.common import (
     ACTIVE_OPTION,
     ATTACKS_ONLY_OPTION,
+    BASELINE_OPTION,
+    BASELINE_THRESHOLD_OPTION,
     BPF_OPTION,
     FAIL_ON_OPTION,
     FLOOD_RECORDS_OPTION,
@@ -32,11 +35,13 @@ from iotscan.cli.common import (
     check_attacks_only,
     check_fail_on,
     flow_columns,
+    mac_vendor,
     main_pass_config,
     open_output,
     resolve_format,
     stdout_dash,
 )
+from iotscan.errors import InputError
 from iotscan.live import LiveLimits, LiveRun, preflight
 from iotscan.output.console import Reporter, stderr
 from iotscan.output.sinks import make_sink
@@ -85,6 +90,15 @@ def live(
     attacks_only: bool = ATTACKS_ONLY_OPTION,
     flood_records: FloodRecords = FLOOD_RECORDS_OPTION,
     signatures: list[Path] | None = SIGNATURES_OPTION,
+    baseline: list[str] | None = BASELINE_OPTION,
+    baseline_threshold: float | None = BASELINE_THRESHOLD_OPTION,
+    learn: float | None = typer.Option(
+        None, "--learn", min=1.0,
+        help="Learn each device's baseline for SECONDS first (from nothing, or on top of --baseline), then watch. "
+             "While watching, the profiles keep up with the traffic that raised nothing, no faster than a cap."),
+    save_baseline: Path | None = typer.Option(
+        None, "--save-baseline", dir_okay=False,
+        help="When the capture stops, write the baseline (as learnt, and kept current while watching) to FILE."),
 ) -> None:
     """Capture an interface and write each flow as it ends, with devices and verdicts, until stopped."""
     fmt = resolve_format(fmt, output)
@@ -102,26 +116,42 @@ def live(
     preflight(interface)
     stages = build_stages(devices=not no_devices, score=not no_score, model_path=model, trust_model=trust_model,
                           threshold=threshold, hosts=not no_hosts, flood_records=flood_records,
-                          signatures=signatures, risks=not no_risks)
+                          signatures=signatures, risks=not no_risks, baseline=baseline,
+                          baseline_threshold=baseline_threshold, learn_s=learn, live=True)
+    if save_baseline is not None and not (baseline or learn):
+        raise InputError("--save-baseline saves what --learn (or --baseline) keeps: give one of them")
     out = open_output(output, append=True)
     try:
-        columns = flow_columns(devices=not no_devices, score=not no_score, risks=not no_risks)
-        sink = make_sink(fmt.value, out, columns=columns, flush_each=True)
+        columns = flow_columns(devices=not no_devices, score=not no_score, risks=not no_risks,
+                               baseline=bool(baseline or learn))
+        sink = _DevicesSeen(make_sink(fmt.value, out, columns=columns, flush_each=True))
         run = LiveRun(sink, stages, config, limits, reporter=Reporter(quiet), fail_on=fail_on,
                       view_console=stderr if show_view else None, attacks_only=attacks_only,
-                      vendor=_mac_vendor if show_view else None)
+                      vendor=mac_vendor if show_view else None)
         code = run.run()
     finally:
         if output is not None:
             out.close()
+    if save_baseline is not None:
+        from iotscan.detect.baseline import BaselineStage, identity_of
+
+        stage = next(s for s in stages if isinstance(s, BaselineStage))
+        stage.save(save_baseline, {mac: identity_of(d) for mac, d in sink.devices.items()})
     raise typer.Exit(int(code))
 
 
-def _mac_vendor(mac: str) -> str | None:
-    """A MAC's vendor, for the view's device column (the device stage's registry and signature names)."""
-    from iotscan.devices.signatures import load_signatures
 
-    if mac == "00:00:00:00:00:00":  # loopback's (the registry names Xerox)
-        return None
-    found = load_signatures().mac_vendor(mac)
-    return found.vendor or found.org
+class _DevicesSeen:
+    """The sink, and the device records written to it (their identities go into a saved baseline)."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+        self.devices: dict[str, dict[str, Any]] = {}
+
+    def write(self, record: dict[str, Any]) -> None:
+        if record.get("event_type") == "device":
+            self.devices[record["mac"]] = record
+        self.sink.write(record)
+
+    def close(self, summary: dict[str, Any]) -> None:
+        self.sink.close(summary)

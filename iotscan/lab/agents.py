@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
-from urllib.request import HTTPBasicAuthHandler, HTTPPasswordMgrWithDefaultRealm, build_opener
+from urllib.request import HTTPBasicAuthHandler, HTTPPasswordMgrWithDefaultRealm, Request, build_opener, urlopen
 
 NTP_EPOCH_OFFSET = 2208988800  # seconds from 1900 to 1970
 
@@ -103,6 +103,12 @@ def _panel_handler(args: argparse.Namespace) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(piece)
                 sent += len(piece)
 
+        def _bins(self, path: str) -> None:
+            # /bins/NAME: what an IoT botnet's loader fetches: an ELF header and 40 to 160 KB of random bytes
+            # (never a program: nothing is ever run from it)
+            body = b"\x7fELF\x01\x01\x01" + random.Random(path).randbytes(rng.randrange(40_000, 160_000))
+            self._send(200, body, "application/octet-stream")
+
         def do_HEAD(self) -> None:
             self.do_GET()
 
@@ -118,6 +124,9 @@ def _panel_handler(args: argparse.Namespace) -> type[BaseHTTPRequestHandler]:
             path, query = unquote(parts.path), parse_qs(parts.query)
             if args.firmware and path.startswith("/firmware/"):
                 self._firmware(path)
+                return
+            if args.firmware and path.startswith("/bins/"):
+                self._bins(path)
                 return
             if ".." in raw or "%2e%2e" in raw.lower() or path.startswith("/cgi-bin/download"):
                 name = (query.get("file") or [path])[0]
@@ -226,6 +235,21 @@ def cmd_dns_client(args: argparse.Namespace) -> None:
             sock.sendto(_dns_query(rng, name, qtype), (args.server, 53))
             with contextlib.suppress(TimeoutError, OSError):
                 sock.recvfrom(2048)
+
+
+def cmd_cloud_checkin(args: argparse.Namespace) -> None:
+    """A device calling home: resolve its cloud's name, then ask it for its update manifest by that name."""
+    rng = random.Random(args.seed)
+    for i in _paced(rng, args.count, args.interval, args.jitter, args.deadline):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(1.0)
+            sock.sendto(_dns_query(rng, args.name, 1), (args.dns, 53))
+            with contextlib.suppress(TimeoutError, OSError):
+                sock.recvfrom(2048)
+        request = Request(f"http://{args.server}/firmware/manifest-{args.device}-{1024 + 64 * (i % 4)}.bin",
+                          headers={"Host": args.name, "User-Agent": args.user_agent})
+        with contextlib.suppress(OSError), urlopen(request, timeout=5) as resp:
+            resp.read()
 
 
 # -- HTTP polling (an app or hub reading device state) --------------------------------------------
@@ -459,6 +483,13 @@ def _parser() -> argparse.ArgumentParser:
     p = add("dns-client", cmd_dns_client)
     p.add_argument("--server", required=True)
     p.add_argument("--names", required=True)
+
+    p = add("cloud-checkin", cmd_cloud_checkin)
+    p.add_argument("--dns", required=True, help="the DNS server")
+    p.add_argument("--server", required=True, help="the cloud's address")
+    p.add_argument("--name", required=True, help="the cloud's name")
+    p.add_argument("--device", default="cam")
+    p.add_argument("--user-agent", default="cam-ota/1.0")
 
     p = add("http-poll", cmd_http_poll)
     p.add_argument("--url", action="append", required=True)

@@ -31,7 +31,7 @@ from iotscan import __version__
 from iotscan.errors import CaptureError, InputError
 from iotscan.lab import scenarios as catalogue
 from iotscan.lab.netns import LAN_SEGMENTS, SWITCH, Lab, cleanup_stale, host_networks, plan_lab
-from iotscan.lab.scenario import FlowRule, Scenario, ScenarioContext, label_flow, write_rules
+from iotscan.lab.scenario import FlowRule, Scenario, ScenarioContext, label_flow, write_phases, write_rules
 from iotscan.lab.services import ServiceStarter
 from iotscan.lab.tools import BASE_TOOLS, install_command, missing_tools, packages_for, tool_versions
 
@@ -69,6 +69,7 @@ class ScenarioResult:
     flows: dict[str, int] = field(default_factory=dict)  # "label/family" -> flows
     stray_flows: int = 0  # flows whose label the audit doubts (see audit_flows)
     stray_examples: list[str] = field(default_factory=list)
+    phases: str | None = None  # phases/NAME.csv: labelled phases with their times
 
 
 @dataclass
@@ -110,7 +111,7 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
         raise InputError(f"{out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise InputError(f"{out_dir} is not empty; choose another folder or pass --force to overwrite lab files in it")
-    for sub in ("pcaps", "rules", "logs"):
+    for sub in ("pcaps", "rules", "logs", "phases"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
 
 
@@ -291,6 +292,7 @@ def generate(options: Options, progress: Callable[[str], None] = lambda _: None)
 def _run_scenario(lab: Lab, services: Any, sc: Scenario, options: Options) -> ScenarioResult:
     rng = random.Random(f"iotscan-lab:{options.seed}:{sc.name}")
     segment = rng.choice(LAN_SEGMENTS)
+    segment = sc.segment or segment
     out_dir = options.out_dir
     pcap = Path("pcaps") / f"{sc.name}.pcap"
     with open(out_dir / "logs" / f"{sc.name}.log", "wb") as log:
@@ -304,14 +306,18 @@ def _run_scenario(lab: Lab, services: Any, sc: Scenario, options: Options) -> Sc
             time.sleep(1.0)  # the last answers and FINs
             packets, dropped = capture.stop()
         log.write(f"\n# tcpdump: {' '.join(capture.stats.split())}\n".encode())
-    rules_path = None
+    rules_path = phases_path = None
     if sc.mixed:
         rules_path = Path("rules") / f"{sc.name}.csv"
         write_rules(out_dir / rules_path, ctx.rules)
+    if ctx.phases:
+        phases_path = Path("phases") / f"{sc.name}.csv"
+        write_phases(out_dir / phases_path, ctx.phases)
     return ScenarioResult(name=sc.name, label=sc.label, family=sc.family, segment=segment, pcap=str(pcap),
                           rules=str(rules_path) if rules_path else None, seconds=round(time.monotonic() - started, 1),
                           packets=packets, dropped=dropped, pcap_bytes=(out_dir / pcap).stat().st_size,
-                          notes=ctx.notes, commands=ctx.commands, involved=sorted(ctx.involved))
+                          notes=ctx.notes, commands=ctx.commands, involved=sorted(ctx.involved),
+                          phases=str(phases_path) if phases_path else None)
 
 
 def _write_metadata(report: RunReport, options: Options, chosen: Sequence[Scenario], plan: Any) -> None:

@@ -81,6 +81,7 @@ class ScenarioContext:
         self.rules: list[FlowRule] = []
         self.commands: list[str] = []
         self.involved: set[str] = set()  # addresses every flow of a pure attack capture must touch
+        self.phases: list[dict[str, Any]] = []  # labelled phases with their times (the infection scenarios)
         self._background: list[subprocess.Popen[Any]] = []
         self._env = agent_env()
 
@@ -160,6 +161,11 @@ class ScenarioContext:
                 code = self.lab.stop(proc)
         return code
 
+    def phase(self, name: str, family: str, host: Host, started: float, note: str = "") -> None:
+        """Label a phase that ran from ``started`` (time.time()) until now."""
+        self.phases.append({"phase": name, "family": family, "host_ip": str(host.ip), "host_mac": host.mac,
+                            "start_ms": int(started * 1000), "end_ms": int(time.time() * 1000), "note": note})
+
     def sleep(self, seconds: float) -> None:
         time.sleep(max(0.0, seconds))
 
@@ -180,6 +186,7 @@ class Scenario:
     description: str
     func: Callable[[ScenarioContext], None] = field(repr=False)
     mixed: bool = False
+    segment: str | None = None  # the LAN it always runs on (None: drawn per run)
 
 
 CATALOGUE: dict[str, Scenario] = {}
@@ -189,11 +196,11 @@ ScenarioFunc = Callable[[ScenarioContext], None]
 
 
 def scenario(name: str, label: str, family: str, seconds: float, tools: Sequence[str], mixed: bool = False,
-             description: str | None = None) -> Callable[[ScenarioFunc], ScenarioFunc]:
+             description: str | None = None, segment: str | None = None) -> Callable[[ScenarioFunc], ScenarioFunc]:
     """Register a scenario; its description is the function's docstring unless given."""
     def register(func: ScenarioFunc) -> ScenarioFunc:
         doc = " ".join((description or func.__doc__ or name).split())
-        CATALOGUE[name] = Scenario(name, label, family, seconds, tuple(tools), doc, func, mixed)
+        CATALOGUE[name] = Scenario(name, label, family, seconds, tuple(tools), doc, func, mixed, segment)
         return func
     return register
 
@@ -210,6 +217,17 @@ def select(names: Sequence[str] | None) -> list[Scenario]:
             raise KeyError(name)
         chosen += [s for s in matched if s not in chosen]
     return [s for s in CATALOGUE.values() if s in chosen]
+
+
+PHASE_FIELDS = ("phase", "family", "host_ip", "host_mac", "start_ms", "end_ms", "note")
+
+
+def write_phases(path: Path, phases: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=PHASE_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for phase in phases:
+            writer.writerow(phase)
 
 
 def write_rules(path: Path, rules: Sequence[FlowRule]) -> None:

@@ -649,3 +649,7 @@ def mixed_home_flood(ctx: ScenarioContext) -> None:
                      "everything else benign")
     ctx.wait([flood], seconds)
     ctx.wait(background, seconds + 10)
+
+
+# The infection scenarios register themselves (they build on the blocks above).
+from iotscan.lab import infection as _infection  # noqa: E402,F401

@@ -135,6 +135,15 @@ VERDICT_FIELD_MEANINGS: tuple[tuple[str, str], ...] = (
                               "community_id; else null"),
 )
 VERDICT_FIELDS = tuple(name for name, _ in VERDICT_FIELD_MEANINGS)
+# ... the baseline stage (analyze/live --baseline FILE, iotscan.detect.baseline) ...
+BASELINE_FIELD_MEANINGS: tuple[tuple[str, str], ...] = (
+    ("anomaly", "with --baseline, 0..1: how far the flow departs from the baseline of its local device (the "
+                "strongest of its two ends); null when neither end is a device of the baseline"),
+    ("anomaly_reasons", "what departs, strongest first: \"first contact with irc.example.net:6667/IRC (a new "
+                        "peer, a port it never used), never seen in 14 days of this device\", \"340 distinct "
+                        "destinations in one minute; baseline p99 is 4\", the MUD ACL that does not allow it"),
+)
+BASELINE_FIELDS = tuple(name for name, _ in BASELINE_FIELD_MEANINGS)
 EXPLAIN_FIELDS: tuple[tuple[str, str], ...] = (
     ("inspect", "with analyze --explain, on attack flows of capture files: the ready-to-run `iotscan inspect` "
                 "command that shows the flow's packets"),
@@ -253,14 +262,21 @@ STATS_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in STATS_FIELDS)
 
 # What the host-behaviour stage (iotscan.detect.hosts) writes when it decides about a host: once per
 # decision, when it is made; the flows of the activity are marked as attacks too (verdict, family, reasons).
+# The baseline stage (iotscan.detect.baseline) writes the same record for a device that departs from its
+# baseline, and for a device that is not in it.
 ALERT_FIELDS: tuple[tuple[str, str], ...] = (
     ("timestamp", "when the decision was made (capture time), ISO 8601 UTC to the millisecond"),
     ("event_type", "always \"alert\""),
     ("source", "capture file or interface"),
-    ("kind", "\"scan\" (a host probing others) or \"compromised\" (a device behaving as an infected one)"),
+    ("kind", "\"scan\" (a host probing others), \"compromised\" (a device behaving as an infected one), "
+             "\"anomaly\" (a device departing from its baseline: --baseline) or \"new_device\" (a device the "
+             "baseline does not know)"),
     ("detail", "scan: \"horizontal\" (many hosts), \"vertical\" (many ports of a host) or \"sweep\" "
-               "(host discovery); compromised: the strongest indicator"),
-    ("family", "the attack family of the activity: scan, c2, ..."),
+               "(host discovery); compromised: the strongest indicator; anomaly: the strongest evidence "
+               "(new_peer, new_local_peer, new_service, new_app, new_dns, inbound, no_dns, volume, hour, mud); "
+               "new_device: the MAC's vendor"),
+    ("family", "the attack family of the activity: scan, c2, ...; null for anomaly and new_device (behaviour "
+               "that departs is not yet an attack)"),
     ("score", "0..1, how sure the decision is"),
     ("host_ip", "the host the alert is about"),
     ("host_mac", "its MAC as the flows show it"),
@@ -278,6 +294,11 @@ ALERT_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in ALERT_FIELDS)
 HOST_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("alerts", "alert records written"),
     ("alert_kinds", "alert records per kind, most first ({} when none)"),
+)
+# ... and the baseline stage this
+BASELINE_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
+    ("baseline", "with --baseline: {devices: profiles in the baseline, new_devices: devices it did not know, "
+                 "anomalous_flows: flows at or above the threshold, threshold}"),
 )
 
 _TLS_LIKE = ("TLS", "QUIC", "DTLS", "IMAPS", "POPS", "SMTPS", "FTPS")
