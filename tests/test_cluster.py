@@ -440,14 +440,14 @@ def test_records_of_a_worker_elsewhere_are_copied_in_chunks_then_written() -> No
     from disk (a worker of another machine) copies it through Dask in chunks, complete before writing it."""
     import io
 
-    from iotscan.cli.common import StageOptions, main_pass_config
+    from iotscan.cli.common import FloodRecords, StageOptions, main_pass_config
     from iotscan.cluster import worker
     from iotscan.cluster.client import ClusterAnalysis
     from iotscan.cluster.connect import cluster_client
     from iotscan.output.sinks import NdjsonSink
 
-    flood = SAMPLES / "synflood-spoofed.pcap"  # 2,857 flows: about 2.5 MB of records
-    options = StageOptions()
+    flood = SAMPLES / "synflood-spoofed.pcap"  # 2,857 flows: about 2.5 MB of records, each flow written
+    options = StageOptions(flood_records=FloodRecords.all)
     out = io.BytesIO()
     with cluster_client(2, None) as (client, _):
         analysis = ClusterAnalysis(client, NdjsonSink(out), options.build(), build_stages=options.build,
@@ -455,7 +455,7 @@ def test_records_of_a_worker_elsewhere_are_copied_in_chunks_then_written() -> No
         fetched = []
         original = analysis._fetch_chunk
         analysis._fetch_chunk = lambda ref, offset, last: fetched.append(offset) or original(ref, offset, last)
-        analysis.run_files([str(flood)], main_pass_config("", score=True))
+        analysis.run_files([str(flood)], main_pass_config("", score=True, risks=options.risks))
         analysis.finish()
     assert len(out.getvalue()) > worker.INLINE_BYTES and len(fetched) >= 1
-    assert_same_records(analyze(flood), ndjson(out.getvalue()))
+    assert_same_records(analyze(flood, "--flood-records", "all"), ndjson(out.getvalue()))

@@ -30,7 +30,7 @@ from rich.console import Console
 from iotscan.capture.source import FlowSource, MeterConfig
 from iotscan.cli.common import main_pass_config
 from iotscan.live import LiveLimits, LiveRun
-from iotscan.output.records import metered_flow
+from iotscan.output.records import MeteredFlow, metered_flow
 from iotscan.output.sinks import NdjsonSink
 from tests.conftest import REPO
 
@@ -95,7 +95,7 @@ def _wait(condition, timeout: float, what: str) -> None:
 def test_meter_snapshots_show_a_long_lived_flow_before_it_ends() -> None:
     stream = Stream()
     config = MeterConfig(source="lo", live=True, bpf=f"tcp port {stream.port}", statistics=False,
-                         reduce=metered_flow, active_every_ms=500)
+                         reduce=metered_flow, item_type=MeteredFlow, active_every_ms=500)
     source = FlowSource(config, heartbeat=True)
     ended: list = []
     reader = threading.Thread(target=lambda: ended.extend(f for f in source if f is not None), daemon=True)

@@ -125,6 +125,8 @@ class ClusterAnalysis(Analysis):
         self.state.attacks += state.attacks
         self.state.attack_families.update(state.attack_families)
         self.state.fail_hits += state.fail_hits
+        self.state.folded_flows += state.folded_flows
+        self.state.floods += state.floods
         self.state.records.update(state.records)
         self.state.exit_code = max(self.state.exit_code, state.exit_code)
         for kind, entries in (("warnings", state.warnings), ("errors", state.errors), ("inputs", state.inputs)):
