@@ -703,3 +703,28 @@ def test_side_passes_give_what_nfstream_own_flows_give(capture: str, kind: str) 
     assert ours and sorted(map(repr, ours)) == sorted(map(repr, theirs))
     if kind == "log":  # the captures have packets both ways
         assert {direction for flow in ours for direction, *_ in flow[-1]} == {0, 1}
+
+
+_WRITER = """
+import signal, sys
+from iotscan.cli.common import open_output
+signal.signal(signal.SIGINT, lambda signum, frame: None)  # as analyze's Ctrl-C handler: note it, go on
+out = open_output(None)
+block = b"".join(b"%08d" % i + b"x" * 191 + b"\\n" for i in range(1000))  # 200,000 bytes of records
+print("ready", file=sys.stderr, flush=True)
+out.write(block)
+out.flush()
+"""
+
+
+def test_a_signal_during_a_large_write_to_a_full_pipe_loses_nothing() -> None:
+    """Ctrl-C while a block of records is written to a full pipe (a worker's records in `analyze --jobs`):
+    Python's buffered writer returns after the first 64 KiB, and the rest must still be written, whole."""
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stderr is not None and proc.stderr.readline() == b"ready\n"
+    time.sleep(1.0)  # the pipe is full (nobody reads it yet): the write blocks
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    lines = out.splitlines()
+    assert len(out) == 200_000 and [int(line[:8]) for line in lines] == list(range(1000))

@@ -163,7 +163,14 @@ class OutputStream(io.BufferedIOBase):
 
     def write(self, data: bytes) -> int:  # type: ignore[override]
         try:  # written out: once per record
-            return self.raw.write(data)
+            written = self.raw.write(data)
+            if written is not None and written < len(data):
+                # a signal (Ctrl-C) during a large write to a full pipe: BufferedWriter returns what it wrote, and
+                # the rest is ours to write (a record cut there was glued to the next one)
+                view = memoryview(data)[written:]
+                while view:
+                    view = view[self.raw.write(view) or 0:]
+            return len(data)
         except OSError as exc:
             raise self._failed(exc) from exc
 

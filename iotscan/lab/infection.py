@@ -43,7 +43,7 @@ def _normal_life(ctx: ScenarioContext, seconds: float) -> list[subprocess.Popen[
 
 
 @scenario("infection-normal", "benign", "", NORMAL_S, ["mosquitto_pub", "mosquitto_sub", "coap-client-notls"],
-          segment=SEGMENT)
+          segment=SEGMENT, on_request=True)
 def infection_normal(ctx: ScenarioContext) -> None:
     """The everyday traffic of LAN 1 alone (MQTT, CoAP, HTTP polling, DNS, NTP, the camera calling its cloud):
     the normal-only run to learn a baseline from."""
@@ -55,7 +55,7 @@ def infection_normal(ctx: ScenarioContext) -> None:
 
 @scenario("infection-mirai", "benign", "", NORMAL_S + 80,
           ["mosquitto_pub", "mosquitto_sub", "coap-client-notls", "hydra", "busybox", "nmap", "hping3"],
-          mixed=True, segment=SEGMENT)
+          mixed=True, segment=SEGMENT, on_request=True)
 def infection_mirai(ctx: ScenarioContext) -> None:
     """LAN 1's everyday traffic, then its camera compromised as IoT botnets do it: telnet password guessing that
     succeeds, a loader fetched by wget, the controller called, a telnet scan, a flood on command. Labelled per

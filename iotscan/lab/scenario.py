@@ -187,6 +187,7 @@ class Scenario:
     func: Callable[[ScenarioContext], None] = field(repr=False)
     mixed: bool = False
     segment: str | None = None  # the LAN it always runs on (None: drawn per run)
+    on_request: bool = False  # run only when named (not part of the default run): the long infection scenarios
 
 
 CATALOGUE: dict[str, Scenario] = {}
@@ -196,23 +197,26 @@ ScenarioFunc = Callable[[ScenarioContext], None]
 
 
 def scenario(name: str, label: str, family: str, seconds: float, tools: Sequence[str], mixed: bool = False,
-             description: str | None = None, segment: str | None = None) -> Callable[[ScenarioFunc], ScenarioFunc]:
+             description: str | None = None, segment: str | None = None,
+             on_request: bool = False) -> Callable[[ScenarioFunc], ScenarioFunc]:
     """Register a scenario; its description is the function's docstring unless given."""
     def register(func: ScenarioFunc) -> ScenarioFunc:
         doc = " ".join((description or func.__doc__ or name).split())
-        CATALOGUE[name] = Scenario(name, label, family, seconds, tuple(tools), doc, func, mixed, segment)
+        CATALOGUE[name] = Scenario(name, label, family, seconds, tuple(tools), doc, func, mixed, segment, on_request)
         return func
     return register
 
 
 def select(names: Sequence[str] | None) -> list[Scenario]:
-    """The scenarios to run, in catalogue order; names may be families or prefixes like 'scan-'."""
+    """The scenarios to run, in catalogue order; names may be families or prefixes like 'scan-'. Without names,
+    all but those run only on request (named: the infection scenarios)."""
     if not names:
-        return list(CATALOGUE.values())
+        return [s for s in CATALOGUE.values() if not s.on_request]
     chosen: list[Scenario] = []
     for name in names:
         matched = [s for s in CATALOGUE.values() if s.name == name or s.family == name
-                   or (s.label == name and not s.mixed) or (name.endswith("-") and s.name.startswith(name))]
+                   or (s.label == name and not s.mixed and not s.on_request)
+                   or (name.endswith("-") and s.name.startswith(name))]
         if not matched:
             raise KeyError(name)
         chosen += [s for s in matched if s not in chosen]
