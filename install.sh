@@ -54,5 +54,7 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# setuptools copies into the wheel whatever an earlier install left in build/lib, modules since moved included
+rm -rf build
 .venv/bin/python -m pip install -q ".[test,report,cluster]"
 echo "iotscan installed in .venv: run .venv/bin/iotscan --help"

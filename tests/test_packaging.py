@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,7 +17,12 @@ from conftest import REPO, SAMPLES
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)],
+    # from a copy without build artefacts: setuptools packs what an earlier install left in build/lib (modules
+    # since moved or removed included), which would shadow the checkout's
+    source = tmp_path_factory.mktemp("source") / "iotscan"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "out",
+                                                                 "__pycache__", ".pytest_cache", ".ruff_cache"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "Could not find a version that satisfies" in proc.stderr:
         pytest.skip("cannot build a wheel: the build backend is not installable here (no package index)")
