@@ -27,7 +27,7 @@ from iotscan.cli.common import (
     THRESHOLD_OPTION,
     TRUST_MODEL_OPTION,
     OutputStream,
-    build_stages,
+    StageOptions,
     main_pass_config,
     open_output,
     stdout_dash,
@@ -153,9 +153,9 @@ def report(
         if not captures:
             builder.close(None)
         else:
-            # the same stages as analyze's (risks included), so that the page is the one `analyze --report` draws
-            stages = build_stages(devices=not no_devices, score=not no_score, model_path=model,
-                                  trust_model=trust_model, threshold=threshold, risks=True)
+            # analyze's stages with its defaults, so that the page is the one `analyze --report` draws
+            stages = StageOptions(devices=not no_devices, score=not no_score, model=model, trust_model=trust_model,
+                                  threshold=threshold).build()
             config = main_pass_config("", score=not no_score, risks=True, bpf=bpf, idle_timeout=idle_timeout,
                                       active_timeout=active_timeout, max_flows=max_flows)
             analysis = Analysis(builder, stages=stages, reporter=reporter)
