@@ -35,6 +35,16 @@ from iotscan.stage import TICK, Event, SourceInfo, Stage
 GC_EVERY_EVENTS = 1 << 16
 
 
+def _announcing(flows: Iterator[Any], stages: Sequence[Stage]) -> Iterator[Any]:
+    """The meter's flows; the first one tells every stage that the meter runs (Stage.metering)."""
+    for flow in flows:
+        for stage in stages:
+            stage.metering()
+        yield flow
+        break
+    yield from flows
+
+
 def _gc_paced(events: Iterator[Any], every: int = GC_EVERY_EVENTS) -> Iterator[Any]:
     """The events, with Python's cyclic garbage collector paced by events instead of allocations.
 
@@ -226,9 +236,10 @@ class Analysis:
         events: Iterator[Event]
         if claiming:  # a flow a stage claims is made no record (a flood's: see Stage.claims)
             claims = claiming[0]
-            events = (TICK if f is None else (None, f) if claims(f) else (flow_record(f, name, base), f) for f in paced)
+            events = (TICK if f is None else (None, f) if claims(f) else (flow_record(f, name, base), f)
+                      for f in _announcing(paced, self.stages))
         else:
-            events = (TICK if f is None else (flow_record(f, name, base), f) for f in paced)
+            events = (TICK if f is None else (flow_record(f, name, base), f) for f in _announcing(paced, self.stages))
         for stage in self.stages:
             events = stage.run(events)
         try:

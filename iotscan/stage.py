@@ -46,6 +46,10 @@ class Stage:
     def begin(self, source: SourceInfo) -> None:
         pass
 
+    def metering(self) -> None:
+        """The source's main meter runs (its first flow or heartbeat came out): a stage may start its side pass now
+        (the forks do not race), before the stages ahead of it let any flow through."""
+
     def claims(self, flow: Any) -> bool:
         """Whether this stage takes ``flow`` before a flow record is made of it: it then comes down the stages as
         (None, flow). The scoring stage claims a flood's flows, which it folds into flood records; at most one

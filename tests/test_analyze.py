@@ -654,6 +654,46 @@ def test_stage_warnings_join_the_summary() -> None:
     assert ndjson(out.getvalue())[-1] == orjson.loads(orjson.dumps(summary))
 
 
+class _Holder(Stage):
+    """Lets no flow through until its source ends, as a stage waiting for its side pass may."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def run(self, events: Iterator[Event]) -> Iterator[Event]:
+        held = list(events)
+        self.log.append("released")
+        yield from held
+
+
+class _MeteringProbe(Stage):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def begin(self, source: SourceInfo) -> None:
+        self.log.append("begin")
+
+    def metering(self) -> None:
+        self.log.append("metering")
+
+    def run(self, events: Iterator[Event]) -> Iterator[Event]:
+        for event in events:
+            if not self.log or self.log[-1] != "flow":
+                self.log.append("flow")
+            yield event
+
+
+def test_every_stage_hears_that_the_meter_runs_before_the_stages_ahead_let_a_flow_through() -> None:
+    """Stage.metering: the host stage starts its replies pass there, not when the scoring stage (which holds
+    flows for its request pass) first lets one through; once per source."""
+    log: list[str] = []
+    analysis = Analysis(NdjsonSink(io.BytesIO()), stages=[_Holder(log), _MeteringProbe(log)])
+    analysis.run_files([SAMPLES / "web-sqli.pcap", SAMPLES / "log4j-exploit.pcap"], main_pass_config("", score=False))
+    assert log == ["begin", "metering", "released", "flow"] * 2
+
+
 class _PacketLog(NFPlugin):
     """Keeps what a side pass's plugins may read of each packet (source.SidePacket), per flow."""
 

@@ -87,6 +87,12 @@ def test_baseline_flags_every_phase_of_the_compromise_with_reasons(scored: list[
             flagged[fam] = flagged.get(fam, 0) + 1
             assert r["anomaly_reasons"], r
     assert set(flagged) >= {"bruteforce", "c2", "scan", "ddos"}, flagged
+    # the loader (the camera's wget of the bot, by address, from a host it never contacted) is flagged on its own
+    loader = next(p for p in phases if p["phase"] == "loader")
+    server = loader["note"].split("//", 1)[1].split("/", 1)[0]
+    fetch = [r for r in flows if r.get("src_device") == camera and r["dst_ip"] == server and r["dst_port"] == 80]
+    assert fetch and all(r["anomaly"] >= THRESHOLD for r in fetch), fetch
+    assert any("first contact with" in r["anomaly_reasons"][0] for r in fetch)
     # the reasons say what departs: the telnet guessing is the first contact on a port it never served
     brute = [r for r in flows if r["dst_port"] == 23 and r.get("dst_device") == camera and r["anomaly"] >= THRESHOLD]
     assert any("first contact from" in r["anomaly_reasons"][0] and "a port it never served" in r["anomaly_reasons"][0]

@@ -28,6 +28,23 @@ BOT, GATEWAY, CNC = "192.168.1.50", "192.168.1.1", "93.184.216.34"
 BOT_MAC, GATEWAY_MAC = b"\x02\x11\x22\x33\x44\x50", b"\x02\x11\x22\x33\x44\x01"
 
 
+def test_read_ahead_keeps_the_order_and_stops_when_ready_or_at_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the replies pass runs, the host stage reads the next events ahead instead of waiting idle; it takes
+    them in the same order as ever."""
+    from iotscan.detect import hosts
+
+    source = hosts._ReadAhead(iter([(i, None) for i in range(10)]))  # type: ignore[list-item]
+    assert next(source) == (0, None)
+    source.fill(lambda: len(source.ahead) >= 3)
+    assert [e[0] for e in source.ahead] == [1, 2, 3]
+    monkeypatch.setattr(hosts, "READ_AHEAD", 5)
+    source.fill(lambda: False)
+    assert [e[0] for e in source.ahead] == [1, 2, 3, 4, 5]
+    assert [e[0] for e in source] == list(range(1, 10))
+    source.fill(lambda: False)  # at the end: nothing, and no error
+    assert not source.ahead
+
+
 # -- Threshold Random Walk ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("args", "expected"), [

@@ -60,6 +60,7 @@ MAX_ALERT_KEYS = 10_000  # departures remembered per device (then it alerts no m
 SUSPICION_HALF_LIFE_MS = 600_000
 SUSPICION_WEIGHT = 0.6  # how much a recent strong anomaly adds to a new one's novelty
 MAX_DEVICES = 4096
+MEMO_SIDES = 4096  # per device: the departures of the sides it showed, kept (then forgotten, all at once)
 # What each kind of evidence weighs at full confidence (the device's history leaves no room for new things).
 W_PEER = 0.5  # a remote peer never contacted, nor any name of its domain or address of its block
 W_PEER_NEAR = 0.15  # a new name under a domain it uses, a new address in a block it uses
@@ -367,6 +368,7 @@ class BaselineStage(Stage):
         """Set the flow's anomaly fields; the alerts it raises."""
         alerts: list[Event] = []
         best: _Judgement | None = None
+        judged_any = False
         for side in flow_sides(r, name_of):
             profile = self.profiles.get(side.device)
             if profile is None and side.device not in self.mud:
@@ -374,11 +376,12 @@ class BaselineStage(Stage):
                     self.new_devices.add(side.device)
                     alerts.append((self._new_device_alert(side, r), None))
                 continue
+            judged_any = True
             judged = self.judge(profile, side, r)
-            if best is None or judged.score > best.score:
+            if judged is not None and (best is None or judged.score > best.score):
                 best = judged
-        if best is None:
-            r["anomaly"], r["anomaly_reasons"] = None, []
+        if best is None:  # no side judged (None), or nothing departs (0)
+            r["anomaly"], r["anomaly_reasons"] = (0.0 if judged_any else None), []
             return alerts
         r["anomaly"], r["anomaly_reasons"] = round(best.score, 3), best.reasons
         if best.score >= self.threshold:
@@ -388,8 +391,9 @@ class BaselineStage(Stage):
                 alerts.append((alert, None))
         return alerts
 
-    def judge(self, p: DeviceProfile | None, side: Side, r: dict[str, Any]) -> _Judgement:
-        """How far one device's side of a flow departs from its profile (and its MUD file)."""
+    def judge(self, p: DeviceProfile | None, side: Side, r: dict[str, Any]) -> _Judgement | None:
+        """How far one device's side of a flow departs from its profile (and its MUD file); None when it does not
+        depart at all (most flows: no judgement is made of them)."""
         state = self.states.get(side.device)
         if state is None:
             state = self.states[side.device] = _DeviceState()
@@ -403,9 +407,9 @@ class BaselineStage(Stage):
             allowed, why = policy.allows(side, r)
             if not allowed:
                 evidence.append((W_MUD, "mud", why, ("mud", side.peer, side.service, side.out)))
-        judged = _Judgement(side.device, state)
         if not evidence:
-            return judged
+            return None
+        judged = _Judgement(side.device, state)
         evidence.sort(key=lambda e: -e[0])
         ms = r["last_seen_ms"]
         suspicion = state.suspicion * 0.5 ** ((ms - state.suspicion_ms) / SUSPICION_HALF_LIFE_MS)
@@ -427,38 +431,15 @@ class BaselineStage(Stage):
 
     def _novelty(self, p: DeviceProfile, side: Side, r: dict[str, Any], evidence: list[_Evidence],
                  novelty: list[str]) -> None:
-        peer = side.peer
-        if side.remote:
-            known = peer in (p.remote_names if side.named else p.remote_addresses)
-            confidence = 1.0 - p.novel_remote
-            if not known:
-                near = registered_domain(peer) in p.domains if side.named else prefix_of(peer) in p.prefixes
-                evidence.append(((W_PEER_NEAR if near else W_PEER) * confidence, "new_peer", "", ("peer", peer)))
-                novelty.append("a new name of a domain it uses" if near and side.named else
-                               "a new address of a block it uses" if near else "a new peer")
-            if side.out and not side.named and p.named_share >= NAMED_SHARE:
-                evidence.append((W_UNNAMED * p.named_share, "no_dns",
-                                 f"contacted by address, though {p.named_share:.0%} of its Internet flows went "
-                                 "to peers DNS or TLS named", ("no_dns", peer)))
-            if not side.out and not p.remote_in:
-                evidence.append((W_INBOUND, "inbound", "contacted from the Internet, which its baseline never was",
-                                 ("inbound", peer)))
-        elif peer not in p.local:
-            known = False
-            evidence.append((W_LOCAL * (1.0 - p.novel_local), "new_local_peer", "", ("peer", peer)))
-            novelty.append("a new local peer")
-        else:
-            known = True
-        if side.service not in p.services[side.out]:
-            evidence.append((W_SERVICE[side.out] * (1.0 - p.novel_service[side.out]), "new_service", "",
-                             ("service", side.service, side.out)))
-            novelty.append("a port it never used" if side.out else "a port it never served")
-        elif known and side.service not in p.peer_services[peer][0 if side.out else 1]:
-            evidence.append((W_PEER_SERVICE, "new_service", "", ("service", peer, side.service, side.out)))
-            novelty.append("a new port of a known peer")
-        if side.app is not None and side.app not in p.apps:
-            evidence.append((W_APP * (1.0 - p.novel_app), "new_app", "", ("app", side.app)))
-            novelty.append("a protocol it never spoke")
+        key = (side.peer, side.remote, side.named, side.out, side.service, side.app)
+        departs = p.memo.get(key)
+        if departs is None:  # the profile does not change while it scores: a side's departures, once per kind
+            if len(p.memo) >= MEMO_SIDES:
+                p.memo.clear()
+            departs = p.memo[key] = _departures(p, side)
+        if departs[0]:
+            evidence += departs[0]
+            novelty += departs[1]
         if side.out:
             domain = dns_domain(side, r)
             if domain is not None and domain not in p.dns:
@@ -481,8 +462,10 @@ class BaselineStage(Stage):
             state.density = None
         window.add(side, r)
         counts = window.counts
-        if not density.outside(counts):
-            return
+        if not window.outside:  # a minute's counts only grow: once outside its envelope, it stays outside
+            if not density.outside(counts):
+                return
+            window.outside = True
         if state.density is None or _grown(state.weight_counts, counts):
             weight = density.weight(counts)
             reason, feature = density.reason(counts)
@@ -548,6 +531,46 @@ class BaselineStage(Stage):
             summary["baseline"]["learning"] = "learning" if self.learning is not None else "done"
         if self.drift is not None:
             summary["baseline"]["drifted"] = self.drifted
+
+
+def _departures(p: DeviceProfile, side: Side) -> tuple[tuple[_Evidence, ...], tuple[str, ...]]:
+    """What a device's side of a flow departs from its profile in, by the side alone (its peer, service,
+    application): the evidence and the words for the reason."""
+    evidence: list[_Evidence] = []
+    novelty: list[str] = []
+    peer = side.peer
+    if side.remote:
+        known = peer in (p.remote_names if side.named else p.remote_addresses)
+        confidence = 1.0 - p.novel_remote
+        if not known:
+            near = registered_domain(peer) in p.domains if side.named else prefix_of(peer) in p.prefixes
+            evidence.append(((W_PEER_NEAR if near else W_PEER) * confidence, "new_peer", "", ("peer", peer)))
+            novelty.append("a new name of a domain it uses" if near and side.named else
+                           "a new address of a block it uses" if near else "a new peer")
+        if side.out and not side.named and p.named_share >= NAMED_SHARE:
+            evidence.append((W_UNNAMED * p.named_share, "no_dns",
+                             f"contacted by address, though {p.named_share:.0%} of its Internet flows went "
+                             "to peers DNS or TLS named", ("no_dns", peer)))
+        if not side.out and not p.remote_in:
+            evidence.append((W_INBOUND, "inbound", "contacted from the Internet, which its baseline never was",
+                             ("inbound", peer)))
+    elif peer not in p.local:
+        known = False
+        evidence.append((W_LOCAL * (1.0 - p.novel_local), "new_local_peer", "", ("peer", peer)))
+        novelty.append("a new local peer")
+    else:
+        known = True
+    if side.service not in p.services[side.out]:
+        evidence.append((W_SERVICE[side.out] * (1.0 - p.novel_service[side.out]), "new_service", "",
+                         ("service", side.service, side.out)))
+        novelty.append("a port it never used" if side.out else "a port it never served")
+    elif known and side.service not in p.peer_services[peer][0 if side.out else 1]:
+        evidence.append((W_PEER_SERVICE, "new_service", "", ("service", peer, side.service, side.out)))
+        novelty.append("a new port of a known peer")
+    if side.app is not None and side.app not in p.apps:
+        evidence.append((W_APP * (1.0 - p.novel_app), "new_app", "", ("app", side.app)))
+        novelty.append("a protocol it never spoke")
+    return tuple(evidence), tuple(novelty)
 
 
 def _novelty_reason(p: DeviceProfile | None, side: Side, novelty: list[str]) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,7 @@ from iotscan.stage import Event, SourceInfo, Stage
 HOLD_FLOWS = 8_192  # flow records held back at most, so that a decision can mark its evidence
 HOLD_S = 120.0  # ... and at most this long in capture time (a flow's end to the newest flow's end)
 LIVE_HOLD_S = 1.0  # on an interface, at most this long in wall time: records go out promptly
+READ_AHEAD = 16_384  # events read ahead at most while the replies pass of a file runs (see _ReadAhead)
 SCAN_SCORE = 0.99  # TRW's detection probability: the score of the flows a scan decision marks
 PROBE_MAX_PACKETS = 3  # each way: a SYN, an ACK and a RST; a SYN-ACK and a RST or two
 PROBE_MAX_FRAME = 78  # bytes: Ethernet, IPv4 and TCP headers with options, no payload
@@ -68,6 +69,31 @@ class _Held:
         self.first_contact = False
         self.suspect: str | None = None  # the family of a compromised host's activity the flow belongs to
         self.tunnel: str | None = None  # the reason, for a query of a DNS tunnel
+
+
+class _ReadAhead:
+    """The stages' events before this one, some read ahead: while the replies pass still runs, the main process
+    meters and scores the flows that come next (up to READ_AHEAD) instead of waiting idle for it. They are taken
+    in the same order as ever, so what this stage decides and writes does not change."""
+
+    def __init__(self, events: Iterator[Event]) -> None:
+        self.events = iter(events)
+        self.ahead: deque[Event] = deque()
+
+    def __iter__(self) -> _ReadAhead:
+        return self
+
+    def __next__(self) -> Event:
+        return self.ahead.popleft() if self.ahead else next(self.events)
+
+    def fill(self, ready: Callable[[], bool]) -> None:
+        """Read ahead until ``ready()`` (checked between events), the cap, or the end of the events."""
+        ahead, events = self.ahead, self.events
+        while not ready() and len(ahead) < READ_AHEAD:
+            event = next(events, None)
+            if event is None:
+                return
+            ahead.append(event)
 
 
 class HostStage(Stage):
@@ -102,11 +128,18 @@ class HostStage(Stage):
         self._abandon_pass()
         self.replies, self._replies_final = Replies(), False
 
+    def metering(self) -> None:
+        self._start_pass()  # now, not at this stage's first flow: the stages ahead hold flows back for their passes
+
     def _start_pass(self) -> None:
         """The replies pass beside the main one, once the main meter runs (so the forks do not race)."""
         if self._pass is None and self._info is not None and not self._replies_final:
             self._pass, self.replies = replies_pass(self._info.config.source, self._info.config)
             self._pass.start()
+
+    def _replies_ready(self) -> bool:
+        """Whether observing would not wait for the replies pass (on a file it reads ahead, to its end)."""
+        return self._replies_final or self._live or self._pass is None or not self._pass.is_alive()
 
     def _wait_for_replies(self) -> None:
         """On a file, the replies pass has read ahead of the main one: its answers are complete once it ends
@@ -136,7 +169,8 @@ class HostStage(Stage):
         held: deque[_Held] = deque()
         pending: list[_Held] = []  # held, not observed yet: observed a batch at a time
         oldest_wall = 0.0
-        for event in events:
+        source = _ReadAhead(events)
+        for event in source:
             record, flow = event
             if record is None or flow is None:  # a heartbeat, or a record of another kind: passed on
                 if record is None and held and self._live and time.monotonic() - oldest_wall >= self.live_hold_s:
@@ -151,9 +185,11 @@ class HostStage(Stage):
             held.append(item)
             pending.append(item)
             if len(pending) >= 1024 or self._live:
+                source.fill(self._replies_ready)
                 yield from self._observe(pending)
             over = self._over_bound(held, oldest_wall)
             if over:
+                source.fill(self._replies_ready)
                 yield from self._observe(pending)
                 yield from self._release(held, over)
                 if held:

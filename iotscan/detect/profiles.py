@@ -61,6 +61,7 @@ _SET_CAP = 4096  # distinct addresses or ports remembered per minute (a flood's 
 DYNAMIC_PORTS = 49152  # IANA's dynamic range: a client's own ports, or a long connection NFStream cut in two
 
 
+@functools.lru_cache(maxsize=65536)  # per flow, of few distinct values: cached
 def service_key(protocol: int, port: int) -> str:
     """"tcp/443", "udp/53", "tcp/dynamic" (ports from 49152: nobody's service); "icmp" or "proto/47" for
     protocols without ports."""
@@ -70,6 +71,7 @@ def service_key(protocol: int, port: int) -> str:
     return label or f"proto/{protocol}"
 
 
+@functools.lru_cache(maxsize=65536)
 def clean_name(name: str | None) -> str | None:
     """A peer's name as a baseline keeps it: lower case, no trailing dot or port; None for an address."""
     if not name:
@@ -119,9 +121,7 @@ def flow_sides(r: dict[str, Any], name_of: NameOf | None) -> list[Side]:
     other way round: its service is the lower port."""
     sides = []
     app = r["app"]
-    base = app.split(".", 1)[0] if app and not r["app_guessed"] else None
-    if base == "Unknown":
-        base = None
+    base = _app_base(app) if app and not r["app_guessed"] else None
     protocol, sport, dport = r["protocol"], r["src_port"], r["dst_port"]
     reply = protocol in (6, 17) and ((sport < 1024 <= dport) or (sport < DYNAMIC_PORTS <= dport))
     service = service_key(protocol, sport if reply else dport)
@@ -148,6 +148,13 @@ def flow_sides(r: dict[str, Any], name_of: NameOf | None) -> list[Side]:
     return sides
 
 
+@functools.lru_cache(maxsize=4096)
+def _app_base(app: str) -> str | None:
+    """nDPI's master protocol of "TLS.Google" ("TLS"); None for "Unknown"."""
+    base = app.split(".", 1)[0]
+    return None if base == "Unknown" else base
+
+
 def dns_domain(side: Side, r: dict[str, Any]) -> str | None:
     """The registered domain a device's DNS query flow asked about."""
     app = r["app"]
@@ -160,11 +167,12 @@ def dns_domain(side: Side, r: dict[str, Any]) -> str | None:
 class Window:
     """One device's statistics over one minute (WINDOW_FEATURES), as flows ending in it come."""
 
-    __slots__ = ("counts", "index", "peers_in", "peers_out", "services_out")
+    __slots__ = ("counts", "index", "outside", "peers_in", "peers_out", "services_out")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.counts = [0] * N_FEATURES
+        self.outside = False  # whether the counts left the device's envelope (scoring: iotscan.detect.baseline)
         self.peers_out: set[str] = set()
         self.services_out: set[str] = set()
         self.peers_in: set[str] = set()
@@ -596,6 +604,7 @@ class DeviceProfile:
         hours = d["hours"]
         self.quiet_hours = {h for h in range(24) if not hours[h]} if d["days_active"] >= 3 else set()
         self.model = model
+        self.memo: dict[tuple[Any, ...], Any] = {}  # the scoring stage's, per side (iotscan.detect.baseline)
 
 
 def _sum_counts(parts: Iterator[dict[str, int]]) -> dict[str, int]:

