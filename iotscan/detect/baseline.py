@@ -98,13 +98,17 @@ class Names:
         self.stop()
         self._info, self._final, self.replies = source, False, Replies()
 
+    def start(self) -> None:
+        """Start the pass of its own, if it needs one and has none yet (once the main meter runs)."""
+        if self.borrow is None and self._pass is None and self._info is not None and not self._final:
+            self._pass, self.replies = replies_pass(self._info.config.source, self._info.config)
+            self._pass.start()
+
     def name_of(self) -> NameOf:
         """Called per flow: the lookup, once the pass has what it needs (on a file, all of it)."""
         if self.borrow is not None:
             return self.borrow().name_of
-        if self._pass is None and self._info is not None and not self._final:
-            self._pass, self.replies = replies_pass(self._info.config.source, self._info.config)
-            self._pass.start()
+        self.start()
         if self._pass is not None and not self._final and self._info is not None and not self._info.config.live:
             self._pass.end()  # a file's replies pass reads ahead: complete before the first flow is judged
             self._final = True
@@ -135,6 +139,9 @@ class ProfileLearner(Stage):
 
     def end(self, source: SourceInfo) -> None:
         self.names.stop()
+
+    def metering(self) -> None:
+        self.names.start()
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
         name_of: NameOf | None = None
@@ -280,6 +287,9 @@ class BaselineStage(Stage):
 
     def end(self, source: SourceInfo) -> None:
         self.names.stop()
+
+    def metering(self) -> None:
+        self.names.start()
 
     def finish(self) -> list[dict[str, Any]]:
         self.names.stop()

@@ -65,7 +65,7 @@ LIVE_MAX_DELAY_S = 1.0
 LIVE_FLOWS_LAG_MS = 2_000
 # Flows held while the request pass still runs (it reads the whole file, only faster): beyond this the
 # reader waits for it instead, so memory stays bounded on a capture whose pass takes long.
-HELD_FOR_REQUESTS = 32_768
+HELD_FOR_REQUESTS = 16_384
 MAX_REASONS = 3
 # key order as VERDICT_FIELDS
 _BENIGN = {"verdict": "benign", "score": None, "family": None, "reasons": None, "evidence_community_id": None}
