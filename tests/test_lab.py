@@ -92,6 +92,22 @@ def test_catalogue_covers_every_family_within_the_time_budget() -> None:
         select(["no-such-scenario"])
 
 
+def test_the_audit_names_an_attack_no_flow_shows() -> None:
+    """A tool that did not run (busybox wget -T crashed before sending: the infection's loader) leaves its rules
+    without a flow; the audit says which. On the committed infection capture every attack shows; a rule for a
+    download that never happened is named, though its hosts' other rules match (its reply rule is not)."""
+    data = REPO / "tests" / "data" / "baseline"
+    rules = lab_run.read_rules(data / "infection-mirai.rules.csv")
+    involved, hostile = set(), set()
+    counts, _, _, silent = lab_run.audit_flows(data / "infection-mirai.pcap", rules, ("benign", ""), involved, hostile)
+    assert silent == [] and counts["attack/c2"] >= 2
+    cam, cnc = rules[2].src_ip, rules[2].dst_ip  # the loader's rule: camera -> loader, tcp/80
+    never = [FlowRule(cam, cnc, 6, 8080, "attack", "exploit"), FlowRule(cnc, cam, None, None, "attack", "exploit")]
+    _, _, _, silent = lab_run.audit_flows(data / "infection-mirai.pcap", rules + never, ("benign", ""), involved,
+                                          hostile)
+    assert silent == [f"exploit {cam} -> {cnc}:8080"]
+
+
 def test_flow_rules_first_match_wins_and_round_trip(tmp_path: Path) -> None:
     rules = [FlowRule("1.1.1.1", "2.2.2.2", 6, 22, "attack", "bruteforce"),
              FlowRule("1.1.1.1", "", None, None, "attack", "scan"),

@@ -31,7 +31,7 @@ from iotscan import __version__
 from iotscan.errors import CaptureError, InputError
 from iotscan.lab import scenarios as catalogue
 from iotscan.lab.netns import LAN_SEGMENTS, SWITCH, Lab, cleanup_stale, host_networks, plan_lab
-from iotscan.lab.scenario import FlowRule, Scenario, ScenarioContext, label_flow, write_phases, write_rules
+from iotscan.lab.scenario import FlowRule, Scenario, ScenarioContext, matching_rule, write_phases, write_rules
 from iotscan.lab.services import ServiceStarter
 from iotscan.lab.tools import BASE_TOOLS, install_command, missing_tools, packages_for, tool_versions
 
@@ -69,6 +69,7 @@ class ScenarioResult:
     flows: dict[str, int] = field(default_factory=dict)  # "label/family" -> flows
     stray_flows: int = 0  # flows whose label the audit doubts (see audit_flows)
     stray_examples: list[str] = field(default_factory=list)
+    silent: list[str] = field(default_factory=list)  # attacks of its flow rules that no flow shows (silent_rules)
     phases: str | None = None  # phases/NAME.csv: labelled phases with their times
 
 
@@ -209,18 +210,23 @@ def read_rules(path: Path) -> list[FlowRule]:
 
 
 def audit_flows(pcap: Path, rules: Sequence[FlowRule], default: tuple[str, str], involved: set[str],
-                hostile: set[str]) -> tuple[dict[str, int], int, list[str]]:
-    """Flows per "label/family" in one capture, as NFStream meters them, and the flows whose label
+                hostile: set[str]) -> tuple[dict[str, int], int, list[str], list[str]]:
+    """Flows per "label/family" in one capture, as NFStream meters them; the flows whose label
     looks wrong: in a benign or mixed capture, a flow touching an attacker's address but labeled
-    benign; in a pure attack capture, a flow touching none of the attack's addresses."""
+    benign; in a pure attack capture, a flow touching none of the attack's addresses; and the
+    attacks of the flow rules that no flow shows (silent_rules: a tool that did not run)."""
     from iotscan.capture.source import FlowSource, MeterConfig
 
     counts: Counter[str] = Counter()
+    matched: Counter[int] = Counter()
     stray: list[str] = []
     stray_count = 0
     for flow in FlowSource(MeterConfig(source=str(pcap), n_dissections=0)):
         src, dst = flow.src_ip, flow.dst_ip
-        label, family = label_flow(rules, default, src, dst, flow.protocol, flow.dst_port)
+        rule = matching_rule(rules, src, dst, flow.protocol, flow.dst_port)
+        if rule is not None:
+            matched[rule] += 1
+        label, family = (rules[rule].label, rules[rule].family) if rule is not None else default
         counts[f"{label}/{family}" if family else label] += 1
         if label == "benign":
             wrong = src in hostile or dst in hostile
@@ -230,7 +236,21 @@ def audit_flows(pcap: Path, rules: Sequence[FlowRule], default: tuple[str, str],
             stray_count += 1
             if len(stray) < 5:
                 stray.append(f"{src}:{flow.src_port} -> {dst}:{flow.dst_port}/{flow.protocol}")
-    return dict(counts), stray_count, stray
+    return dict(counts), stray_count, stray, silent_rules(rules, matched)
+
+
+def silent_rules(rules: Sequence[FlowRule], matched: Counter[int]) -> list[str]:
+    """The attack rules that matched no flow, in words. A reply rule (the victim's answers: the previous rule's
+    hosts the other way round, any protocol and port; see ScenarioContext.attack_rules) may match none."""
+    silent = []
+    for i, rule in enumerate(rules):
+        previous = rules[i - 1] if i else None
+        reply = previous is not None and rule.protocol is None and rule.dst_port is None and \
+            (rule.src_ip, rule.dst_ip, rule.family) == (previous.dst_ip, previous.src_ip, previous.family)
+        if rule.label == "attack" and not reply and not matched[i]:
+            port = f":{rule.dst_port}" if rule.dst_port is not None else ""
+            silent.append(f"{rule.family or 'attack'} {rule.src_ip or 'any'} -> {rule.dst_ip or 'any'}{port}")
+    return silent
 
 
 def generate(options: Options, progress: Callable[[str], None] = lambda _: None) -> RunReport:
@@ -274,8 +294,11 @@ def generate(options: Options, progress: Callable[[str], None] = lambda _: None)
         hostile = {str(h.ip) for h in plan.hosts.values() if h.kind in ("bot", "atk1", "atk2", "cnc")}
         for r in results:
             rules = read_rules(out_dir / r.rules) if r.rules else []
-            r.flows, r.stray_flows, r.stray_examples = audit_flows(out_dir / r.pcap, rules, (r.label, r.family),
-                                                                   set(r.involved), hostile)
+            r.flows, r.stray_flows, r.stray_examples, r.silent = audit_flows(
+                out_dir / r.pcap, rules, (r.label, r.family), set(r.involved), hostile)
+            for attack in r.silent:
+                progress(f"warning: {r.name}: no flow shows the {attack} of its flow rules: did the tool run? "
+                         f"(logs/{r.name}.log)")
             if r.stray_flows:
                 progress(f"warning: {r.name}: {r.stray_flows} flows may be mislabeled, e.g. "
                          f"{', '.join(r.stray_examples[:3])}")
@@ -388,6 +411,9 @@ def _readme(report: RunReport, options: Options, chosen: Sequence[Scenario], pla
               + ("; ".join(f"{r.name}: {r.stray_flows} doubtful, e.g. {', '.join(r.stray_examples[:2])}"
                            for r in doubtful) if doubtful else
                  ("no doubtful flow." if options.count_flows and not report.interrupted else "not run."))]
+    silent = [f"{r.name}: {attack}" for r in report.results for attack in r.silent]
+    if silent:  # a tool that did not run (a crash, a missing applet) leaves its phase without a flow
+        lines += ["", "**Attacks of the flow rules that no flow shows** (see the scenario's log): " + "; ".join(silent)]
     lines += ["", "## Tools (Debian packages)", ""]
     lines += [f"- {name} {version}" for name, version in sorted(versions.items())]
     lines += ["", "## Known limits", "",

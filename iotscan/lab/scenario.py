@@ -57,13 +57,16 @@ class FlowRule:
                 and (self.dst_port is None or self.dst_port == dst_port))
 
 
+def matching_rule(rules: Sequence[FlowRule], src_ip: str, dst_ip: str, protocol: int, dst_port: int) -> int | None:
+    """The index of the first rule a flow matches."""
+    return next((i for i, rule in enumerate(rules) if rule.matches(src_ip, dst_ip, protocol, dst_port)), None)
+
+
 def label_flow(rules: Sequence[FlowRule], default: tuple[str, str], src_ip: str, dst_ip: str, protocol: int,
                dst_port: int) -> tuple[str, str]:
     """(label, family) of a flow: the first matching rule's, else the manifest row's."""
-    for rule in rules:
-        if rule.matches(src_ip, dst_ip, protocol, dst_port):
-            return rule.label, rule.family
-    return default
+    i = matching_rule(rules, src_ip, dst_ip, protocol, dst_port)
+    return (rules[i].label, rules[i].family) if i is not None else default
 
 
 class ScenarioContext:
