@@ -99,7 +99,7 @@ class Names:
         self._info, self._final, self.replies = source, False, Replies()
 
     def start(self) -> None:
-        """Start the pass of its own, if it needs one and has none yet (once the main meter runs)."""
+        """Start the pass of its own, if it needs one and has none yet (Stage.metering: the main meter runs)."""
         if self.borrow is None and self._pass is None and self._info is not None and not self._final:
             self._pass, self.replies = replies_pass(self._info.config.source, self._info.config)
             self._pass.start()
@@ -108,7 +108,6 @@ class Names:
         """Called per flow: the lookup, once the pass has what it needs (on a file, all of it)."""
         if self.borrow is not None:
             return self.borrow().name_of
-        self.start()
         if self._pass is not None and not self._final and self._info is not None and not self._info.config.live:
             self._pass.end()  # a file's replies pass reads ahead: complete before the first flow is judged
             self._final = True

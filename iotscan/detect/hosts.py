@@ -129,10 +129,8 @@ class HostStage(Stage):
         self.replies, self._replies_final = Replies(), False
 
     def metering(self) -> None:
-        self._start_pass()  # now, not at this stage's first flow: the stages ahead hold flows back for their passes
-
-    def _start_pass(self) -> None:
-        """The replies pass beside the main one, once the main meter runs (so the forks do not race)."""
+        """The replies pass beside the main one, now that the main meter runs (so the forks do not race), not at
+        this stage's first flow: the stages ahead hold flows back for their own passes."""
         if self._pass is None and self._info is not None and not self._replies_final:
             self._pass, self.replies = replies_pass(self._info.config.source, self._info.config)
             self._pass.start()
@@ -178,7 +176,6 @@ class HostStage(Stage):
                     yield from self._release(held, len(held))
                 yield event
                 continue
-            self._start_pass()
             item = _Held(event)
             if not held:
                 oldest_wall = time.monotonic()

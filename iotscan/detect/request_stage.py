@@ -10,12 +10,10 @@ own and drives it itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from iotscan.capture.side_pass import SidePass
 from iotscan.detect.request_findings import MAX_FINDINGS, RequestFindings
 from iotscan.detect.request_pass import request_pass
-from iotscan.stage import Event, SourceInfo, Stage
+from iotscan.stage import SourceInfo, Stage
 
 
 class RequestPassStage(Stage):
@@ -31,12 +29,8 @@ class RequestPassStage(Stage):
         self.abandon()
         self._info = source
 
-    def run(self, events: Iterator[Event]) -> Iterator[Event]:
-        for event in events:
-            self.start()
-            yield event
-            break
-        yield from events
+    def metering(self) -> None:
+        self.start()
 
     def start(self) -> None:
         """Start the pass of the current source, if not yet."""
@@ -111,6 +105,9 @@ class ReadsRequests(Stage):
     def begin(self, source: SourceInfo) -> None:
         if self._own_requests:
             self.requests.begin(source)
+
+    def metering(self) -> None:
+        self.requests.start()  # a shared pass has started already (its stage comes first): then nothing
 
     def end(self, source: SourceInfo) -> None:
         if self._own_requests:

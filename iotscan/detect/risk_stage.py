@@ -50,7 +50,6 @@ class RiskStage(ReadsRequests):
                 yield event
                 continue
             if self._findings is None:
-                self.requests.start()
                 live = self.requests.live_findings()
                 if live is None and self.requests.running() and len(held) < HELD_FOR_REQUESTS:
                     held.append(event)  # the pass over the file is not done: its findings are not complete

@@ -488,13 +488,13 @@ class ScoringStage(ReadsRequests):
         self._source = source
         self._alike, self._alike_run, self._source_scored = {}, -1, 0
 
-    def _start_requests(self) -> None:
-        """Start the request pass beside the main one, once the main meter runs (so the forks do not race).
+    def metering(self) -> None:
+        """Start the request pass beside the main one, now that the main meter runs (so the forks do not race).
 
         On a file it runs ahead of the main pass and the first flows wait for its findings. On a live
         interface it is a second capture, whose matches leave its meter at once: flows are scored with
         the findings known by then (a flow is scored when it expires, long after its requests)."""
-        self.requests.start()
+        super().metering()
         if self._extractor is not None and self._extractor.requests is None:
             self._extractor.requests = self.requests.live_findings()
 
@@ -515,11 +515,7 @@ class ScoringStage(ReadsRequests):
         pending: list[Event] = []
         batch_rows, max_delay = self.batch_rows, self.max_delay_s
         oldest = 0.0
-        started = False
         for event in events:
-            if not started:  # the first event means the main meter runs
-                self._start_requests()
-                started = True
             record, flow = event
             if flow is None:  # a heartbeat of a quiet live link: flush what has waited long enough
                 if pending and max_delay is not None and time.monotonic() - oldest >= max_delay:

@@ -106,6 +106,9 @@ class DeviceStage(Stage):
             self._identity.stop()
             self._identity = None
 
+    def metering(self) -> None:
+        self._start_identity()
+
     def _start_identity(self) -> None:
         """Start the identity pass beside the main one: its own meter process, fed by a thread that
         only waits for its few flows. Called once the main meter runs (so the forks do not race)."""
@@ -120,8 +123,7 @@ class DeviceStage(Stage):
 
     def run(self, events: Iterator[Event]) -> Iterator[Event]:
         observe = self.observer()
-        for event in events:  # the first event means the main meter has started
-            self._start_identity()
+        for event in events:  # the first event: every stage has started its side pass (Stage.metering)
             if self.model is None and self._model_path is not None and self._loader is None:
                 # Unpickled beside the metering, in the main process's idle time, now that the meters
                 # have forked (a model made before iotscan kept its trees as arrays imports scikit-learn:
