@@ -303,7 +303,9 @@ class LiveRun:
 
     def _summary_fields(self) -> dict[str, Any]:
         """records.LIVE_SUMMARY_FIELDS."""
+        source = self.analysis.current_source or self.source
         return {"dropped_packets": self._counter(DROPPED), "ifdropped_packets": self._counter(IFDROPPED),
+                "unread_packets": source.report.unread_packets if source is not None else 0,
                 "stop_reason": self.stop_reason}
 
     def _counter(self, index: int) -> int:

@@ -319,6 +319,9 @@ class Analysis:
         if report.dropped_packets:
             self._warn(info.name, "dropped", f"the kernel dropped {report.dropped_packets:,} packets: "
                        "the flows they belonged to are incomplete")
+        if report.unread_packets:
+            self._warn(info.name, "unread", f"{report.unread_packets:,} packets that arrived before the stop were "
+                       "still in the kernel's buffer when metering them took too long: not metered")
         if report.ignored_packets and not report.packets:
             self._warn(info.name, "no_ip", f"none of the {report.ignored_packets:,} packets is IP: no flows")
         return status

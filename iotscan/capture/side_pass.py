@@ -17,6 +17,9 @@ from iotscan.capture.source import FlowSource, MeterConfig, SourceReport
 from iotscan.errors import InputError, IotscanError
 
 SIDE_PASS_STOP_S = 5.0  # how long a stopped live capture waits for its side passes' last flows
+# A side pass's capture gets this share of the main capture's ring buffer (MeterConfig.buffer_mib): its filter lets
+# few packets through, and it loses findings, not flows, when it falls behind
+SIDE_PASS_BUFFER_SHARE = 4
 
 
 class SidePass(threading.Thread):
@@ -101,6 +104,7 @@ def side_pass(name: str, path: str, config: MeterConfig, bpf: str, plugin: NFPlu
     """
     def meter(own: str) -> MeterConfig:
         return MeterConfig(source=path, live=config.live, promisc=config.promisc,
+                           buffer_mib=max(config.buffer_mib // SIDE_PASS_BUFFER_SHARE, 2) if config.buffer_mib else 0,
                            bpf=f"({config.bpf}) and ({own})" if config.bpf else own,
                            idle_timeout=config.idle_timeout, active_timeout=config.active_timeout,
                            max_flows=config.max_flows or 65536, statistics=False, n_dissections=0,

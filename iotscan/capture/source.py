@@ -58,6 +58,9 @@ _SCAN_BUDGET = 1000  # flows expired per idle scan at most, as in NFStream
 _POLL_S = 0.25  # how often the reader checks that the meter is alive
 _LIVE_BLOCK_MS = 250  # libpcap delivers live packets in blocks retired after at most this long
 _LIVE_WAIT_MS = 100  # longest wait for packets before the clock moves on and stop() is checked
+# On an interface, once stopped: what the kernel's buffer still holds from before the stop is metered for at most
+# this long, then counted (unmetered) for at most as long again (SourceReport.unread_packets)
+_DRAIN_S = 2.0
 
 
 # Flows tracked at once unless told otherwise. A flow costs about 4 KB in the meter, so this bounds the
@@ -90,6 +93,9 @@ class MeterConfig:
     n_dissections: int = 20
     snaplen: int = 1536
     promisc: bool = True
+    # On an interface, the kernel's ring buffer for the capture, in MiB (0: libpcap's default, 2 MiB). What
+    # arrives while the meter is busy waits there: a burst larger than the ring is dropped by the kernel.
+    buffer_mib: int = 0
     decode_tunnels: bool = True
     accounting_mode: int = 0
     plugins: tuple[NFPlugin, ...] = ()
@@ -128,6 +134,9 @@ class SourceReport:
     evicted_flows: int = 0
     emergency_flows: int = 0  # embryonic flows expired early (see EMBRYO_SHARE)
     dropped_packets: int = 0
+    # on an interface: packets of before the stop still in the kernel's buffer when the meter gave up draining it
+    # (at least this many: counting stops after _DRAIN_S too)
+    unread_packets: int = 0
     read_error: bool = False
     stopped: bool = False
     warnings: list[str] = field(default_factory=list)
@@ -267,7 +276,8 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
         raise _SetupError("NFStream's engine library failed to load")
     mode = NFMode.INTERFACE if cfg.live else NFMode.SINGLE_FILE
     error = ffi.new("char[256]")
-    capture = setup_capture(ffi, lib, cfg.source, cfg.snaplen, cfg.promisc, mode, error, os.getpid(), 0)
+    buffer_bytes = cfg.buffer_mib << 20 if cfg.live else 0
+    capture = setup_capture(ffi, lib, cfg.source, cfg.snaplen, cfg.promisc, mode, error, os.getpid(), buffer_bytes)
     if capture is None:
         raise _SetupError(ffi.string(error).decode("utf-8", errors="replace") or "cannot open capture")
     waiter = read_error = None
@@ -347,6 +357,36 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
             counters[DROPPED] = report.dropped_packets = interface_stats.dropped
             counters[IFDROPPED] = interface_stats.dropped_by_interface
 
+    stop_ms = 0  # on an interface, once stopped: the stop's time (packets after it are not read)
+    drain_until = 0.0
+
+    def stopping() -> bool:
+        """Whether the loop ends now for a stop: over a file at once; on an interface once the packets the kernel
+        held at the stop are read (the loop sees one after it, or none), or after _DRAIN_S, the rest counted."""
+        nonlocal stop_ms, drain_until
+        if not stop.is_set():
+            return False
+        report.stopped = True
+        if not cfg.live:
+            return True
+        if not stop_ms:
+            stop_ms, drain_until = int(time.time() * 1000), time.monotonic() + _DRAIN_S
+            return False
+        if time.monotonic() < drain_until:
+            return False
+        report.unread_packets = count_unread()
+        return True
+
+    def count_unread() -> int:
+        unread, until = 0, time.monotonic() + _DRAIN_S
+        packet = ffi.new("struct nf_packet *")
+        while (ret := lib.capture_next(capture, packet, int(tunnels), 1, 0, int(mode))) >= 0 \
+                and packet.time <= stop_ms:
+            unread += ret > 0
+            if unread % _COUNTER_EVERY == 0 and time.monotonic() > until:
+                break
+        return unread
+
     tick = scan_tick = 0
     last_publish = time.monotonic()
     try:
@@ -354,6 +394,8 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
             packet = ffi.new("struct nf_packet *")
             ret = lib.capture_next(capture, packet, int(tunnels), 1, 0, int(mode))
             if ret > 0:
+                if stop_ms and packet.time > stop_ms:
+                    break  # everything of before the stop is read
                 if packet.time > tick:
                     tick = packet.time
                 else:
@@ -395,8 +437,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                                 new_flow(packet, key)
                     if report.packets % _COUNTER_EVERY == 0:
                         publish()
-                        if stop.is_set():
-                            report.stopped = True
+                        if stopping():
                             break
                 if tick - scan_tick >= _SCAN_INTERVAL_MS:
                     scan_tick = tick
@@ -411,6 +452,8 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                 # then let the clock move on so idle flows expire. It trails the wall clock by one
                 # block time-out, since packets still in an unfinished block may be that old.
                 assert waiter is not None and read_error is not None
+                if stop_ms:
+                    break  # the kernel's buffer is empty: everything of before the stop is read
                 if read_error.value != b"\0":
                     message = ctypes.string_at(ctypes.addressof(read_error)).decode(errors="replace")
                     report.warnings.append(f"capture ended: {message}")
@@ -432,8 +475,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                 if time.monotonic() - last_publish >= 0.5:
                     last_publish = time.monotonic()
                     publish()
-                    if stop.is_set():
-                        report.stopped = True
+                    if stopping():
                         break
         publish()
         for key in list(cache):  # flush what is still active: nothing is lost at the end

@@ -11,6 +11,7 @@ from iotscan.cli import app
 from iotscan.cli.common import (
     ACTIVE_OPTION,
     BPF_OPTION,
+    CAPTURE_BUFFER_MIB,
     IDLE_OPTION,
     MAX_FLOWS_OPTION,
     QUIET_OPTION,
@@ -91,7 +92,7 @@ def learn(
 
         preflight(from_live)
         config = main_pass_config(from_live, score=False, live=True, bpf=bpf, idle_timeout=idle_timeout,
-                                  active_timeout=active_timeout, max_flows=max_flows)
+                                  active_timeout=active_timeout, max_flows=max_flows, buffer_mib=CAPTURE_BUFFER_MIB)
         run = LiveRun(sink, stages, config, LiveLimits(duration_s=duration), reporter=Reporter(quiet))
         code = run.run()
     else:

@@ -59,6 +59,12 @@ MAX_FLOWS_OPTION = typer.Option(
     help="Most flows tracked at once (each costs about 5 KB: the default bounds the flow table near 500 MB on "
          "a flood of spoofed sources); when full, the least recently active flow is expired early and a warning "
          "says so. 0: no cap.")
+CAPTURE_BUFFER_MIB = 64
+CAPTURE_BUFFER_OPTION = typer.Option(
+    CAPTURE_BUFFER_MIB, "--capture-buffer", metavar="MIB", min=2, max=4096,
+    help="The kernel's buffer for the capture, in MiB: packets wait there while iotscan is busy, so a burst "
+         "(a flood's start) is not dropped; beyond it the kernel drops and the summary says how many. Each side "
+         "capture gets a quarter.")
 QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings on stderr.")
 NO_DEVICES_OPTION = typer.Option(False, "--no-devices", help="Skip device fingerprinting (no device records, "
                                  "no src_device/dst_device fields).")
@@ -221,7 +227,7 @@ def open_output(output: Path | None, inputs: Sequence[str | os.PathLike[str]] = 
 
 def main_pass_config(source: str, *, score: bool, risks: bool = False, live: bool = False, bpf: str | None = None,
                      idle_timeout: int = 120, active_timeout: int = 1800, max_flows: int = DEFAULT_MAX_FLOWS,
-                     snaplen: int = 1536) -> MeterConfig:
+                     snaplen: int = 1536, buffer_mib: int = 0) -> MeterConfig:
     """The meter settings of the main pass, the same for `analyze`, `live` and `devices` (flow ids, and the
     features the model was trained on, depend on them); with ``risks``, the meter reads nDPI's risks of each
     flow (MeterConfig.ndpi_facts)."""
@@ -236,7 +242,8 @@ def main_pass_config(source: str, *, score: bool, risks: bool = False, live: boo
         mask = sum(1 << bit for bit in load_catalogue().ndpi_bits)
     # unscored, the meter computes no statistics: nothing else reads them
     return MeterConfig(source=source, live=live, bpf=bpf, idle_timeout=idle_timeout, active_timeout=active_timeout,
-                       max_flows=max_flows, snaplen=snaplen, statistics=score, ndpi_facts=risks, ndpi_risk_mask=mask,
+                       max_flows=max_flows, snaplen=snaplen, buffer_mib=buffer_mib, statistics=score,
+                       ndpi_facts=risks, ndpi_risk_mask=mask,
                        splt=METER_SETTINGS["splt"] if score else 0,
                        reduce=metered_flow_with_statistics if score else metered_flow, item_type=MeteredFlow)
 

@@ -15,6 +15,7 @@ from iotscan.cli.common import (
     BASELINE_OPTION,
     BASELINE_THRESHOLD_OPTION,
     BPF_OPTION,
+    CAPTURE_BUFFER_OPTION,
     FAIL_ON_OPTION,
     FLOOD_RECORDS_OPTION,
     FORMAT_OPTION,
@@ -69,6 +70,7 @@ def live(
     max_flows: int = MAX_FLOWS_OPTION,
     snaplen: int = typer.Option(1536, "--snaplen", min=64, max=262144,
                                 help="Bytes kept of each packet (headers and what nDPI needs to classify)."),
+    capture_buffer: int = CAPTURE_BUFFER_OPTION,
     duration: float | None = typer.Option(None, "--duration", min=0.1,
                                           help="Stop after SECONDS, as cleanly as Ctrl-C."),
     count: int | None = typer.Option(None, "--count", min=1,
@@ -110,7 +112,7 @@ def live(
         (output is not None or sys.stdout.isatty())
     config = main_pass_config(interface, score=not no_score, risks=not no_risks, live=True, bpf=bpf,
                               idle_timeout=idle_timeout, active_timeout=active_timeout, max_flows=max_flows,
-                              snaplen=snaplen)
+                              snaplen=snaplen, buffer_mib=capture_buffer)
     limits = LiveLimits(duration_s=duration, count=count, stats_interval_s=stats_interval)
     # Everything that can fail before capturing fails before the output is touched.
     preflight(interface)

@@ -231,6 +231,9 @@ FLOOD_FIELD_NAMES: tuple[str, ...] = tuple(name for name, _ in FLOOD_FIELDS)
 LIVE_SUMMARY_FIELDS: tuple[tuple[str, str], ...] = (
     ("dropped_packets", "packets the kernel dropped because iotscan did not keep up (its buffer was full)"),
     ("ifdropped_packets", "packets the interface or its driver dropped, where it reports them"),
+    ("unread_packets", "packets still waiting in the kernel's buffer when the capture stopped, not metered: once "
+                       "stopped, iotscan meters what arrived before the stop for 2 s, then counts the rest for 2 s "
+                       "(at least this many)"),
     ("stop_reason", "\"signal\" (Ctrl-C, SIGTERM), \"duration\", \"count\", or \"error\""),
 )
 
