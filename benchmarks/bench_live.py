@@ -201,7 +201,8 @@ def run_iotscan(lab: Lab, capture: Path, tick: Path, pps: int | None, mbps: floa
 
 
 def _iotscan_counts(out: Path) -> tuple[int, int, dict]:
-    """Packets metered and dropped by the kernel, and what was written: flood records, folded flows, the ordinary
+    """Packets metered and dropped by the kernel, and what was written: flood records, folded flows, packets left
+    unread in the kernel's buffer at the stop (counted as lost: sent, not metered), the ordinary
     flows (neither the flood's nor the tick's) and how many carry a verdict, the warnings' codes."""
     records = [json.loads(line) for line in out.read_bytes().splitlines()]
     summary = records[-1]
@@ -210,7 +211,8 @@ def _iotscan_counts(out: Path) -> tuple[int, int, dict]:
                 and not r["src_ip"].startswith("192.0.2.")]
     return summary["packets"], summary["dropped_packets"], {
         "floods": summary.get("floods", 0), "folded_flows": summary.get("folded_flows", 0),
-        "flows_counted": summary["flows"], "ordinary_flows": len(ordinary),
+        "flows_counted": summary["flows"], "unread_packets": summary.get("unread_packets", 0),
+        "ordinary_flows": len(ordinary),
         "ordinary_with_verdict": sum("verdict" in r for r in ordinary),
         "flood_targets": Counter(f"{r['dst_ip']}:{r['dst_port']}/{r['protocol']}" for r in records
                                  if r["event_type"] == "flood").most_common(5),
