@@ -734,6 +734,14 @@ def test_invalid_bpf_is_a_usage_error():
     assert ndjson(proc.stdout)[-1]["event_type"] == "summary"
 
 
+def test_a_capture_buffer_too_large_for_the_engine_is_a_usage_error():
+    """NFStream's engine takes the ring's size in bytes as a C int: 2,047 MiB at most."""
+    proc = run_iotscan("live", "lo", "--capture-buffer", "2048", "--duration", "1", timeout=60)
+    assert proc.returncode == 2
+    assert_no_traceback(proc)
+    assert b"--capture-buffer" in proc.stderr
+
+
 def _as_nobody() -> None:
     os.setgroups([])
     os.setgid(NOBODY)
@@ -941,3 +949,30 @@ def test_a_stop_meters_what_the_kernel_still_holds():
     assert burst["src2dst_packets"] == n
     assert summary["dropped_packets"] == summary["unread_packets"] == 0
     assert summary["stop_reason"] == "signal"
+
+
+def test_packets_just_before_a_stop_are_metered():
+    """Ten datagrams, then Ctrl-C at once: libpcap hands packets over by blocks, retired when full or after 250 ms,
+    so these are still in the block open at the stop. The meter waits for that block instead of ending on the first
+    empty read (which lost all ten)."""
+    udp, tcp, probe = _listeners()
+    udp_port = _port(udp)
+    live = LiveProcess("--format", "ndjson", "--stats-interval", "1", "--idle-timeout", "600", "--no-devices",
+                       "--bpf", _bpf(udp, probe))
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        live.wait_ready(_port(probe))
+        time.sleep(1.0)  # the probes' block is retired: the next packets open a new one
+        for _ in range(10):  # bounded, to 127.0.0.1 only
+            client.sendto(b"last", udp.getsockname())
+        live.proc.send_signal(signal.SIGINT)
+        code, err = live.finish()
+    finally:
+        live.kill()
+        for s in (udp, tcp, probe, client):
+            s.close()
+    assert code == 0, err.decode(errors="replace")
+    records = [r for _, r in live.records]
+    _check_end(records, "signal")
+    (flow,) = _flows(records, udp_port)
+    assert flow["src2dst_packets"] == 10

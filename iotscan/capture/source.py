@@ -452,8 +452,8 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                 # then let the clock move on so idle flows expire. It trails the wall clock by one
                 # block time-out, since packets still in an unfinished block may be that old.
                 assert waiter is not None and read_error is not None
-                if stop_ms:
-                    break  # the kernel's buffer is empty: everything of before the stop is read
+                if stop_ms and time.time() * 1000 > stop_ms + _LIVE_BLOCK_MS:
+                    break  # nothing left, and the block open at the stop is retired: everything of before it is read
                 if read_error.value != b"\0":
                     message = ctypes.string_at(ctypes.addressof(read_error)).decode(errors="replace")
                     report.warnings.append(f"capture ended: {message}")

@@ -61,7 +61,7 @@ MAX_FLOWS_OPTION = typer.Option(
          "says so. 0: no cap.")
 CAPTURE_BUFFER_MIB = 64
 CAPTURE_BUFFER_OPTION = typer.Option(
-    CAPTURE_BUFFER_MIB, "--capture-buffer", metavar="MIB", min=2, max=4096,
+    CAPTURE_BUFFER_MIB, "--capture-buffer", metavar="MIB", min=2, max=2047,
     help="The kernel's buffer for the capture, in MiB: packets wait there while iotscan is busy, so a burst "
          "(a flood's start) is not dropped; beyond it the kernel drops and the summary says how many. Each side "
          "capture gets a quarter.")
