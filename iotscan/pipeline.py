@@ -198,6 +198,7 @@ class Analysis:
     def run_source(self, info: SourceInfo) -> None:
         """Meter one source through the stages into the sink."""
         source = FlowSource(info.config, heartbeat=info.config.live)
+        info.meter = source
         self._current = source
         if self.state.interrupted:  # stop() came before the source started
             source.stop()

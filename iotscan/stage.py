@@ -12,7 +12,7 @@ from typing import Any
 from nfstream.flow import NFlow
 
 from iotscan.capture.inputs import CaptureFile
-from iotscan.capture.source import MeterConfig
+from iotscan.capture.source import FlowSource, MeterConfig
 
 # A flow record and its NFStream flow; on a live interface also TICK, a heartbeat when no flow has
 # come for a moment, which every stage passes on (a stage holding flows back may flush on it). Two more kinds:
@@ -30,6 +30,7 @@ class SourceInfo:
     name: str  # as the user wrote it (the "source" field)
     config: MeterConfig
     capture: CaptureFile | None = None  # None for a live interface
+    meter: FlowSource | None = None  # its main pass's meter, when it runs here (a flood's services are held there)
 
 
 class Stage:

@@ -11,6 +11,8 @@ from NFStream's engine, ``NFlow`` and flow-key parts, in one child process:
   a record is made of (records.MeteredFlow), side passes their few findings;
 * the flow table is kept in last-activity order, so the idle scan is exact;
 * ``max_flows`` caps the table: the least recently active flow is expired early;
+* under a flood, a packet opening a flow to a service the reader claimed is held instead of made an NFStream
+  flow (``FlowSource.hold``; iotscan.capture.hold);
 * a read error in a file ends the file with a ``truncated`` report instead of hiding it;
 * on a live interface, the meter reads without blocking and waits on the capture's descriptor
   with a time-out, so the clock advances and idle flows expire on a quiet link (libpcap's
@@ -47,6 +49,7 @@ from nfstream.utils import NFMode
 
 from iotscan.capture.active import ActiveSnapshot, take_snapshot
 from iotscan.capture.flows import BlockFlow, FactsBlockFlow, PayloadFlow
+from iotscan.capture.hold import HeldPacket, HeldServices
 from iotscan.errors import CaptureError, ExitCode, InputError
 
 _BATCH_FLOWS = 128  # flows per queue message: amortises locking and pickling
@@ -122,6 +125,11 @@ class MeterConfig:
     # Of nDPI's risks, those of ndpi_risk_mask are kept (a flow with others only has nothing of note to send).
     ndpi_facts: bool = False
     ndpi_risk_mask: int = (1 << 64) - 1
+    # What leaves the meter of a held packet alone (iotscan.capture.hold: a flooded service's new flow that the
+    # reader claimed with FlowSource.hold), and the named tuple type the reader makes it into; None: the meter
+    # holds nothing (the main pass holds when its flows are scored and a flood's folded).
+    held_reduce: Callable[[HeldPacket], Any] | None = None
+    held_type: type[tuple] | None = None
 
 
 @dataclass
@@ -151,6 +159,7 @@ class _Batcher:
         self.batch: list[Any] = []
         self.since = time.monotonic()
         self.flows = 0
+        self.held = False  # the batch holds held packets' flows (sent apart, as ("held", batch), in order)
 
     def put(self, flow: NFlow) -> None:
         self.flows += 1
@@ -159,6 +168,8 @@ class _Batcher:
             item = self.reduce(flow)
             if item is None:
                 return
+        if self.held:
+            self.flush()
         if not self.batch:
             self.since = time.monotonic()
         self.batch.append(item)
@@ -174,10 +185,18 @@ class _Batcher:
         if len(self.batch) >= _BATCH_FLOWS:
             self.flush()
 
+    def put_held(self, item: Any) -> None:
+        """What MeterConfig.held_reduce made of a held packet alone (a one-packet flow)."""
+        if not self.held:
+            self.flush()
+            self.held = True
+        self.put_read(item)
+
     def flush(self) -> None:
         if self.batch:
-            self.channel.put(self.batch)
+            self.channel.put(("held", self.batch) if self.held else self.batch)
             self.batch = []
+        self.held = False
 
     def flush_if_old(self) -> None:
         if self.batch and time.monotonic() - self.since >= _BATCH_MAX_AGE_S:
@@ -194,13 +213,13 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _meter_main(cfg: MeterConfig, channel: Any, counters: Any, stop: Any, parent: int) -> None:
+def _meter_main(cfg: MeterConfig, channel: Any, counters: Any, stop: Any, holds: Any, parent: int) -> None:
     """Child process: read packets, meter flows, send batches; never raise, always end with a report."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        report = _meter_loop(cfg, channel, counters, stop)
+        report = _meter_loop(cfg, channel, counters, stop, holds)
         channel.put(("end", report))
     except _SetupError as exc:
         channel.put(("error", str(exc)))
@@ -270,7 +289,7 @@ _ACTIVATE_ERRORS = {
 }
 
 
-def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> SourceReport:
+def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any, holds: Any = None) -> SourceReport:
     ffi, lib = create_engine()
     if lib is None:
         raise _SetupError("NFStream's engine library failed to load")
@@ -304,12 +323,42 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
     # its order), whose oldest goes when there are more than embryo_cap
     embryos: OrderedDict[tuple, NFlow] = OrderedDict()
     embryo_cap = cfg.max_flows // EMBRYO_SHARE if cfg.max_flows else 0
+    # held packets (iotscan.capture.hold), oldest first: embryonic flows too, as many as the cap allows
+    held: OrderedDict[tuple, HeldPacket] = OrderedDict()
+    held_reduce = cfg.held_reduce
+    services = HeldServices() if held_reduce is not None and holds is not None else None
     reader = cfg.packet_reader
     report = SourceReport()
     interface_stats = ffi.new("struct nf_stat *")
 
     def expire(flow: NFlow) -> None:
         out.put(flow.expire(udps, sync, n_dis, stats, splt, ffi, lib, dissector))
+
+    def expire_held(first: HeldPacket) -> None:
+        assert held_reduce is not None
+        out.put_held(held_reduce(first))
+
+    def held_first(table: OrderedDict[tuple, NFlow]) -> bool:
+        """Whether the least recently active of the held packets and the flows of ``table`` (oldest first) is a held
+        packet (flows of both go in the order they would have without holding)."""
+        return bool(held) and (not table or next(iter(held.values())).bidirectional_last_seen_ms
+                               <= next(iter(table.values()))._C.bidirectional_last_seen_ms)
+
+    def expire_oldest_embryo() -> None:
+        """The emergency: the least recently active embryonic flow, held or not, is expired early."""
+        report.emergency_flows += 1
+        if held_first(embryos):
+            expire_held(held.popitem(last=False)[1])
+        else:
+            oldest = next(iter(embryos))
+            del embryos[oldest]
+            expire(cache.pop(oldest))
+
+    def take_holds() -> None:
+        """The services the reader claimed or released since the last look."""
+        if services is not None:
+            while not holds.empty():
+                services.update(holds.get())
 
     def new_flow(packet: Any, key: tuple) -> None:
         try:
@@ -337,6 +386,13 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
 
     def scan_idle(tick: int) -> None:
         for _ in range(_SCAN_BUDGET):
+            if not held:
+                break
+            key = next(iter(held))
+            if not held[key].is_idle(tick, idle_ms):
+                break
+            expire_held(held.pop(key))
+        for _ in range(_SCAN_BUDGET):
             if not cache:
                 return
             key = next(iter(cache))
@@ -350,7 +406,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
     def publish() -> None:
         counters[PACKETS] = report.packets
         counters[IGNORED] = report.ignored_packets
-        counters[ACTIVE] = len(cache)
+        counters[ACTIVE] = len(cache) + len(held)
         counters[EVICTED] = report.evicted_flows
         if cfg.live:
             lib.capture_stats(capture, interface_stats, int(mode))
@@ -404,16 +460,22 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                     report.packets += 1
                     key = get_flow_key_from_pkt(packet)
                     flow = cache.get(key)
+                    if flow is None and held and key in held:  # a held packet's flow goes on: a flow of both
+                        opening = held.pop(key)
+                        new_flow(opening.packet_copy(ffi), key)
+                        flow = cache.get(key)
                     read = None if reader is None or flow is not None else reader(packet, ffi)
                     if read is not None:
                         out.put_read(read)
+                    elif flow is None and services is not None and services.services and \
+                            (first := services.hold(packet, ffi, acc)) is not None:
+                        held[key] = first
+                        if embryo_cap and len(held) + len(embryos) > embryo_cap:
+                            expire_oldest_embryo()
                     elif flow is None:
                         new_flow(packet, key)
-                        if len(embryos) > embryo_cap:
-                            report.emergency_flows += 1
-                            oldest = next(iter(embryos))
-                            del embryos[oldest]
-                            expire(cache.pop(oldest))
+                        if embryo_cap and len(embryos) + len(held) > embryo_cap:
+                            expire_oldest_embryo()
                         elif cfg.max_flows and len(cache) > cfg.max_flows:
                             report.evicted_flows += 1
                             oldest = next(iter(cache))
@@ -437,6 +499,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                                 new_flow(packet, key)
                     if report.packets % _COUNTER_EVERY == 0:
                         publish()
+                        take_holds()
                         if stopping():
                             break
                 if tick - scan_tick >= _SCAN_INTERVAL_MS:
@@ -475,11 +538,15 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any) -> Sou
                 if time.monotonic() - last_publish >= 0.5:
                     last_publish = time.monotonic()
                     publish()
+                    take_holds()
                     if stopping():
                         break
         publish()
-        for key in list(cache):  # flush what is still active: nothing is lost at the end
-            expire(cache.pop(key))
+        while cache or held:  # flush what is still active, least recently active first: nothing is lost at the end
+            if held_first(cache):
+                expire_held(held.popitem(last=False)[1])
+            else:
+                expire(cache.popitem(last=False)[1])
         out.flush()
     finally:
         lib.capture_close(capture)
@@ -512,6 +579,9 @@ class FlowSource:
         self.pid: int | None = None
         self._meter: tuple[Any, Any] | None = None  # (process, queue) while it runs
         self._typed = None if config.item_type is None else functools.partial(tuple.__new__, config.item_type)
+        self._held_typed = functools.partial(tuple.__new__, config.held_type or tuple)
+        # claims and releases for the meter (iotscan.capture.hold); a queue's put never blocks the reader
+        self._holds = self._ctx.Queue() if config.held_reduce is not None else None
 
     def counter(self, index: int) -> int:
         return int(self._counters[index])
@@ -519,10 +589,23 @@ class FlowSource:
     def stop(self) -> None:
         self._stop.set()
 
+    def hold(self, dst_ip: str, dst_port: int, protocol: int, flood_flows: float, decay_per_s: float) -> None:
+        """Let the meter hold the new flows of this service while it receives them at a flood's rate: more than
+        ``flood_flows``, counted with this decay (see iotscan.capture.hold). Nothing when the meter cannot (or has
+        ended)."""
+        if self._holds is not None:
+            self._holds.put(("hold", dst_ip, dst_port, protocol, flood_flows, decay_per_s))
+
+    def release(self, dst_ip: str, dst_port: int, protocol: int) -> None:
+        """The meter holds no more of this service's new flows."""
+        if self._holds is not None:
+            self._holds.put(("release", dst_ip, dst_port, protocol))
+
     def __iter__(self) -> Iterator[Any]:
         channel = self._ctx.Queue(maxsize=_QUEUE_BATCHES)
         proc = self._ctx.Process(target=_meter_main,
-                                 args=(self.config, channel, self._counters, self._stop, os.getpid()),
+                                 args=(self.config, channel, self._counters, self._stop, self._holds,
+                                       os.getpid()),
                                  daemon=True, name="iotscan-meter")
         proc.start()
         self.pid = proc.pid
@@ -546,6 +629,9 @@ class FlowSource:
                     yield from item if self._typed is None else map(self._typed, item)
                     continue
                 kind, payload = item
+                if kind == "held":
+                    yield from map(self._held_typed, payload)
+                    continue
                 if kind == "active":
                     self.active = payload
                     self.snapshots += 1
@@ -565,6 +651,10 @@ class FlowSource:
 
     def _end_meter(self, grace_s: float) -> None:
         """Ask a running meter to stop and wait ``grace_s`` for it (it flushes its flows), then kill it."""
+        if self._holds is not None:  # nothing reads it any more
+            self._holds.cancel_join_thread()
+            self._holds.close()
+            self._holds = None
         if self._meter is None:
             return
         proc, channel = self._meter

@@ -23,6 +23,7 @@ from iotscan.output.records import (
     RISK_FIELD_NAMES,
     RISK_SEVERITIES,
     VERDICT_FIELDS,
+    HeldFlow,
     MeteredFlow,
     metered_flow,
 )
@@ -245,7 +246,8 @@ def main_pass_config(source: str, *, score: bool, risks: bool = False, live: boo
                        max_flows=max_flows, snaplen=snaplen, buffer_mib=buffer_mib, statistics=score,
                        ndpi_facts=risks, ndpi_risk_mask=mask,
                        splt=METER_SETTINGS["splt"] if score else 0,
-                       reduce=metered_flow_with_statistics if score else metered_flow, item_type=MeteredFlow)
+                       reduce=metered_flow_with_statistics if score else metered_flow, item_type=MeteredFlow,
+                       held_reduce=metered_flow if score else None, held_type=HeldFlow)
 
 
 def flow_columns(devices: bool, score: bool, risks: bool = False, baseline: bool = False) -> tuple[str, ...]:

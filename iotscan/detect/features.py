@@ -52,7 +52,7 @@ from iotscan.detect.context import (
     LinkTracker,
     context_features,
 )
-from iotscan.output.records import MeteredFlow, flow_attributes
+from iotscan.output.records import HeldFlow, MeteredFlow, flow_attributes
 
 if TYPE_CHECKING:
     from iotscan.detect.request_findings import RequestFindings
@@ -93,6 +93,12 @@ _RAW_NUMERIC = (
 _N_NUM = len(_RAW_NUMERIC) - 2
 _R = {name: i for i, name in enumerate(_RAW_NUMERIC)}
 _get_raw = attrgetter(*_RAW_NUMERIC)
+# What a held flow (records.HeldFlow: a packet alone, without statistics) gives of these; the rest is 0, as for any
+# one-packet flow but its flags, which only its failure reads (and one packet without an answer has failed).
+_HELD_RAW = ("protocol", "ip_version", "src_port", "dst_port", "bidirectional_packets", "bidirectional_bytes",
+             "src2dst_packets", "src2dst_bytes", "bidirectional_first_seen_ms", "bidirectional_last_seen_ms")
+_get_held_raw = attrgetter(*_HELD_RAW)
+_HELD_COLUMNS = [_R[name] for name in _HELD_RAW]
 # A whole flow's statistics packed: the numbers above, then the early packets' directions and sizes (float64).
 _STATS = struct.Struct(f"<{len(_RAW_NUMERIC) + 2 * SPLT_PACKETS}d")
 _NO_SPLT = (-1,) * SPLT_PACKETS + (0,) * SPLT_PACKETS
@@ -328,8 +334,8 @@ class FeatureExtractor:
         self._cat_index: dict[str, int] | None = None
         if vocabulary:
             self.use_vocabulary(vocabulary)
-        self._stats: list[bytes] = []  # per flow: the meter's block, or a whole flow's packed statistics
-        self._metered: list[bool] = []  # which of the two
+        self._stats: list[Any] = []  # per flow: the meter's block, a whole flow's packed statistics, or held numbers
+        self._metered: list[bool | None] = []  # which of the two (None: neither, a held flow's numbers instead)
         self._names: list[tuple[str, str, str, str, Any, str, str]] = []  # see _get_names
         self._folded: list[bool] = []  # which flows are a flood's, folded: no row, only their context counted
         self.names: list[tuple[str, str]] = []  # (master app, category) per row, when vocabulary is None
@@ -351,7 +357,10 @@ class FeatureExtractor:
         """A flow for the next ``take``: a row of features, or with ``folded`` (a flood's flow that a flood record
         counts instead of a flow record) none, its context counted in order with the others."""
         self._folded.append(folded)
-        if type(flow) is MeteredFlow:
+        if type(flow) is HeldFlow:  # folded, always: only its context is counted
+            self._stats.append(_get_held_raw(flow))
+            self._metered.append(None)
+        elif type(flow) is MeteredFlow:
             if flow.statistics is None:
                 raise ValueError("the flow was metered without the classifier's statistics "
                                  "(see metered_flow_with_statistics)")
@@ -412,7 +421,14 @@ class FeatureExtractor:
         n = len(self._stats)
         raw = np.empty((n, len(_RAW_NUMERIC)))
         dirs, sizes = np.empty((n, SPLT_PACKETS)), np.empty((n, SPLT_PACKETS))
-        metered = np.fromiter(self._metered, dtype=bool, count=n)
+        metered = np.fromiter((m is True for m in self._metered), dtype=bool, count=n)
+        if None in self._metered:
+            held = np.fromiter((m is None for m in self._metered), dtype=bool, count=n)
+            raw[held] = 0.0
+            dirs[held], sizes[held] = -1.0, 0.0
+            raw[np.ix_(held, _HELD_COLUMNS)] = [s for s, m in zip(self._stats, self._metered, strict=True) if m is None]
+        else:
+            held = np.zeros(n, dtype=bool)
         if metered.any():
             block = np.frombuffer(b"".join(s for s, m in zip(self._stats, self._metered, strict=True) if m),
                                   dtype=flow_block_dtype(SPLT_PACKETS))
@@ -426,10 +442,10 @@ class FeatureExtractor:
                     column = np.where(values > 0, np.sqrt(column / np.maximum(values, 1.0)), column)
                 raw[metered, i] = column
             dirs[metered], sizes[metered] = block["splt_direction"], block["splt_ps"]
-        if not metered.all():
-            packed = np.frombuffer(b"".join(s for s, m in zip(self._stats, self._metered, strict=True) if not m),
+        whole = ~(metered | held)
+        if whole.any():
+            packed = np.frombuffer(b"".join(s for s, m in zip(self._stats, self._metered, strict=True) if m is False),
                                    dtype="<f8").reshape(-1, _STATS.size // 8)
-            whole = ~metered
             raw[whole] = packed[:, :len(_RAW_NUMERIC)]
             dirs[whole], sizes[whole] = packed[:, len(_RAW_NUMERIC):-SPLT_PACKETS], packed[:, -SPLT_PACKETS:]
         return raw, dirs, sizes

@@ -15,7 +15,8 @@ spends little on each of its flows:
   flows' (ContextTracker.observe_batch: in their destination's tables only, as their source and channel would
   be keys of one flow each), and they are folded as flows of the flood while their target receives flows at
   the flood rule's rate; the first found below it ends the claim (it and the others taken by then are folded as
-  the flood's last);
+  the flood's last). The meter is told of each claim and its end: it holds a claimed service's new flows, and sends
+  the packets that stay alone as HeldFlows, folded whatever their source (iotscan.capture.hold);
 * any other flow (from a known source, a bystander's, an established exchange: more packets) is scored and
   written as ever.
 
@@ -33,10 +34,13 @@ import math
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iotscan.detect.context import ContextTracker
 from iotscan.output.records import FLOOD_WINDOW_S, FLOW_ATTRIBUTES, community_id, flood_record
+
+if TYPE_CHECKING:
+    from iotscan.capture.source import FlowSource
 
 FLOOD_FAMILIES = frozenset(("dos", "ddos"))
 FOLD_MAX_PACKETS = 2  # a flood's flows: a SYN, a probe, a request, and perhaps the target's answer
@@ -204,8 +208,10 @@ class FloodFolder:
     claimed before they are made flow records (see the module's docstring)."""
 
     def __init__(self, source: str, tracker: ContextTracker, idle_timeout_s: float, flood_flows: float,
-                 reasons: dict[str, str], warn: Callable[[str], None], live: bool = False) -> None:
+                 reasons: dict[str, str], warn: Callable[[str], None], live: bool = False,
+                 meter: FlowSource | None = None) -> None:
         self.source = source
+        self.meter = meter  # told which services are claimed: it holds their new flows (iotscan.capture.hold)
         self.live = live  # keep a snapshot of the open records for a live view
         self.tracker = tracker
         self.idle_ms = int(idle_timeout_s * 1000)
@@ -252,7 +258,10 @@ class FloodFolder:
             tally = self.tallies[key] = FloodTally(service, key[1], dst_mac)
         tally.add(src_ip, src_port, first_ms, last_ms, packets, nbytes, answered, family)
         self.folded += 1
-        self.claimed.add(service)
+        if service not in self.claimed:
+            self.claimed.add(service)
+            if self.meter is not None:
+                self.meter.hold(*service, self.flood_flows, self.tracker.rates[0])
         return True
 
     def fold_claimed(self, flows: list[Any], families: list[str], flooded: list[bool]) -> None:
@@ -268,7 +277,7 @@ class FloodFolder:
             group[0].append(flow)
             group[1].append(family)
             if not still:
-                self.claimed.discard(service)
+                self.release(service)
         for key, (members, member_families) in groups.items():
             tally = self.tallies.get(key)
             if tally is None:  # a claimed service's: opened beyond MAX_OPEN_RECORDS too (at most twice as many)
@@ -278,7 +287,10 @@ class FloodFolder:
 
     def release(self, service: Service) -> None:
         """The service's target no longer receives flows at a flood's rate: its flows are scored again."""
-        self.claimed.discard(service)
+        if service in self.claimed:
+            self.claimed.discard(service)
+            if self.meter is not None:
+                self.meter.release(*service)
 
     def closed(self, ended_ms: int) -> list[dict[str, Any]]:
         """The records that no flow can come to any more, now that the flows that ended until ``ended_ms`` have

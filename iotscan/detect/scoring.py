@@ -53,7 +53,7 @@ from iotscan.detect.request_findings import Flow5, RequestFindings
 from iotscan.detect.request_signatures import SIGNATURES
 from iotscan.detect.request_stage import ReadsRequests, RequestPassStage
 from iotscan.errors import ModelError
-from iotscan.output.records import community_id
+from iotscan.output.records import HeldFlow, community_id
 from iotscan.stage import Event, SourceInfo
 
 MODEL_NAME = "flows"
@@ -483,7 +483,7 @@ class ScoringStage(ReadsRequests):
         if self.fold_floods:
             self._folder = FloodFolder(source.name, self._extractor.tracker, cfg.idle_timeout, FLOOD_FLOWS_5S,
                                        RULE_REASONS, lambda message: self.warn(source.name, "flood_records", message),
-                                       live=cfg.live)
+                                       live=cfg.live, meter=source.meter)
         super().begin(source)
         self._source = source
         self._alike, self._alike_run, self._source_scored = {}, -1, 0
@@ -502,9 +502,10 @@ class ScoringStage(ReadsRequests):
         return self._extractor is not None and self._extractor.requests is None and self.requests.running()
 
     def claims(self, flow: Any) -> bool:
-        """A flood's flow to fold without a flow record (see iotscan.detect.flood)."""
+        """A flood's flow to fold without a flow record (see iotscan.detect.flood); a flow the meter held, always
+        (it held it because the service it claimed was flooded: iotscan.capture.hold)."""
         folder = self._folder
-        return folder is not None and bool(folder.claimed) and folder.claims(flow)
+        return folder is not None and (type(flow) is HeldFlow or (bool(folder.claimed) and folder.claims(flow)))
 
     def ongoing(self) -> list[dict[str, Any]]:
         return self._folder.ongoing if self._folder is not None else []

@@ -86,9 +86,16 @@ MeteredFlow = namedtuple("MeteredFlow", (*FLOW_ATTRIBUTES, "statistics", "ndpi")
 flow_attributes = attrgetter(*FLOW_ATTRIBUTES)
 
 
+class HeldFlow(MeteredFlow):
+    """A flow the meter held (iotscan.capture.hold): one packet to a flooded service, without nDPI's fields or
+    statistics, which the scoring stage folds into its flood record (MeterConfig.held_type)."""
+
+    __slots__ = ()
+
+
 def metered_flow(flow: Any) -> tuple:
-    """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce): a MeteredFlow's
-    values."""
+    """What the main pass's meter sends of a flow when nothing is scored (MeterConfig.reduce), and of a held
+    packet alone (MeterConfig.held_reduce): a MeteredFlow's values."""
     return (*flow_attributes(flow), None, flow.ndpi)
 
 # The device record contract (docs/devices.md): these names are fixed; more fields may follow.
