@@ -16,9 +16,10 @@ from iotscan.capture.source import FlowSource, MeterConfig
 
 # A flow record and its NFStream flow; on a live interface also TICK, a heartbeat when no flow has
 # come for a moment, which every stage passes on (a stage holding flows back may flush on it). Two more kinds:
-# (None, flow), a flow a stage claimed before it was made a record (see Stage.claims), which the stages before
-# that one pass on unread; and (record, None), a record a stage made of its own (a flood's, an alert), which the
-# stages after it pass on and the pipeline writes as it comes.
+# (None, flow), a flow a stage claimed before it was made a record (see Stage.claims; or a batch of them: the
+# flows the meter held, records.HeldFlows), which the stages before that one pass on unread; and (record, None),
+# a record a stage made of its own (a flood's, an alert), which the stages after it pass on and the pipeline
+# writes as it comes.
 Event = tuple[dict[str, Any], NFlow] | tuple[None, NFlow] | tuple[dict[str, Any], None] | tuple[None, None]
 TICK: tuple[None, None] = (None, None)
 

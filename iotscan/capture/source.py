@@ -126,10 +126,10 @@ class MeterConfig:
     ndpi_facts: bool = False
     ndpi_risk_mask: int = (1 << 64) - 1
     # What leaves the meter of a held packet alone (iotscan.capture.hold: a flooded service's new flow that the
-    # reader claimed with FlowSource.hold), and the named tuple type the reader makes it into; None: the meter
-    # holds nothing (the main pass holds when its flows are scored and a flood's folded).
+    # reader claimed with FlowSource.hold), and what the reader makes of a batch of them, one item for the batch;
+    # None: the meter holds nothing (the main pass holds when its flows are scored and a flood's folded).
     held_reduce: Callable[[HeldPacket], Any] | None = None
-    held_type: type[tuple] | None = None
+    held_type: Callable[[list[Any]], Any] = list
 
 
 @dataclass
@@ -559,7 +559,8 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any, holds:
 
 class FlowSource:
     """Iterate over the flows of one capture file or interface, each as soon as the meter expires it
-    (as the config's ``reduce`` made it: an NFlow without one).
+    (as the config's ``reduce`` made it: an NFlow without one), and the flows the meter held a batch at a time
+    (as the config's ``held_type`` made them).
 
     After iteration, ``report`` holds the meter's counts. ``stop()`` (from another thread or a
     signal handler) asks the meter to flush its active flows and finish; iteration then ends
@@ -579,7 +580,6 @@ class FlowSource:
         self.pid: int | None = None
         self._meter: tuple[Any, Any] | None = None  # (process, queue) while it runs
         self._typed = None if config.item_type is None else functools.partial(tuple.__new__, config.item_type)
-        self._held_typed = functools.partial(tuple.__new__, config.held_type or tuple)
         # claims and releases for the meter (iotscan.capture.hold); a queue's put never blocks the reader
         self._holds = self._ctx.Queue() if config.held_reduce is not None else None
 
@@ -629,8 +629,8 @@ class FlowSource:
                     yield from item if self._typed is None else map(self._typed, item)
                     continue
                 kind, payload = item
-                if kind == "held":
-                    yield from map(self._held_typed, payload)
+                if kind == "held":  # one item for the batch
+                    yield self.config.held_type(payload)
                     continue
                 if kind == "active":
                     self.active = payload

@@ -23,7 +23,7 @@ from iotscan.output.records import (
     RISK_FIELD_NAMES,
     RISK_SEVERITIES,
     VERDICT_FIELDS,
-    HeldFlow,
+    HeldFlows,
     MeteredFlow,
     metered_flow,
 )
@@ -247,7 +247,7 @@ def main_pass_config(source: str, *, score: bool, risks: bool = False, live: boo
                        ndpi_facts=risks, ndpi_risk_mask=mask,
                        splt=METER_SETTINGS["splt"] if score else 0,
                        reduce=metered_flow_with_statistics if score else metered_flow, item_type=MeteredFlow,
-                       held_reduce=metered_flow if score else None, held_type=HeldFlow)
+                       held_reduce=metered_flow if score else None, held_type=HeldFlows)
 
 
 def flow_columns(devices: bool, score: bool, risks: bool = False, baseline: bool = False) -> tuple[str, ...]:

@@ -52,7 +52,7 @@ from iotscan.detect.context import (
     LinkTracker,
     context_features,
 )
-from iotscan.output.records import HeldFlow, MeteredFlow, flow_attributes
+from iotscan.output.records import MeteredFlow, flow_attributes
 
 if TYPE_CHECKING:
     from iotscan.detect.request_findings import RequestFindings
@@ -357,10 +357,7 @@ class FeatureExtractor:
         """A flow for the next ``take``: a row of features, or with ``folded`` (a flood's flow that a flood record
         counts instead of a flow record) none, its context counted in order with the others."""
         self._folded.append(folded)
-        if type(flow) is HeldFlow:  # folded, always: only its context is counted
-            self._stats.append(_get_held_raw(flow))
-            self._metered.append(None)
-        elif type(flow) is MeteredFlow:
+        if type(flow) is MeteredFlow:
             if flow.statistics is None:
                 raise ValueError("the flow was metered without the classifier's statistics "
                                  "(see metered_flow_with_statistics)")
@@ -370,6 +367,14 @@ class FeatureExtractor:
             self._stats.append(pack_statistics(flow))
             self._metered.append(False)
         self._names.append(_get_names(flow))
+
+    def add_held(self, flows: Sequence[Any]) -> None:
+        """Flows the meter held (records.HeldFlows), folded: only their context is counted, in order."""
+        n = len(flows)
+        self._folded.extend([True] * n)
+        self._stats.extend(map(_get_held_raw, flows))
+        self._metered.extend([None] * n)
+        self._names.extend(map(_get_names, flows))
 
     def take(self) -> np.ndarray:
         """Feature rows (float32) of the flows added since the last take but the folded ones, in FEATURE_NAMES

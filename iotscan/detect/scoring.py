@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterator
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from iotscan.detect.request_findings import Flow5, RequestFindings
 from iotscan.detect.request_signatures import SIGNATURES
 from iotscan.detect.request_stage import ReadsRequests, RequestPassStage
 from iotscan.errors import ModelError
-from iotscan.output.records import HeldFlow, community_id
+from iotscan.output.records import HeldFlows, community_id
 from iotscan.stage import Event, SourceInfo
 
 MODEL_NAME = "flows"
@@ -502,10 +503,10 @@ class ScoringStage(ReadsRequests):
         return self._extractor is not None and self._extractor.requests is None and self.requests.running()
 
     def claims(self, flow: Any) -> bool:
-        """A flood's flow to fold without a flow record (see iotscan.detect.flood); a flow the meter held, always
-        (it held it because the service it claimed was flooded: iotscan.capture.hold)."""
+        """A flood's flow to fold without a flow record (see iotscan.detect.flood); the flows the meter held, always
+        (it held them because the service it claimed was flooded: iotscan.capture.hold)."""
         folder = self._folder
-        return folder is not None and (type(flow) is HeldFlow or (bool(folder.claimed) and folder.claims(flow)))
+        return folder is not None and (type(flow) is HeldFlows or (bool(folder.claimed) and folder.claims(flow)))
 
     def ongoing(self) -> list[dict[str, Any]]:
         return self._folder.ongoing if self._folder is not None else []
@@ -527,10 +528,14 @@ class ScoringStage(ReadsRequests):
                                                                       - LIVE_FLOWS_LAG_MS))
                 yield event
                 continue
-            extractor.add(flow, folded=record is None)  # a flow claimed (see claims) has no record
-            pending.append(event)
-            if len(pending) == 1 and max_delay is not None:
+            if not pending and max_delay is not None:
                 oldest = time.monotonic()
+            if type(flow) is HeldFlows:  # a batch the meter held: each flow claimed, in order
+                extractor.add_held(flow)
+                pending.extend(zip(repeat(None), flow))
+            else:
+                extractor.add(flow, folded=record is None)  # a flow claimed (see claims) has no record
+                pending.append(event)
             if len(pending) >= batch_rows and self._requests_running() and len(pending) < HELD_FOR_REQUESTS:
                 continue  # flows wait for the request pass, up to a bound, rather than the reader
             if len(pending) >= batch_rows or (max_delay is not None and time.monotonic() - oldest >= max_delay):

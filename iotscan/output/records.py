@@ -16,7 +16,7 @@ import socket
 import struct
 import time
 from collections import namedtuple
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from operator import attrgetter
 from typing import Any
 
@@ -88,9 +88,20 @@ flow_attributes = attrgetter(*FLOW_ATTRIBUTES)
 
 class HeldFlow(MeteredFlow):
     """A flow the meter held (iotscan.capture.hold): one packet to a flooded service, without nDPI's fields or
-    statistics, which the scoring stage folds into its flood record (MeterConfig.held_type)."""
+    statistics, which the scoring stage folds into its flood record."""
 
     __slots__ = ()
+
+
+_held_flow = functools.partial(tuple.__new__, HeldFlow)
+
+
+class HeldFlows(list[HeldFlow]):
+    """The HeldFlows of one batch of the meter, in order (MeterConfig.held_type): one event down the stages for all of
+    them, which the scoring stage folds (a flood's flows cost the main process per batch what they can)."""
+
+    def __init__(self, values: Iterable[tuple]) -> None:
+        super().__init__(map(_held_flow, values))
 
 
 def metered_flow(flow: Any) -> tuple:
