@@ -385,6 +385,7 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any, holds:
             snapshot_at = tick
 
     def scan_idle(tick: int) -> None:
+        # held packets before flows: within one scan (_SCAN_INTERVAL_MS of capture time) their order is not kept
         for _ in range(_SCAN_BUDGET):
             if not held:
                 break
