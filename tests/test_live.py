@@ -8,6 +8,7 @@ goes to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import multiprocessing as mp
@@ -885,6 +886,32 @@ def test_a_failing_stage_ends_the_meter() -> None:
     assert gc.isenabled()  # the event loop pauses the collector: a failure gives it back
 
 
+@contextlib.contextmanager
+def _udp_capture(*args: str) -> Iterator[tuple[LiveProcess, socket.socket, socket.socket]]:
+    """`iotscan live` on lo (NDJSON, flows kept 600 s, no devices, ``args``) watching a UDP listener, ready: yields
+    it, the listener and a client socket; killed and closed at the end."""
+    udp, tcp, probe = _listeners()
+    live = LiveProcess("--format", "ndjson", "--stats-interval", "1", "--idle-timeout", "600", "--no-devices", *args,
+                       "--bpf", _bpf(udp, probe))
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        live.wait_ready(_port(probe))
+        yield live, udp, client
+    finally:
+        live.kill()
+        for s in (udp, tcp, probe, client):
+            s.close()
+
+
+def _stopped_flow(live: LiveProcess, code: int, err: bytes, udp_port: int) -> tuple[dict, dict]:
+    """The summary of a capture stopped by Ctrl-C, and the one flow record of the UDP listener's port."""
+    assert code == 0, err.decode(errors="replace")
+    records = [r for _, r in live.records]
+    summary = _check_end(records, "signal")
+    (flow,) = _flows(records, udp_port)
+    return summary, flow
+
+
 def _burst_while_the_meters_wait(buffer_mib: int, datagrams: int, stop_first: bool = False) -> tuple[dict, dict]:
     """``datagrams`` UDP datagrams sent on lo while every meter of `iotscan live --capture-buffer buffer_mib` is
     stopped (SIGSTOP), as a busy meter would be: they can only wait in the kernel's ring buffer. Then the meters go
@@ -892,13 +919,8 @@ def _burst_while_the_meters_wait(buffer_mib: int, datagrams: int, stop_first: bo
     summary and the burst's flow record."""
     import psutil
 
-    udp, tcp, probe = _listeners()
-    udp_port = _port(udp)
-    live = LiveProcess("--format", "ndjson", "--stats-interval", "1", "--idle-timeout", "600", "--no-devices",
-                       "--capture-buffer", str(buffer_mib), "--bpf", _bpf(udp, probe))
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        live.wait_ready(_port(probe))
+    with _udp_capture("--capture-buffer", str(buffer_mib)) as (live, udp, client):
+        udp_port = _port(udp)
         meters = psutil.Process(live.proc.pid).children(recursive=True)
         assert meters, "no meter process"
         for meter in meters:
@@ -916,15 +938,7 @@ def _burst_while_the_meters_wait(buffer_mib: int, datagrams: int, stop_first: bo
             time.sleep(1.0)
             live.proc.send_signal(signal.SIGINT)
         code, err = live.finish()
-    finally:
-        live.kill()
-        for s in (udp, tcp, probe, client):
-            s.close()
-    assert code == 0, err.decode(errors="replace")
-    records = [r for _, r in live.records]
-    summary = _check_end(records, "signal")
-    (burst,) = _flows(records, udp_port)
-    return summary, burst
+    return _stopped_flow(live, code, err, udp_port)
 
 
 def test_capture_buffer_holds_a_burst_while_the_meter_is_busy():
@@ -955,24 +969,12 @@ def test_packets_just_before_a_stop_are_metered():
     """Ten datagrams, then Ctrl-C at once: libpcap hands packets over by blocks, retired when full or after 250 ms,
     so these are still in the block open at the stop. The meter waits for that block instead of ending on the first
     empty read (which lost all ten)."""
-    udp, tcp, probe = _listeners()
-    udp_port = _port(udp)
-    live = LiveProcess("--format", "ndjson", "--stats-interval", "1", "--idle-timeout", "600", "--no-devices",
-                       "--bpf", _bpf(udp, probe))
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        live.wait_ready(_port(probe))
+    with _udp_capture() as (live, udp, client):
+        udp_port = _port(udp)
         time.sleep(1.0)  # the probes' block is retired: the next packets open a new one
         for _ in range(10):  # bounded, to 127.0.0.1 only
             client.sendto(b"last", udp.getsockname())
         live.proc.send_signal(signal.SIGINT)
         code, err = live.finish()
-    finally:
-        live.kill()
-        for s in (udp, tcp, probe, client):
-            s.close()
-    assert code == 0, err.decode(errors="replace")
-    records = [r for _, r in live.records]
-    _check_end(records, "signal")
-    (flow,) = _flows(records, udp_port)
+    _, flow = _stopped_flow(live, code, err, udp_port)
     assert flow["src2dst_packets"] == 10

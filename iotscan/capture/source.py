@@ -385,15 +385,12 @@ def _meter_loop(cfg: MeterConfig, channel: Any, counters: Any, stop: Any, holds:
             snapshot_at = tick
 
     def scan_idle(tick: int) -> None:
-        # held packets before flows: within one scan (_SCAN_INTERVAL_MS of capture time) their order is not kept
-        for _ in range(_SCAN_BUDGET):
-            if not held:
-                break
-            key = next(iter(held))
-            if not held[key].is_idle(tick, idle_ms):
-                break
-            expire_held(held.pop(key))
-        for _ in range(_SCAN_BUDGET):
+        for _ in range(_SCAN_BUDGET):  # the least recently active first, held packets and flows alike
+            if held_first(cache):
+                if not next(iter(held.values())).is_idle(tick, idle_ms):
+                    return
+                expire_held(held.popitem(last=False)[1])
+                continue
             if not cache:
                 return
             key = next(iter(cache))
